@@ -1,0 +1,117 @@
+"""`qlora`: run or validate a recipe.
+
+    qlora run recipes/quickstart.yaml [--set train.learning_rate=1e-3 ...]
+    qlora validate recipes/agnews-minilm.yaml --set data.path=../shared/data/ag_news
+
+A mistake in the recipe or its inputs prints one line naming the field or file, and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tasks.recipe import Recipe, RecipeError, load_recipe
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_environment(recipe: Recipe) -> None:
+    """Offline-friendly defaults, set before Prefect or MLflow are imported (they read them once)."""
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(recipe.work_dir, "prefect-results").resolve()),
+    }.items():
+        os.environ.setdefault(key, value)
+    # bitsandbytes announces an optional Hub-fetched CPU kernel at import; it can't be had offline.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def validate(recipe: Recipe) -> dict:
+    """Everything that can be checked without training: model, data, quantization, LoRA targets,
+    tracking store."""
+    from tasks.data import check_data
+    from tasks.model import check_model, resolve_lora_targets
+    from tasks.tracking import check_tracking, tracking_uri_of
+
+    model = check_model(recipe.model, recipe.quantization)
+    data = check_data(recipe.data)
+    lora = resolve_lora_targets(model["path"], recipe.lora, recipe.model.labels or ["a", "b"],
+                                recipe.model.trust_remote_code)
+    uri = tracking_uri_of(recipe)
+    check_tracking(uri)
+    return {"model": model["path"], "data": data.get("files") or data.get("hub"),
+            "target_modules": lora["target_modules"], "trainable_params": lora["trainable_params"],
+            "tracking_uri": uri}
+
+
+def _summary(result: dict) -> str:
+    m = result["test_metrics"]
+    lines = ["", "== qlora run complete =="]
+    lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "f1_macro", "loss") if k in m))
+    if "merged_test_metrics" in result:
+        mm = result["merged_test_metrics"]
+        lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in ("accuracy", "f1_macro") if k in mm))
+    t = result["train"]
+    cached = [k for k, v in result["cached"].items() if v]
+    lines.append(f"train: {t['steps']} steps, {t['train_runtime_s']:.1f} s, {t['samples_per_s']:.1f} samples/s, "
+                 f"trainable {result['lora']['trainable_params']:,} params ({result['lora']['trainable_percent']:.2f}%)"
+                 + (" [cached]" if result["cached"].get("train") else ""))
+    if cached:
+        lines.append(f"cache hits: {', '.join(cached)}")
+    dropped = {s: {k: v for k, v in c.items() if k.startswith("dropped") and v} for s, c in result["data"].items()}
+    dropped = {s: c for s, c in dropped.items() if c}
+    if dropped:
+        lines.append(f"rows dropped: {json.dumps(dropped)}")
+    lines.append(f"adapter: {result['adapter_dir']}")
+    if "merged_dir" in result:
+        lines.append(f"merged model: {result['merged_dir']}")
+    lines.append(f"MLflow run: {result['run_id']} ({result['tracking_uri']})")
+    lines.append(f"  browse: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qlora", description="Declarative QLoRA fine-tuning pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run a recipe (cached stages are skipped, a failed run resumes)"),
+                       ("validate", "check a recipe and its inputs without running it")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
+        if name == "run":
+            p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        _quiet_environment(recipe)
+        if args.command == "validate":
+            info = validate(recipe)
+            print(f"{args.recipe}: ok")
+            for k, v in info.items():
+                print(f"  {k}: {v}")
+            return 0
+        validate(recipe)
+        from flows.finetune import finetune
+
+        result = finetune(recipe.model_dump(mode="json"), str(Path(args.recipe).resolve()))
+    except RecipeError as e:
+        e.file = e.file or args.recipe
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print(_summary(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The pipeline flow: load -> split -> tokenize -> quantize -> LoRA attach -> train -> evaluate -> merge
+-> evaluate merged, each a cached Prefect task, the whole run recorded in one MLflow run."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks import tracking
+from tasks.data import describe_source, load, split, tokenize
+from tasks.evaluate import evaluate_model
+from tasks.merge import merge
+from tasks.model import attach_lora, quantize, resolve_model
+from tasks.recipe import Recipe, recipe_from_dict
+from tasks.store import hash_value
+from tasks.train import train
+
+
+def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
+    """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
+    fields = recipe.model_dump(mode="json", exclude={"tracking", "work_dir", "description"})
+    return hash_value({"recipe": fields, "data": source["hash"], "model": model["hash"]})
+
+
+class StageRunner:
+    """Runs stage tasks, remembering which were cache hits (for the summary and the MLflow run)."""
+
+    def __init__(self, work_dir: str):
+        self.work_dir, self.cached, self.seconds = work_dir, {}, {}
+
+    def __call__(self, stage_task, *args, **kwargs) -> dict:
+        start = time.perf_counter()
+        state = stage_task(*args, work_dir=self.work_dir, return_state=True, **kwargs)
+        result = state.result()  # re-raises the task's exception
+        name = stage_task.name
+        self.cached[name] = state.name == "Cached" or bool(result.get("cache_hit"))
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        return result
+
+
+@flow(name="qlora-finetune", log_prints=True)
+def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
+    r = recipe_from_dict(recipe, recipe_file)
+    run = StageRunner(r.work_dir)
+
+    # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
+    model = resolve_model(r.model)
+    source = describe_source(r.data)
+    loaded = run(load, source, r.data, r.model.labels)
+    labels = loaded["label_names"]
+    splits = run(split, loaded, r.split, r.data.sample)
+    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize)
+    quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.trust_remote_code)
+    lora = run(attach_lora, model, r.lora, labels, r.model.trust_remote_code)
+
+    uri = tracking.tracking_uri_of(r)
+    run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id())
+    status = "FAILED"
+    try:
+        tracking.log_recipe(uri, run_id, r, recipe_file)
+        if not resumed:
+            tracking.log_datasets(uri, run_id, splits, r.data.path or r.data.hub)
+        tracking.log_summary(uri, run_id, _data_counts(loaded, tokenized))
+        tracking.log_summary(uri, run_id, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
+
+        trained = run(train, tokenized, quantized, lora, r.lora, r.quantization, r.train,
+                      run_id=run_id, tracking_uri=uri)
+        tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
+        tracking.log_summary(uri, run_id, {k: trained[k] for k in (
+            "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})
+        tracking.log_artifacts(uri, run_id, Path(trained["dir"]) / trained["adapter"], "adapter")
+
+        evaluated = run(evaluate_model, trained, tokenized, quantized, r.quantization, r.evaluate,
+                        r.train.per_device_eval_batch_size)
+        _log_evaluation(uri, run_id, evaluated, "test_", "eval")
+
+        summary = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
+                   "adapter_dir": str(Path(trained["dir"]) / trained["adapter"]),
+                   "test_metrics": evaluated["metrics"], "train": trained, "lora": lora,
+                   "data": loaded["stats"], "tokenize": tokenized["stats"]}
+        if r.tracking.register_models:
+            name = r.tracking.registered_model_name or r.name
+            summary["adapter_version"] = tracking.register(uri, run_id, "adapter", f"{name}-adapter", trained["hash"])
+
+        if r.merge.enabled:
+            merged = run(merge, trained, quantized, r.quantization, r.merge)
+            merged_eval = run(evaluate_model, merged, tokenized, quantized, r.quantization, r.evaluate,
+                              r.train.per_device_eval_batch_size)
+            _log_evaluation(uri, run_id, merged_eval, "merged_test_", "eval_merged")
+            tracking.log_artifacts(uri, run_id, Path(merged["dir"]) / merged["model"], "merged_model")
+            summary.update(merged_dir=str(Path(merged["dir"]) / merged["model"]),
+                           merged_test_metrics=merged_eval["metrics"])
+            if r.tracking.register_models:
+                summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
+                                                              f"{r.tracking.registered_model_name or r.name}-merged",
+                                                              merged["hash"])
+        summary.update(cached=run.cached, stage_seconds=run.seconds)
+        tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(uri, run_id, status)
+
+
+def _data_counts(loaded: dict, tokenized: dict) -> dict[str, float]:
+    counts = {f"data_{split}_{k}": v for split, stats in loaded["stats"].items() for k, v in stats.items()}
+    counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized["stats"].items() for k, v in stats.items()})
+    return counts
+
+
+def _log_evaluation(uri: str, run_id: str, evaluated: dict, prefix: str, artifact_dir: str) -> None:
+    directory = Path(evaluated["dir"])
+    tracking.log_summary(uri, run_id, evaluated["metrics"], prefix)
+    tracking.log_artifacts(uri, run_id, directory, artifact_dir)
+    tracking.log_table(uri, run_id, pd.read_parquet(directory / evaluated["predictions"]),
+                       f"{artifact_dir}/predictions_table.json")

@@ -1,0 +1,120 @@
+"""Evaluate: a trained model (the quantized base plus its adapter, or a merged model) on the test
+split, scored by `evaluate` metric modules; predictions, a confusion matrix and latency kept."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks import model as models
+from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
+from tasks.stage import stage
+from tasks.train import collate, predict
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+# How each bundled metric is called: macro average, and per class where it has one.
+PER_CLASS = {"f1", "precision", "recall"}
+
+
+def metric_path(name: str) -> Path:
+    path = METRICS_DIR / f"{name}.py" if (METRICS_DIR / f"{name}.py").is_file() else Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in METRICS_DIR.glob("*.py")))
+        raise RecipeError(f"unknown metric '{name}'", "evaluate.metrics",
+                          hint=f"bundled: {known}; or the path of an evaluate metric script")
+    return path
+
+
+def compute_metrics(names: list[str], predictions, references, label_names: list[str]) -> dict[str, float]:
+    import evaluate
+
+    out: dict[str, float] = {}
+    for name in names:
+        metric = evaluate.load(str(metric_path(name).resolve()))
+        if Path(name).stem in PER_CLASS:
+            key = Path(name).stem
+            labels = list(range(len(label_names)))
+            out[f"{key}_macro"] = metric.compute(predictions=predictions, references=references,
+                                                 labels=labels, average="macro")[key]
+            per_class = metric.compute(predictions=predictions, references=references, labels=labels, average=None)[key]
+            out.update({f"{key}_{label}": v for label, v in zip(label_names, per_class)})
+        else:
+            out.update(metric.compute(predictions=predictions, references=references))
+    return {k: float(v) for k, v in out.items()}
+
+
+def confusion_plot(references, predictions, label_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(label_names) + 2, 1.2 * len(label_names) + 1.5))
+    ConfusionMatrixDisplay.from_predictions(references, predictions, labels=list(range(len(label_names))),
+                                            display_labels=label_names, ax=ax, colorbar=False,
+                                            xticks_rotation=30)
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_names: list[str]):
+    """variant: a train result (adapter on the quantized base) or a merge result (a full model)."""
+    from peft import PeftModel
+
+    if "adapter" in variant:
+        base = models.load_base(quantized, label_names, q)
+        return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
+    return models.load_classifier(str(Path(variant["dir"]) / variant["model"]), label_names,
+                                  models.dtype_of(variant["dtype"]))
+
+
+@torch.no_grad()
+def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:
+    """Per-example latency at batch 1 over the first n test rows (after 3 warm-up calls)."""
+    model.eval()
+    rows = [dataset[i] for i in range(min(n, len(dataset)))]
+    for r in rows[:3]:
+        model(**collate([r], pad_id, dev))
+    times = []
+    for r in rows:
+        start = time.perf_counter()
+        model(**collate([r], pad_id, dev))
+        times.append(time.perf_counter() - start)
+    return {"latency_p50_ms": 1000 * float(np.percentile(times, 50)),
+            "latency_p95_ms": 1000 * float(np.percentile(times, 95))}
+
+
+@stage("evaluate", modules=("tasks.model", "tasks.train"))
+def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
+                   cfg: EvaluateSection, batch_size: int) -> dict:
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    label_names = tokenized["label_names"]
+    test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
+    tok = AutoTokenizer.from_pretrained(quantized["original_path"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = models.device()
+    model = load_for_eval(variant, quantized, q, label_names)
+    start = time.perf_counter()
+    logits, loss = predict(model, test, batch_size, pad_id, dev)
+    seconds = time.perf_counter() - start
+    preds = logits.argmax(-1)
+    refs = np.asarray(test["labels"])
+    metrics = compute_metrics(cfg.metrics, preds.tolist(), refs.tolist(), label_names)
+    metrics.update(loss=loss, examples_per_s=len(test) / seconds, **latency(model, test, pad_id, dev))
+    probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    pd.DataFrame({"text": test["text"], "label": [label_names[i] for i in refs], "prediction": [label_names[i] for i in preds],
+                  "confidence": probs.max(-1), **{f"logit_{n}": logits[:, i] for i, n in enumerate(label_names)}}
+                 ).to_parquet(out / "predictions.parquet", index=False)
+    confusion_plot(refs, preds, label_names, out / "confusion_matrix.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"metrics": metrics, "predictions": "predictions.parquet", "confusion_matrix": "confusion_matrix.png",
+            "examples": len(test)}

@@ -1,0 +1,17 @@
+"""Recall: macro-averaged by default, per class with average=None (an `evaluate` metric module,
+kept here because evaluate.load("recall") needs the Hub)."""
+import datasets
+import evaluate
+from sklearn.metrics import recall_score
+
+
+class Recall(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Recall of class predictions.", citation="", inputs_description="class ids",
+            features=datasets.Features({"predictions": datasets.Value("int64"),
+                                        "references": datasets.Value("int64")}))
+
+    def _compute(self, predictions, references, labels=None, average="macro"):
+        score = recall_score(references, predictions, labels=labels, average=average, zero_division=0)
+        return {"recall": score.tolist() if average is None else float(score)}

@@ -1,0 +1,219 @@
+"""Model stages: quantize-and-load (the 4-bit base, saved once) and LoRA attach (target modules
+resolved and checked, trainable parameters counted), plus the loaders later stages share.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tasks import store
+from tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
+from tasks.stage import stage
+
+log = logging.getLogger("qlora")
+
+# Task heads stay out of quantization (4-bit heads fail on CPU and lose accuracy) and are trained fully.
+HEAD_MODULES = ["classifier", "pre_classifier", "score", "pooler"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_model(model: ModelSection) -> dict:
+    """Local directory and content fingerprints (weights+config, tokenizer) of the base model."""
+    path = store.resolve_location(model.name_or_path, "model.name_or_path")
+    if path is None:
+        from tasks.hub import download_model
+
+        path = download_model(model.name_or_path, model.revision, "model.name_or_path")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise RecipeError(f"not a model directory (no config.json): {path}", "model.name_or_path")
+    weights = [p.name for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise RecipeError(f"no weights (*.safetensors, *.bin) in {path}", "model.name_or_path")
+    tokenizer = [n for n in TOKENIZER_FILES if (path / n).is_file()]
+    if not tokenizer:
+        raise RecipeError(f"no tokenizer files in {path}", "model.name_or_path")
+    return {"hash": store.tree_fingerprint(path, ["config.json"] + weights), "path": str(path.resolve()),
+            "tokenizer": {"hash": store.tree_fingerprint(path, tokenizer), "path": str(path.resolve())}}
+
+
+def check_quantization(q: QuantizationSection) -> None:
+    """The installed bitsandbytes can run the requested quantization on this machine."""
+    if q.mode == "none":
+        return
+    field = "quantization.load_in_4bit" if q.load_in_4bit else "quantization.load_in_8bit"
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        x = torch.randn(64, 64, dtype=torch.float32, device=device())
+        if q.load_in_4bit:
+            packed, state = F.quantize_4bit(x, quant_type=q.bnb_4bit_quant_type, compress_statistics=q.bnb_4bit_use_double_quant)
+            F.dequantize_4bit(packed, state)
+        else:
+            bnb.nn.Int8Params(x.cpu(), requires_grad=False).to(device())
+    except Exception as e:  # noqa: BLE001 - any failure means this machine can't do it
+        raise RecipeError(f"the installed bitsandbytes cannot run {q.mode} quantization here: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", field,
+                          hint="install bitsandbytes>=0.48 (CPU support), or set quantization.load_in_4bit: false") from None
+
+
+def check_model(model: ModelSection, q: QuantizationSection) -> dict:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    resolved = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(resolved["path"], trust_remote_code=model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise RecipeError(f"cannot read the model config: {str(e).splitlines()[0]}", "model.name_or_path") from None
+    if type(config) not in AutoModelForSequenceClassification._model_mapping and not model.trust_remote_code:
+        raise RecipeError(f"model type '{config.model_type}' has no sequence-classification head in transformers",
+                          "model.task")
+    check_quantization(q)
+    return resolved
+
+
+def bnb_config(q: QuantizationSection):
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type, bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype),
+        llm_int8_skip_modules=q.llm_int8_skip_modules or HEAD_MODULES)
+
+
+def _label_kwargs(label_names: list[str]) -> dict:
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def load_classifier(path: str, label_names: list[str], dtype: torch.dtype, quantization=None,
+                    trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    # A saved quantized model carries its own quantization config: pass none then (None overrides it).
+    extra = {"quantization_config": quantization} if quantization is not None else {}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, device_map={"": device()}, trust_remote_code=trust_remote_code,
+            **extra, **_label_kwargs(label_names))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def copy_tokenizer(src: str, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+@stage("quantize")
+def quantize(out: Path, model: dict, q: QuantizationSection, label_names: list[str], seed: int,
+             trust_remote_code: bool = False) -> dict:
+    """Load the base with its task head (initialised under the seed) and, when quantizing, save the
+    quantized weights once: later stages load them in a fraction of the time."""
+    torch.manual_seed(seed)
+    if q.mode == "none":
+        return {"path": model["path"], "quantized": False, "original_path": model["path"]}
+    base = load_classifier(model["path"], label_names, dtype_of(q.bnb_4bit_compute_dtype), bnb_config(q),
+                           trust_remote_code)
+    base.save_pretrained(out / "model")
+    copy_tokenizer(model["path"], out / "model")
+    return {"path": "model", "quantized": True, "original_path": model["path"],
+            "size_bytes": store.dir_size(out / "model")}
+
+
+def quantized_path(quantized: dict) -> str:
+    return os.path.join(quantized["dir"], quantized["path"]) if quantized["quantized"] else quantized["path"]
+
+
+def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
+    """The base exactly as quantize saved it (or the original, unquantized, with the seed set before)."""
+    return load_classifier(quantized_path(quantized), label_names, dtype_of(q.bnb_4bit_compute_dtype),
+                           bnb_config(q) if not quantized["quantized"] else None)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def lora_config(resolved: dict, cfg: LoraSection):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=resolved["target_modules"], bias=cfg.bias, use_dora=cfg.use_dora,
+                      use_rslora=cfg.use_rslora, modules_to_save=resolved["modules_to_save"])
+
+
+def _linear_names(model) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[str],
+                         trust_remote_code: bool = False) -> dict:
+    """Resolve target modules against the architecture (on the meta device: no weights loaded),
+    refuse names that match nothing, and count what LoRA will train."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
+    with torch.device("meta"):
+        base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    head = [n for n, _ in base.named_children() if n in ("classifier", "score", "pre_classifier")]
+    body = sorted(n for n in _linear_names(base) if n.split(".")[0] not in head)
+    suffixes = sorted({n.split(".")[-1] for n in body})
+    if cfg.target_modules == "all-linear":
+        targets = suffixes
+    else:
+        unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in body)]
+        if unmatched:
+            raise RecipeError(f"{unmatched} match no linear layer of {config.model_type}", "lora.target_modules",
+                              hint=f"its linear layers: {', '.join(suffixes)} (or use all-linear)")
+        targets = list(cfg.target_modules)
+    modules_to_save = sorted(set(head) | set(cfg.modules_to_save or []))
+    resolved = {"target_modules": targets, "modules_to_save": modules_to_save}
+    total = sum(p.numel() for p in base.parameters())
+    peft_model = get_peft_model(base, lora_config(resolved, cfg))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    lora_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    return {**resolved, "trainable_params": trainable, "base_params": total,
+            "trainable_percent": round(100 * trainable / total, 4), "lora_layers": lora_layers}
+
+
+@stage("lora")
+def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str], trust_remote_code: bool = False) -> dict:
+    return resolve_lora_targets(model["path"], cfg, label_names, trust_remote_code)
+
+
+def peft_model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()
+    return get_peft_model(base, lora_config(resolved, cfg))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

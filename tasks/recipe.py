@@ -1,0 +1,286 @@
+"""The recipe: one YAML file, validated into frozen pydantic models.
+
+Field names follow the libraries users already know (peft's LoraConfig, bitsandbytes'
+BitsAndBytesConfig, transformers' TrainingArguments) so knowledge transfers both ways.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPLITS = ("train", "validation", "test")
+
+
+class RecipeError(Exception):
+    """A mistake the user can fix: carries the file, the field path and a hint.
+
+    The CLI prints it as one line and exits with code 2. Anything else is a bug."""
+
+    def __init__(self, message: str, field: str | None = None, file: str | None = None,
+                 hint: str | None = None):
+        self.message, self.field, self.file, self.hint = message, field, file, hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.file, self.field) if p)
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    # A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package).
+    name_or_path: str
+    task: Literal["sequence-classification"] = "sequence-classification"
+    # Class names in label order; taken from the data (sorted) when not given.
+    labels: Optional[list[str]] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class DataSection(Section):
+    # A local file or directory (csv, json, jsonl, parquet; .gz and .bz2 too), or `package:NAME/file`.
+    path: Optional[str] = None
+    # Or a Hugging Face Hub dataset id, with its config and revision.
+    hub: Optional[str] = None
+    config: Optional[str] = None
+    revision: Optional[str] = None
+    # Source split (or file stem) for each of train / validation / test, where the names differ.
+    splits: Optional[dict[Literal["train", "validation", "test"], str]] = None
+    text_column: str = "text"
+    label_column: str = "label"
+    # Raw label value -> label name (e.g. {1: positive}); applied before keep_labels.
+    label_map: Optional[dict[Union[int, str], str]] = None
+    # Keep only rows of these classes; the others are dropped and counted.
+    keep_labels: Optional[list[str]] = None
+    drop_duplicates: bool = False
+    # Seeded random sample of at most N rows per split (after cleaning), e.g. {train: 2000}.
+    sample: Optional[dict[Literal["train", "validation", "test"], int]] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of data.path (a local file or directory) or data.hub (a Hub dataset id)")
+        return self
+
+    @field_validator("sample")
+    @classmethod
+    def _positive_sample(cls, v):
+        for split, n in (v or {}).items():
+            if n <= 0:
+                raise ValueError(f"sample.{split} must be a positive number of rows, got {n}")
+        return v
+
+
+class SplitSection(Section):
+    # Used only for the splits the source lacks: carved out of train, stratified by label.
+    validation_size: float = Field(0.1, ge=0, lt=1)
+    test_size: float = Field(0.1, ge=0, lt=1)
+    stratify: bool = True
+    seed: int = 42
+
+
+class TokenizeSection(Section):
+    max_length: int = Field(128, gt=0)
+    truncation: bool = True
+    # dynamic: pad each batch to its longest row; max_length: pad every row (the slow tutorial way).
+    padding: Literal["dynamic", "max_length"] = "dynamic"
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: DType = "float32"
+    # Modules kept out of quantization; None means the task head (classifier, pooler, score).
+    llm_int8_skip_modules: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _one_mode(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive; set one of them to false")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else "none"
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    # Extra fully trained modules; the task head is always trained.
+    modules_to_save: Optional[list[str]] = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is empty: name modules (e.g. [query, value]) or use all-linear")
+        return v
+
+
+class TrainSection(Section):
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                               "cosine_with_restarts", "polynomial"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    per_device_train_batch_size: int = Field(16, gt=0)
+    per_device_eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    # Batches of rows of similar length: far less padding with dynamic padding.
+    group_by_length: bool = True
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)  # None: at the end of each epoch
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+
+
+class EvaluateSection(Section):
+    # Metric modules under tasks/metrics/ by name, or paths to evaluate-compatible metric scripts.
+    metrics: list[str] = ["accuracy", "f1", "precision", "recall"]
+
+
+class MergeSection(Section):
+    enabled: bool = True
+    # dequantized: the 4-bit base dequantized, then merged (exactly what training saw);
+    # original: the original 16-bit base reloaded, then merged.
+    base: Literal["dequantized", "original"] = "dequantized"
+    dtype: DType = "bfloat16"
+
+
+class TrackingSection(Section):
+    experiment_name: str = "qlora"
+    # Default: the local sqlite store under mlflow/ in the current directory.
+    tracking_uri: Optional[str] = None
+    register_models: bool = True
+    registered_model_name: Optional[str] = None  # default: the recipe name
+
+
+class Recipe(Section):
+    name: str
+    description: Optional[str] = None
+    model: ModelSection
+    data: DataSection
+    split: SplitSection = SplitSection()
+    tokenize: TokenizeSection = TokenizeSection()
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    merge: MergeSection = MergeSection()
+    tracking: TrackingSection = TrackingSection()
+    # Where stage artifacts live (content-addressed), relative to the current directory.
+    work_dir: str = ".qlora"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = Recipe
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return cls if part == loc[-1] else None
+        cls = field.annotation
+    return cls
+
+
+def _explain(err: ValidationError, file: str | None) -> RecipeError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    field = ".".join(str(p) for p in loc) or None
+    if e["type"] == "extra_forbidden":
+        parent = _section_class(loc)
+        names = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+        return RecipeError("unknown key", field, file, hint)
+    if e["type"] == "missing":
+        return RecipeError("required but missing", field, file)
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], dict):
+        msg += f" (got {e['input']!r})"
+    return RecipeError(msg, field, file)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set expects KEY=VALUE, got {text!r}", hint="e.g. --set train.learning_rate=1e-3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"cannot set {'.'.join(path)}: {part} is not a section", text)
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", file=file)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"not valid YAML: {e}", file=file) from None
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping of sections (model, data, ...)", file=file)
+    raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, file)
+
+
+def recipe_from_dict(raw: dict, file: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, file) from None
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """Dotted keys -> string values, for MLflow params and cache keys."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = "null" if value is None else str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out

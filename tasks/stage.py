@@ -1,0 +1,111 @@
+"""`@stage`: a pipeline stage as a Prefect task with a content cache key and an atomic work directory.
+
+    @stage("tokenize")
+    def tokenize(out: Path, split: dict, cfg: TokenizeSection) -> dict: ...
+
+becomes a Prefect task called as `tokenize(split, cfg, work_dir=...)`. Its key hashes, for each
+argument, the upstream result's "hash" (for dicts that carry one), a recipe section's fields, or
+the plain value; plus the source of the stage's module. Arguments named in `ignore` (run ids,
+progress callbacks) are passed through but never part of the key. The stage writes into `out`, a
+temporary directory renamed into `<work_dir>/<name>/<key>` when it returns; its result dict is
+stored there as result.json, and gets "hash" (the key) and "dir" added. A stage that declares a
+keyword `scratch` gets `<work_dir>/<name>/<key>.partial/`, kept across failures (checkpoints).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from tasks import store
+
+
+def _key_part(value: Any) -> Any:
+    if isinstance(value, dict) and "hash" in value:
+        return value["hash"]
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_key_part(v) for v in value]
+    return value
+
+
+class _ContentKey(CachePolicy):
+    """Prefect's cache key is the stage key, but only while the stage's directory is complete:
+    a deleted work directory means a re-run, never a stale path."""
+
+    def __init__(self, key_of: Callable[[dict], tuple[str, Path]]):
+        super().__init__()
+        self.key_of = key_of
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
+        key, directory = self.key_of(inputs)
+        return key if store.read_result(directory) is not None else None
+
+
+def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()):
+    def decorate(build: Callable[..., dict]):
+        module = sys.modules[build.__module__]
+        # The stage's own module and the shared pieces whose behaviour changes its output.
+        source = store.source_fingerprint(module.__name__, "tasks.store", *modules)
+        params = [p for p in list(inspect.signature(build).parameters.values())[1:]  # drop `out`
+                  if p.name != "scratch"]
+        wants_scratch = "scratch" in inspect.signature(build).parameters
+        skip = set(ignore) | {"work_dir"}
+
+        def key_of(arguments: dict) -> tuple[str, Path]:
+            parts = {k: _key_part(v) for k, v in arguments.items() if k not in skip}
+            key = store.hash_value({"stage": name, "source": source, "inputs": parts})
+            return key, store.stage_dir(arguments["work_dir"], name, key)
+
+        @functools.wraps(build)
+        def run_stage(*args, **kwargs) -> dict:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            key, directory = key_of(arguments)
+            logger = _logger()
+            cached = store.read_result(directory)
+            if cached is not None:
+                logger.info("%s: cache hit %s", name, directory)
+                return {**cached, "cache_hit": True}
+            logger.info("%s: building %s", name, directory)
+            del arguments["work_dir"]
+            # Scratch space that outlives a crash (checkpoints), removed once the stage completes.
+            scratch = directory.with_name(directory.name + ".partial")
+            if wants_scratch:
+                scratch.mkdir(parents=True, exist_ok=True)
+                arguments["scratch"] = scratch
+            with store.building(directory) as tmp:
+                result = build(tmp, **arguments) or {}
+                result.update(hash=key, dir=str(directory.resolve()))
+                store.write_result(tmp, result)
+            shutil.rmtree(scratch, ignore_errors=True)
+            return result
+
+        signature = inspect.Signature(
+            params + [inspect.Parameter("work_dir", inspect.Parameter.KEYWORD_ONLY, annotation=str)])
+        run_stage.__signature__ = signature
+        prefect_task = task(name=name, cache_policy=_ContentKey(key_of), persist_result=True,
+                            log_prints=True)(run_stage)
+        prefect_task.key_of = key_of
+        return prefect_task
+
+    return decorate
+
+
+def _logger():
+    import logging
+
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow (tests, benchmarks)
+        return logging.getLogger("qlora")

@@ -1,0 +1,193 @@
+"""MLflow tracking: one run per pipeline run, addressed by run id (MLflow's active run is per
+thread, and Prefect may run tasks in other threads), resumed rather than orphaned after a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.recipe import Recipe, RecipeError, flatten
+
+log = logging.getLogger("qlora")
+
+MAX_PARAM_CHARS = 6000  # MLflow rejects longer parameter values
+RECIPE_KEY_TAG = "qlora.recipe_key"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path('mlflow').resolve() / 'mlflow.db'}"
+
+
+def tracking_uri_of(recipe: Recipe) -> str:
+    return recipe.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking(uri: str) -> None:
+    """The tracking store answers (servers within a few seconds), or a RecipeError."""
+    field = "tracking.tracking_uri"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status != 200:
+                    raise RecipeError(f"MLflow server at {uri} answered {r.status} to /health", field)
+        except (urllib.error.URLError, OSError) as e:
+            raise RecipeError(f"cannot reach the MLflow tracking server at {uri}: {getattr(e, 'reason', e)}", field,
+                              hint="start it, or leave tracking.tracking_uri unset for the local store") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RecipeError(f"cannot create the tracking store directory {parent}: {e.strerror}", field) from None
+        if not os.access(parent, os.W_OK):
+            raise RecipeError(f"tracking store directory {parent} is not writable", field)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifact_root(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+class Tracker:
+    """Logs into one MLflow run by id; does nothing when there is no run (tests, benchmarks)."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri) if uri and run_id else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0)
+                                                    for k, v in metrics.items() if v is not None])
+
+    def log_text(self, text: str) -> None:
+        log.info(text)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.client is not None:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+
+# --- the pipeline's run ------------------------------------------------------------------------
+
+def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None) -> tuple[str, bool]:
+    """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING).
+    Returns (run_id, resumed)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(recipe.tracking.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        recipe.tracking.experiment_name, artifact_location=_artifact_root(uri))
+    unfinished = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name}
+    if unfinished:
+        run_id = unfinished[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        resumed = True
+    else:
+        run_id = client.create_run(exp_id, run_name=recipe.name, tags={RECIPE_KEY_TAG: recipe_key}).info.run_id
+        resumed = False
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    return run_id, resumed
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def log_recipe(uri: str, run_id: str, recipe: Recipe, recipe_file: str | None) -> None:
+    import yaml
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    params = []
+    for k, v in flatten(recipe).items():
+        if len(v) > MAX_PARAM_CHARS:  # MLflow rejects long values: keep a prefix, the artifact has it all
+            v = v[: MAX_PARAM_CHARS - 15] + "...[truncated]"
+        if k not in existing:
+            params.append(Param(k, v))
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_text(run_id, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe/resolved.yaml")
+    if recipe_file:
+        client.log_artifact(run_id, recipe_file, "recipe")
+
+
+def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None:
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    client = _client(uri)
+    inputs = []
+    for name in ("train", "validation", "test"):
+        df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
+        ds = mlflow.data.from_pandas(df, source=source, name=f"{name}", targets="label")
+        context = {"train": "training", "validation": "validation", "test": "testing"}[name]
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_history(uri: str, run_id: str, history_file: Path) -> None:
+    """Per-step train metrics, unless training already logged them live into this run."""
+    client = _client(uri)
+    if client.get_metric_history(run_id, "train_loss"):
+        return
+    tracker = Tracker(uri, run_id)
+    for line in history_file.read_text().splitlines():
+        record = json.loads(line)
+        step = record.pop("step")
+        tracker.log_metrics(record, step)
+
+
+def log_summary(uri: str, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:
+    numeric = {f"{prefix}{k}": float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    Tracker(uri, run_id).log_metrics(numeric)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: Path, artifact_path: str) -> None:
+    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
+    _client(uri).log_table(run_id, data=df, artifact_file=artifact_file)
+
+
+def register(uri: str, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
+    """A model version for the logged artifact, unless one of the same content exists already."""
+    client = _client(uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # exists
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if v.tags.get("qlora.content_hash") == content_hash:
+            return v.version
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"qlora.content_hash": content_hash})
+    return version.version

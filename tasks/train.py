@@ -1,0 +1,264 @@
+"""Train: the quantized base loaded, LoRA attached, a plain training loop with resumable checkpoints.
+
+One process holds the model from load to save; what leaves the stage is the adapter directory.
+Checkpoints (adapter, optimizer, scheduler, RNG, step) go to `<work_dir>/train/<key>.partial/` and
+survive a crash: the same command resumes from the newest one, with the same data order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tasks import model as models
+from tasks.recipe import LoraSection, QuantizationSection, TrainSection
+from tasks.stage import stage
+from tasks.tracking import Tracker
+
+MEGABATCH = 50  # batches per length-sorted block: rows of similar length, order still random
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The row indices of each batch of one epoch: a pure function of (seed, epoch), so a resumed
+    run sees exactly the batches the interrupted one would have."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        block = batch_size * MEGABATCH
+        order = np.concatenate([sorted(order[i:i + block], key=lambda j: -lengths[j])
+                                for i in range(0, len(order), block)])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if group_by_length:  # keep the longest batch first (a memory spike shows at once), shuffle the rest
+        longest = max(range(len(batches)), key=lambda b: max(lengths[j] for j in batches[b]))
+        batches.insert(0, batches.pop(longest))
+        rest = batches[1:]
+        rng.shuffle(rest)
+        batches = batches[:1] + rest
+    return batches
+
+
+def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        mask[i, :n] = 1
+    labels = torch.tensor([r["labels"] for r in rows])
+    return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
+
+
+def build_optimizer(params, cfg: TrainSection):
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def peak_memory_bytes(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def on_checkpoint(step: int) -> None:
+    """Called after each checkpoint is saved. Tests replace it to interrupt a run."""
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device) -> tuple[np.ndarray, float]:
+    """Logits for every row (in dataset order) and the mean loss; rows sorted by length for speed."""
+    model.eval()
+    lengths = dataset["length"]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    logits = [None] * len(dataset)
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([dataset[i] for i in idx], pad_id, dev)
+        out = model(**batch)
+        loss_sum += out.loss.float().item() * len(idx)
+        for i, row in zip(idx, out.logits.float().cpu().numpy()):
+            logits[i] = row
+    model.train()
+    return np.stack(logits), loss_sum / max(len(dataset), 1)
+
+
+def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    final = scratch / f"checkpoint-{step:07d}"
+    tmp = scratch / f".tmp-checkpoint-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, tmp / "adapter.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps(state))
+    os.replace(tmp, final)
+    for old in sorted(scratch.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return json.loads((path / "progress.json").read_text())
+
+
+def training_steps(num_batches: int, cfg: TrainSection) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(num_batches * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
+
+
+def _accuracy(logits: np.ndarray, labels) -> float:
+    return float((logits.argmax(-1) == np.asarray(labels)).mean())
+
+
+@stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model",))
+def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
+          q: QuantizationSection, cfg: TrainSection, run_id: str | None = None,
+          tracking_uri: str | None = None, *, scratch: Path) -> dict:
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, get_scheduler
+
+    tracker = Tracker(tracking_uri, run_id)
+    dev = models.device()
+    label_names = tokenized["label_names"]
+    data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
+    train_ds, val_ds = data["train"], data["validation"]
+    tok = AutoTokenizer.from_pretrained(quantized["original_path"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
+    base = models.load_base(quantized, label_names, q)
+    model = models.peft_model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+
+    lengths = train_ds["length"]
+    per_epoch = math.ceil(len(train_ds) / cfg.per_device_train_batch_size)
+    total = training_steps(per_epoch, cfg)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
+                              num_training_steps=total)
+    eval_every = cfg.eval_steps or math.ceil(per_epoch / cfg.gradient_accumulation_steps)
+
+    progress = {"step": 0, "micro_step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
+    checkpoints = sorted(scratch.glob("checkpoint-*"))
+    if checkpoints:
+        progress = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        tracker.log_text(f"resumed from {checkpoints[-1].name} at step {progress['step']}")
+    history_path = scratch / "history.jsonl"
+    if history_path.exists():  # drop records past the checkpoint we resume from
+        kept = [line for line in history_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
+        history_path.write_text("".join(line + "\n" for line in kept))
+    resumed_at = progress["step"]
+
+    def record(metrics: dict, step: int) -> None:
+        with history_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        tracker.log_metrics(metrics, step)
+
+    step, micro = progress["step"], progress["micro_step"]
+    window_loss, window_n, started = 0.0, 0, time.perf_counter()
+    samples, tokens = progress["samples"], progress["tokens"]
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
+    epoch = micro // per_epoch
+    optimizer.zero_grad(set_to_none=True)
+    while step < total:
+        batches = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length)
+        for b in range(micro - epoch * per_epoch, len(batches)):
+            batch = collate([train_ds[i] for i in batches[b]], pad_id, dev)
+            loss = model(**batch).loss
+            (loss / cfg.gradient_accumulation_steps).backward()
+            window_loss += loss.item()
+            window_n += 1
+            samples += len(batches[b])
+            tokens += int(batch["attention_mask"].sum())
+            micro += 1
+            last_of_epoch = b == len(batches) - 1
+            if micro % cfg.gradient_accumulation_steps and not last_of_epoch:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total:
+                elapsed = progress["elapsed_s"] + time.perf_counter() - started
+                metrics = {"train_loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
+                           "epoch": micro / per_epoch, "samples_per_s": samples / elapsed,
+                           "tokens_per_s": tokens / elapsed}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                record(metrics, step)
+                bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                window_loss, window_n = 0.0, 0
+            if step % eval_every == 0 or step == total:
+                logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
+                record({"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}, step)
+            if step % cfg.save_steps == 0 and step < total:
+                elapsed = progress["elapsed_s"] + time.perf_counter() - started
+                _save_checkpoint(scratch, step, model, optimizer, scheduler,
+                                 {"step": step, "micro_step": micro, "elapsed_s": elapsed, "samples": samples,
+                                  "tokens": tokens}, cfg.save_total_limit)
+                on_checkpoint(step)
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    elapsed = progress["elapsed_s"] + time.perf_counter() - started
+
+    model.save_pretrained(out / "adapter")
+    models.copy_tokenizer(quantized["original_path"], out / "adapter")
+    shutil.copy2(history_path, out / "history.jsonl")
+    history = [json.loads(line) for line in history_path.read_text().splitlines()]
+    train_losses = [h["train_loss"] for h in history if "train_loss" in h]
+    return {
+        "adapter": "adapter", "history": "history.jsonl", "steps": step, "resumed_from_step": resumed_at,
+        "train_runtime_s": round(elapsed, 3), "train_samples": samples, "train_tokens": tokens,
+        "samples_per_s": round(samples / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 3),
+        "peak_memory_bytes": peak_memory_bytes(dev), "device": str(dev),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "trainable_params": lora["trainable_params"], "trainable_percent": lora["trainable_percent"],
+        "label_names": label_names,
+    }
