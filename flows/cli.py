@@ -8,10 +8,16 @@ A mistake in the recipe or its inputs prints one line naming the field or file, 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import socket
+import subprocess
+import time
+import urllib.request
+import warnings
 from pathlib import Path
 
 from tasks.recipe import Recipe, RecipeError, load_recipe
@@ -27,8 +33,61 @@ def _quiet_environment(recipe: Recipe) -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(recipe.work_dir, "prefect-results").resolve()),
     }.items():
         os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # bitsandbytes announces an optional Hub-fetched CPU kernel at import; it can't be had offline.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+class TemporaryPrefectServer:
+    """With no Prefect server configured, Prefect starts a temporary one at the first flow run and
+    waits for it (seconds of a short run). We start the same server (Prefect's API app under uvicorn)
+    before the heavy imports, so it boots on the other core meanwhile, and stop it at exit."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+        os.environ["PREFECT_API_URL"] = self.url
+        atexit.register(self.stop)
+
+    def wait(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _prefect_server() -> TemporaryPrefectServer | None:
+    ephemeral = os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "true").lower() not in ("0", "false")
+    if os.environ.get("PREFECT_API_URL") or not ephemeral or _profile_has_api_url():
+        return None
+    return TemporaryPrefectServer()
+
+
+def _profile_has_api_url() -> bool:
+    """A Prefect profile (prefect config set PREFECT_API_URL=...) names a server: use it."""
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or
+                    Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "profiles.toml")
+    return profiles.is_file() and "PREFECT_API_URL" in profiles.read_text()
 
 
 def validate(recipe: Recipe) -> dict:
@@ -96,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in info.items():
                 print(f"  {k}: {v}")
             return 0
+        server = _prefect_server()
         validate(recipe)
         from flows.finetune import finetune
+
+        if server is not None:
+            server.wait()
 
         result = finetune(recipe.model_dump(mode="json"), str(Path(args.recipe).resolve()))
     except RecipeError as e:
