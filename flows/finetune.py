@@ -63,7 +63,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
     try:
         tracking.log_recipe(uri, run_id, r, recipe_file)
         if not resumed:
-            tracking.log_datasets(uri, run_id, splits, r.data.path or r.data.hub)
+            tracking.log_datasets(uri, run_id, splits, _source_uri(source))
         tracking.log_summary(uri, run_id, _data_counts(loaded, tokenized))
         tracking.log_summary(uri, run_id, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
 
@@ -107,6 +107,12 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
         raise
     finally:
         tracking.end_run(uri, run_id, status)
+
+
+def _source_uri(source: dict) -> str:
+    if "hub" in source:
+        return f"https://huggingface.co/datasets/{source['hub']}"
+    return str(Path(source["files"]["train"]).resolve())
 
 
 def _data_counts(loaded: dict, tokenized: dict) -> dict[str, float]:
