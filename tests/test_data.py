@@ -1,0 +1,167 @@
+"""Data stages: formats, cleaning counts, label checks, splits, tokenization, content cache keys."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import AG_NEWS, minilm_dir
+from tasks.data import check_data, clean, describe_source, load, read_source, split, tokenize
+from tasks.model import resolve_model
+from tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
+
+ROWS = [("good film", "pos"), ("bad film", "neg"), ("", "pos"), ("fine", "meh"), ("good film", "pos"),
+        ("great", "pos"), ("awful", "neg"), ("   ", "neg"), ("superb", "pos"), ("dull", "neg")]
+
+
+def _frame(rows=ROWS) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["review", "sentiment"])
+
+
+def _data(path, **kw) -> DataSection:
+    return DataSection(path=str(path), text_column="review", label_column="sentiment", **kw)
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.csv.gz", "d.csv.bz2", "d.jsonl", "d.json", "d.jsonl.gz", "d.parquet"])
+def test_reads_every_format(tmp_path, name):
+    df, path = _frame(), tmp_path / name
+    if name.startswith("d.csv"):
+        text = df.to_csv(index=False)
+        opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    elif ".jsonl" in name:
+        lines = df.to_json(orient="records", lines=True)
+        (gzip.open(path, "wt") if name.endswith(".gz") else open(path, "w")).write(lines)
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(df.to_dict(orient="records")))
+    else:
+        df.to_parquet(path)
+    frames = read_source(_data(path))
+    assert list(frames) == ["train"] and len(frames["train"]) == len(ROWS)
+
+
+def test_cleaning_drops_and_counts(tmp_path):
+    frames = {"train": _frame()}
+    out, names, stats = clean({"train": _frame().rename(columns={"review": "text", "sentiment": "label"})},
+                              DataSection(path="x", keep_labels=["neg", "pos"], drop_duplicates=True), None)
+    s = stats["train"]
+    assert names == ["neg", "pos"]
+    assert s == {"rows_read": 10, "dropped_empty_text": 2, "dropped_filtered_label": 1,
+                 "dropped_unknown_label": 0, "dropped_duplicates": 1, "rows_kept": 6}
+    assert sorted(out["train"]["label"].tolist()) == [0, 0, 0, 1, 1, 1]
+    del frames
+
+
+def test_unknown_labels_are_counted_not_silent():
+    df = _frame().rename(columns={"review": "text", "sentiment": "label"})
+    _, names, stats = clean({"train": df}, DataSection(path="x"), ["neg", "pos"])
+    assert names == ["neg", "pos"] and stats["train"]["dropped_unknown_label"] == 1  # "meh"
+
+
+def test_label_map_and_numeric_labels():
+    df = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 1]})
+    out, names, _ = clean({"train": df}, DataSection(path="x", label_map={0: "neg", 1: "pos"}), None)
+    assert names == ["neg", "pos"] and out["train"]["label"].tolist() == [0, 1, 1]
+    with pytest.raises(RecipeError, match=r"outside 0\.\.1") as e:
+        clean({"train": pd.DataFrame({"text": ["a", "b"], "label": [0, 7]})}, DataSection(path="x"), ["a", "b"])
+    assert e.value.field == "model.labels"
+
+
+def test_label_names_that_do_not_match_the_data():
+    df = pd.DataFrame({"text": ["a", "b"], "label": ["fresh", "rotten"]})
+    with pytest.raises(RecipeError, match="do not match") as e:
+        clean({"train": df}, DataSection(path="x"), ["positive", "negative"])
+    assert e.value.field == "model.labels"
+    with pytest.raises(RecipeError, match="never occur"):
+        clean({"train": df}, DataSection(path="x"), ["fresh", "rotten", "plot"])
+
+
+def test_bad_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(RecipeError, match="empty"):
+        check_data(_data(empty))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("review,sentiment\ncaf\xe9 cr\xe8me,pos\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8") as e:
+        check_data(_data(latin))
+    assert "latin.csv" in str(e.value)
+    ok = tmp_path / "ok.csv"
+    _frame().to_csv(ok, index=False)
+    with pytest.raises(RecipeError, match="column 'text' not found") as e:
+        check_data(DataSection(path=str(ok)))
+    assert e.value.field == "data.text_column" and "review" in str(e.value)
+    with pytest.raises(RecipeError, match="does not exist"):
+        check_data(_data(tmp_path / "missing.csv"))
+    with pytest.raises(RecipeError, match="unsupported"):
+        (tmp_path / "x.xlsx").write_text("x")
+        check_data(_data(tmp_path / "x.xlsx"))
+
+
+def test_directory_splits_and_aliases():
+    files = describe_source(DataSection(path=str(AG_NEWS)))["files"]
+    assert sorted(files) == ["test", "train", "validation"] and files["validation"].endswith("dev.csv")
+
+
+def test_source_fingerprint_follows_content(tmp_path):
+    path = tmp_path / "d.csv"
+    _frame().to_csv(path, index=False)
+    before = describe_source(_data(path))["hash"]
+    path.write_text(path.read_text() + "more,pos\n")
+    assert describe_source(_data(path))["hash"] != before
+
+
+def _stages(tmp_path, rows=200, split_cfg=None):
+    df = pd.DataFrame({"text": [f"row number {i} " + "word " * (i % 40) for i in range(rows)],
+                       "label": ["a", "b"] * (rows // 2)})
+    path = tmp_path / "data.csv"
+    df.to_csv(path, index=False)
+    data = DataSection(path=str(path))
+    work = str(tmp_path / "work")
+    loaded = load.fn(describe_source(data), data, None, work_dir=work)
+    splitted = split.fn(loaded, split_cfg or SplitSection(), None, work_dir=work)
+    return loaded, splitted, work
+
+
+def test_stratified_split_and_cache(tmp_path):
+    loaded, splitted, work = _stages(tmp_path)
+    assert splitted["rows"] == {"train": 160, "validation": 20, "test": 20}
+    test = pd.read_parquet(f"{splitted['dir']}/test.parquet")
+    assert test["label"].value_counts().tolist() == [10, 10]  # stratified
+    again = split.fn(loaded, SplitSection(), None, work_dir=work)
+    assert again["hash"] == splitted["hash"] and again.get("cache_hit")
+    other = split.fn(loaded, SplitSection(seed=1), None, work_dir=work)
+    assert other["hash"] != splitted["hash"]
+
+
+def test_split_that_leaves_a_split_empty(tmp_path):
+    with pytest.raises(RecipeError, match="leaves the test split empty") as e:
+        _stages(tmp_path, split_cfg=SplitSection(test_size=0.001))
+    assert e.value.field == "split.test_size"
+    assert not list((tmp_path / "work" / "split").glob("*")), "nothing half-written"
+
+
+def test_tokenize_dynamic_padding_and_truncation_counted(tmp_path):
+    _, splitted, work = _stages(tmp_path)
+    model = resolve_model(ModelSection(name_or_path=str(minilm_dir())))
+    tok = tokenize.fn(splitted, model["tokenizer"], TokenizeSection(max_length=16), work_dir=work)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(f"{tok['dir']}/dataset")["train"]
+    lengths = [len(x) for x in ds["input_ids"]]
+    assert max(lengths) == 16 and min(lengths) < 16, "rows are not padded to max_length"
+    from transformers import AutoTokenizer
+
+    texts = pd.read_parquet(f"{splitted['dir']}/train.parquet")["text"].tolist()
+    full = AutoTokenizer.from_pretrained(model["path"])(texts)["input_ids"]
+    assert tok["stats"]["train"]["truncated"] == sum(len(ids) > 16 for ids in full) > 0
+    padded = tokenize.fn(splitted, model["tokenizer"], TokenizeSection(max_length=16, padding="max_length"), work_dir=work)
+    assert padded["hash"] != tok["hash"]
+    # a changed tokenizer (its files' content) re-tokenizes
+    changed = dict(model["tokenizer"], hash="different-tokenizer")
+    assert tokenize.key_of({"split_result": splitted, "tokenizer": changed, "cfg": TokenizeSection(max_length=16),
+                            "work_dir": work})[0] != tok["hash"]
