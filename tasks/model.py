@@ -87,16 +87,28 @@ def check_model(model: ModelSection, q: QuantizationSection) -> dict:
     return resolved
 
 
-def bnb_config(q: QuantizationSection):
+def skip_module_names(model_path: str, names: list[str], trust_remote_code: bool = False) -> list[str]:
+    """Full module paths for short names: transformers matches skip patterns from the start of a
+    module's path or as its suffix, so "pooler" alone would not keep "bert.pooler.dense" out."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    found = {full for full, _ in skeleton.named_modules() if full and full.split(".")[-1] in names}
+    return sorted(found | set(names))
+
+
+def bnb_config(q: QuantizationSection, model_path: str, trust_remote_code: bool = False):
     from transformers import BitsAndBytesConfig
 
     if q.mode == "none":
         return None
+    skip = skip_module_names(model_path, q.llm_int8_skip_modules or HEAD_MODULES, trust_remote_code)
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type, bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype),
-        llm_int8_skip_modules=q.llm_int8_skip_modules or HEAD_MODULES)
+        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype), llm_int8_skip_modules=skip)
 
 
 def _label_kwargs(label_names: list[str]) -> dict:
@@ -136,8 +148,8 @@ def quantize(out: Path, model: dict, q: QuantizationSection, label_names: list[s
     torch.manual_seed(seed)
     if q.mode == "none":
         return {"path": model["path"], "quantized": False, "original_path": model["path"]}
-    base = load_classifier(model["path"], label_names, dtype_of(q.bnb_4bit_compute_dtype), bnb_config(q),
-                           trust_remote_code)
+    base = load_classifier(model["path"], label_names, dtype_of(q.bnb_4bit_compute_dtype),
+                           bnb_config(q, model["path"], trust_remote_code), trust_remote_code)
     base.save_pretrained(out / "model")
     copy_tokenizer(model["path"], out / "model")
     return {"path": "model", "quantized": True, "original_path": model["path"],
@@ -150,8 +162,7 @@ def quantized_path(quantized: dict) -> str:
 
 def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
     """The base exactly as quantize saved it (or the original, unquantized, with the seed set before)."""
-    return load_classifier(quantized_path(quantized), label_names, dtype_of(q.bnb_4bit_compute_dtype),
-                           bnb_config(q) if not quantized["quantized"] else None)
+    return load_classifier(quantized_path(quantized), label_names, dtype_of(q.bnb_4bit_compute_dtype))
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -160,8 +171,8 @@ def lora_config(resolved: dict, cfg: LoraSection):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=resolved["target_modules"], bias=cfg.bias, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=resolved["modules_to_save"])
+                      target_modules=list(resolved["target_modules"]), bias=cfg.bias, use_dora=cfg.use_dora,
+                      use_rslora=cfg.use_rslora, modules_to_save=list(resolved["modules_to_save"]))  # peft extends it in place
 
 
 def _linear_names(model) -> set[str]:

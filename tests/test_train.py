@@ -1,0 +1,150 @@
+"""Model and train stages on the real MiniLM in 4-bit: head kept out of quantization, LoRA targets
+checked, seeded runs identical, an interrupted run resumes exactly where it stopped."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tasks.train as train_module
+from conftest import small_agnews_recipe
+from tasks.data import describe_source, load, split, tokenize
+from tasks.merge import merge
+from tasks.model import attach_lora, load_base, quantize, resolve_model
+from tasks.recipe import LoraSection, RecipeError, recipe_from_dict
+from tasks.train import batch_order, train
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Data, quantized base and LoRA plan for a small AG News recipe, built once."""
+    work = str(tmp_path_factory.mktemp("work"))
+    r = recipe_from_dict(small_agnews_recipe())
+    model = resolve_model(r.model)
+    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
+    splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
+    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
+    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
+    lora = attach_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
+    return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
+
+
+def _train(p, work_dir, **train_overrides):
+    cfg = p["recipe"].train.model_copy(update=train_overrides)
+    return train.fn(p["tokenized"], p["quantized"], p["lora"], p["recipe"].lora, p["recipe"].quantization, cfg,
+                    work_dir=str(work_dir))
+
+
+def _adapter(result) -> dict[str, torch.Tensor]:
+    return load_file(Path(result["dir"]) / result["adapter"] / "adapter_model.safetensors")
+
+
+def _history(result) -> list[dict]:
+    return [json.loads(line) for line in (Path(result["dir"]) / result["history"]).read_text().splitlines()]
+
+
+def test_head_stays_out_of_quantization(prepared):
+    import bitsandbytes as bnb
+
+    model = load_base(prepared["quantized"], ["a", "b", "c", "d"], prepared["recipe"].quantization)
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.float32
+    assert type(model.bert.pooler.dense) is torch.nn.Linear
+
+
+def test_lora_targets_resolved_and_counted(prepared):
+    lora = prepared["lora"]
+    assert lora["target_modules"] == ["query", "value"] and lora["modules_to_save"] == ["classifier"]
+    # 6 layers x 2 targets x r*(384+384), plus the 4-class head (384*4 + 4)
+    assert lora["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 4 + 4
+    all_linear = attach_lora.fn(prepared["model"], LoraSection(target_modules="all-linear"), ["a", "b"],
+                                work_dir=prepared["work"])
+    assert all_linear["target_modules"] == ["dense", "key", "query", "value"]
+    with pytest.raises(RecipeError, match=r"\['q_proj'\] match no linear layer") as e:
+        attach_lora.fn(prepared["model"], LoraSection(target_modules=["query", "q_proj"]), ["a", "b"],
+                       work_dir=prepared["work"])
+    assert e.value.field == "lora.target_modules" and "query" in e.value.hint
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    lengths = [i % 37 for i in range(1000)]
+    a = batch_order(lengths, 16, seed=1, epoch=0, group_by_length=True)
+    assert a == batch_order(lengths, 16, seed=1, epoch=0, group_by_length=True)
+    assert a != batch_order(lengths, 16, seed=1, epoch=1, group_by_length=True)
+    assert sorted(i for b in a for i in b) == list(range(1000))
+    # grouping by length keeps rows of similar length together: little padding
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in a)
+    plain = batch_order(lengths, 16, seed=1, epoch=0, group_by_length=False)
+    waste_plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in plain)
+    assert waste < waste_plain / 5
+
+
+def test_two_seeded_runs_are_identical(prepared, tmp_path):
+    """LoRA weights are initialised after the seed is set: two CPU runs give the same result."""
+    a, b = _train(prepared, tmp_path / "a"), _train(prepared, tmp_path / "b")
+    assert [h.get("train_loss") for h in _history(a)] == [h.get("train_loss") for h in _history(b)]
+    for k, v in _adapter(a).items():
+        assert torch.equal(v, _adapter(b)[k]), k
+    assert a["steps"] == 8 and _history(a)[-1]["step"] == 8
+
+
+def test_interrupted_training_resumes_exactly(prepared, tmp_path, monkeypatch):
+    """Stop after the step-4 checkpoint; the re-run resumes at step 4 with optimizer, scheduler,
+    RNG and data order restored, and ends where an uninterrupted run ends (no loss jump, no
+    restarted schedule)."""
+    straight = _train(prepared, tmp_path / "straight")
+
+    def crash(step):
+        if step == 4:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(train_module, "on_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(prepared, tmp_path / "resumed")
+    partial = list((tmp_path / "resumed" / "train").glob("*.partial"))
+    assert len(partial) == 1 and (partial[0] / "checkpoint-0000004").is_dir()
+    assert not [p for p in (tmp_path / "resumed" / "train").iterdir() if not p.name.endswith(".partial")], \
+        "no completed-looking directory after a crash"
+    monkeypatch.setattr(train_module, "on_checkpoint", lambda step: None)
+    resumed = _train(prepared, tmp_path / "resumed")
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
+    h_straight, h_resumed = _history(straight), _history(resumed)
+    assert [h["step"] for h in h_resumed] == [h["step"] for h in h_straight]
+    for x, y in zip(h_straight, h_resumed):
+        for key in ("train_loss", "learning_rate", "eval_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    for k, v in _adapter(straight).items():
+        torch.testing.assert_close(_adapter(resumed)[k], v, rtol=1e-3, atol=1e-4)  # float reduction order
+    assert not partial[0].exists(), "checkpoints are cleared once the stage completes"
+
+
+def test_merge_dequantized_matches_adapter(prepared, tmp_path):
+    """The merged 16-bit model predicts what the 4-bit base plus adapter predicts."""
+    from peft import PeftModel
+
+    from tasks.evaluate import load_for_eval
+    from tasks.recipe import MergeSection
+
+    trained = _train(prepared, tmp_path)
+    q = prepared["recipe"].quantization
+    merged = merge.fn(trained, prepared["quantized"], q, MergeSection(dtype="float32"), work_dir=str(tmp_path))
+    model_dir = Path(merged["dir"]) / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["id2label"]["1"] == "Sports"
+    labels = trained["label_names"]
+    adapter_model = load_for_eval(trained, prepared["quantized"], q, labels)
+    assert isinstance(adapter_model, PeftModel)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    plain = AutoModelForSequenceClassification.from_pretrained(model_dir)  # plain transformers loads it
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(["Stocks rallied as the central bank held rates.", "The striker scored twice in the final."],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, m = adapter_model.eval()(**batch).logits, plain.eval()(**batch).logits
+    torch.testing.assert_close(m, a, rtol=0, atol=2e-3)
