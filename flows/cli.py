@@ -94,6 +94,7 @@ def validate(recipe: Recipe) -> dict:
     """Everything that can be checked without training: model, data, quantization, LoRA targets,
     tracking store."""
     from tasks.data import check_data
+    from tasks.evaluate import check_metrics
     from tasks.model import check_model, resolve_lora_targets
     from tasks.tracking import check_tracking, tracking_uri_of
 
@@ -101,6 +102,7 @@ def validate(recipe: Recipe) -> dict:
     data = check_data(recipe.data)
     lora = resolve_lora_targets(model["path"], recipe.lora, recipe.model.labels or ["a", "b"],
                                 recipe.model.trust_remote_code)
+    check_metrics(recipe.evaluate)
     uri = tracking_uri_of(recipe)
     check_tracking(uri)
     return {"model": model["path"], "data": data.get("files") or data.get("hub"),

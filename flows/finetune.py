@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from tasks import tracking
 from tasks.data import describe_source, load, split, tokenize
-from tasks.evaluate import evaluate_model
+from tasks.evaluate import check_metrics, evaluate_model
 from tasks.merge import merge
 from tasks.model import attach_lora, quantize, resolve_model
 from tasks.recipe import Recipe, recipe_from_dict
@@ -48,6 +48,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
     run = StageRunner(r.work_dir)
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
+    check_metrics(r.evaluate)
     model = resolve_model(r.model)
     source = describe_source(r.data)
     loaded = run(load, source, r.data, r.model.labels)

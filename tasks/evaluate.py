@@ -29,6 +29,11 @@ def metric_path(name: str) -> Path:
     return path
 
 
+def check_metrics(cfg: EvaluateSection) -> None:
+    for name in cfg.metrics:
+        metric_path(name)
+
+
 def compute_metrics(names: list[str], predictions, references, label_names: list[str]) -> dict[str, float]:
     import evaluate
 

@@ -15,11 +15,12 @@ def _offline() -> bool:
 
 def hub_error(exc: Exception, repo_id: str, field: str) -> RecipeError:
     name = type(exc).__name__
-    if "NotFound" in name or "404" in str(exc):
-        return RecipeError(f"'{repo_id}' does not exist on the Hugging Face Hub (or is private)", field)
-    if "Connect" in name or "Timeout" in name or "Offline" in name or _offline() or "offline" in str(exc).lower():
+    unreachable = ("Connect", "Timeout", "Offline", "LocalEntryNotFound")
+    if any(n in name for n in unreachable) or _offline() or "offline" in str(exc).lower():
         return RecipeError(f"cannot reach the Hugging Face Hub for '{repo_id}' and it is not in the local cache",
                            field, hint="connect to the network once, or use a local path")
+    if "RepositoryNotFound" in name or "404" in str(exc):
+        return RecipeError(f"'{repo_id}' does not exist on the Hugging Face Hub (or is private)", field)
     return RecipeError(f"cannot fetch '{repo_id}' from the Hugging Face Hub: {str(exc).splitlines()[0]}", field)
 
 

@@ -1,0 +1,129 @@
+"""End to end through the CLI: the real MiniLM in 4-bit on AG News rows, a real (temporary) Prefect
+server on 127.0.0.1 and a real sqlite MLflow store in the project directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import small_agnews_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _command(project: Path, *overrides: str) -> list[str]:
+    args = [sys.executable, "-m", "flows.cli", "run", str(project / "r.yaml"), "--json", str(project / "summary.json")]
+    return args + [a for o in overrides for a in ("--set", o)]
+
+
+def _env(project: Path) -> dict:
+    # Prefect's database in the project too: tests never touch the user's ~/.prefect
+    return {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
+
+
+def run(project: Path, *overrides: str) -> dict:
+    done = subprocess.run(_command(project, *overrides), cwd=project, env=_env(project), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "== qlora run complete ==" in done.stdout
+    return json.loads((project / "summary.json").read_text())
+
+
+def _client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def test_run_rerun_and_edit(project):
+    recipe = small_agnews_recipe(merge={"enabled": True, "dtype": "bfloat16"})
+    recipe["description"] = "a long description " * 600  # longer than MLflow's parameter limit
+    write_recipe(project / "r.yaml", recipe)
+
+    first = run(project)
+    assert first["train"]["steps"] == 8 and not first["cached"]["train"]
+    assert 0.25 <= first["test_metrics"]["accuracy"] <= 1.0
+    assert {"f1_macro", "precision_World", "recall_Sci/Tech"} <= set(first["test_metrics"])
+    assert Path(first["merged_dir"], "model.safetensors").is_file()
+
+    client = _client(project)
+    r = client.get_run(first["run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["lora.r"] == "8" and r.data.params["train.learning_rate"] == "0.001"
+    assert r.data.params["description"].endswith("[truncated]")
+    uuid.UUID(r.data.tags["prefect.flow_run_id"])
+    for metric in ("test_accuracy", "test_f1_macro", "merged_test_accuracy", "trainable_params",
+                   "trainable_percent", "peak_memory_bytes", "samples_per_s", "tokens_per_s",
+                   "data_train_rows_kept", "test_latency_p50_ms"):
+        assert metric in r.data.metrics, metric
+    losses = client.get_metric_history(first["run_id"], "train_loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8]
+    assert len(client.get_metric_history(first["run_id"], "learning_rate")) == 4
+    artifacts = {a.path for d in ("", "adapter", "eval", "merged_model", "recipe")
+                 for a in client.list_artifacts(first["run_id"], d)}
+    assert {"adapter/adapter_model.safetensors", "eval/confusion_matrix.png", "eval/predictions_table.json",
+            "merged_model/model.safetensors", "recipe/r.yaml", "recipe/resolved.yaml"} <= artifacts
+    contexts = sorted(i.tags[0].value for i in r.inputs.dataset_inputs)
+    assert contexts == ["testing", "training", "validation"]
+    assert all(i.dataset.digest for i in r.inputs.dataset_inputs)
+    versions = {v.name for v in client.search_model_versions("name LIKE 'agnews-test%'")}
+    assert versions == {"agnews-test-adapter", "agnews-test-merged"}
+
+    # Unchanged recipe: every stage cached, no training step, a new (finished) MLflow run.
+    start = time.monotonic()
+    second = run(project)
+    elapsed = time.monotonic() - start
+    assert all(second["cached"].values()), second["cached"]
+    assert second["test_metrics"] == first["test_metrics"]
+    assert client.get_run(second["run_id"]).info.status == "FINISHED"
+    assert len(client.search_model_versions("name = 'agnews-test-adapter'")) == 1, "same adapter, no new version"
+    print(f"cached re-run: {elapsed:.1f} s")
+
+    # A new learning rate re-runs training and what follows it, not the data stages.
+    third = run(project, "train.learning_rate=5e-4")
+    cached = third["cached"]
+    assert all(cached[s] for s in ("load", "split", "tokenize", "quantize", "lora")), cached
+    assert not cached["train"] and not cached["evaluate"]
+    assert third["train"]["steps"] == 8
+
+
+def test_killed_run_resumes_training_and_its_mlflow_run(project):
+    """SIGKILL after the first checkpoint: the MLflow run is left RUNNING; the same command resumes
+    it (same run id), continues training from the checkpoint and finishes the run."""
+    recipe = small_agnews_recipe(train={"max_steps": 30, "save_steps": 5, "eval_steps": 10, "logging_steps": 5})
+    write_recipe(project / "r.yaml", recipe)
+    process = subprocess.Popen(_command(project), cwd=project, env=_env(project), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(project.glob(".qlora/train/*.partial/checkpoint-*")):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before its first checkpoint"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    client = _client(project)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+    killed_id = runs[0].info.run_id
+    logged_before = [m.step for m in client.get_metric_history(killed_id, "train_loss")]
+
+    summary = run(project)
+    assert summary["run_id"] == killed_id and summary["resumed_run"]
+    assert summary["train"]["resumed_from_step"] >= 5 and summary["train"]["steps"] == 30
+    assert summary["cached"]["load"] and summary["cached"]["tokenize"]
+    assert client.get_run(killed_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed_id, "train_loss")]
+    assert set(logged_before) <= set(steps) and max(steps) == 30
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "no orphan run left behind"
