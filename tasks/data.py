@@ -135,7 +135,10 @@ def _read_hub(data: DataSection) -> dict[str, pd.DataFrame]:
 def describe_source(data: DataSection) -> dict:
     """The source's identity and content fingerprint: the load stage's cache input."""
     if data.hub:
-        return {"hash": store.hash_value([data.hub, data.config, data.revision]), "hub": data.hub}
+        from tasks.hub import dataset_commit
+
+        commit = dataset_commit(data.hub, data.revision)
+        return {"hash": store.hash_value([data.hub, data.config, commit]), "hub": data.hub, "commit": commit}
     files = source_files(data)
     fingerprint = store.hash_value({s: store.file_fingerprint(p) for s, p in files.items()})
     return {"hash": fingerprint, "files": {s: str(p) for s, p in files.items()}}

@@ -52,3 +52,19 @@ def download_model(repo_id: str, revision: str | None, field: str) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, etag_timeout=HUB_TIMEOUT_S))
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, repo_id, field) from None
+
+
+def dataset_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a Hub dataset resolves to now (so an updated dataset is a cache miss): asked of
+    the Hub, else read from the local cache, else the revision as written."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    if not _offline():
+        try:
+            return HfApi().dataset_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S).sha
+        except Exception:  # noqa: BLE001 - unreachable: fall back to the cache
+            pass
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)).name
+    except Exception:  # noqa: BLE001
+        return revision or "unresolved"

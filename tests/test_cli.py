@@ -93,7 +93,8 @@ def test_4bit_that_bitsandbytes_cannot_run(monkeypatch):
 def _run_cli(project: Path, recipe: dict, *overrides: str) -> subprocess.CompletedProcess:
     path = write_recipe(project / "r.yaml", recipe)
     args = [sys.executable, "-m", "flows.cli", "run", str(path)] + [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "PREFECT_HOME": str(project / ".prefect")}
     return subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=env)
 
 
