@@ -136,7 +136,30 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _tracking_uri(explicit: str | None) -> str:
+    from tasks.tracking import check_tracking, default_tracking_uri
+
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    check_tracking(uri)
+    return uri
+
+
+def _read_texts(args) -> list[str]:
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise RecipeError("file not found", file=args.file)
+        try:
+            texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise RecipeError("not UTF-8 text", file=args.file) from None
+    if not texts:
+        raise RecipeError("no texts to classify", "TEXT", hint="give texts as arguments or --file with one per line")
+    return texts
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description="Declarative QLoRA fine-tuning pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run a recipe (cached stages are skipped, a failed run resumes)"),
@@ -147,8 +170,30 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
         if name == "run":
             p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("compare", help="print the adapter vs merged variants table of one or more runs")
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("predict", help="classify texts with a trained model from a run or the registry")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_id", help="MLflow run id")
+    source.add_argument("--model", help="registered model as NAME/VERSION or NAME@ALIAS (e.g. agnews-minilm-merged@champion)")
+    p.add_argument("--variant", choices=["merged", "adapter"], default="merged", help="with --run: which model")
+    p.add_argument("--file", help="a UTF-8 text file, one text per line")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--tracking-uri")
+    p = sub.add_parser("promote", help="make the registry's candidate the champion if it beats it")
+    p.add_argument("name", metavar="NAME", help="registered model name, e.g. agnews-minilm-merged")
+    p.add_argument("--metric", default="test_accuracy", help="run metric to compare (higher is better)")
+    p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by")
+    p.add_argument("--tracking-uri")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
+        if args.command in ("compare", "predict", "promote"):
+            return _registry_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
         _quiet_environment(recipe)
         if args.command == "validate":
@@ -163,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if server is not None:
             server.wait()
-
         result = finetune(recipe.model_dump(mode="json"), str(Path(args.recipe).resolve()))
     except RecipeError as e:
-        e.file = e.file or args.recipe
+        if e.file is None and getattr(args, "recipe", None):
+            e.file = args.recipe
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -176,6 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _registry_command(args) -> int:
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1")):
+        os.environ.setdefault(key, value)
+    from flows import registry
+    from tasks.compare import format_table
+
+    uri = _tracking_uri(args.tracking_uri)
+    if args.command == "compare":
+        print(format_table(registry.compare(uri, args.run_ids)))
+    elif args.command == "predict":
+        table = registry.predict(uri, _read_texts(args), args.run_id, args.variant, args.model)
+        with pd_options():
+            print(table.to_string(index=False, formatters={"confidence": "{:.3f}".format}))
+    else:
+        print(registry.promote(uri, args.name, args.metric, args.min_delta))
+    return 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.max_colwidth", 80, "display.width", 200)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 -> evaluate merged, each a cached Prefect task, the whole run recorded in one MLflow run."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,10 +14,11 @@ from prefect.runtime import flow_run
 from tasks import tracking
 from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
-from tasks.merge import merge
+from tasks.compare import comparison_table
+from tasks.merge import VARIANT_OF, merge
 from tasks.model import attach_lora, quantize, resolve_model
 from tasks.recipe import Recipe, recipe_from_dict
-from tasks.store import hash_value
+from tasks.store import dir_size, hash_value
 from tasks.train import train
 
 
@@ -32,11 +34,13 @@ class StageRunner:
     def __init__(self, work_dir: str):
         self.work_dir, self.cached, self.seconds = work_dir, {}, {}
 
-    def __call__(self, stage_task, *args, **kwargs) -> dict:
+    def __call__(self, stage_task, *args, label: str | None = None, **kwargs) -> dict:
         start = time.perf_counter()
+        if label:
+            stage_task = stage_task.with_options(task_run_name=label)
         state = stage_task(*args, work_dir=self.work_dir, return_state=True, **kwargs)
         result = state.result()  # re-raises the task's exception
-        name = stage_task.name
+        name = label or stage_task.name
         self.cached[name] = state.name == "Cached" or bool(result.get("cache_hit"))
         self.seconds[name] = round(time.perf_counter() - start, 3)
         return result
@@ -62,6 +66,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id())
     status = "FAILED"
     try:
+        tracking.Tracker(uri, run_id).set_tags({"qlora.labels": json.dumps(labels), "qlora.task": r.model.task})
         tracking.log_recipe(uri, run_id, r, recipe_file)
         if not resumed:
             tracking.log_datasets(uri, run_id, splits, _source_uri(source))
@@ -88,9 +93,9 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
             summary["adapter_version"] = tracking.register(uri, run_id, "adapter", f"{name}-adapter", trained["hash"])
 
         if r.merge.enabled:
-            merged = run(merge, trained, quantized, r.quantization, r.merge)
+            merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype)
             merged_eval = run(evaluate_model, merged, tokenized, quantized, r.quantization, r.evaluate,
-                              r.train.per_device_eval_batch_size)
+                              r.train.per_device_eval_batch_size, label="evaluate-merged")
             _log_evaluation(uri, run_id, merged_eval, "merged_test_", "eval_merged")
             tracking.log_artifacts(uri, run_id, Path(merged["dir"]) / merged["model"], "merged_model")
             summary.update(merged_dir=str(Path(merged["dir"]) / merged["model"]),
@@ -99,6 +104,10 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
                 summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
                                                               f"{r.tracking.registered_model_name or r.name}-merged",
                                                               merged["hash"])
+            if r.merge.compare:
+                table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
+                tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
+                summary["comparison"] = table.to_dict(orient="records")
         summary.update(cached=run.cached, stage_seconds=run.seconds)
         tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
         status = "FINISHED"
@@ -108,6 +117,24 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
         raise
     finally:
         tracking.end_run(uri, run_id, status)
+
+
+def _compare_variants(run: StageRunner, r: Recipe, trained: dict, quantized: dict, tokenized: dict,
+                      evaluated: dict, merged: dict, merged_eval: dict) -> pd.DataFrame:
+    """Build and evaluate the merge variants not built yet; tabulate all four against the adapter."""
+    adapter_bytes = dir_size(Path(trained["dir"]) / trained["adapter"])
+    base_bytes = quantized.get("size_bytes") or dir_size(quantized["original_path"])
+    evaluations = {"adapter": evaluated, merged["variant"]: merged_eval}
+    sizes = {"adapter": (adapter_bytes, adapter_bytes + base_bytes),
+             merged["variant"]: (merged["size_bytes"], merged["size_bytes"])}
+    for strategy, variant in VARIANT_OF.items():
+        if variant in evaluations:
+            continue
+        built = run(merge, trained, quantized, r.quantization, strategy, r.merge.dtype, label=f"merge-{variant}")
+        evaluations[variant] = run(evaluate_model, built, tokenized, quantized, r.quantization, r.evaluate,
+                                   r.train.per_device_eval_batch_size, label=f"evaluate-{variant}")
+        sizes[variant] = (built["size_bytes"], built["size_bytes"])
+    return comparison_table(evaluations, sizes)
 
 
 def _source_uri(source: dict) -> str:

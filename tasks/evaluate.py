@@ -3,6 +3,8 @@ split, scored by `evaluate` metric modules; predictions, a confusion matrix and 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -76,8 +78,51 @@ def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_
     if "adapter" in variant:
         base = models.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
+    # Merged models run in the compute dtype (float32 on CPU, where bf16 matmuls are slow); a
+    # 4-bit variant brings its own quantization config.
     return models.load_classifier(str(Path(variant["dir"]) / variant["model"]), label_names,
-                                  models.dtype_of(variant["dtype"]))
+                                  models.dtype_of(q.bnb_4bit_compute_dtype))
+
+
+class PeakMemory:
+    """Peak resident memory above the starting level while the block runs (CPU: /proc sampled
+    every 5 ms; CUDA: the allocator's peak)."""
+
+    def __init__(self, dev):
+        self.dev, self.peak = dev, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.start = torch.cuda.memory_allocated(self.dev)
+            return self
+        self.start, self._stop = self._rss(), threading.Event()
+        self._high = self.start
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self._high = max(self._high, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._high, self._rss()) - self.start
+
+
+def weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 @torch.no_grad()
@@ -107,14 +152,16 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     dev = models.device()
-    model = load_for_eval(variant, quantized, q, label_names)
-    start = time.perf_counter()
-    logits, loss = predict(model, test, batch_size, pad_id, dev)
-    seconds = time.perf_counter() - start
+    with PeakMemory(dev) as memory:
+        model = load_for_eval(variant, quantized, q, label_names)
+        start = time.perf_counter()
+        logits, loss = predict(model, test, batch_size, pad_id, dev)
+        seconds = time.perf_counter() - start
     preds = logits.argmax(-1)
     refs = np.asarray(test["labels"])
     metrics = compute_metrics(cfg.metrics, preds.tolist(), refs.tolist(), label_names)
-    metrics.update(loss=loss, examples_per_s=len(test) / seconds, **latency(model, test, pad_id, dev))
+    metrics.update(loss=loss, examples_per_s=len(test) / seconds, **latency(model, test, pad_id, dev),
+                   peak_memory_bytes=memory.peak, weights_bytes=weights_bytes(model))
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     pd.DataFrame({"text": test["text"], "label": [label_names[i] for i in refs], "prediction": [label_names[i] for i in preds],
                   "confidence": probs.max(-1), **{f"logit_{n}": logits[:, i] for i, n in enumerate(label_names)}}

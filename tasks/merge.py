@@ -1,23 +1,30 @@
-"""Merge: the adapter folded into a 16-bit base, saved as safetensors with its tokenizer, loadable
-by plain transformers. Never a merge into 4-bit weights: re-quantizing the merged weights to NF4
-loses much of the update. Two bases:
-- dequantized: the 4-bit base dequantized (the weights training actually saw), then merged;
-- original: the original 16-bit checkpoint reloaded, then merged.
+"""Merge: the adapter folded into the base, saved as safetensors with its tokenizer, loadable by
+plain transformers. Three strategies:
+- dequantized: the 4-bit base dequantized (the weights training actually saw), merged, 16-bit;
+- original: the original 16-bit checkpoint reloaded, merged, 16-bit;
+- 4bit: the dequantized merge re-quantized to NF4. This is what peft's merge_and_unload on a 4-bit
+  model gives; it is built only to be measured, never as the model to ship.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from tasks import model as models
-from tasks.recipe import MergeSection, QuantizationSection
+from tasks.recipe import QuantizationSection
 from tasks.stage import stage
+
+Strategy = Literal["dequantized", "original", "4bit"]
+VARIANT_OF = {"dequantized": "merged-dequant", "original": "merged-original", "4bit": "merged-4bit"}
 
 
 def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, label_names: list[str],
                  base: str, dtype: torch.dtype):
     from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
 
     if base == "dequantized" and quantized["quantized"]:
         model = models.load_base(quantized, label_names, q)
@@ -28,8 +35,6 @@ def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, labe
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     # A fresh, never-quantized model of the same architecture holds the merged weights: a model
     # loaded through a quantizer keeps its weight conversions and would save them back as 4-bit.
-    from transformers import AutoModelForSequenceClassification
-
     config = merged.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -40,13 +45,25 @@ def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, labe
 
 
 @stage("merge", modules=("tasks.model",))
-def merge(out: Path, trained: dict, quantized: dict, q: QuantizationSection, cfg: MergeSection) -> dict:
-    dtype = models.dtype_of(cfg.dtype)
-    model = merged_model(str(Path(trained["dir"]) / trained["adapter"]), quantized, q,
-                         trained["label_names"], cfg.base, dtype)
-    model.save_pretrained(out / "model", safe_serialization=True)
+def merge(out: Path, trained: dict, quantized: dict, q: QuantizationSection, strategy: Strategy,
+          dtype: str) -> dict:
+    labels = trained["label_names"]
+    adapter = str(Path(trained["dir"]) / trained["adapter"])
+    if strategy == "4bit":
+        # Merge into 16-bit first, then quantize that to NF4 exactly as the base was.
+        staging = out / "merged-16bit"
+        models_dtype = models.dtype_of(q.bnb_4bit_compute_dtype)
+        merged_model(adapter, quantized, q, labels, "dequantized", models_dtype).save_pretrained(staging)
+        four_bit = QuantizationSection(**{**q.model_dump(), "load_in_4bit": True, "load_in_8bit": False})
+        requantized = models.load_classifier(str(staging), labels, models_dtype,
+                                             models.bnb_config(four_bit, str(staging)))
+        requantized.save_pretrained(out / "model")
+        shutil.rmtree(staging)
+    else:
+        merged_model(adapter, quantized, q, labels, strategy, models.dtype_of(dtype)).save_pretrained(
+            out / "model", safe_serialization=True)
     models.copy_tokenizer(quantized["original_path"], out / "model")
     from tasks.store import dir_size
 
-    return {"model": "model", "base": cfg.base, "dtype": cfg.dtype, "size_bytes": dir_size(out / "model"),
-            "label_names": trained["label_names"]}
+    return {"model": "model", "strategy": strategy, "variant": VARIANT_OF[strategy], "dtype": dtype,
+            "size_bytes": dir_size(out / "model"), "label_names": labels}

@@ -164,12 +164,19 @@ class EvaluateSection(Section):
     metrics: list[str] = ["accuracy", "f1", "precision", "recall"]
 
 
+MergeBase = Literal["dequantized", "original"]
+
+
 class MergeSection(Section):
     enabled: bool = True
+    # The merged model to ship (logged and registered):
     # dequantized: the 4-bit base dequantized, then merged (exactly what training saw);
     # original: the original 16-bit base reloaded, then merged.
-    base: Literal["dequantized", "original"] = "dequantized"
-    dtype: DType = "bfloat16"
+    base: MergeBase = "dequantized"
+    dtype: DType = "bfloat16"  # the dtype the merged model is saved in
+    # Also build and measure every variant side by side: adapter, merged-dequant, merged-original
+    # and merged-4bit (the merge re-quantized to NF4, as peft's merge into a 4-bit model gives).
+    compare: bool = False
 
 
 class TrackingSection(Section):

@@ -190,4 +190,27 @@ def register(uri: str, run_id: str, artifact_path: str, name: str, content_hash:
             return v.version
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source, run_id=run_id, tags={"qlora.content_hash": content_hash})
+    # Every new version is the candidate; `qlora promote` decides whether it becomes the champion.
+    client.set_registered_model_alias(name, "candidate", version.version)
     return version.version
+
+
+def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> None:
+    """The variant table (MLflow table + CSV), its chart, and one nested run per variant."""
+    from tasks.compare import TABLE_FILE, comparison_chart
+
+    client = _client(uri)
+    client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
+    table.to_csv(work / "variants.csv", index=False)
+    comparison_chart(table, work / "variants.png")
+    client.log_artifact(run_id, str(work / "variants.csv"), "comparison")
+    client.log_artifact(run_id, str(work / "variants.png"), "comparison")
+    experiment = client.get_run(run_id).info.experiment_id
+    children = {r.data.tags.get("qlora.variant"): r.info.run_id for r in client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")}
+    for row in table.to_dict(orient="records"):
+        variant = row.pop("variant")
+        child = children.get(variant) or client.create_run(
+            experiment, run_name=variant, tags={"mlflow.parentRunId": run_id, "qlora.variant": variant}).info.run_id
+        Tracker(uri, child).log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        client.set_terminated(child, "FINISHED")

@@ -45,7 +45,7 @@ def _client(project: Path):
 
 
 def test_run_rerun_and_edit(project):
-    recipe = small_agnews_recipe(merge={"enabled": True, "dtype": "bfloat16"})
+    recipe = small_agnews_recipe(merge={"enabled": True, "dtype": "bfloat16", "compare": True})
     recipe["description"] = "a long description " * 600  # longer than MLflow's parameter limit
     write_recipe(project / "r.yaml", recipe)
 
@@ -77,6 +77,18 @@ def test_run_rerun_and_edit(project):
     assert all(i.dataset.digest for i in r.inputs.dataset_inputs)
     versions = {v.name for v in client.search_model_versions("name LIKE 'agnews-test%'")}
     assert versions == {"agnews-test-adapter", "agnews-test-merged"}
+
+    # Merge variants, side by side, against the adapter
+    table = {row["variant"]: row for row in first["comparison"]}
+    assert list(table) == ["adapter", "merged-dequant", "merged-original", "merged-4bit"]
+    assert table["adapter"]["agreement_pct"] == 100.0 and table["adapter"]["max_abs_logit_diff"] == 0.0
+    assert table["merged-dequant"]["agreement_pct"] >= 95.0
+    assert table["merged-4bit"]["size_mb"] < table["merged-dequant"]["size_mb"]
+    children = client.search_runs([r.info.experiment_id], f"tags.mlflow.parentRunId = '{first['run_id']}'")
+    assert sorted(c.data.tags["qlora.variant"] for c in children) == sorted(table)
+    assert {"comparison/variants.json", "comparison/variants.csv", "comparison/variants.png"} <= {
+        a.path for a in client.list_artifacts(first["run_id"], "comparison")}
+    _commands_on_finished_runs(project, first["run_id"])
 
     # Unchanged recipe: every stage cached, no training step, a new (finished) MLflow run.
     start = time.monotonic()
@@ -127,3 +139,33 @@ def test_killed_run_resumes_training_and_its_mlflow_run(project):
     assert set(logged_before) <= set(steps) and max(steps) == 30
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, "no orphan run left behind"
+    done = _cli(project, "compare", killed_id)  # merge was off in this recipe
+    assert done.returncode == 2 and f"run {killed_id} has no merged model" in done.stderr
+    assert "qlora run recipes/agnews-test.yaml --set merge.enabled=true" in done.stderr
+
+
+def _cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=_env(project),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _commands_on_finished_runs(project: Path, run_id: str) -> None:
+    done = _cli(project, "compare", run_id)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for variant in ("adapter", "merged-dequant", "merged-original", "merged-4bit"):
+        assert variant in done.stdout
+    done = _cli(project, "predict", "--run", run_id, "Oil prices jump as OPEC cuts output",
+                "The Lakers beat the Celtics in overtime")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "label" in done.stdout and "Lakers" in done.stdout
+    assert any(name in done.stdout for name in ("World", "Sports", "Business", "Sci/Tech"))
+    done = _cli(project, "predict", "--model", "agnews-test-merged@candidate", "Chip maker unveils new processor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _cli(project, "promote", "agnews-test-merged", "--metric", "merged_test_accuracy")
+    assert done.returncode == 0 and "promoted v1 to champion" in done.stdout, done.stdout + done.stderr
+    done = _cli(project, "promote", "agnews-test-merged", "--metric", "merged_test_accuracy")
+    assert "already the champion" in done.stdout
+    done = _cli(project, "promote", "agnews-test-merged", "--metric", "bleu")
+    assert done.returncode == 2 and "--metric: metric 'bleu' was not logged" in done.stderr
+    done = _cli(project, "compare", "0123456789abcdef")
+    assert done.returncode == 2 and "no MLflow run with id" in done.stderr

@@ -127,11 +127,10 @@ def test_merge_dequantized_matches_adapter(prepared, tmp_path):
     from peft import PeftModel
 
     from tasks.evaluate import load_for_eval
-    from tasks.recipe import MergeSection
 
     trained = _train(prepared, tmp_path)
     q = prepared["recipe"].quantization
-    merged = merge.fn(trained, prepared["quantized"], q, MergeSection(dtype="float32"), work_dir=str(tmp_path))
+    merged = merge.fn(trained, prepared["quantized"], q, "dequantized", "float32", work_dir=str(tmp_path))
     model_dir = Path(merged["dir"]) / "model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     config = json.loads((model_dir / "config.json").read_text())
