@@ -90,6 +90,20 @@ def _profile_has_api_url() -> bool:
     return profiles.is_file() and "PREFECT_API_URL" in profiles.read_text()
 
 
+def preflight(recipe: Recipe) -> None:
+    """The checks `run` makes before starting the flow: the ones that need no model library, so an
+    unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run."""
+    from tasks.data import check_data
+    from tasks.evaluate import check_metrics
+    from tasks.model import resolve_model
+    from tasks.tracking import check_tracking, tracking_uri_of
+
+    resolve_model(recipe.model)
+    check_data(recipe.data)
+    check_metrics(recipe.evaluate)
+    check_tracking(tracking_uri_of(recipe))
+
+
 def validate(recipe: Recipe) -> dict:
     """Everything that can be checked without training: model, data, quantization, LoRA targets,
     tracking store."""
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {k}: {v}")
             return 0
         server = _prefect_server()
-        validate(recipe)
+        preflight(recipe)
         from flows.finetune import finetune
 
         if server is not None:

@@ -59,8 +59,8 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
     labels = loaded["label_names"]
     splits = run(split, loaded, r.split, r.data.sample)
     tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize)
+    lora = run(attach_lora, model, r.lora, labels, r.model.trust_remote_code)  # meta device: cheap, fails early
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.trust_remote_code)
-    lora = run(attach_lora, model, r.lora, labels, r.model.trust_remote_code)
 
     uri = tracking.tracking_uri_of(r)
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id())

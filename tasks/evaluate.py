@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
@@ -97,6 +96,7 @@ class PeakMemory:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self):
+        import torch
         if self.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.start = torch.cuda.memory_allocated(self.dev)
@@ -113,6 +113,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
         if self.dev.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.dev) - self.start
         else:
@@ -125,9 +126,15 @@ def weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-@torch.no_grad()
 def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:
     """Per-example latency at batch 1 over the first n test rows (after 3 warm-up calls)."""
+    import torch
+
+    with torch.no_grad():
+        return _latency(model, dataset, pad_id, dev, n)
+
+
+def _latency(model, dataset, pad_id: int, dev, n: int) -> dict:
     model.eval()
     rows = [dataset[i] for i in range(min(n, len(dataset)))]
     for r in rows[:3]:
@@ -144,6 +151,7 @@ def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:
 @stage("evaluate", modules=("tasks.model", "tasks.train"))
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
+    import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 
 from tasks import model as models
 from tasks.recipe import QuantizationSection
 from tasks.stage import stage
+
+if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
+    import torch
 
 Strategy = Literal["dequantized", "original", "4bit"]
 VARIANT_OF = {"dequantized": "merged-dequant", "original": "merged-original", "4bit": "merged-4bit"}
@@ -23,6 +25,7 @@ VARIANT_OF = {"dequantized": "merged-dequant", "original": "merged-original", "4
 
 def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, label_names: list[str],
                  base: str, dtype: torch.dtype):
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 

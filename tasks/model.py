@@ -8,12 +8,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 
 from tasks import store
 from tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
 from tasks.stage import stage
+
+if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
+    import torch
 
 log = logging.getLogger("qlora")
 
@@ -25,10 +28,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def dtype_of(name: str) -> torch.dtype:
+    import torch
     return getattr(torch, name)
 
 
 def device() -> torch.device:
+    import torch
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -53,6 +58,7 @@ def resolve_model(model: ModelSection) -> dict:
 
 def check_quantization(q: QuantizationSection) -> None:
     """The installed bitsandbytes can run the requested quantization on this machine."""
+    import torch
     if q.mode == "none":
         return
     field = "quantization.load_in_4bit" if q.load_in_4bit else "quantization.load_in_8bit"
@@ -90,6 +96,7 @@ def check_model(model: ModelSection, q: QuantizationSection) -> dict:
 def skip_module_names(model_path: str, names: list[str], trust_remote_code: bool = False) -> list[str]:
     """Full module paths for short names: transformers matches skip patterns from the start of a
     module's path or as its suffix, so "pooler" alone would not keep "bert.pooler.dense" out."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -145,6 +152,9 @@ def quantize(out: Path, model: dict, q: QuantizationSection, label_names: list[s
              trust_remote_code: bool = False) -> dict:
     """Load the base with its task head (initialised under the seed) and, when quantizing, save the
     quantized weights once: later stages load them in a fraction of the time."""
+    import torch
+
+    check_quantization(q)
     torch.manual_seed(seed)
     if q.mode == "none":
         return {"path": model["path"], "quantized": False, "original_path": model["path"]}
@@ -176,6 +186,7 @@ def lora_config(resolved: dict, cfg: LoraSection):
 
 
 def _linear_names(model) -> set[str]:
+    import torch
     return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
@@ -183,10 +194,14 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
                          trust_remote_code: bool = False) -> dict:
     """Resolve target modules against the architecture (on the meta device: no weights loaded),
     refuse names that match nothing, and count what LoRA will train."""
+    import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
+    if type(config) not in AutoModelForSequenceClassification._model_mapping and not trust_remote_code:
+        raise RecipeError(f"model type '{config.model_type}' has no sequence-classification head in transformers",
+                          "model.task")
     with torch.device("meta"):
         base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
     head = [n for n, _ in base.named_children() if n in ("classifier", "score", "pre_classifier")]

@@ -14,20 +14,24 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from tasks import model as models
 from tasks.recipe import LoraSection, QuantizationSection, TrainSection
 from tasks.stage import stage
+
+if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
+    import torch
 from tasks.tracking import Tracker
 
 MEGABATCH = 50  # batches per length-sorted block: rows of similar length, order still random
 
 
 def set_seed(seed: int) -> None:
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -53,6 +57,7 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 
 
 def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
+    import torch
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -65,6 +70,7 @@ def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
 
 
 def build_optimizer(params, cfg: TrainSection):
+    import torch
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optim == "sgd":
@@ -77,6 +83,7 @@ def build_optimizer(params, cfg: TrainSection):
 
 
 def peak_memory_bytes(dev: torch.device) -> int:
+    import torch
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -86,9 +93,15 @@ def on_checkpoint(step: int) -> None:
     """Called after each checkpoint is saved. Tests replace it to interrupt a run."""
 
 
-@torch.no_grad()
 def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device) -> tuple[np.ndarray, float]:
     """Logits for every row (in dataset order) and the mean loss; rows sorted by length for speed."""
+    import torch
+
+    with torch.no_grad():
+        return _predict(model, dataset, batch_size, pad_id, dev)
+
+
+def _predict(model, dataset, batch_size: int, pad_id: int, dev) -> tuple[np.ndarray, float]:
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
@@ -106,6 +119,7 @@ def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device) -> 
 
 
 def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -126,6 +140,7 @@ def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, stat
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -155,6 +170,7 @@ def _accuracy(logits: np.ndarray, labels) -> float:
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, run_id: str | None = None,
           tracking_uri: str | None = None, *, scratch: Path) -> dict:
+    import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, get_scheduler
 
