@@ -184,6 +184,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
         if name == "run":
             p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
+    p = sub.add_parser("methods", help="run a recipe as QLoRA, LoRA and full fine-tuning; print them side by side")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--full-learning-rate", type=float, default=5e-5,
+                   help="learning rate of the full fine-tuning run (default 5e-5)")
+    p = sub.add_parser("sweep", help="run a recipe over a grid of field values, each trial a nested MLflow run")
+    p.add_argument("recipe")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]", required=True,
+                   help="a recipe field and its values, e.g. --grid lora.r=[4,8,16] (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1: one CPU run uses every core)")
     p = sub.add_parser("compare", help="print the adapter vs merged variants table of one or more runs")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return _registry_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
         _quiet_environment(recipe)
+        if args.command in ("methods", "sweep"):
+            return _experiment(args, recipe)
         if args.command == "validate":
             info = validate(recipe)
             print(f"{args.recipe}: ok")
@@ -234,6 +247,38 @@ def main(argv: list[str] | None = None) -> int:
     print(_summary(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _experiment(args, recipe: Recipe) -> int:
+    from tasks.recipe import parse_override
+
+    file = str(Path(args.recipe).resolve())
+    raw = recipe.model_dump(mode="json")
+    if args.command == "sweep":
+        grid = {}
+        for text in args.grid:
+            path, values = parse_override(text)
+            grid[".".join(path)] = values
+        from flows.experiments import expand_grid
+
+        trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
+    server = _prefect_server()
+    preflight(recipe)
+    from flows import experiments
+
+    if server is not None:
+        server.wait()
+    if args.command == "methods":
+        result = experiments.compare_methods(raw, file, args.full_learning_rate)
+    else:
+        print(f"sweep: {len(trials)} trials, {args.parallel} at a time")
+        result = experiments.sweep_with_workers(max(1, args.parallel))(raw, grid, file)
+    import pandas as pd
+
+    with pd_options():
+        print(pd.DataFrame(result["table"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"MLflow parent run: {result['run_id']} ({result['tracking_uri']})")
     return 0
 
 

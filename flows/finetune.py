@@ -47,7 +47,8 @@ class StageRunner:
 
 
 @flow(name="qlora-finetune", log_prints=True)
-def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
+def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """One pipeline run. parent_run_id nests its MLflow run under a comparison or sweep run."""
     r = recipe_from_dict(recipe, recipe_file)
     run = StageRunner(r.work_dir)
 
@@ -63,7 +64,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.trust_remote_code)
 
     uri = tracking.tracking_uri_of(r)
-    run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id())
+    run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
     try:
         tracking.Tracker(uri, run_id).set_tags({"qlora.labels": json.dumps(labels), "qlora.task": r.model.task})
@@ -78,21 +79,22 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None) -> dict[str, Any]:
         tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
         tracking.log_summary(uri, run_id, {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})
-        tracking.log_artifacts(uri, run_id, Path(trained["dir"]) / trained["adapter"], "adapter")
+        artifact = "adapter" if r.lora.enabled else "model"  # full fine-tuning saves the whole model
+        tracking.log_artifacts(uri, run_id, Path(trained["dir"]) / trained[artifact], artifact)
 
         evaluated = run(evaluate_model, trained, tokenized, quantized, r.quantization, r.evaluate,
                         r.train.per_device_eval_batch_size)
         _log_evaluation(uri, run_id, evaluated, "test_", "eval")
 
         summary = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
-                   "adapter_dir": str(Path(trained["dir"]) / trained["adapter"]),
+                   "adapter_dir": str(Path(trained["dir"]) / trained[artifact]), "method": r.method,
                    "test_metrics": evaluated["metrics"], "train": trained, "lora": lora,
                    "data": loaded["stats"], "tokenize": tokenized["stats"]}
         if r.tracking.register_models:
             name = r.tracking.registered_model_name or r.name
-            summary["adapter_version"] = tracking.register(uri, run_id, "adapter", f"{name}-adapter", trained["hash"])
+            summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{name}-{artifact}", trained["hash"])
 
-        if r.merge.enabled:
+        if r.merge.enabled and r.lora.enabled:
             merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype)
             merged_eval = run(evaluate_model, merged, tokenized, quantized, r.quantization, r.evaluate,
                               r.train.per_device_eval_batch_size, label="evaluate-merged")

@@ -225,14 +225,35 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
             "trainable_percent": round(100 * trainable / total, 4), "lora_layers": lora_layers}
 
 
+def count_full_params(model_path: str, label_names: list[str], trust_remote_code: bool = False) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
+    with torch.device("meta"):
+        base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in base.parameters())
+    return {"enabled": False, "target_modules": [], "modules_to_save": [], "trainable_params": total,
+            "base_params": total, "trainable_percent": 100.0, "lora_layers": 0}
+
+
 @stage("lora")
 def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str], trust_remote_code: bool = False) -> dict:
-    return resolve_lora_targets(model["path"], cfg, label_names, trust_remote_code)
+    if not cfg.enabled:
+        return count_full_params(model["path"], label_names, trust_remote_code)
+    return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, trust_remote_code)}
 
 
-def peft_model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
+def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
+    """The base with LoRA attached (only the adapters and the head train), or, for full
+    fine-tuning, the base itself with every weight trainable."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if not cfg.enabled:
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+        base.requires_grad_(True)
+        return base
     if quantized:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:

@@ -118,6 +118,8 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
+    # false: full fine-tuning (every weight trained; needs an unquantized base), for comparisons.
+    enabled: bool = True
     r: int = Field(8, gt=0)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -202,6 +204,20 @@ class Recipe(Section):
     tracking: TrackingSection = TrackingSection()
     # Where stage artifacts live (content-addressed), relative to the current directory.
     work_dir: str = ".qlora"
+
+    @model_validator(mode="after")
+    def _full_finetuning_needs_16bit(self):
+        if not self.lora.enabled and self.quantization.mode != "none":
+            raise ValueError("full fine-tuning (lora.enabled: false) trains every weight and needs an unquantized "
+                             "base: set quantization.load_in_4bit: false")
+        return self
+
+    @property
+    def method(self) -> str:
+        """qlora, lora or full: what the MLflow comparisons call this run."""
+        if not self.lora.enabled:
+            return "full"
+        return "lora" if self.quantization.mode == "none" else "qlora"
 
 
 # --- loading -----------------------------------------------------------------------------------

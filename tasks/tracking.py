@@ -90,7 +90,8 @@ class Tracker:
 
 # --- the pipeline's run ------------------------------------------------------------------------
 
-def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None) -> tuple[str, bool]:
+def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None,
+              parent_run_id: str | None = None) -> tuple[str, bool]:
     """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING).
     Returns (run_id, resumed)."""
     client = _client(uri)
@@ -100,7 +101,9 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     unfinished = client.search_runs(
         [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1)
-    tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name}
+    tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if unfinished:
         run_id = unfinished[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -111,6 +114,15 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     return run_id, resumed
+
+
+def start_parent_run(recipe: Recipe, uri: str, name: str, tags: dict[str, str]) -> str:
+    """The run a comparison or sweep nests its pipeline runs under."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(recipe.tracking.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        recipe.tracking.experiment_name, artifact_location=_artifact_root(uri))
+    return client.create_run(exp_id, run_name=name, tags={"qlora.recipe": recipe.name, **tags}).info.run_id
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

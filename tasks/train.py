@@ -118,16 +118,22 @@ def _predict(model, dataset, batch_size: int, pad_id: int, dev) -> tuple[np.ndar
     return np.stack(logits), loss_sum / max(len(dataset), 1)
 
 
+def trainable_state(model) -> dict:
+    """What a checkpoint must hold: the adapter (and head) for LoRA, every weight for full fine-tuning."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+
+
 def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
     import torch
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     final = scratch / f"checkpoint-{step:07d}"
     tmp = scratch / f".tmp-checkpoint-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
     save_file(weights, tmp / "adapter.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -141,10 +147,14 @@ def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, stat
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     import torch
-    from peft import set_peft_model_state_dict
+    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
+    weights = load_file(path / "adapter.safetensors")
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, weights)
+    else:
+        model.load_state_dict(weights)
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -184,7 +194,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
     base = models.load_base(quantized, label_names, q)
-    model = models.peft_model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
+    model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -264,13 +274,15 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     bar.close()
     elapsed = progress["elapsed_s"] + time.perf_counter() - started
 
-    model.save_pretrained(out / "adapter")
-    models.copy_tokenizer(quantized["original_path"], out / "adapter")
+    # LoRA: the adapter (small, needs the base); full fine-tuning: the whole model.
+    artifact = "adapter" if lora_cfg.enabled else "model"
+    model.save_pretrained(out / artifact)
+    models.copy_tokenizer(quantized["original_path"], out / artifact)
     shutil.copy2(history_path, out / "history.jsonl")
     history = [json.loads(line) for line in history_path.read_text().splitlines()]
     train_losses = [h["train_loss"] for h in history if "train_loss" in h]
     return {
-        "adapter": "adapter", "history": "history.jsonl", "steps": step, "resumed_from_step": resumed_at,
+        artifact: artifact, "history": "history.jsonl", "steps": step, "resumed_from_step": resumed_at,
         "train_runtime_s": round(elapsed, 3), "train_samples": samples, "train_tokens": tokens,
         "samples_per_s": round(samples / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 3),
         "peak_memory_bytes": peak_memory_bytes(dev), "device": str(dev),

@@ -1,0 +1,124 @@
+"""Flows that run the pipeline several times under one parent MLflow run:
+- compare_methods: the same recipe as QLoRA (4-bit base), LoRA (16-bit base) and full fine-tuning;
+- sweep: a grid over any recipe fields (LoRA r and lora_alpha, the learning rate, ...), each trial a
+  nested MLflow run, trials in parallel through Prefect's thread pool where the machine allows.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.finetune import finetune
+from tasks import tracking
+from tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
+
+METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "train_peak_memory_mb",
+                  "train_runtime_s", "samples_per_s", "accuracy", "f1_macro", "run_id"]
+
+
+def method_recipes(recipe: dict, full_learning_rate: float) -> dict[str, dict]:
+    """One recipe switch apart: 4-bit base + LoRA, 16-bit base + LoRA, 16-bit base fully trained
+    (at its own, lower learning rate: a LoRA rate would wreck a fully trained model)."""
+    qlora = copy.deepcopy(recipe)
+    qlora.setdefault("quantization", {}).update(load_in_4bit=True, load_in_8bit=False)
+    lora = copy.deepcopy(recipe)
+    lora.setdefault("quantization", {}).update(load_in_4bit=False, load_in_8bit=False)
+    full = copy.deepcopy(lora)
+    full.setdefault("lora", {})["enabled"] = False
+    full.setdefault("merge", {})["enabled"] = False
+    full.setdefault("train", {})["learning_rate"] = full_learning_rate
+    return {"qlora": qlora, "lora": lora, "full": full}
+
+
+def expand_grid(recipe: dict, grid: dict[str, list], file: str | None = None) -> list[tuple[dict, dict]]:
+    """(trial params, trial recipe) for every combination; every trial validated before any runs."""
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise RecipeError("a sweep field needs a non-empty list of values", key, file,
+                              hint=f"e.g. --grid {key}=[4,8,16]")
+    trials = []
+    for combo in itertools.product(*grid.values()):
+        params = dict(zip(grid, combo))
+        trial = apply_overrides(copy.deepcopy(recipe), [f"{k}={_yaml(v)}" for k, v in params.items()])
+        trial["name"] = recipe["name"]
+        recipe_from_dict(trial, file)  # unknown fields and bad values fail here, before anything runs
+        trials.append((params, trial))
+    return trials
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _row(summary: dict) -> dict:
+    t, m = summary["train"], summary["test_metrics"]
+    return {"trainable_params": summary["lora"]["trainable_params"],
+            "trainable_percent": summary["lora"]["trainable_percent"],
+            "train_peak_memory_mb": t["peak_memory_bytes"] / 2**20, "train_runtime_s": t["train_runtime_s"],
+            "samples_per_s": t["samples_per_s"], "accuracy": m.get("accuracy"), "f1_macro": m.get("f1_macro"),
+            "run_id": summary["run_id"]}
+
+
+def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path) -> None:
+    client = tracking._client(uri)
+    client.log_table(parent, data=table, artifact_file=f"{name}/table.json")
+    work.mkdir(parents=True, exist_ok=True)
+    table.to_csv(work / f"{name}.csv", index=False)
+    client.log_artifact(parent, str(work / f"{name}.csv"), name)
+
+
+@flow(name="qlora-compare-methods", log_prints=True)
+def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
+    r = recipe_from_dict(recipe, recipe_file)
+    uri = tracking.tracking_uri_of(r)
+    parent = tracking.start_parent_run(r, uri, f"{r.name}-methods", {"qlora.kind": "method-comparison"})
+    status = "FAILED"
+    try:
+        rows = []
+        for method, variant in method_recipes(recipe, full_learning_rate).items():
+            summary = finetune(variant, recipe_file, parent_run_id=parent)
+            rows.append({"method": method, "learning_rate": variant["train"].get("learning_rate", r.train.learning_rate),
+                         **_row(summary)})
+        table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
+        _log_table(uri, parent, table, "methods", Path(r.work_dir) / "reports")
+        status = "FINISHED"
+        return {"run_id": parent, "tracking_uri": uri, "table": table.to_dict(orient="records")}
+    finally:
+        tracking.end_run(uri, parent, status)
+
+
+@task(name="trial")
+def trial(recipe: dict, recipe_file: Optional[str], parent: str) -> dict:
+    return finetune(recipe, recipe_file, parent_run_id=parent)
+
+
+@flow(name="qlora-sweep", log_prints=True)
+def sweep(recipe: dict, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
+    r = recipe_from_dict(recipe, recipe_file)
+    trials = expand_grid(recipe, grid, recipe_file)
+    uri = tracking.tracking_uri_of(r)
+    parent = tracking.start_parent_run(r, uri, f"{r.name}-sweep", {"qlora.kind": "sweep",
+                                                                    "qlora.sweep_fields": ",".join(grid)})
+    status = "FAILED"
+    try:
+        futures = [trial.submit(t, recipe_file, parent) for _, t in trials]
+        rows = [{**params, **_row(f.result())} for (params, _), f in zip(trials, futures)]
+        table = pd.DataFrame(rows)
+        _log_table(uri, parent, table, "sweep", Path(r.work_dir) / "reports")
+        status = "FINISHED"
+        return {"run_id": parent, "tracking_uri": uri, "table": table.to_dict(orient="records")}
+    finally:
+        tracking.end_run(uri, parent, status)
+
+
+def sweep_with_workers(parallel: int):
+    """The sweep flow with `parallel` trials at a time (threads: stages release the GIL in torch)."""
+    return sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
