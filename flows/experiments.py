@@ -29,6 +29,7 @@ def method_recipes(recipe: dict, full_learning_rate: float) -> dict[str, dict]:
     qlora.setdefault("quantization", {}).update(load_in_4bit=True, load_in_8bit=False)
     lora = copy.deepcopy(recipe)
     lora.setdefault("quantization", {}).update(load_in_4bit=False, load_in_8bit=False)
+    lora.setdefault("merge", {})["compare"] = False  # merge variants differ only for a quantized base
     full = copy.deepcopy(lora)
     full.setdefault("lora", {})["enabled"] = False
     full.setdefault("merge", {})["enabled"] = False
