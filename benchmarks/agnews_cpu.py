@@ -66,10 +66,13 @@ def direct(recipe_path: str, overrides: list[str]) -> None:
     trained = train.fn(tok, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
     evaluated = evaluate_model.fn(trained, tok, quantized, r.quantization, r.evaluate,
                                   r.train.per_device_eval_batch_size, work_dir=w)
-    if r.merge.enabled:
-        merged = merge.fn(trained, quantized, r.quantization, r.merge, work_dir=w)
-        evaluate_model.fn(merged, tok, quantized, r.quantization, r.evaluate, r.train.per_device_eval_batch_size,
-                          work_dir=w)
+    if r.merge.enabled:  # the primary merge, and with merge.compare the other variants, as the flow does
+        strategies = [r.merge.base] + ([s for s in ("dequantized", "original", "4bit") if s != r.merge.base]
+                                       if r.merge.compare else [])
+        for strategy in strategies:
+            merged = merge.fn(trained, quantized, r.quantization, strategy, r.merge.dtype, work_dir=w)
+            evaluate_model.fn(merged, tok, quantized, r.quantization, r.evaluate, r.train.per_device_eval_batch_size,
+                              work_dir=w)
     print("DIRECT", json.dumps({"accuracy": evaluated["metrics"]["accuracy"]}))
 
 
