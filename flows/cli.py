@@ -99,9 +99,13 @@ def preflight(recipe: Recipe) -> None:
     from tasks.tracking import check_tracking, tracking_uri_of
 
     resolve_model(recipe.model)
-    check_data(recipe.data)
-    check_metrics(recipe.evaluate)
+    check_data(recipe.data, _prompt_columns(recipe))
+    check_metrics(recipe.evaluate, recipe.model.task)
     check_tracking(tracking_uri_of(recipe))
+
+
+def _prompt_columns(recipe: Recipe) -> list[str] | None:
+    return recipe.prompt.columns if recipe.model.task == "causal-lm" else None
 
 
 def validate(recipe: Recipe) -> dict:
@@ -113,21 +117,26 @@ def validate(recipe: Recipe) -> dict:
     from tasks.tracking import check_tracking, tracking_uri_of
 
     model = check_model(recipe.model, recipe.quantization)
-    data = check_data(recipe.data)
-    lora = resolve_lora_targets(model["path"], recipe.lora, recipe.model.labels or ["a", "b"],
-                                recipe.model.trust_remote_code)
-    check_metrics(recipe.evaluate)
+    data = check_data(recipe.data, _prompt_columns(recipe))
+    check_metrics(recipe.evaluate, recipe.model.task)
     uri = tracking_uri_of(recipe)
     check_tracking(uri)
-    return {"model": model["path"], "data": data.get("files") or data.get("hub"),
-            "target_modules": lora["target_modules"], "trainable_params": lora["trainable_params"],
-            "tracking_uri": uri}
+    info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
+    if "gguf" not in model and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
+        labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
+        lora = resolve_lora_targets(model["path"], recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
+        info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
+    return {**info, "tracking_uri": uri}
 
 
 def _summary(result: dict) -> str:
     m = result["test_metrics"]
     lines = ["", "== qlora run complete =="]
-    lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "f1_macro", "loss") if k in m))
+    shown = ("accuracy", "f1_macro", "loss", "perplexity", "rouge1", "rougeL")
+    if "base_test_metrics" in result:
+        b = result["base_test_metrics"]
+        lines.append("before training: " + ", ".join(f"{k}={b[k]:.4f}" for k in shown if k in b))
+    lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
     if "merged_test_metrics" in result:
         mm = result["merged_test_metrics"]
         lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in ("accuracy", "f1_macro") if k in mm))

@@ -16,7 +16,7 @@ from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
-from tasks.model import attach_lora, quantize, resolve_model
+from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
 from tasks.recipe import Recipe, recipe_from_dict
 from tasks.store import dir_size, hash_value
 from tasks.train import train
@@ -53,15 +53,19 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
     run = StageRunner(r.work_dir)
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
-    check_metrics(r.evaluate)
+    causal = r.model.task == CAUSAL
+    check_metrics(r.evaluate, r.model.task)
     model = resolve_model(r.model)
+    if "gguf" in model:  # dequantized once into a cached 16-bit model directory
+        model = converted(run(convert_gguf, model))
     source = describe_source(r.data)
-    loaded = run(load, source, r.data, r.model.labels)
+    loaded = run(load, source, r.data, r.model.labels, r.prompt.columns if causal else None)
     labels = loaded["label_names"]
     splits = run(split, loaded, r.split, r.data.sample)
-    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize)
-    lora = run(attach_lora, model, r.lora, labels, r.model.trust_remote_code)  # meta device: cheap, fails early
-    quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.trust_remote_code)
+    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize, r.prompt if causal else None)
+    # LoRA targets are checked on the meta device (cheap) before the base is quantized.
+    lora = run(attach_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
+    quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
     uri = tracking.tracking_uri_of(r)
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
@@ -74,8 +78,12 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
         tracking.log_summary(uri, run_id, _data_counts(loaded, tokenized))
         tracking.log_summary(uri, run_id, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
 
-        trained = run(train, tokenized, quantized, lora, r.lora, r.quantization, r.train,
-                      run_id=run_id, tracking_uri=uri)
+        if causal:  # the same evaluation of the untrained base: before-vs-after numbers
+            before = run(evaluate_model, {"hash": f"base-{quantized['hash']}", "base": True}, tokenized, quantized,
+                         r.quantization, r.evaluate, r.train.per_device_eval_batch_size, label="evaluate-base")
+            _log_evaluation(uri, run_id, before, "base_test_", "eval_base")
+        trained = run(train, tokenized, quantized, lora, r.lora, r.quantization, r.train, r.tokenize.packing,
+                      r.tokenize.max_length, run_id=run_id, tracking_uri=uri)
         tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
         tracking.log_summary(uri, run_id, {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})
@@ -90,6 +98,8 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
                    "adapter_dir": str(Path(trained["dir"]) / trained[artifact]), "method": r.method,
                    "test_metrics": evaluated["metrics"], "train": trained, "lora": lora,
                    "data": loaded["stats"], "tokenize": tokenized["stats"]}
+        if causal:
+            summary["base_test_metrics"] = before["metrics"]
         if r.tracking.register_models:
             name = r.tracking.registered_model_name or r.name
             summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{name}-{artifact}", trained["hash"])
@@ -106,7 +116,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
                 summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
                                                               f"{r.tracking.registered_model_name or r.name}-merged",
                                                               merged["hash"])
-            if r.merge.compare:
+            if r.merge.compare and not causal:
                 table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
                 tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
                 summary["comparison"] = table.to_dict(orient="records")
@@ -142,7 +152,7 @@ def _compare_variants(run: StageRunner, r: Recipe, trained: dict, quantized: dic
 def _source_uri(source: dict) -> str:
     if "hub" in source:
         return f"https://huggingface.co/datasets/{source['hub']}"
-    return str(Path(source["files"]["train"]).resolve())
+    return str(Path(source["files"]["train"][0]).resolve())
 
 
 def _data_counts(loaded: dict, tokenized: dict) -> dict[str, float]:
@@ -152,6 +162,8 @@ def _data_counts(loaded: dict, tokenized: dict) -> dict[str, float]:
 
 
 def _log_evaluation(uri: str, run_id: str, evaluated: dict, prefix: str, artifact_dir: str) -> None:
+    """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
+    reference and generated text) as an MLflow table."""
     directory = Path(evaluated["dir"])
     tracking.log_summary(uri, run_id, evaluated["metrics"], prefix)
     tracking.log_artifacts(uri, run_id, directory, artifact_dir)

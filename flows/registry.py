@@ -65,7 +65,7 @@ def load_predictor(directory: Path):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        from tasks.model import load_classifier
+        from tasks.model import load_model
 
         config = json.loads((directory / "adapter_config.json").read_text())
         base_dir = config.get("base_model_name_or_path")
@@ -74,7 +74,8 @@ def load_predictor(directory: Path):
                               hint="predict with the merged model (--variant merged), which is self-contained")
         labels = json.loads((Path(base_dir) / "config.json").read_text()).get("id2label", {})
         names = [labels[k] for k in sorted(labels, key=int)]
-        model = PeftModel.from_pretrained(load_classifier(base_dir, names, _compute_dtype(base_dir)), str(directory))
+        task = "causal-lm" if config.get("task_type") == "CAUSAL_LM" else "sequence-classification"
+        model = PeftModel.from_pretrained(load_model(base_dir, task, names, _compute_dtype(base_dir)), str(directory))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     return model.eval(), AutoTokenizer.from_pretrained(directory)

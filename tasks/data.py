@@ -9,12 +9,14 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from tasks import store
-from tasks.recipe import SPLITS, DataSection, RecipeError, SplitSection, TokenizeSection
+from tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection
 from tasks.stage import stage
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+           ".yml": "yaml", ".yaml": "yaml"}
 COMPRESSIONS = (".gz", ".bz2")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
@@ -32,8 +34,9 @@ def _format_of(path: Path) -> tuple[str, str] | None:
     return (FORMATS[ext], stem) if ext in FORMATS else None
 
 
-def source_files(data: DataSection) -> dict[str, Path]:
-    """The local file behind each source split ({'train': ..., 'validation': ..., 'test': ...})."""
+def source_files(data: DataSection) -> dict[str, list[Path]]:
+    """The local files behind each source split ({'train': [...], 'validation': [...], ...}). A
+    directory whose files have no split names is one split (train) of all its files."""
     path = store.resolve_location(data.path, "data.path")
     if path is None:
         raise RecipeError(f"path does not exist: {data.path}", "data.path",
@@ -41,8 +44,8 @@ def source_files(data: DataSection) -> dict[str, Path]:
     if path.is_file():
         if _format_of(path) is None:
             raise RecipeError(f"unsupported file type: {path.name}", "data.path",
-                              hint="csv, tsv, json, jsonl or parquet, optionally .gz or .bz2")
-        return {"train": path}
+                              hint="csv, tsv, json, jsonl, parquet or yaml, optionally .gz or .bz2")
+        return {"train": [path]}
     wanted = {v: k for k, v in (data.splits or {}).items()}  # source stem -> our split
     files: dict[str, Path] = {}
     for f in sorted(path.iterdir()):
@@ -52,7 +55,11 @@ def source_files(data: DataSection) -> dict[str, Path]:
         split = wanted.get(fmt[1]) or (None if data.splits and fmt[1] in SPLIT_ALIASES and
                                        SPLIT_ALIASES[fmt[1]] in data.splits else SPLIT_ALIASES.get(fmt[1]))
         if split and split not in files:
-            files[split] = f
+            files[split] = [f]
+    if not files and not data.splits:
+        every = [f for f in sorted(path.iterdir()) if _format_of(f) is not None]
+        if every:
+            return {"train": every}
     for split, stem in (data.splits or {}).items():
         if split not in files:
             raise RecipeError(f"no data file named '{stem}' (csv, json, jsonl or parquet) in {path}",
@@ -78,9 +85,14 @@ def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
                 with (pd.io.common.get_handle(path, "r", compression="infer", encoding="utf-8")) as h:
                     lines = h.handle.read(1).strip() != "["
             df = pd.read_json(path, lines=lines, nrows=nrows if lines else None, encoding="utf-8")
+        elif fmt == "yaml":
+            df = _read_yaml(path)
+            df = df.head(nrows) if nrows else df
         else:
             df = pd.read_parquet(path)
             df = df.head(nrows) if nrows else df
+    except yaml.YAMLError as e:
+        raise RecipeError(f"not valid YAML: {path}: {str(e).splitlines()[0]}", "data.path") from None
     except UnicodeDecodeError as e:
         raise RecipeError(f"data file is not UTF-8 text ({e.reason} at byte {e.start}): {path}", "data.path") from None
     except (ValueError, pd.errors.ParserError, OSError, EOFError) as e:
@@ -90,25 +102,49 @@ def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
     return df
 
 
-def check_columns(df: pd.DataFrame, data: DataSection, where: str) -> None:
-    for field, column in (("data.text_column", data.text_column), ("data.label_column", data.label_column)):
+def _read_yaml(path: Path) -> pd.DataFrame:
+    """A list of records, or a conversation corpus ({categories, conversations: [[q, a, ...]]}, as
+    chatterbot-corpus ships): each consecutive pair of turns becomes a (prompt, response) row."""
+    with pd.io.common.get_handle(path, "r", compression="infer", encoding="utf-8") as h:
+        doc = yaml.safe_load(h.handle)
+    if isinstance(doc, dict) and "conversations" in doc:
+        category = (doc.get("categories") or [path.stem])[0]
+        rows = [{"prompt": str(turns[i]), "response": str(turns[i + 1]), "category": str(category)}
+                for turns in doc["conversations"] if isinstance(turns, list) for i in range(len(turns) - 1)]
+        return pd.DataFrame(rows, columns=["prompt", "response", "category"])
+    if isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
+        return pd.DataFrame(doc)
+    raise ValueError("expected a list of records or a {conversations: [...]} corpus")
+
+
+def required_columns(data: DataSection, prompt_columns: list[str] | None) -> dict[str, str]:
+    """Recipe field -> data column, for the columns the task reads."""
+    if prompt_columns is not None:  # causal-lm: the template's fields and the response
+        return {f"prompt ({c})": c for c in prompt_columns}
+    return {"data.text_column": data.text_column, "data.label_column": data.label_column}
+
+
+def check_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
+    for field, column in columns.items():
         if column not in df.columns:
+            field = "prompt.template" if field.startswith("prompt (") else field
             raise RecipeError(f"column '{column}' not found in {where}", field,
                               hint=f"columns there: {', '.join(map(str, df.columns))}")
 
 
-def read_source(data: DataSection) -> dict[str, pd.DataFrame]:
+def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
     if data.hub:
-        return _read_hub(data)
+        return _read_hub(data, columns)
     frames = {}
-    for split, path in source_files(data).items():
-        df = read_table(path)
-        check_columns(df, data, str(path))
-        frames[split] = df
+    for split, paths in source_files(data).items():
+        parts = [read_table(p) for p in paths]
+        for p, df in zip(paths, parts):
+            check_columns(df, columns, str(p))
+        frames[split] = pd.concat(parts, ignore_index=True)
     return frames
 
 
-def _read_hub(data: DataSection) -> dict[str, pd.DataFrame]:
+def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
     import datasets
     from tasks.hub import hub_error
 
@@ -122,7 +158,7 @@ def _read_hub(data: DataSection) -> dict[str, pd.DataFrame]:
         split = wanted.get(name) or SPLIT_ALIASES.get(name)
         if split and split not in frames:
             df = ds.to_pandas()
-            check_columns(df, data, f"Hub dataset {data.hub} split {name}")
+            check_columns(df, columns, f"Hub dataset {data.hub} split {name}")
             if hasattr(ds.features.get(data.label_column), "names") and data.label_map is None:
                 names = ds.features[data.label_column].names
                 df[data.label_column] = [names[i] for i in df[data.label_column]]
@@ -140,19 +176,21 @@ def describe_source(data: DataSection) -> dict:
         commit = dataset_commit(data.hub, data.revision)
         return {"hash": store.hash_value([data.hub, data.config, commit]), "hub": data.hub, "commit": commit}
     files = source_files(data)
-    fingerprint = store.hash_value({s: store.file_fingerprint(p) for s, p in files.items()})
-    return {"hash": fingerprint, "files": {s: str(p) for s, p in files.items()}}
+    fingerprint = store.hash_value({s: [store.file_fingerprint(p) for p in ps] for s, ps in files.items()})
+    return {"hash": fingerprint, "files": {s: [str(p) for p in ps] for s, ps in files.items()}}
 
 
-def check_data(data: DataSection) -> dict:
+def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> dict:
     """Preflight: the files exist, are readable UTF-8 and have the named columns (first rows only)."""
     if data.hub:
         from tasks.hub import check_hub_repo
 
         check_hub_repo(data.hub, "dataset", data.revision, "data.hub")
         return {"hub": data.hub}
-    for split, path in source_files(data).items():
-        check_columns(read_table(path, nrows=50), data, str(path))
+    columns = required_columns(data, prompt_columns)
+    for split, paths in source_files(data).items():
+        for path in paths:
+            check_columns(read_table(path, nrows=50), columns, str(path))
     return describe_source(data)
 
 
@@ -229,9 +267,37 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
 
 # --- stages ------------------------------------------------------------------------------------
 
+def clean_pairs(frames: dict[str, pd.DataFrame], data: DataSection, columns: list[str]):
+    """causal-lm rows: the template's columns and the response as text; rows with an empty one
+    dropped (and, optionally, duplicates), all counted."""
+    out, stats = {}, {}
+    for split, df in frames.items():
+        counts = {"rows_read": len(df)}
+        df = pd.DataFrame({c: df[c].astype("string").str.strip() for c in columns})
+        empty = df.isna().any(axis=1) | (df == "").any(axis=1)
+        counts["dropped_empty_text"] = int(empty.sum())
+        df = df[~empty.astype(bool)]
+        if data.drop_duplicates:
+            dup = df.duplicated()
+            counts["dropped_duplicates"] = int(dup.sum())
+            df = df[~dup]
+        out[split] = df.astype(str).reset_index(drop=True)
+        counts["rows_kept"] = len(out[split])
+        stats[split] = counts
+    if not len(out["train"]):
+        raise RecipeError(f"no training rows left after dropping empty ones ({stats['train']})", "data.path")
+    return out, stats
+
+
 @stage("load")
-def load(out: Path, source: dict, data: DataSection, labels: list[str] | None) -> dict:
-    frames, names, stats = clean(read_source(data), data, labels)
+def load(out: Path, source: dict, data: DataSection, labels: list[str] | None,
+         prompt_columns: list[str] | None = None) -> dict:
+    """Classification (prompt_columns None): text and label id. causal-lm: the prompt's columns."""
+    raw = read_source(data, required_columns(data, prompt_columns))
+    if prompt_columns is None:
+        frames, names, stats = clean(raw, data, labels)
+    else:
+        (frames, stats), names = clean_pairs(raw, data, prompt_columns), []
     for split, df in frames.items():
         df.to_parquet(out / f"{split}.parquet", index=False)
     return {"splits": sorted(frames), "label_names": names, "stats": stats}
@@ -252,7 +318,8 @@ def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> di
             raise RecipeError(f"{size} of {len(frames['train'])} rows leaves the {name} split "
                               f"{'empty' if n < 1 else 'with all rows'}", field,
                               hint="the source has no such split: give a fraction that leaves rows on both sides")
-        labels = train["label"] if cfg.stratify and train["label"].value_counts().min() >= 2 else None
+        labels = (train["label"] if cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
+                  else None)
         train, frames[name] = train_test_split(train, test_size=n, random_state=cfg.seed, stratify=labels)
     frames["train"] = train
     counts = {}
@@ -268,8 +335,73 @@ def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> di
     return {"rows": counts, "label_names": loaded["label_names"]}
 
 
+def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
+    """(prompt text, response text) of one row: the template or the chat template; the response
+    ends the way the model must learn to stop (end of turn, or end of sequence)."""
+    user = prompt.template.format(**row) if prompt.template is not None else row[prompt.prompt_column]
+    if not prompt.chat_template:
+        return user, row[prompt.response_column] + (tok.eos_token or "")
+    if not getattr(tok, "chat_template", None):
+        raise RecipeError("the tokenizer has no chat template", "prompt.chat_template",
+                          hint="set prompt.chat_template: false and give prompt.template")
+    messages = ([{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []) + \
+        [{"role": "user", "content": user}]
+    prompt_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": row[prompt.response_column]}],
+                                   tokenize=False)
+    if full.startswith(prompt_text):
+        return prompt_text, full[len(prompt_text):].rstrip("\n")
+    return prompt_text, row[prompt.response_column] + (tok.eos_token or "")
+
+
+def _tokenize_causal(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: PromptSection):
+    """input_ids = prompt + response; labels mask the prompt (unless train_on_prompt). Rows longer
+    than max_length are truncated (the response's end) or dropped, per tokenize.truncation; rows
+    whose prompt alone fills max_length are always dropped. Both counted."""
+    chat = prompt.chat_template
+    rows = {"input_ids": [], "labels": [], "prompt_ids": [], "reference": [], "prompt_text": []}
+    counts = {"truncated": 0, "dropped_too_long": 0}
+    for row in df.to_dict(orient="records"):
+        prompt_text, response_text = render_prompt(row, prompt, tok)
+        p_ids = tok(prompt_text, add_special_tokens=not chat)["input_ids"]
+        r_ids = tok(response_text, add_special_tokens=False)["input_ids"]
+        if len(p_ids) >= cfg.max_length or (len(p_ids) + len(r_ids) > cfg.max_length and not cfg.truncation):
+            counts["dropped_too_long"] += 1
+            continue
+        if len(p_ids) + len(r_ids) > cfg.max_length:
+            counts["truncated"] += 1
+            r_ids = r_ids[: cfg.max_length - len(p_ids)]
+        rows["input_ids"].append(p_ids + r_ids)
+        rows["labels"].append((p_ids if prompt.train_on_prompt else [-100] * len(p_ids)) + r_ids)
+        rows["prompt_ids"].append(p_ids)
+        rows["reference"].append(row[prompt.response_column])
+        rows["prompt_text"].append(prompt_text)
+    rows["length"] = [len(ids) for ids in rows["input_ids"]]
+    return rows, counts
+
+
+def _tokenize_classification(df: pd.DataFrame, tok, cfg: TokenizeSection):
+    # Tokenize without truncation first, to count what truncation cuts.
+    lengths = [len(ids) for ids in tok(df["text"].tolist(), return_token_type_ids=False, verbose=False)["input_ids"]]
+    too_long = sum(n > cfg.max_length for n in lengths)
+    keep = list(range(len(df)))
+    if cfg.truncation:
+        enc = tok(df["text"].tolist(), return_token_type_ids=False, truncation=True,
+                  max_length=cfg.max_length, padding="max_length" if cfg.padding == "max_length" else False)
+    else:
+        enc = tok(df["text"].tolist(), return_token_type_ids=False)
+        keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
+    rows = {"text": [df["text"].iloc[i] for i in keep],
+            "input_ids": [enc["input_ids"][i] for i in keep],
+            "labels": [int(df["label"].iloc[i]) for i in keep],
+            "length": [sum(enc["attention_mask"][i]) for i in keep]}
+    return rows, {"truncated" if cfg.truncation else "dropped_too_long": too_long}
+
+
 @stage("tokenize")
-def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSection) -> dict:
+def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSection,
+             prompt: PromptSection | None = None) -> dict:
+    """Classification rows (prompt None), or causal-lm prompt/response rows."""
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
@@ -277,28 +409,14 @@ def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSectio
     splits, stats = {}, {}
     for name in SPLITS:
         df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
-        # Tokenize without truncation first, to count what truncation cuts.
-        enc = tok(df["text"].tolist(), return_token_type_ids=False, truncation=False, verbose=False)
-        lengths = [len(ids) for ids in enc["input_ids"]]
-        too_long = sum(n > cfg.max_length for n in lengths)
-        keep = list(range(len(df)))
-        if cfg.truncation:
-            enc = tok(df["text"].tolist(), return_token_type_ids=False, truncation=True,
-                      max_length=cfg.max_length, padding="max_length" if cfg.padding == "max_length" else False)
-        else:
-            keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
-        ds = Dataset.from_dict({
-            "text": [df["text"].iloc[i] for i in keep],
-            "input_ids": [enc["input_ids"][i] for i in keep],
-            "attention_mask": [enc["attention_mask"][i] for i in keep],
-            "labels": [int(df["label"].iloc[i]) for i in keep],
-        })
-        ds = ds.map(lambda b: {"length": [sum(m) for m in b["attention_mask"]]}, batched=True)
-        splits[name] = ds
-        stats[name] = {"rows": len(ds), "truncated" if cfg.truncation else "dropped_too_long": too_long,
-                       "tokens": int(sum(ds["length"])), "mean_length": round(sum(ds["length"]) / max(len(ds), 1), 1)}
+        rows, counts = (_tokenize_classification(df, tok, cfg) if prompt is None
+                        else _tokenize_causal(df, tok, cfg, prompt))
+        ds = Dataset.from_dict(rows)
         if not len(ds):
             raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
                               "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
+        splits[name] = ds
+        stats[name] = {"rows": len(ds), **counts, "tokens": int(sum(rows["length"])),
+                       "mean_length": round(sum(rows["length"]) / len(ds), 1)}
     DatasetDict(splits).save_to_disk(str(out / "dataset"))
     return {"stats": stats, "label_names": split_result["label_names"]}

@@ -14,7 +14,7 @@ import pandas as pd
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
 from tasks.stage import stage
-from tasks.train import collate, predict
+from tasks.train import collate, pad_token_id, predict
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
@@ -30,8 +30,8 @@ def metric_path(name: str) -> Path:
     return path
 
 
-def check_metrics(cfg: EvaluateSection) -> None:
-    for name in cfg.metrics:
+def check_metrics(cfg: EvaluateSection, task: str) -> None:
+    for name in cfg.metric_names(task):
         metric_path(name)
 
 
@@ -71,15 +71,18 @@ def confusion_plot(references, predictions, label_names: list[str], path: Path) 
 
 
 def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_names: list[str]):
-    """variant: a train result (adapter on the quantized base) or a merge result (a full model)."""
+    """variant: a train result (adapter on the quantized base), a merge or full fine-tuning result
+    (a whole model), or {"base": True} (the base before training)."""
     from peft import PeftModel
 
+    if variant.get("base"):
+        return models.load_base(quantized, label_names, q)
     if "adapter" in variant:
         base = models.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
     # Merged models run in the compute dtype (float32 on CPU, where bf16 matmuls are slow); a
     # 4-bit variant brings its own quantization config.
-    return models.load_classifier(str(Path(variant["dir"]) / variant["model"]), label_names,
+    return models.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
                                   models.dtype_of(q.bnb_4bit_compute_dtype))
 
 
@@ -148,6 +151,58 @@ def _latency(model, dataset, pad_id: int, dev, n: int) -> dict:
             "latency_p95_ms": 1000 * float(np.percentile(times, 95))}
 
 
+def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tokens: int,
+             temperature: float | None = None, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+    """Continuations of token-id prompts (left-padded batches): greedy, or sampled at a temperature."""
+    import torch
+
+    model.eval()
+    texts = []
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {"do_sample": False}
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.as_tensor(p)
+                mask[i, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_id, **sampling)
+            texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int) -> dict:
+    """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE)."""
+    import math
+
+    import torch
+
+    from tasks.train import lm_loss
+
+    torch.manual_seed(0)  # sampled decoding: the same draws for every model evaluated
+    loss = lm_loss(model, test, batch_size, pad_id, dev)
+    g = cfg.generation
+    examples = test.select(range(min(g.num_examples, len(test))))
+    start = time.perf_counter()
+    greedy = generate(model, tok, examples["prompt_ids"], pad_id, dev, g.max_new_tokens)
+    seconds = time.perf_counter() - start
+    references = examples["reference"]
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "generation_s_per_example": seconds / len(greedy)}
+    metrics.update(compute_metrics(cfg.metric_names(models.CAUSAL), greedy, references, []))
+    table = {"prompt": examples["prompt_text"], "reference": references, "greedy": greedy}
+    if g.temperature:
+        sampled = generate(model, tok, examples["prompt_ids"], pad_id, dev, g.max_new_tokens, g.temperature, g.top_p)
+        metrics.update({f"sampled_{k}": v for k, v in
+                        compute_metrics(cfg.metric_names(models.CAUSAL), sampled, references, []).items()})
+        table["sampled"] = sampled
+    pd.DataFrame(table).to_parquet(out / "predictions.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"metrics": metrics, "predictions": "predictions.parquet", "examples": len(test)}
+
+
 @stage("evaluate", modules=("tasks.model", "tasks.train"))
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
@@ -155,10 +210,15 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    if quantized["task"] == models.CAUSAL:
+        test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
+        tok = AutoTokenizer.from_pretrained(quantized["original_path"])
+        model = load_for_eval(variant, quantized, q, [])
+        return _evaluate_causal(out, model, tok, test, pad_token_id(tok), models.device(), cfg, batch_size)
     label_names = tokenized["label_names"]
     test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = pad_token_id(tok)
     dev = models.device()
     with PeakMemory(dev) as memory:
         model = load_for_eval(variant, quantized, q, label_names)
@@ -167,7 +227,7 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
         seconds = time.perf_counter() - start
     preds = logits.argmax(-1)
     refs = np.asarray(test["labels"])
-    metrics = compute_metrics(cfg.metrics, preds.tolist(), refs.tolist(), label_names)
+    metrics = compute_metrics(cfg.metric_names(quantized["task"]), preds.tolist(), refs.tolist(), label_names)
     metrics.update(loss=loss, examples_per_s=len(test) / seconds, **latency(model, test, pad_id, dev),
                    peak_memory_bytes=memory.peak, weights_bytes=weights_bytes(model))
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()

@@ -27,13 +27,12 @@ def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, labe
                  base: str, dtype: torch.dtype):
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     if base == "dequantized" and quantized["quantized"]:
         model = models.load_base(quantized, label_names, q)
         model = model.dequantize()  # Linear4bit/Linear8bitLt -> nn.Linear holding the dequantized weights
     else:  # the original checkpoint (for an unquantized run both bases are the same)
-        model = models.load_classifier(quantized["original_path"], label_names, torch.float32)
+        model = models.load_model(quantized["original_path"], quantized["task"], label_names, torch.float32)
     model = model.to(torch.float32)  # merge in full precision, cast once at the end
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     # A fresh, never-quantized model of the same architecture holds the merged weights: a model
@@ -42,8 +41,9 @@ def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, labe
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        clean = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        clean = models.auto_class(quantized["task"]).from_config(config, dtype=dtype)
     clean.load_state_dict({k: v.to(dtype) for k, v in merged.state_dict().items()}, assign=True)
+    clean.tie_weights()  # tied input/output embeddings (common in small causal LMs) stay tied
     return clean.eval()
 
 
@@ -58,8 +58,8 @@ def merge(out: Path, trained: dict, quantized: dict, q: QuantizationSection, str
         models_dtype = models.dtype_of(q.bnb_4bit_compute_dtype)
         merged_model(adapter, quantized, q, labels, "dequantized", models_dtype).save_pretrained(staging)
         four_bit = QuantizationSection(**{**q.model_dump(), "load_in_4bit": True, "load_in_8bit": False})
-        requantized = models.load_classifier(str(staging), labels, models_dtype,
-                                             models.bnb_config(four_bit, str(staging)))
+        requantized = models.load_model(str(staging), quantized["task"], labels, models_dtype,
+                                        models.bnb_config(four_bit, str(staging), quantized["task"]))
         requantized.save_pretrained(out / "model")
         shutil.rmtree(staging)
     else:

@@ -27,6 +27,35 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
+CAUSAL = "causal-lm"
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task == CAUSAL else AutoModelForSequenceClassification
+
+
+def _label_kwargs(label_names: list[str]) -> dict:
+    if not label_names:  # causal-lm: no classes
+        return {}
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def skeleton(model_path: str, task: str, label_names: list[str], trust_remote_code: bool = False):
+    """The architecture on the meta device: module names and parameter counts, no weights loaded."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
+    cls = auto_class(task)
+    if type(config) not in cls._model_mapping and not trust_remote_code:
+        raise RecipeError(f"model type '{config.model_type}' has no {task} head in transformers", "model.task")
+    with torch.device("meta"):
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def dtype_of(name: str) -> torch.dtype:
     import torch
     return getattr(torch, name)
@@ -44,6 +73,9 @@ def resolve_model(model: ModelSection) -> dict:
         from tasks.hub import download_model
 
         path = download_model(model.name_or_path, model.revision, "model.name_or_path")
+    if path.is_file():
+        check_gguf(path)
+        return {"hash": store.file_fingerprint(path), "gguf": str(path.resolve())}
     if not path.is_dir() or not (path / "config.json").is_file():
         raise RecipeError(f"not a model directory (no config.json): {path}", "model.name_or_path")
     weights = [p.name for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)]
@@ -54,6 +86,40 @@ def resolve_model(model: ModelSection) -> dict:
         raise RecipeError(f"no tokenizer files in {path}", "model.name_or_path")
     return {"hash": store.tree_fingerprint(path, ["config.json"] + weights), "path": str(path.resolve()),
             "tokenizer": {"hash": store.tree_fingerprint(path, tokenizer), "path": str(path.resolve())}}
+
+
+def check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise RecipeError(f"not a GGUF file (it starts with {magic!r}, not b'GGUF'): {path}", "model.name_or_path",
+                          hint="give a GGUF file, or a model directory with config.json")
+
+
+@stage("convert")
+def convert_gguf(out: Path, model: dict) -> dict:
+    """A GGUF checkpoint dequantized once into a 16-bit model directory (transformers reads GGUF
+    through the gguf package), which is then quantized to NF4 like any other base."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model["gguf"])
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    except ImportError as e:
+        raise RecipeError(f"reading GGUF needs the gguf package: {e}", "model.name_or_path",
+                          hint="pip install gguf") from None
+    net.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    return {"model": "model", "tokenizer_hash": resolve_model(ModelSection(name_or_path=str(out / "model")))["tokenizer"]["hash"],
+            "source": str(path)}
+
+
+def converted(result: dict) -> dict:
+    """A convert result as resolve_model describes a model directory."""
+    path = str(Path(result["dir"]) / result["model"])
+    return {"hash": result["hash"], "path": path, "tokenizer": {"hash": result["tokenizer_hash"], "path": path}}
 
 
 def check_quantization(q: QuantizationSection) -> None:
@@ -79,53 +145,41 @@ def check_quantization(q: QuantizationSection) -> None:
 
 
 def check_model(model: ModelSection, q: QuantizationSection) -> dict:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     resolved = resolve_model(model)
-    try:
-        config = AutoConfig.from_pretrained(resolved["path"], trust_remote_code=model.trust_remote_code)
-    except Exception as e:  # noqa: BLE001
-        raise RecipeError(f"cannot read the model config: {str(e).splitlines()[0]}", "model.name_or_path") from None
-    if type(config) not in AutoModelForSequenceClassification._model_mapping and not model.trust_remote_code:
-        raise RecipeError(f"model type '{config.model_type}' has no sequence-classification head in transformers",
-                          "model.task")
+    if "gguf" not in resolved:  # a GGUF checkpoint is read (slowly) by its convert stage
+        try:
+            skeleton(resolved["path"], model.task, [], model.trust_remote_code)
+        except RecipeError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise RecipeError(f"cannot read the model config: {str(e).splitlines()[0]}", "model.name_or_path") from None
     check_quantization(q)
     return resolved
 
 
-def skip_module_names(model_path: str, names: list[str], trust_remote_code: bool = False) -> list[str]:
+def skip_module_names(model_path: str, names: list[str], task: str, trust_remote_code: bool = False) -> list[str]:
     """Full module paths for short names: transformers matches skip patterns from the start of a
     module's path or as its suffix, so "pooler" alone would not keep "bert.pooler.dense" out."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    found = {full for full, _ in skeleton.named_modules() if full and full.split(".")[-1] in names}
+    net = skeleton(model_path, task, [], trust_remote_code)
+    found = {full for full, _ in net.named_modules() if full and full.split(".")[-1] in names}
     return sorted(found | set(names))
 
 
-def bnb_config(q: QuantizationSection, model_path: str, trust_remote_code: bool = False):
+def bnb_config(q: QuantizationSection, model_path: str, task: str, trust_remote_code: bool = False):
     from transformers import BitsAndBytesConfig
 
     if q.mode == "none":
         return None
-    skip = skip_module_names(model_path, q.llm_int8_skip_modules or HEAD_MODULES, trust_remote_code)
+    # The output head (lm_head) of a causal LM is kept out by transformers itself.
+    skip = skip_module_names(model_path, q.llm_int8_skip_modules or HEAD_MODULES, task, trust_remote_code)
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type, bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype), llm_int8_skip_modules=skip)
 
 
-def _label_kwargs(label_names: list[str]) -> dict:
-    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-            "label2id": {n: i for i, n in enumerate(label_names)}}
-
-
-def load_classifier(path: str, label_names: list[str], dtype: torch.dtype, quantization=None,
-                    trust_remote_code: bool = False):
-    from transformers import AutoModelForSequenceClassification
+def load_model(path: str, task: str, label_names: list[str], dtype: torch.dtype, quantization=None,
+               trust_remote_code: bool = False):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -133,7 +187,7 @@ def load_classifier(path: str, label_names: list[str], dtype: torch.dtype, quant
     # A saved quantized model carries its own quantization config: pass none then (None overrides it).
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto_class(task).from_pretrained(
             path, dtype=dtype, device_map={"": device()}, trust_remote_code=trust_remote_code,
             **extra, **_label_kwargs(label_names))
     finally:
@@ -149,7 +203,7 @@ def copy_tokenizer(src: str, dst: Path) -> None:
 
 @stage("quantize")
 def quantize(out: Path, model: dict, q: QuantizationSection, label_names: list[str], seed: int,
-             trust_remote_code: bool = False) -> dict:
+             task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     """Load the base with its task head (initialised under the seed) and, when quantizing, save the
     quantized weights once: later stages load them in a fraction of the time."""
     import torch
@@ -157,12 +211,12 @@ def quantize(out: Path, model: dict, q: QuantizationSection, label_names: list[s
     check_quantization(q)
     torch.manual_seed(seed)
     if q.mode == "none":
-        return {"path": model["path"], "quantized": False, "original_path": model["path"]}
-    base = load_classifier(model["path"], label_names, dtype_of(q.bnb_4bit_compute_dtype),
-                           bnb_config(q, model["path"], trust_remote_code), trust_remote_code)
+        return {"path": model["path"], "quantized": False, "original_path": model["path"], "task": task}
+    base = load_model(model["path"], task, label_names, dtype_of(q.bnb_4bit_compute_dtype),
+                      bnb_config(q, model["path"], task, trust_remote_code), trust_remote_code)
     base.save_pretrained(out / "model")
     copy_tokenizer(model["path"], out / "model")
-    return {"path": "model", "quantized": True, "original_path": model["path"],
+    return {"path": "model", "quantized": True, "original_path": model["path"], "task": task,
             "size_bytes": store.dir_size(out / "model")}
 
 
@@ -172,7 +226,7 @@ def quantized_path(quantized: dict) -> str:
 
 def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
     """The base exactly as quantize saved it (or the original, unquantized, with the seed set before)."""
-    return load_classifier(quantized_path(quantized), label_names, dtype_of(q.bnb_4bit_compute_dtype))
+    return load_model(quantized_path(quantized), quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype))
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -180,7 +234,8 @@ def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
 def lora_config(resolved: dict, cfg: LoraSection):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    task_type = TaskType.CAUSAL_LM if resolved.get("task") == CAUSAL else TaskType.SEQ_CLS
+    return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(resolved["target_modules"]), bias=cfg.bias, use_dora=cfg.use_dora,
                       use_rslora=cfg.use_rslora, modules_to_save=list(resolved["modules_to_save"]))  # peft extends it in place
 
@@ -191,20 +246,15 @@ def _linear_names(model) -> set[str]:
 
 
 def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[str],
-                         trust_remote_code: bool = False) -> dict:
+                         task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     """Resolve target modules against the architecture (on the meta device: no weights loaded),
     refuse names that match nothing, and count what LoRA will train."""
-    import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
-    if type(config) not in AutoModelForSequenceClassification._model_mapping and not trust_remote_code:
-        raise RecipeError(f"model type '{config.model_type}' has no sequence-classification head in transformers",
-                          "model.task")
-    with torch.device("meta"):
-        base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    head = [n for n, _ in base.named_children() if n in ("classifier", "score", "pre_classifier")]
+    base = skeleton(model_path, task, label_names, trust_remote_code)
+    config = base.config
+    # The output layer is never a LoRA target: a classification head is trained fully instead.
+    head = [n for n, _ in base.named_children() if n in ("classifier", "score", "pre_classifier", "lm_head")]
     body = sorted(n for n in _linear_names(base) if n.split(".")[0] not in head)
     suffixes = sorted({n.split(".")[-1] for n in body})
     if cfg.target_modules == "all-linear":
@@ -215,8 +265,9 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
             raise RecipeError(f"{unmatched} match no linear layer of {config.model_type}", "lora.target_modules",
                               hint=f"its linear layers: {', '.join(suffixes)} (or use all-linear)")
         targets = list(cfg.target_modules)
-    modules_to_save = sorted(set(head) | set(cfg.modules_to_save or []))
-    resolved = {"target_modules": targets, "modules_to_save": modules_to_save}
+    trained_heads = [] if task == CAUSAL else head
+    modules_to_save = sorted(set(trained_heads) | set(cfg.modules_to_save or []))
+    resolved = {"target_modules": targets, "modules_to_save": modules_to_save, "task": task}
     total = sum(p.numel() for p in base.parameters())
     peft_model = get_peft_model(base, lora_config(resolved, cfg))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -225,23 +276,18 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
             "trainable_percent": round(100 * trainable / total, 4), "lora_layers": lora_layers}
 
 
-def count_full_params(model_path: str, label_names: list[str], trust_remote_code: bool = False) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
-    with torch.device("meta"):
-        base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    total = sum(p.numel() for p in base.parameters())
-    return {"enabled": False, "target_modules": [], "modules_to_save": [], "trainable_params": total,
+def count_full_params(model_path: str, label_names: list[str], task: str, trust_remote_code: bool = False) -> dict:
+    total = sum(p.numel() for p in skeleton(model_path, task, label_names, trust_remote_code).parameters())
+    return {"enabled": False, "task": task, "target_modules": [], "modules_to_save": [], "trainable_params": total,
             "base_params": total, "trainable_percent": 100.0, "lora_layers": 0}
 
 
 @stage("lora")
-def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str], trust_remote_code: bool = False) -> dict:
+def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str],
+                task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     if not cfg.enabled:
-        return count_full_params(model["path"], label_names, trust_remote_code)
-    return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, trust_remote_code)}
+        return count_full_params(model["path"], label_names, task, trust_remote_code)
+    return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, task, trust_remote_code)}
 
 
 def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):

@@ -36,9 +36,10 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    # A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package).
+    # A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package);
+    # or a GGUF file (dequantized once into a cached 16-bit model directory).
     name_or_path: str
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     # Class names in label order; taken from the data (sorted) when not given.
     labels: Optional[list[str]] = None
     revision: Optional[str] = None
@@ -92,6 +93,54 @@ class TokenizeSection(Section):
     truncation: bool = True
     # dynamic: pad each batch to its longest row; max_length: pad every row (the slow tutorial way).
     padding: Literal["dynamic", "max_length"] = "dynamic"
+    # causal-lm: pack short examples into rows of max_length without padding (positions restart
+    # and attention stays within each example).
+    packing: bool = False
+
+
+class PromptSection(Section):
+    """causal-lm: how a data row becomes a prompt and a response to learn."""
+    # Python format string over data columns, e.g. "### Instruction:\n{instruction}\n\n### Response:\n".
+    template: Optional[str] = None
+    # Or the tokenizer's chat template, the user turn being `template` rendered or the prompt column.
+    chat_template: bool = False
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    system_prompt: Optional[str] = None
+    # false: loss on the response tokens only (the prompt is masked).
+    train_on_prompt: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, v):
+        if v is not None:
+            import string
+
+            try:
+                list(string.Formatter().parse(v))
+            except ValueError as e:
+                raise ValueError(f"not a valid template: {e}") from None
+        return v
+
+    @property
+    def columns(self) -> list[str]:
+        """The data columns the prompt and response read."""
+        import string
+
+        if self.template is not None:
+            names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+        else:
+            names = [self.prompt_column]
+        return list(dict.fromkeys(names + [self.response_column]))
+
+
+class GenerationSection(Section):
+    """causal-lm evaluation: continuations generated for held-out prompts."""
+    num_examples: int = Field(32, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    # Greedy always; sampled too when a temperature is given.
+    temperature: Optional[float] = Field(None, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -163,7 +212,14 @@ class TrainSection(Section):
 
 class EvaluateSection(Section):
     # Metric modules under tasks/metrics/ by name, or paths to evaluate-compatible metric scripts.
-    metrics: list[str] = ["accuracy", "f1", "precision", "recall"]
+    # Default: accuracy, f1, precision, recall (classification); rouge (causal-lm, on generations).
+    metrics: Optional[list[str]] = None
+    generation: GenerationSection = GenerationSection()
+
+    def metric_names(self, task: str) -> list[str]:
+        if self.metrics is not None:
+            return self.metrics
+        return ["rouge"] if task == "causal-lm" else ["accuracy", "f1", "precision", "recall"]
 
 
 MergeBase = Literal["dequantized", "original"]
@@ -196,6 +252,7 @@ class Recipe(Section):
     data: DataSection
     split: SplitSection = SplitSection()
     tokenize: TokenizeSection = TokenizeSection()
+    prompt: PromptSection = PromptSection()
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
@@ -210,6 +267,12 @@ class Recipe(Section):
         if not self.lora.enabled and self.quantization.mode != "none":
             raise ValueError("full fine-tuning (lora.enabled: false) trains every weight and needs an unquantized "
                              "base: set quantization.load_in_4bit: false")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fields(self):
+        if self.tokenize.packing and self.model.task != "causal-lm":
+            raise ValueError("tokenize.packing is for causal-lm models")
         return self
 
     @property

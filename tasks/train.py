@@ -30,6 +30,13 @@ from tasks.tracking import Tracker
 MEGABATCH = 50  # batches per length-sorted block: rows of similar length, order still random
 
 
+def pad_token_id(tok) -> int:
+    """Causal LMs often have no pad token: pad with end-of-sequence (padded positions are masked)."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+
+
 def set_seed(seed: int) -> None:
     import torch
     random.seed(seed)
@@ -56,6 +63,71 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
+def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
+    """Examples packed into rows of at most max_length tokens, next-fit in a seeded random order.
+    Fixed for the whole run: each epoch shuffles the rows, so a step count means the same data."""
+    rows, current, used = [], [], 0
+    for i in np.random.default_rng([seed, 2**31 - 1]).permutation(len(lengths)).tolist():
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return rows + ([current] if current else [])
+
+
+def collate_lm(units: list[list[dict]], pad_id: int, dev: torch.device) -> dict:
+    """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
+    restart per example and no attention mask is passed, so transformers keeps attention within
+    each example (its packed-sequence detection), and the first token of each example is never a
+    target (it would be predicted from the previous example)."""
+    import torch
+
+    packed = any(len(u) > 1 for u in units)
+    width = max(sum(len(e["input_ids"]) for e in u) for u in units)
+    ids = torch.full((len(units), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(units), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(units), width), dtype=torch.long)
+    mask = torch.zeros((len(units), width), dtype=torch.long)
+    for r, unit in enumerate(units):
+        at = 0
+        for e in unit:
+            n = len(e["input_ids"])
+            ids[r, at:at + n] = torch.as_tensor(e["input_ids"])
+            labels[r, at:at + n] = torch.as_tensor(e["labels"])
+            labels[r, at] = -100
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        mask[r, :at] = 1
+        positions[r, at:] = torch.arange(width - at)  # padding: a segment of its own
+    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev)}
+    if packed:
+        batch["position_ids"] = positions.to(dev)
+    else:
+        batch["attention_mask"] = mask.to(dev)
+    batch["real_tokens"] = int(mask.sum())
+    return batch
+
+
+def lm_loss(model, dataset, batch_size: int, pad_id: int, dev) -> float:
+    """Mean loss per target token over a dataset (what perplexity is the exponential of)."""
+    import torch
+
+    model.eval()
+    lengths = dataset["length"]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = collate_lm([[dataset[i]] for i in order[start:start + batch_size]], pad_id, dev)
+            batch.pop("real_tokens")
+            targets = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.float().item() * targets
+            count += targets
+    model.train()
+    return total / max(count, 1)
+
+
 def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
     import torch
     width = max(len(r["input_ids"]) for r in rows)
@@ -64,7 +136,7 @@ def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.as_tensor(r["input_ids"])
-        mask[i, :n] = 1
+        mask[i, : r.get("length", n)] = 1  # rows padded at tokenization keep their pads masked
     labels = torch.tensor([r["labels"] for r in rows])
     return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
 
@@ -178,8 +250,8 @@ def _accuracy(logits: np.ndarray, labels) -> float:
 
 @stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model",))
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
-          q: QuantizationSection, cfg: TrainSection, run_id: str | None = None,
-          tracking_uri: str | None = None, *, scratch: Path) -> dict:
+          q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
+          run_id: str | None = None, tracking_uri: str | None = None, *, scratch: Path) -> dict:
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, get_scheduler
@@ -190,7 +262,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
     train_ds, val_ds = data["train"], data["validation"]
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = pad_token_id(tok)
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
     base = models.load_base(quantized, label_names, q)
@@ -199,8 +271,25 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
 
-    lengths = train_ds["length"]
-    per_epoch = math.ceil(len(train_ds) / cfg.per_device_train_batch_size)
+    causal = quantized["task"] == models.CAUSAL
+    # Units of data: examples, or (packing) rows of several examples each.
+    units = pack(train_ds["length"], max_length, cfg.seed) if packing else [[i] for i in range(len(train_ds))]
+    lengths = [sum(train_ds["length"][i] for i in u) for u in units] if packing else train_ds["length"]
+
+    def make_batch(unit_ids: list[int]) -> dict:
+        if causal:
+            return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev)
+        batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
+        batch["real_tokens"] = int(batch["attention_mask"].sum())
+        return batch
+
+    def validate_now() -> dict:
+        if causal:
+            return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)}
+        logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
+        return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
+
+    per_epoch = math.ceil(len(units) / cfg.per_device_train_batch_size)
     total = training_steps(per_epoch, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                               num_training_steps=total)
@@ -232,13 +321,13 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     while step < total:
         batches = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length)
         for b in range(micro - epoch * per_epoch, len(batches)):
-            batch = collate([train_ds[i] for i in batches[b]], pad_id, dev)
+            batch = make_batch(batches[b])
+            tokens += batch.pop("real_tokens")  # non-pad tokens only
             loss = model(**batch).loss
             (loss / cfg.gradient_accumulation_steps).backward()
             window_loss += loss.item()
             window_n += 1
-            samples += len(batches[b])
-            tokens += int(batch["attention_mask"].sum())
+            samples += sum(len(units[u]) for u in batches[b])
             micro += 1
             last_of_epoch = b == len(batches) - 1
             if micro % cfg.gradient_accumulation_steps and not last_of_epoch:
@@ -260,8 +349,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 window_loss, window_n = 0.0, 0
             if step % eval_every == 0 or step == total:
-                logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
-                record({"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}, step)
+                record(validate_now(), step)
             if step % cfg.save_steps == 0 and step < total:
                 elapsed = progress["elapsed_s"] + time.perf_counter() - started
                 _save_checkpoint(scratch, step, model, optimizer, scheduler,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import AG_NEWS, minilm_dir
-from tasks.data import check_data, clean, describe_source, load, read_source, split, tokenize
+from tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
 from tasks.model import resolve_model
 from tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
 
@@ -40,7 +40,7 @@ def test_reads_every_format(tmp_path, name):
         path.write_text(json.dumps(df.to_dict(orient="records")))
     else:
         df.to_parquet(path)
-    frames = read_source(_data(path))
+    frames = read_source(_data(path), required_columns(_data(path), None))
     assert list(frames) == ["train"] and len(frames["train"]) == len(ROWS)
 
 
@@ -104,7 +104,7 @@ def test_bad_files_name_the_file(tmp_path):
 
 def test_directory_splits_and_aliases():
     files = describe_source(DataSection(path=str(AG_NEWS)))["files"]
-    assert sorted(files) == ["test", "train", "validation"] and files["validation"].endswith("dev.csv")
+    assert sorted(files) == ["test", "train", "validation"] and files["validation"][0].endswith("dev.csv")
 
 
 def test_source_fingerprint_follows_content(tmp_path):

@@ -147,3 +147,16 @@ def test_merge_dequantized_matches_adapter(prepared, tmp_path):
     with torch.no_grad():
         a, m = adapter_model.eval()(**batch).logits, plain.eval()(**batch).logits
     torch.testing.assert_close(m, a, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("quantization, optim", [({"load_in_4bit": False, "load_in_8bit": True}, "paged_adamw_8bit"),
+                                                 ({"load_in_4bit": False}, "paged_adamw_32bit")])
+def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_path, quantization, optim):
+    """The same recipe with an 8-bit base, or none (plain LoRA), and bitsandbytes' paged optimizers."""
+    r = recipe_from_dict(small_agnews_recipe(quantization=quantization, train={"optim": optim, "max_steps": 2}))
+    work = str(tmp_path)
+    labels = prepared["tokenized"]["label_names"]
+    quantized = quantize.fn(prepared["model"], r.quantization, labels, r.train.seed, work_dir=work)
+    assert quantized["quantized"] == (r.quantization.mode == "8bit")
+    result = train.fn(prepared["tokenized"], quantized, prepared["lora"], r.lora, r.quantization, r.train, work_dir=work)
+    assert result["steps"] == 2 and result["final_train_loss"] > 0
