@@ -100,7 +100,8 @@ def collate_lm(units: list[list[dict]], pad_id: int, dev: torch.device) -> dict:
             at += n
         mask[r, :at] = 1
         positions[r, at:] = torch.arange(width - at)  # padding: a segment of its own
-    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev)}
+    # No KV cache: with one, transformers skips its packed-sequence detection (and training needs none).
+    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev), "use_cache": False}
     if packed:
         batch["position_ids"] = positions.to(dev)
     else:

