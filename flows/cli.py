@@ -207,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="print the adapter vs merged variants table of one or more runs")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
-    p = sub.add_parser("predict", help="classify texts with a trained model from a run or the registry")
+    p = sub.add_parser("predict", help="classify texts (or answer them, for a causal LM) with a trained model "
+                                       "from a run or the registry")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", dest="run_id", help="MLflow run id")
     source.add_argument("--model", help="registered model as NAME/VERSION or NAME@ALIAS (e.g. agnews-minilm-merged@champion)")
@@ -303,7 +304,8 @@ def _registry_command(args) -> int:
     elif args.command == "predict":
         table = registry.predict(uri, _read_texts(args), args.run_id, args.variant, args.model)
         with pd_options():
-            print(table.to_string(index=False, formatters={"confidence": "{:.3f}".format}))
+            formats = {"confidence": "{:.3f}".format} if "confidence" in table else {}
+            print(table.to_string(index=False, formatters=formats))
     else:
         print(registry.promote(uri, args.name, args.metric, args.min_delta))
     return 0

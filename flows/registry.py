@@ -59,8 +59,15 @@ def resolve_model(uri: str, into: str, run_id: str | None, variant: str, model: 
     return _download(uri, f"{run.info.artifact_uri}/{artifact}", into)
 
 
+def _is_causal(directory: Path) -> bool:
+    if (directory / "adapter_config.json").is_file():
+        return json.loads((directory / "adapter_config.json").read_text()).get("task_type") == "CAUSAL_LM"
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
 def load_predictor(directory: Path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -77,8 +84,27 @@ def load_predictor(directory: Path):
         task = "causal-lm" if config.get("task_type") == "CAUSAL_LM" else "sequence-classification"
         model = PeftModel.from_pretrained(load_model(base_dir, task, names, _compute_dtype(base_dir)), str(directory))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        cls = AutoModelForCausalLM if _is_causal(directory) else AutoModelForSequenceClassification
+        model = cls.from_pretrained(directory)
     return model.eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def _respond(net, tok, texts: list[str], max_new_tokens: int = 128) -> list[dict]:
+    """A causal LM's answers: each text as the user turn of its chat template (or as is)."""
+    import torch
+
+    rows = []
+    chat = bool(getattr(tok, "chat_template", None))
+    with torch.no_grad():
+        for text in texts:
+            prompt = (tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True) if chat else text)
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=not chat).to(net.device)
+            out = net.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            rows.append({"text": text, "response": tok.decode(out[0, ids["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True).strip()})
+    return rows
 
 
 def _compute_dtype(base_dir: str):
@@ -95,6 +121,8 @@ def predict(uri: str, texts: list[str], run_id: str | None, variant: str, model:
     with tempfile.TemporaryDirectory() as tmp:
         directory = resolve_model(uri, tmp, run_id, variant, model)
         net, tok = load_predictor(directory)
+        if _is_causal(directory):
+            return pd.DataFrame(_respond(net, tok, texts))
         id2label = net.config.id2label
         rows = []
         with torch.no_grad():
