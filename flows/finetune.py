@@ -18,6 +18,7 @@ from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
 from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
 from tasks.recipe import Recipe, recipe_from_dict
+from tasks.stage import call_stage
 from tasks.store import dir_size, hash_value
 from tasks.train import train
 
@@ -38,7 +39,7 @@ class StageRunner:
         start = time.perf_counter()
         if label:
             stage_task = stage_task.with_options(task_run_name=label)
-        state = stage_task(*args, work_dir=self.work_dir, return_state=True, **kwargs)
+        state = call_stage(stage_task, *args, work_dir=self.work_dir, **kwargs)
         result = state.result()  # re-raises the task's exception
         name = label or stage_task.name
         self.cached[name] = state.name == "Cached" or bool(result.get("cache_hit"))

@@ -39,16 +39,24 @@ def _key_part(value: Any) -> Any:
 
 
 class _ContentKey(CachePolicy):
-    """Prefect's cache key is the stage key, but only while the stage's directory is complete:
-    a deleted work directory means a re-run, never a stale path."""
+    """Prefect's cache key is the stage key. (A cached result whose directory was deleted since is
+    caught by `call_stage`, which then re-runs the stage.)"""
 
     def __init__(self, key_of: Callable[[dict], tuple[str, Path]]):
         super().__init__()
         self.key_of = key_of
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
-        key, directory = self.key_of(inputs)
-        return key if store.read_result(directory) is not None else None
+        return self.key_of(inputs)[0]
+
+
+def call_stage(stage_task, *args, **kwargs):
+    """Run a stage task inside a flow and return its final state. A cache hit whose work directory
+    is gone (cleaned by hand) is re-run instead of handing on a stale path."""
+    state = stage_task(*args, return_state=True, **kwargs)
+    if state.name == "Cached" and store.read_result(Path(state.result()["dir"])) is None:
+        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+    return state
 
 
 def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()):

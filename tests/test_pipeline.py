@@ -100,6 +100,15 @@ def test_run_rerun_and_edit(project):
     assert len(client.search_model_versions("name = 'agnews-test-adapter'")) == 1, "same adapter, no new version"
     print(f"cached re-run: {elapsed:.1f} s")
 
+    # Prefect's cache says "Cached" now; a work directory deleted by hand is rebuilt, not trusted.
+    import shutil
+
+    for d in (project / ".qlora" / "tokenize").iterdir():
+        shutil.rmtree(d)
+    rebuilt = run(project)
+    assert not rebuilt["cached"]["tokenize"] and rebuilt["cached"]["train"]
+    assert list((project / ".qlora" / "tokenize").iterdir())
+
     # A new learning rate re-runs training and what follows it, not the data stages.
     third = run(project, "train.learning_rate=5e-4")
     cached = third["cached"]
