@@ -156,7 +156,7 @@ def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None
     inputs = []
     for name in ("train", "validation", "test"):
         df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
-        ds = mlflow.data.from_pandas(df, source=source, name=f"{name}", targets="label")
+        ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label" if "label" in df else None)
         context = {"train": "training", "validation": "validation", "test": "testing"}[name]
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     client.log_inputs(run_id, datasets=inputs)
