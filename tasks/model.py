@@ -290,6 +290,18 @@ def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str]
     return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, task, trust_remote_code)}
 
 
+def keep_4bit_layers_trainable(model) -> None:
+    """bitsandbytes converts a 4-bit layer's weights to a CPU inference layout the first time it runs
+    in eval mode without gradients, and keeps that layout: the mid-training validation would then
+    switch the layers to a kernel without autograd (gradients stop flowing, or the step fails). A
+    model being trained never takes that path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
     """The base with LoRA attached (only the adapters and the head train), or, for full
     fine-tuning, the base itself with every weight trainable."""
@@ -302,6 +314,7 @@ def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, 
         return base
     if quantized:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        keep_4bit_layers_trainable(base)
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()

@@ -160,3 +160,25 @@ def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_pa
     assert quantized["quantized"] == (r.quantization.mode == "8bit")
     result = train.fn(prepared["tokenized"], quantized, prepared["lora"], r.lora, r.quantization, r.train, work_dir=work)
     assert result["steps"] == 2 and result["final_train_loss"] > 0
+
+
+def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
+    """A mid-training evaluation (eval mode, no grad) must not switch 4-bit layers to an inference
+    kernel: afterwards the first layer's LoRA weights still get gradients."""
+    from tasks.model import model_for_training
+    from tasks.train import collate
+
+    r = prepared["recipe"]
+    model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization),
+                               prepared["lora"], r.lora, True, False)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(f"{prepared['tokenized']['dir']}/dataset")["train"]
+    batch = collate([ds[i] for i in range(4)], 0, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    model.train()
+    model(**batch).loss.backward()
+    first = next(p for n, p in model.named_parameters() if "layer.0." in n and "lora_B" in n)  # A starts at 0 grad
+    assert first.grad is not None and first.grad.abs().sum() > 0
