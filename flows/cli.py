@@ -139,7 +139,7 @@ def _summary(result: dict) -> str:
     lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
     if "merged_test_metrics" in result:
         mm = result["merged_test_metrics"]
-        lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in ("accuracy", "f1_macro") if k in mm))
+        lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in shown if k in mm))
     t = result["train"]
     cached = [k for k, v in result["cached"].items() if v]
     lines.append(f"train: {t['steps']} steps, {t['train_runtime_s']:.1f} s, {t['samples_per_s']:.1f} samples/s, "

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: a cached run never need
 
 log = logging.getLogger("qlora")
 
-# Task heads stay out of quantization (4-bit heads fail on CPU and lose accuracy) and are trained fully.
-HEAD_MODULES = ["classifier", "pre_classifier", "score", "pooler"]
+# Task and output heads stay out of quantization (4-bit heads fail on CPU and lose accuracy; a causal
+# LM's lm_head is often tied to its input embeddings). Classification heads are trained fully.
+HEAD_MODULES = ["classifier", "pre_classifier", "score", "pooler", "lm_head"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -110,7 +111,17 @@ def convert_gguf(out: Path, model: dict) -> dict:
     except ImportError as e:
         raise RecipeError(f"reading GGUF needs the gguf package: {e}", "model.name_or_path",
                           hint="pip install gguf") from None
-    net.save_pretrained(out / "model")
+    # transformers will not save a model loaded from GGUF: move its (dequantized) weights into a
+    # fresh model of the same architecture and save that.
+    config = net.config
+    for attr in ("quantization_config", "gguf_file"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(net.state_dict(), assign=True, strict=False)
+    plain.tie_weights()
+    plain.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
     return {"model": "model", "tokenizer_hash": resolve_model(ModelSection(name_or_path=str(out / "model")))["tokenizer"]["hash"],
             "source": str(path)}
