@@ -314,6 +314,11 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
 
     step, micro = progress["step"], progress["micro_step"]
     window_loss, window_n, started = 0.0, 0, time.perf_counter()
+    # Time spent validating and checkpointing is not training time: it is counted apart.
+    paused = 0.0
+
+    def training_seconds() -> float:
+        return progress["elapsed_s"] + time.perf_counter() - started - paused
     samples, tokens = progress["samples"], progress["tokens"]
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
@@ -340,7 +345,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             step += 1
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total:
-                elapsed = progress["elapsed_s"] + time.perf_counter() - started
+                elapsed = training_seconds()
                 metrics = {"train_loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
                            "epoch": micro / per_epoch, "samples_per_s": samples / elapsed,
                            "tokens_per_s": tokens / elapsed}
@@ -349,19 +354,21 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 record(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 window_loss, window_n = 0.0, 0
+            pause_start = time.perf_counter()
             if step % eval_every == 0 or step == total:
                 record(validate_now(), step)
             if step % cfg.save_steps == 0 and step < total:
-                elapsed = progress["elapsed_s"] + time.perf_counter() - started
+                elapsed = training_seconds() - (time.perf_counter() - pause_start)
                 _save_checkpoint(scratch, step, model, optimizer, scheduler,
                                  {"step": step, "micro_step": micro, "elapsed_s": elapsed, "samples": samples,
                                   "tokens": tokens}, cfg.save_total_limit)
                 on_checkpoint(step)
+            paused += time.perf_counter() - pause_start
             if step >= total:
                 break
         epoch += 1
     bar.close()
-    elapsed = progress["elapsed_s"] + time.perf_counter() - started
+    elapsed = training_seconds()
 
     # LoRA: the adapter (small, needs the base); full fine-tuning: the whole model.
     artifact = "adapter" if lora_cfg.enabled else "model"
