@@ -47,7 +47,9 @@ class _ContentKey(CachePolicy):
         self.key_of = key_of
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
-        return self.key_of(inputs)[0]
+        key, directory = self.key_of(inputs)
+        # Per work directory: a record must point into this project's store, not another's.
+        return store.hash_value([key, str(directory.resolve())])
 
 
 def call_stage(stage_task, *args, **kwargs):

@@ -28,6 +28,16 @@ def minilm_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """The CLI sets environment defaults for its process; tests calling it in-process must not
+    leak them into later tests (or the subprocesses those start)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A fresh project directory as the working directory (its .qlora/ and mlflow/ live there)."""
