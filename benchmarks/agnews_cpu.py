@@ -116,6 +116,18 @@ def main() -> None:
         rows += [("agnews-minilm recipe: test accuracy (target >= 0.88)", f"{full['test_metrics']['accuracy']:.4f}", ""),
                  ("  merged (dequantized, bf16) test accuracy", f"{full['merged_test_metrics']['accuracy']:.4f}", ""),
                  ("  train time / wall time", f"{full['train']['train_runtime_s']:.0f} s", f"{full_wall:.0f} s")]
+        variants = {row["variant"]: row for row in full.get("comparison", [])}
+        for name, v in variants.items():
+            rows += [(f"  {name}: accuracy, agreement with adapter",
+                      f"{v['accuracy']:.4f}", f"{v['agreement_pct']:.2f}% (max |dlogit| {v['max_abs_logit_diff']:.3f}); "
+                      f"p50/p95 {v['latency_p50_ms']:.1f}/{v['latency_p95_ms']:.1f} ms at batch 1; "
+                      f"{v['throughput_per_s']:.0f}/s at batch 64; deploy {v['deploy_size_mb']:.0f} MB; "
+                      f"peak +{v['peak_memory_mb']:.0f} MB")]
+        if "adapter" in variants and "merged-dequant" in variants:
+            a, d = variants["adapter"], variants["merged-dequant"]
+            rows += [("  merged-dequant vs adapter: latency p50 ratio (target >= 1.2x)",
+                      f"{a['latency_p50_ms'] / d['latency_p50_ms']:.2f}x",
+                      f"accuracy {100 * (d['accuracy'] - a['accuracy']):+.2f} points (target within 0.3)")]
         # 3. unchanged re-run
         again, again_wall = qlora_run(tmp / "p2", data)
         rows += [("unchanged re-run: wall (target < 15 s), steps trained",
