@@ -84,7 +84,8 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
                          r.quantization, r.evaluate, r.train.per_device_eval_batch_size, label="evaluate-base")
             _log_evaluation(uri, run_id, before, "base_test_", "eval_base")
         trained = run(train, tokenized, quantized, lora, r.lora, r.quantization, r.train, r.tokenize.packing,
-                      r.tokenize.max_length, run_id=run_id, tracking_uri=uri)
+                      r.tokenize.max_length, causal and r.tokenize.padding == "max_length",
+                      run_id=run_id, tracking_uri=uri)
         tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
         tracking.log_summary(uri, run_id, {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})

@@ -76,15 +76,16 @@ def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
     return rows + ([current] if current else [])
 
 
-def collate_lm(units: list[list[dict]], pad_id: int, dev: torch.device) -> dict:
+def collate_lm(units: list[list[dict]], pad_id: int, dev: torch.device, width: int | None = None) -> dict:
     """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
     restart per example and no attention mask is passed, so transformers keeps attention within
     each example (its packed-sequence detection), and the first token of each example is never a
-    target (it would be predicted from the previous example)."""
+    target (it would be predicted from the previous example). width: pad every row to it
+    (tokenize.padding: max_length, the tutorial way) instead of to the longest row."""
     import torch
 
     packed = any(len(u) > 1 for u in units)
-    width = max(sum(len(e["input_ids"]) for e in u) for u in units)
+    width = max([sum(len(e["input_ids"]) for e in u) for u in units] + [width or 0])
     ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     labels = torch.full((len(units), width), -100, dtype=torch.long)
     positions = torch.zeros((len(units), width), dtype=torch.long)
@@ -252,6 +253,7 @@ def _accuracy(logits: np.ndarray, labels) -> float:
 @stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model",))
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
+          pad_to_max_length: bool = False,
           run_id: str | None = None, tracking_uri: str | None = None, *, scratch: Path) -> dict:
     import torch
     from datasets import load_from_disk
@@ -279,7 +281,8 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
 
     def make_batch(unit_ids: list[int]) -> dict:
         if causal:
-            return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev)
+            return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev,
+                              max_length if pad_to_max_length else None)
         batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
         batch["real_tokens"] = int(batch["attention_mask"].sum())
         return batch
