@@ -38,12 +38,13 @@ def main() -> None:
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(done.stderr[-4000:])
+        print(done.stdout, flush=True)
         parent = done.stdout.strip().splitlines()[-1].split()[3]
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
-        methods = pd.DataFrame(json.loads(Path(client.download_artifacts(parent, "methods/table.json", tmp)).read_text())
-                               ["data"], columns=json.loads(Path(tmp, "methods", "table.json").read_text())["columns"])
+        raw = json.loads(Path(client.download_artifacts(parent, "methods/table.json", tmp)).read_text())
+        methods = pd.DataFrame(raw["data"], columns=raw["columns"])
         qlora_run = methods.set_index("method").loc["qlora", "run_id"]
         variants = None
         if "comparison/variants.json" in {a.path for a in client.list_artifacts(qlora_run, "comparison")}:
