@@ -3,8 +3,6 @@ split, scored by `evaluate` metric modules; predictions, a confusion matrix and 
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pandas as pd
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
 from tasks.stage import stage
-from tasks.train import collate, pad_token_id, predict
+from tasks.train import PeakMemory, collate, pad_token_id, predict
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
@@ -84,45 +82,6 @@ def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_
     # 4-bit variant brings its own quantization config.
     return models.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
                                   models.dtype_of(q.bnb_4bit_compute_dtype))
-
-
-class PeakMemory:
-    """Peak resident memory above the starting level while the block runs (CPU: /proc sampled
-    every 5 ms; CUDA: the allocator's peak)."""
-
-    def __init__(self, dev):
-        self.dev, self.peak = dev, 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        import torch
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
-            self.start = torch.cuda.memory_allocated(self.dev)
-            return self
-        self.start, self._stop = self._rss(), threading.Event()
-        self._high = self.start
-
-        def sample():
-            while not self._stop.wait(0.005):
-                self._high = max(self._high, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        if self.dev.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.start
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._high, self._rss()) - self.start
 
 
 def weights_bytes(model) -> int:

@@ -10,8 +10,8 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -156,11 +156,45 @@ def build_optimizer(params, cfg: TrainSection):
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def peak_memory_bytes(dev: torch.device) -> int:
-    import torch
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+class PeakMemory:
+    """Peak resident memory above the starting level while the block runs (CPU: /proc sampled
+    every 5 ms; CUDA: the allocator's peak)."""
+
+    def __init__(self, dev):
+        self.dev, self.peak = dev, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import torch
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.start = torch.cuda.memory_allocated(self.dev)
+            return self
+        self.start, self._stop = self._rss(), threading.Event()
+        self._high = self.start
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self._high = max(self._high, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.dev.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._high, self._rss()) - self.start
+
+
 
 
 def on_checkpoint(step: int) -> None:
@@ -268,6 +302,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     pad_id = pad_token_id(tok)
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
+    memory = PeakMemory(dev).__enter__()  # this stage's own peak, not the process's high-water mark
     base = models.load_base(quantized, label_names, q)
     model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
     model.train()
@@ -372,6 +407,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         epoch += 1
     bar.close()
     elapsed = training_seconds()
+    memory.__exit__(None, None, None)
 
     # LoRA: the adapter (small, needs the base); full fine-tuning: the whole model.
     artifact = "adapter" if lora_cfg.enabled else "model"
@@ -384,7 +420,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         artifact: artifact, "history": "history.jsonl", "steps": step, "resumed_from_step": resumed_at,
         "train_runtime_s": round(elapsed, 3), "train_samples": samples, "train_tokens": tokens,
         "samples_per_s": round(samples / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 3),
-        "peak_memory_bytes": peak_memory_bytes(dev), "device": str(dev),
+        "peak_memory_bytes": memory.peak, "device": str(dev),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "trainable_params": lora["trainable_params"], "trainable_percent": lora["trainable_percent"],
         "label_names": label_names,
