@@ -34,6 +34,8 @@ def _quiet_environment(recipe: Recipe) -> None:
     }.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    # MLflow's dataset-schema hints about integer label columns are noise in a CLI run.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     # bitsandbytes announces an optional Hub-fetched CPU kernel at import; it can't be had offline.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
