@@ -46,23 +46,22 @@ def source_files(data: DataSection) -> dict[str, list[Path]]:
             raise RecipeError(f"unsupported file type: {path.name}", "data.path",
                               hint="csv, tsv, json, jsonl, parquet or yaml, optionally .gz or .bz2")
         return {"train": [path]}
-    wanted = {v: k for k, v in (data.splits or {}).items()}  # source stem -> our split
-    files: dict[str, Path] = {}
-    for f in sorted(path.iterdir()):
-        fmt = _format_of(f)
-        if fmt is None:
-            continue
-        split = wanted.get(fmt[1]) or (None if data.splits and fmt[1] in SPLIT_ALIASES and
-                                       SPLIT_ALIASES[fmt[1]] in data.splits else SPLIT_ALIASES.get(fmt[1]))
+    data_files = [f for f in sorted(path.iterdir()) if _format_of(f) is not None]
+    mapped = data.splits or {}
+    wanted = {stem: split for split, stem in mapped.items()}  # source stem -> our split
+    files: dict[str, list[Path]] = {}
+    for f in data_files:
+        stem = _format_of(f)[1]
+        alias = SPLIT_ALIASES.get(stem)
+        # A name the recipe maps wins; a conventional name counts unless the recipe maps that split elsewhere.
+        split = wanted.get(stem) or (alias if alias not in mapped else None)
         if split and split not in files:
             files[split] = [f]
-    if not files and not data.splits:
-        every = [f for f in sorted(path.iterdir()) if _format_of(f) is not None]
-        if every:
-            return {"train": every}
+    if not files and not mapped and data_files:
+        return {"train": data_files}
     for split, stem in (data.splits or {}).items():
         if split not in files:
-            raise RecipeError(f"no data file named '{stem}' (csv, json, jsonl or parquet) in {path}",
+            raise RecipeError(f"no data file named '{stem}' (csv, tsv, json, jsonl, parquet or yaml) in {path}",
                               f"data.splits.{split}")
     if "train" not in files:
         raise RecipeError(f"no training file in directory {path}", "data.path",
