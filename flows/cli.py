@@ -142,6 +142,12 @@ def _summary(result: dict) -> str:
     if "merged_test_metrics" in result:
         mm = result["merged_test_metrics"]
         lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in shown if k in mm))
+    if "comparison" in result:
+        import pandas as pd
+
+        from tasks.compare import format_table
+
+        lines += ["merge variants against the adapter:", format_table(pd.DataFrame(result["comparison"]))]
     t = result["train"]
     cached = [k for k, v in result["cached"].items() if v]
     lines.append(f"train: {t['steps']} steps, {t['train_runtime_s']:.1f} s, {t['samples_per_s']:.1f} samples/s, "

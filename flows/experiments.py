@@ -76,7 +76,7 @@ def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path
     client.log_artifact(parent, str(work / f"{name}.csv"), name)
 
 
-@flow(name="qlora-compare-methods", log_prints=True)
+@flow(name="qlora-compare-methods")
 def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
     r = recipe_from_dict(recipe, recipe_file)
     uri = tracking.tracking_uri_of(r)
@@ -101,7 +101,7 @@ def trial(recipe: dict, recipe_file: Optional[str], parent: str) -> dict:
     return finetune(recipe, recipe_file, parent_run_id=parent)
 
 
-@flow(name="qlora-sweep", log_prints=True)
+@flow(name="qlora-sweep")
 def sweep(recipe: dict, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
     r = recipe_from_dict(recipe, recipe_file)
     trials = expand_grid(recipe, grid, recipe_file)

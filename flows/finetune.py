@@ -47,7 +47,7 @@ class StageRunner:
         return result
 
 
-@flow(name="qlora-finetune", log_prints=True)
+@flow(name="qlora-finetune")
 def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """One pipeline run. parent_run_id nests its MLflow run under a comparison or sweep run."""
     r = recipe_from_dict(recipe, recipe_file)
@@ -118,7 +118,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
                 summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
                                                               f"{r.tracking.registered_model_name or r.name}-merged",
                                                               merged["hash"])
-            if r.merge.compare and not causal:
+            if r.merge.compare:
                 table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
                 tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
                 summary["comparison"] = table.to_dict(orient="records")

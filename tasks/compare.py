@@ -12,35 +12,55 @@ from tasks.recipe import RecipeError
 
 VARIANTS = ["adapter", "merged-dequant", "merged-original", "merged-4bit"]
 TABLE_FILE = "comparison/variants.json"
-COLUMNS = ["variant", "accuracy", "f1_macro", "agreement_pct", "max_abs_logit_diff", "latency_p50_ms",
+COLUMNS = ["variant", "dtype", "accuracy", "f1_macro", "agreement_pct", "max_abs_logit_diff", "latency_p50_ms",
            "latency_p95_ms", "throughput_per_s", "peak_memory_mb", "weights_mb", "size_mb", "deploy_size_mb"]
+# A causal LM: held-out loss and ROUGE; agreement = identical greedy continuations of the same
+# prompts; logits = the next-token logits at the end of those prompts.
+CAUSAL_COLUMNS = ["variant", "dtype", "loss", "perplexity", "rougeL", "agreement_pct", "max_abs_logit_diff",
+                  "generation_s_per_example", "peak_memory_mb", "weights_mb", "size_mb", "deploy_size_mb"]
 
 
 def _logits(frame: pd.DataFrame) -> np.ndarray:
     return frame[[c for c in frame.columns if c.startswith("logit_")]].to_numpy(dtype=np.float64)
 
 
-def agreement(reference: pd.DataFrame, other: pd.DataFrame) -> dict[str, float]:
-    """% of identical predicted labels, and the largest logit difference, over the same rows."""
-    same = (reference["prediction"].to_numpy() == other["prediction"].to_numpy()).mean()
-    return {"agreement_pct": 100 * float(same),
-            "max_abs_logit_diff": float(np.abs(_logits(reference) - _logits(other)).max())}
+def agreement(reference: pd.DataFrame, other: pd.DataFrame, reference_logits: np.ndarray | None = None,
+              other_logits: np.ndarray | None = None) -> dict[str, float]:
+    """% of identical predictions (labels, or greedy continuations), and the largest logit difference,
+    over the same rows."""
+    column = "prediction" if "prediction" in reference else "greedy"
+    same = (reference[column].to_numpy() == other[column].to_numpy()).mean()
+    if reference_logits is None:
+        reference_logits, other_logits = _logits(reference), _logits(other)
+    diff = np.abs(reference_logits.astype(np.float64) - other_logits.astype(np.float64)).max()
+    return {"agreement_pct": 100 * float(same), "max_abs_logit_diff": float(diff)}
+
+
+def _read(result: dict) -> tuple[pd.DataFrame, np.ndarray | None]:
+    directory = Path(result["dir"])
+    logits = np.load(directory / result["logits"]) if result.get("logits") else None
+    return pd.read_parquet(directory / result["predictions"]), logits
 
 
 def comparison_table(evaluations: dict[str, dict], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     """evaluations: variant -> evaluate-stage result; sizes: variant -> (artifact bytes, deploy bytes)."""
-    reference = pd.read_parquet(Path(evaluations["adapter"]["dir"]) / evaluations["adapter"]["predictions"])
+    reference, reference_logits = _read(evaluations["adapter"])
+    causal = "greedy" in reference
     rows = []
     for variant in [v for v in VARIANTS if v in evaluations]:
         result = evaluations[variant]
         m = result["metrics"]
-        preds = pd.read_parquet(Path(result["dir"]) / result["predictions"])
-        rows.append({"variant": variant, "accuracy": m["accuracy"], "f1_macro": m.get("f1_macro"),
-                     **agreement(reference, preds), "latency_p50_ms": m["latency_p50_ms"],
-                     "latency_p95_ms": m["latency_p95_ms"], "throughput_per_s": m["examples_per_s"],
-                     "peak_memory_mb": m["peak_memory_bytes"] / 2**20, "weights_mb": m["weights_bytes"] / 2**20,
-                     "size_mb": sizes[variant][0] / 2**20, "deploy_size_mb": sizes[variant][1] / 2**20})
-    return pd.DataFrame(rows, columns=COLUMNS)
+        preds, logits = _read(result)
+        row = {"variant": variant, "dtype": result.get("dtype"), **agreement(reference, preds, reference_logits, logits),
+               "peak_memory_mb": m["peak_memory_bytes"] / 2**20, "weights_mb": m["weights_bytes"] / 2**20,
+               "size_mb": sizes[variant][0] / 2**20, "deploy_size_mb": sizes[variant][1] / 2**20}
+        if causal:
+            row.update({k: m.get(k) for k in ("loss", "perplexity", "rougeL", "generation_s_per_example")})
+        else:
+            row.update(accuracy=m["accuracy"], f1_macro=m.get("f1_macro"), latency_p50_ms=m["latency_p50_ms"],
+                       latency_p95_ms=m["latency_p95_ms"], throughput_per_s=m["examples_per_s"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=CAUSAL_COLUMNS if causal else COLUMNS)
 
 
 def comparison_chart(table: pd.DataFrame, path: Path) -> None:
@@ -49,8 +69,12 @@ def comparison_chart(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", "test accuracy"), ("agreement_pct", "agreement with adapter (%)"),
-              ("latency_p50_ms", "latency p50, batch 1 (ms)"), ("deploy_size_mb", "deploy size (MB)")]
+    if "accuracy" in table:
+        panels = [("accuracy", "test accuracy"), ("agreement_pct", "agreement with adapter (%)"),
+                  ("latency_p50_ms", "latency p50, batch 1 (ms)"), ("deploy_size_mb", "deploy size (MB)")]
+    else:
+        panels = [("loss", "held-out loss"), ("agreement_pct", "identical greedy continuations (%)"),
+                  ("generation_s_per_example", "generation (s per example)"), ("deploy_size_mb", "deploy size (MB)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (column, title) in zip(axes, panels):
         ax.bar(table["variant"], table[column], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(table)])
@@ -67,7 +91,8 @@ def comparison_chart(table: pd.DataFrame, path: Path) -> None:
 def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
     for column, digits in (("accuracy", 4), ("f1_macro", 4), ("agreement_pct", 2), ("max_abs_logit_diff", 4),
-                           ("latency_p50_ms", 2), ("latency_p95_ms", 2), ("throughput_per_s", 1),
+                           ("latency_p50_ms", 2), ("latency_p95_ms", 2), ("throughput_per_s", 1), ("loss", 4),
+                           ("perplexity", 2), ("rougeL", 4), ("generation_s_per_example", 3),
                            ("peak_memory_mb", 1), ("weights_mb", 1), ("size_mb", 1), ("deploy_size_mb", 1)):
         if column in shown:
             shown[column] = shown[column].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
@@ -90,7 +115,7 @@ def load_comparison(client, run_id: str) -> pd.DataFrame:
     recipe = run.data.params.get("name", "RECIPE")
     names = [a.path for a in client.list_artifacts(run_id, "comparison")]
     if TABLE_FILE not in names:
-        if "merged_test_accuracy" not in run.data.metrics:
+        if not any(k.startswith("merged_test_") for k in run.data.metrics):
             raise RecipeError(f"run {run_id} has no merged model", "RUN_ID",
                               hint=f"make one with: qlora run recipes/{recipe}.yaml --set merge.enabled=true "
                                    f"--set merge.compare=true")

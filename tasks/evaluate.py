@@ -78,10 +78,16 @@ def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_
     if "adapter" in variant:
         base = models.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
-    # Merged models run in the compute dtype (float32 on CPU, where bf16 matmuls are slow); a
-    # 4-bit variant brings its own quantization config.
     return models.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
-                                  models.dtype_of(q.bnb_4bit_compute_dtype))
+                             run_dtype(variant, q))
+
+
+def run_dtype(variant: dict, q: QuantizationSection):
+    """Merged 16-bit models run in their saved dtype, as deployed, where the device computes it
+    natively; the adapter, the base and a 4-bit merge (its own quantization config) in the compute dtype."""
+    if variant.get("strategy") in (None, "4bit"):
+        return models.dtype_of(q.bnb_4bit_compute_dtype)
+    return models.inference_dtype(variant["dtype"], q.bnb_4bit_compute_dtype)
 
 
 def weights_bytes(model) -> int:
@@ -133,8 +139,30 @@ def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tok
     return [t.strip() for t in texts]
 
 
+def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_size: int = 8) -> np.ndarray:
+    """The logits of the first token each prompt would generate (float32, prompts x vocabulary):
+    variants of one model are compared on these, beside their greedy continuations."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding: the last position is every prompt's end
+                ids[i, width - len(p):] = torch.as_tensor(p)
+                mask[i, width - len(p):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev))
+            rows.append(out.logits[:, -1, :].float().cpu().numpy())
+    return np.concatenate(rows)
+
+
 def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int) -> dict:
-    """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE)."""
+    """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE);
+    the next-token logits of those prompts kept for comparing variants."""
     import math
 
     import torch
@@ -145,11 +173,13 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
     loss = lm_loss(model, test, batch_size, pad_id, dev)
     g = cfg.generation
     examples = test.select(range(min(g.num_examples, len(test))))
+    np.save(out / "next_token_logits.npy", next_token_logits(model, examples["prompt_ids"], pad_id, dev))
     start = time.perf_counter()
     greedy = generate(model, tok, examples["prompt_ids"], pad_id, dev, g.max_new_tokens)
     seconds = time.perf_counter() - start
     references = examples["reference"]
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "generation_s_per_example": seconds / len(greedy)}
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "generation_s_per_example": seconds / len(greedy),
+               "weights_bytes": weights_bytes(model)}
     metrics.update(compute_metrics(cfg.metric_names(models.CAUSAL), greedy, references, []))
     table = {"prompt": examples["prompt_text"], "reference": references, "greedy": greedy}
     if g.temperature:
@@ -159,7 +189,8 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
         table["sampled"] = sampled
     pd.DataFrame(table).to_parquet(out / "predictions.parquet", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return {"metrics": metrics, "predictions": "predictions.parquet", "examples": len(test)}
+    return {"metrics": metrics, "predictions": "predictions.parquet", "logits": "next_token_logits.npy",
+            "examples": len(test)}
 
 
 @stage("evaluate", modules=("tasks.model", "tasks.train"))
@@ -172,8 +203,13 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     if quantized["task"] == models.CAUSAL:
         test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
         tok = AutoTokenizer.from_pretrained(quantized["original_path"])
-        model = load_for_eval(variant, quantized, q, [])
-        return _evaluate_causal(out, model, tok, test, pad_token_id(tok), models.device(), cfg, batch_size)
+        dev = models.device()
+        with PeakMemory(dev) as memory:
+            model = load_for_eval(variant, quantized, q, [])
+            result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size)
+        result["metrics"]["peak_memory_bytes"] = memory.peak
+        (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+        return {**result, "dtype": str(run_dtype(variant, q)).removeprefix("torch.")}
     label_names = tokenized["label_names"]
     test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
@@ -196,4 +232,4 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     confusion_plot(refs, preds, label_names, out / "confusion_matrix.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "predictions": "predictions.parquet", "confusion_matrix": "confusion_matrix.png",
-            "examples": len(test)}
+            "examples": len(test), "dtype": str(run_dtype(variant, q)).removeprefix("torch.")}

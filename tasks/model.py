@@ -67,6 +67,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_dtype(saved: str, fallback: str) -> torch.dtype:
+    """The dtype a saved 16-bit model is served in: its own where the device computes it natively
+    (CUDA; for bfloat16, CPUs with AVX512-BF16 or AMX), else the fallback: emulated 16-bit
+    matmuls on an older CPU are several times slower than float32."""
+    import torch
+
+    dtype = dtype_of(saved)
+    if dtype == torch.float32 or device().type == "cuda":
+        return dtype
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return dtype
+    return dtype_of(fallback)
+
+
 def resolve_model(model: ModelSection) -> dict:
     """Local directory and content fingerprints (weights+config, tokenizer) of the base model."""
     path = store.resolve_location(model.name_or_path, "model.name_or_path")

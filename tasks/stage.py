@@ -104,8 +104,9 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
         signature = inspect.Signature(
             params + [inspect.Parameter("work_dir", inspect.Parameter.KEYWORD_ONLY, annotation=str)])
         run_stage.__signature__ = signature
-        prefect_task = task(name=name, cache_policy=_ContentKey(key_of), persist_result=True,
-                            log_prints=True)(run_stage)
+        # log_prints stays off: libraries that capture stdout (dill's globals detection, used by
+        # datasets' fingerprints) would otherwise have their captures turned into log lines.
+        prefect_task = task(name=name, cache_policy=_ContentKey(key_of), persist_result=True)(run_stage)
         prefect_task.key_of = key_of
         return prefect_task
 

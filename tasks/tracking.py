@@ -223,6 +223,7 @@ def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> No
     for row in table.to_dict(orient="records"):
         variant = row.pop("variant")
         child = children.get(variant) or client.create_run(
-            experiment, run_name=variant, tags={"mlflow.parentRunId": run_id, "qlora.variant": variant}).info.run_id
+            experiment, run_name=variant, tags={"mlflow.parentRunId": run_id, "qlora.variant": variant,
+                                                "qlora.dtype": str(row.get("dtype"))}).info.run_id
         Tracker(uri, child).log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
         client.set_terminated(child, "FINISHED")

@@ -156,6 +156,19 @@ def build_optimizer(params, cfg: TrainSection):
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def _release_free_memory() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc malloc_trim), so that resident memory
+    measures what is live: two trainings in one process then measure alike."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measure is then an upper bound of reuse
+        pass
+
+
 class PeakMemory:
     """Peak resident memory above the starting level while the block runs (CPU: /proc sampled
     every 5 ms; CUDA: the allocator's peak)."""
@@ -174,6 +187,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.start = torch.cuda.memory_allocated(self.dev)
             return self
+        _release_free_memory()  # else freed blocks kept by the allocator hide this block's own peak
         self.start, self._stop = self._rss(), threading.Event()
         self._high = self.start
 
@@ -302,112 +316,111 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     pad_id = pad_token_id(tok)
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
-    memory = PeakMemory(dev).__enter__()  # this stage's own peak, not the process's high-water mark
-    base = models.load_base(quantized, label_names, q)
-    model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    with PeakMemory(dev) as memory:  # this stage's own peak, not the process's high-water mark
+        base = models.load_base(quantized, label_names, q)
+        model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, cfg)
 
-    causal = quantized["task"] == models.CAUSAL
-    # Units of data: examples, or (packing) rows of several examples each.
-    units = pack(train_ds["length"], max_length, cfg.seed) if packing else [[i] for i in range(len(train_ds))]
-    lengths = [sum(train_ds["length"][i] for i in u) for u in units] if packing else train_ds["length"]
+        causal = quantized["task"] == models.CAUSAL
+        # Units of data: examples, or (packing) rows of several examples each.
+        units = pack(train_ds["length"], max_length, cfg.seed) if packing else [[i] for i in range(len(train_ds))]
+        lengths = [sum(train_ds["length"][i] for i in u) for u in units] if packing else train_ds["length"]
 
-    def make_batch(unit_ids: list[int]) -> dict:
-        if causal:
-            return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev,
-                              max_length if pad_to_max_length else None)
-        batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
-        batch["real_tokens"] = int(batch["attention_mask"].sum())
-        return batch
+        def make_batch(unit_ids: list[int]) -> dict:
+            if causal:
+                return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev,
+                                  max_length if pad_to_max_length else None)
+            batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
+            batch["real_tokens"] = int(batch["attention_mask"].sum())
+            return batch
 
-    def validate_now() -> dict:
-        if causal:
-            return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)}
-        logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
-        return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
+        def validate_now() -> dict:
+            if causal:
+                return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)}
+            logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
+            return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
 
-    per_epoch = math.ceil(len(units) / cfg.per_device_train_batch_size)
-    total = training_steps(per_epoch, cfg)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
-                              num_training_steps=total)
-    eval_every = cfg.eval_steps or math.ceil(per_epoch / cfg.gradient_accumulation_steps)
+        per_epoch = math.ceil(len(units) / cfg.per_device_train_batch_size)
+        total = training_steps(per_epoch, cfg)
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
+                                  num_training_steps=total)
+        eval_every = cfg.eval_steps or math.ceil(per_epoch / cfg.gradient_accumulation_steps)
 
-    progress = {"step": 0, "micro_step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
-    checkpoints = sorted(scratch.glob("checkpoint-*"))
-    if checkpoints:
-        progress = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        tracker.log_text(f"resumed from {checkpoints[-1].name} at step {progress['step']}")
-    history_path = scratch / "history.jsonl"
-    if history_path.exists():  # drop records past the checkpoint we resume from
-        kept = [line for line in history_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
-        history_path.write_text("".join(line + "\n" for line in kept))
-    resumed_at = progress["step"]
+        progress = {"step": 0, "micro_step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
+        checkpoints = sorted(scratch.glob("checkpoint-*"))
+        if checkpoints:
+            progress = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+            tracker.log_text(f"resumed from {checkpoints[-1].name} at step {progress['step']}")
+        history_path = scratch / "history.jsonl"
+        if history_path.exists():  # drop records past the checkpoint we resume from
+            kept = [line for line in history_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
+            history_path.write_text("".join(line + "\n" for line in kept))
+        resumed_at = progress["step"]
 
-    def record(metrics: dict, step: int) -> None:
-        with history_path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        tracker.log_metrics(metrics, step)
+        def record(metrics: dict, step: int) -> None:
+            with history_path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            tracker.log_metrics(metrics, step)
 
-    step, micro = progress["step"], progress["micro_step"]
-    window_loss, window_n, started = 0.0, 0, time.perf_counter()
-    # Time spent validating and checkpointing is not training time: it is counted apart.
-    paused = 0.0
+        step, micro = progress["step"], progress["micro_step"]
+        window_loss, window_n, started = 0.0, 0, time.perf_counter()
+        # Time spent validating and checkpointing is not training time: it is counted apart.
+        paused = 0.0
 
-    def training_seconds() -> float:
-        return progress["elapsed_s"] + time.perf_counter() - started - paused
-    samples, tokens = progress["samples"], progress["tokens"]
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
-    epoch = micro // per_epoch
-    optimizer.zero_grad(set_to_none=True)
-    while step < total:
-        batches = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length)
-        for b in range(micro - epoch * per_epoch, len(batches)):
-            batch = make_batch(batches[b])
-            tokens += batch.pop("real_tokens")  # non-pad tokens only
-            loss = model(**batch).loss
-            (loss / cfg.gradient_accumulation_steps).backward()
-            window_loss += loss.item()
-            window_n += 1
-            samples += sum(len(units[u]) for u in batches[b])
-            micro += 1
-            last_of_epoch = b == len(batches) - 1
-            if micro % cfg.gradient_accumulation_steps and not last_of_epoch:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.logging_steps == 0 or step == total:
-                elapsed = training_seconds()
-                metrics = {"train_loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
-                           "epoch": micro / per_epoch, "samples_per_s": samples / elapsed,
-                           "tokens_per_s": tokens / elapsed}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                record(metrics, step)
-                bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-                window_loss, window_n = 0.0, 0
-            pause_start = time.perf_counter()
-            if step % eval_every == 0 or step == total:
-                record(validate_now(), step)
-            if step % cfg.save_steps == 0 and step < total:
-                elapsed = training_seconds() - (time.perf_counter() - pause_start)
-                _save_checkpoint(scratch, step, model, optimizer, scheduler,
-                                 {"step": step, "micro_step": micro, "elapsed_s": elapsed, "samples": samples,
-                                  "tokens": tokens}, cfg.save_total_limit)
-                on_checkpoint(step)
-            paused += time.perf_counter() - pause_start
-            if step >= total:
-                break
-        epoch += 1
-    bar.close()
-    elapsed = training_seconds()
-    memory.__exit__(None, None, None)
+        def training_seconds() -> float:
+            return progress["elapsed_s"] + time.perf_counter() - started - paused
+        samples, tokens = progress["samples"], progress["tokens"]
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
+        epoch = micro // per_epoch
+        optimizer.zero_grad(set_to_none=True)
+        while step < total:
+            batches = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length)
+            for b in range(micro - epoch * per_epoch, len(batches)):
+                batch = make_batch(batches[b])
+                tokens += batch.pop("real_tokens")  # non-pad tokens only
+                loss = model(**batch).loss
+                (loss / cfg.gradient_accumulation_steps).backward()
+                window_loss += loss.item()
+                window_n += 1
+                samples += sum(len(units[u]) for u in batches[b])
+                micro += 1
+                last_of_epoch = b == len(batches) - 1
+                if micro % cfg.gradient_accumulation_steps and not last_of_epoch:
+                    continue
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step % cfg.logging_steps == 0 or step == total:
+                    elapsed = training_seconds()
+                    metrics = {"train_loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
+                               "epoch": micro / per_epoch, "samples_per_s": samples / elapsed,
+                               "tokens_per_s": tokens / elapsed}
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    record(metrics, step)
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                    window_loss, window_n = 0.0, 0
+                pause_start = time.perf_counter()
+                if step % eval_every == 0 or step == total:
+                    record(validate_now(), step)
+                if step % cfg.save_steps == 0 and step < total:
+                    elapsed = training_seconds() - (time.perf_counter() - pause_start)
+                    _save_checkpoint(scratch, step, model, optimizer, scheduler,
+                                     {"step": step, "micro_step": micro, "elapsed_s": elapsed, "samples": samples,
+                                      "tokens": tokens}, cfg.save_total_limit)
+                    on_checkpoint(step)
+                paused += time.perf_counter() - pause_start
+                if step >= total:
+                    break
+            epoch += 1
+        bar.close()
+        elapsed = training_seconds()
 
     # LoRA: the adapter (small, needs the base); full fine-tuning: the whole model.
     artifact = "adapter" if lora_cfg.enabled else "model"

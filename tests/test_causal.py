@@ -152,6 +152,7 @@ def test_chat_smollm2_short_run(project):
     yaml_recipe["tokenize"]["max_length"] = 128
     yaml_recipe["train"].update(max_steps=12, logging_steps=4, eval_steps=12, save_steps=6)
     yaml_recipe["evaluate"]["generation"] = {"num_examples": 8, "max_new_tokens": 16}
+    yaml_recipe["merge"]["compare"] = True  # all four variants: greedy continuations and logits compared
     write_recipe(project / "r.yaml", yaml_recipe)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
@@ -164,3 +165,9 @@ def test_chat_smollm2_short_run(project):
     assert summary["train"]["steps"] == 12 and summary["cached"]["convert"] is False
     assert Path(summary["merged_dir"], "model.safetensors").is_file()
     assert "before training:" in done.stdout
+    variants = pd.DataFrame(summary["comparison"]).set_index("variant")
+    assert list(variants.index) == ["adapter", "merged-dequant", "merged-original", "merged-4bit"]
+    assert variants.loc["adapter", "agreement_pct"] == 100 and variants.loc["adapter", "max_abs_logit_diff"] == 0
+    # The dequantized merge is the model training saw: it must continue the prompts (nearly) alike.
+    assert variants.loc["merged-dequant", "agreement_pct"] >= 75, variants
+    assert variants["loss"].notna().all() and "merge variants against the adapter" in done.stdout

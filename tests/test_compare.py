@@ -23,6 +23,16 @@ def test_agreement_counts_identical_labels_and_the_largest_logit_gap():
     assert a == {"agreement_pct": 75.0, "max_abs_logit_diff": 1.0}
 
 
+def test_causal_agreement_is_identical_continuations_and_logit_gap():
+    ref = pd.DataFrame({"greedy": ["a cat", "yes", "no"]})
+    other = pd.DataFrame({"greedy": ["a cat", "yes.", "no"]})
+    logits = np.zeros((3, 5), dtype=np.float32)
+    shifted = logits.copy()
+    shifted[1, 4] = -0.25
+    a = agreement(ref, other, logits, shifted)
+    assert a["agreement_pct"] == pytest.approx(200 / 3) and a["max_abs_logit_diff"] == 0.25
+
+
 def test_table_rows_follow_variant_order(tmp_path):
     metrics = {"accuracy": 0.9, "f1_macro": 0.88, "latency_p50_ms": 2.0, "latency_p95_ms": 3.0,
                "examples_per_s": 500.0, "peak_memory_bytes": 2**20, "weights_bytes": 2**21}
