@@ -96,13 +96,14 @@ def preflight(recipe: Recipe) -> None:
     """The checks `run` makes before starting the flow: the ones that need no model library, so an
     unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run."""
     from tasks.data import check_data
-    from tasks.evaluate import check_metrics
+    from tasks.evaluate import check_metrics, check_promotion
     from tasks.model import resolve_model
     from tasks.tracking import check_tracking, tracking_uri_of
 
     resolve_model(recipe.model)
     check_data(recipe.data, _prompt_columns(recipe))
     check_metrics(recipe.evaluate, recipe.model.task)
+    check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
 
 
@@ -114,13 +115,14 @@ def validate(recipe: Recipe) -> dict:
     """Everything that can be checked without training: model, data, quantization, LoRA targets,
     tracking store."""
     from tasks.data import check_data
-    from tasks.evaluate import check_metrics
+    from tasks.evaluate import check_metrics, check_promotion
     from tasks.model import check_model, resolve_lora_targets
     from tasks.tracking import check_tracking, tracking_uri_of
 
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
     check_metrics(recipe.evaluate, recipe.model.task)
+    check_promotion(recipe)
     uri = tracking_uri_of(recipe)
     check_tracking(uri)
     info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
@@ -153,8 +155,12 @@ def _summary(result: dict) -> str:
     lines.append(f"train: {t['steps']} steps, {t['train_runtime_s']:.1f} s, {t['samples_per_s']:.1f} samples/s, "
                  f"trainable {result['lora']['trainable_params']:,} params ({result['lora']['trainable_percent']:.2f}%)"
                  + (" [cached]" if result["cached"].get("train") else ""))
-    if cached:
+    if result.get("all_cached"):
+        lines.append("unchanged data and recipe: every stage was a cache hit, nothing retrained")
+    elif cached:
         lines.append(f"cache hits: {', '.join(cached)}")
+    if "promotion" in result:
+        lines.append(f"promotion: {result['promotion']['reason']}")
     dropped = {s: {k: v for k, v in c.items() if k.startswith("dropped") and v} for s, c in result["data"].items()}
     dropped = {s: c for s, c in dropped.items() if c}
     if dropped:
@@ -212,6 +218,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="a recipe field and its values, e.g. --grid lora.r=[4,8,16] (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1: one CPU run uses every core)")
+    p = sub.add_parser("deploy", help="deploy a recipe for scheduled retraining (serve it here, or on a work pool)")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    p.add_argument("--name", help="deployment name (default: the recipe name)")
+    p.add_argument("--pool", help="register with this Prefect work pool instead of serving from this process")
+    p.add_argument("--limit", type=int, default=1, help="served runs at a time (default 1)")
+    p.add_argument("--no-promote", action="store_true",
+                   help="never move the champion alias (default: promote by tracking.promotion's metric)")
+    p = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--tracking-uri")
     p = sub.add_parser("compare", help="print the adapter vs merged variants table of one or more runs")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
@@ -228,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="registered model name, e.g. agnews-minilm-merged")
     p.add_argument("--metric", default="test_accuracy", help="run metric to compare (higher is better)")
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by")
+    p.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher is better; min: lower")
     p.add_argument("--tracking-uri")
     return parser
 
@@ -237,10 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("compare", "predict", "promote"):
             return _registry_command(args)
+        if args.command == "ui":
+            from flows.servers import ui
+
+            return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri))
         recipe = load_recipe(args.recipe, args.overrides)
         _quiet_environment(recipe)
         if args.command in ("methods", "sweep"):
             return _experiment(args, recipe)
+        if args.command == "deploy":
+            return _deploy(args, recipe)
         if args.command == "validate":
             info = validate(recipe)
             print(f"{args.recipe}: ok")
@@ -300,6 +328,24 @@ def _experiment(args, recipe: Recipe) -> int:
     return 0
 
 
+def _deploy(args, recipe: Recipe) -> int:
+    from flows.deploy import deploy
+
+    preflight(recipe)
+    served = args.pool is None
+    if served:
+        print(f"serving {recipe.name} ({'cron ' + args.cron if args.cron else f'every {args.interval:g} s'}); "
+              f"Ctrl-C stops serving", flush=True)
+    if args.limit < 1:
+        raise RecipeError(f"--limit must be at least 1, got {args.limit}", "--limit")
+    deployment = deploy(recipe, args.recipe, args.name, args.cron, args.interval, args.pool, not args.no_promote,
+                        args.limit)
+    if not served:
+        print(f"deployment {deployment} on work pool '{args.pool}'; start a worker with: "
+              f"prefect worker start --pool {args.pool}")
+    return 0
+
+
 def _registry_command(args) -> int:
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
@@ -315,7 +361,7 @@ def _registry_command(args) -> int:
             formats = {"confidence": "{:.3f}".format} if "confidence" in table else {}
             print(table.to_string(index=False, formatters=formats))
     else:
-        print(registry.promote(uri, args.name, args.metric, args.min_delta))
+        print(registry.promote(uri, args.name, args.metric, args.min_delta, args.mode)["reason"])
     return 0
 
 

@@ -2,23 +2,26 @@
 -> evaluate merged, each a cached Prefect task, the whole run recorded in one MLflow run."""
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
 from prefect import flow
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from tasks import tracking
+from tasks import lineage, tracking
 from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
 from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
-from tasks.recipe import Recipe, recipe_from_dict
-from tasks.stage import call_stage
+from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from tasks.stage import call_stage, materializing
 from tasks.store import dir_size, hash_value
 from tasks.train import train
 
@@ -30,15 +33,20 @@ def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
 
 
 class StageRunner:
-    """Runs stage tasks, remembering which were cache hits (for the summary and the MLflow run)."""
+    """Runs stage tasks, remembering which were cache hits (for the summary and the MLflow run).
+    A stage that builds a data or model asset runs as a materializing task of that asset."""
 
-    def __init__(self, work_dir: str):
-        self.work_dir, self.cached, self.seconds = work_dir, {}, {}
+    def __init__(self, work_dir: str, recipe_name: str):
+        self.work_dir, self.recipe_name, self.cached, self.seconds = work_dir, recipe_name, {}, {}
 
-    def __call__(self, stage_task, *args, label: str | None = None, **kwargs) -> dict:
+    def __call__(self, stage_task, *args, label: str | None = None, asset: str | None = None,
+                 upstream: tuple[str, ...] = (), **kwargs) -> dict:
         start = time.perf_counter()
         if label:
             stage_task = stage_task.with_options(task_run_name=label)
+        if asset:
+            stage_task = materializing(stage_task, [lineage.asset(self.recipe_name, asset)],
+                                       [lineage.asset(self.recipe_name, a) for a in upstream])
         state = call_stage(stage_task, *args, work_dir=self.work_dir, **kwargs)
         result = state.result()  # re-raises the task's exception
         name = label or stage_task.name
@@ -48,30 +56,43 @@ class StageRunner:
 
 
 @flow(name="qlora-finetune")
-def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    """One pipeline run. parent_run_id nests its MLflow run under a comparison or sweep run."""
-    r = recipe_from_dict(recipe, recipe_file)
-    run = StageRunner(r.work_dir)
+def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
+             overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """One pipeline run, of a recipe given as a dict, or read from recipe_file with `--set`-style
+    overrides (how prefect.yaml's deployments name it). parent_run_id nests its MLflow run under a
+    comparison or sweep run."""
+    if recipe is None:
+        if recipe_file is None:
+            raise RecipeError("give a recipe or a recipe_file", "recipe")
+        r = load_recipe(recipe_file, overrides or [])
+    else:
+        r = recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides) if overrides else recipe, recipe_file)
+    run = StageRunner(r.work_dir, r.name)
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     causal = r.model.task == CAUSAL
     check_metrics(r.evaluate, r.model.task)
+    uri = tracking.tracking_uri_of(r)
+    store_ready = threading.Thread(target=tracking.prepare_store, args=(uri,), daemon=True)
+    store_ready.start()  # alongside the first stages
     model = resolve_model(r.model)
     if "gguf" in model:  # dequantized once into a cached 16-bit model directory
         model = converted(run(convert_gguf, model))
     source = describe_source(r.data)
-    loaded = run(load, source, r.data, r.model.labels, r.prompt.columns if causal else None)
+    loaded = run(load, source, r.data, r.model.labels, r.prompt.columns if causal else None, asset="dataset")
     labels = loaded["label_names"]
     splits = run(split, loaded, r.split, r.data.sample)
-    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize, r.prompt if causal else None)
+    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize, r.prompt if causal else None,
+                    asset="tokenized", upstream=("dataset",))
     # LoRA targets are checked on the meta device (cheap) before the base is quantized.
     lora = run(attach_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
-    uri = tracking.tracking_uri_of(r)
+    store_ready.join()
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
     try:
+        _link_runs(uri, run_id, r.name)
         tracking.Tracker(uri, run_id).set_tags({"qlora.labels": json.dumps(labels), "qlora.task": r.model.task})
         tracking.log_recipe(uri, run_id, r, recipe_file)
         if not resumed:
@@ -82,10 +103,11 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
             before = run(evaluate_model, {"hash": f"base-{quantized['hash']}", "base": True}, tokenized, quantized,
                          r.quantization, r.evaluate, r.train.per_device_eval_batch_size, label="evaluate-base")
-            _log_evaluation(uri, run_id, before, "base_test_", "eval_base")
+            _log_evaluation(uri, run_id, before, "base_test_", "eval_base", r.name)
         trained = run(train, tokenized, quantized, lora, r.lora, r.quantization, r.train, r.tokenize.packing,
                       r.tokenize.max_length, causal and r.tokenize.padding == "max_length",
-                      run_id=run_id, tracking_uri=uri)
+                      run_id=run_id, tracking_uri=uri, asset="adapter" if r.lora.enabled else "model",
+                      upstream=("tokenized",))
         tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
         tracking.log_summary(uri, run_id, {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})
@@ -94,7 +116,7 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
 
         evaluated = run(evaluate_model, trained, tokenized, quantized, r.quantization, r.evaluate,
                         r.train.per_device_eval_batch_size)
-        _log_evaluation(uri, run_id, evaluated, "test_", "eval")
+        _log_evaluation(uri, run_id, evaluated, "test_", "eval", r.name)
 
         summary = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
                    "adapter_dir": str(Path(trained["dir"]) / trained[artifact]), "method": r.method,
@@ -105,12 +127,14 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
         if r.tracking.register_models:
             name = r.tracking.registered_model_name or r.name
             summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{name}-{artifact}", trained["hash"])
+            _link_version(uri, f"{name}-{artifact}", summary["adapter_version"])
 
         if r.merge.enabled and r.lora.enabled:
-            merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype)
+            merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype,
+                         asset="merged-model", upstream=("adapter",))
             merged_eval = run(evaluate_model, merged, tokenized, quantized, r.quantization, r.evaluate,
                               r.train.per_device_eval_batch_size, label="evaluate-merged")
-            _log_evaluation(uri, run_id, merged_eval, "merged_test_", "eval_merged")
+            _log_evaluation(uri, run_id, merged_eval, "merged_test_", "eval_merged", r.name)
             tracking.log_artifacts(uri, run_id, Path(merged["dir"]) / merged["model"], "merged_model")
             summary.update(merged_dir=str(Path(merged["dir"]) / merged["model"]),
                            merged_test_metrics=merged_eval["metrics"])
@@ -118,11 +142,15 @@ def finetune(recipe: dict, recipe_file: Optional[str] = None, parent_run_id: Opt
                 summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
                                                               f"{r.tracking.registered_model_name or r.name}-merged",
                                                               merged["hash"])
+                _link_version(uri, f"{r.tracking.registered_model_name or r.name}-merged", summary["merged_version"])
             if r.merge.compare:
                 table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
                 tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
                 summary["comparison"] = table.to_dict(orient="records")
-        summary.update(cached=run.cached, stage_seconds=run.seconds)
+        if r.tracking.promotion.enabled:
+            summary["promotion"] = _promote(uri, run_id, r)
+        summary.update(cached=run.cached, stage_seconds=run.seconds, all_cached=all(run.cached.values()))
+        _report(r.name, summary)
         tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
         status = "FINISHED"
         return summary
@@ -163,11 +191,64 @@ def _data_counts(loaded: dict, tokenized: dict) -> dict[str, float]:
     return counts
 
 
-def _log_evaluation(uri: str, run_id: str, evaluated: dict, prefix: str, artifact_dir: str) -> None:
+def _log_evaluation(uri: str, run_id: str, evaluated: dict, prefix: str, artifact_dir: str, recipe_name: str) -> None:
     """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
-    reference and generated text) as an MLflow table."""
+    reference and generated text) as an MLflow table; the metrics as a Prefect table artifact too."""
     directory = Path(evaluated["dir"])
     tracking.log_summary(uri, run_id, evaluated["metrics"], prefix)
+    lineage.metrics_table(evaluated["metrics"], f"{recipe_name}-{artifact_dir}",
+                          f"{prefix}metrics of MLflow run {run_id}")
     tracking.log_artifacts(uri, run_id, directory, artifact_dir)
     tracking.log_table(uri, run_id, pd.read_parquet(directory / evaluated["predictions"]),
                        f"{artifact_dir}/predictions_table.json")
+
+
+def _link_runs(uri: str, run_id: str, recipe_name: str) -> None:
+    """Either side leads to the other: the MLflow run carries the Prefect flow run's id and page,
+    the Prefect flow run a link to the MLflow run."""
+    flow_run_id = flow_run.get_id()
+    page = lineage.prefect_ui_url(flow_run_id)
+    if page:
+        tracking.Tracker(uri, run_id).set_tags({"prefect.flow_run_url": page})
+    experiment = tracking.experiment_of(uri, run_id)
+    lineage.link_or_note(lineage.mlflow_run_url(uri, experiment, run_id), f"MLflow run {run_id}",
+                         f"{recipe_name}-mlflow-run", f"the MLflow run of this flow run", uri)
+
+
+def _promote(uri: str, run_id: str, r: Recipe) -> dict:
+    """Champion or not, by the recipe's metric and margin; the decision and its reason recorded in
+    MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
+    from flows.registry import promote
+
+    p = r.tracking.promotion
+    base = r.tracking.registered_model_name or r.name
+    merges = r.merge.enabled and r.lora.enabled
+    name = f"{base}-merged" if p.model_for(merges) == "merged" else f"{base}-{'adapter' if r.lora.enabled else 'model'}"
+    decision = promote(uri, name, p.metric, p.margin, p.mode)
+    tracker = tracking.Tracker(uri, run_id)
+    tracker.set_tags({"qlora.promotion.promoted": decision["promoted"], "qlora.promotion.reason": decision["reason"]})
+    tracking.log_dict(uri, run_id, decision, "promotion.json")
+    lineage.markdown(f"### promotion: {'promoted' if decision['promoted'] else 'not promoted'}\n\n{decision['reason']}"
+                     f"\n\nMLflow run `{run_id}`, registered model `{name}`", f"{r.name}-promotion",
+                     f"promotion decision for {name}")
+    get_run_logger().info("promotion: %s", decision["reason"])
+    return decision
+
+
+def _report(recipe_name: str, summary: dict) -> None:
+    """The run's outcome in the flow run's log and as an artifact: above all, whether anything was retrained."""
+    if summary["all_cached"]:
+        text = "unchanged data and recipe: every stage was a cache hit, nothing retrained"
+    else:
+        built = [k for k, v in summary["cached"].items() if not v]
+        text = f"built: {', '.join(built)}; cached: {', '.join(k for k, v in summary['cached'].items() if v) or 'none'}"
+    get_run_logger().info(text)
+    lines = [f"### {recipe_name}: {text}", "", f"MLflow run `{summary['run_id']}` ({summary['tracking_uri']})"]
+    if "promotion" in summary:
+        lines.append(f"\npromotion: {summary['promotion']['reason']}")
+    lineage.markdown("\n".join(lines), f"{recipe_name}-run-summary", "what this run built")
+
+
+def _link_version(uri: str, name: str, version: str) -> None:
+    lineage.link_or_note(lineage.mlflow_model_url(uri, name, version), f"registered model {name} v{version}",
+                         f"{name}-version", f"registered model {name}, version {version}", uri)

@@ -137,8 +137,9 @@ def predict(uri: str, texts: list[str], run_id: str | None, variant: str, model:
     return pd.DataFrame(rows)
 
 
-def promote(uri: str, name: str, metric: str, min_delta: float = 0.0) -> str:
-    """Point `champion` at the `candidate` version if it beats the champion on the metric."""
+def promote(uri: str, name: str, metric: str, min_delta: float = 0.0, mode: str = "max") -> dict:
+    """Point `champion` at the `candidate` version if it beats the champion on the metric (higher is
+    better with mode max, lower with min) by more than min_delta. Returns the decision and its reason."""
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
@@ -154,12 +155,20 @@ def promote(uri: str, name: str, metric: str, min_delta: float = 0.0) -> str:
         champion = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
+    value = cand_metrics[metric]
+    decision = {"model": name, "metric": metric, "candidate_version": candidate.version, "candidate_value": value,
+                "champion_version": champion.version if champion else None, "promoted": False}
     if champion is not None and champion.version == candidate.version:
-        return f"version {candidate.version} is already the champion"
+        return {**decision, "champion_value": value, "reason": f"version {candidate.version} is already the champion"}
     if champion is not None:
-        best = c.get_run(champion.run_id).data.metrics.get(metric, float("-inf"))
-        if cand_metrics[metric] <= best + min_delta:
-            return (f"kept champion v{champion.version}: candidate v{candidate.version} {metric}="
-                    f"{cand_metrics[metric]:.4f} does not beat {best:.4f} by more than {min_delta}")
+        sign = 1 if mode == "max" else -1
+        best = c.get_run(champion.run_id).data.metrics.get(metric, -sign * float("inf"))
+        decision["champion_value"] = best
+        if sign * (value - best) <= min_delta:
+            return {**decision, "reason": f"kept champion v{champion.version}: candidate v{candidate.version} "
+                                          f"{metric}={value:.4f} does not beat {best:.4f} by more than {min_delta}"}
     c.set_registered_model_alias(name, CHAMPION, candidate.version)
-    return f"promoted v{candidate.version} to {CHAMPION} ({metric}={cand_metrics[metric]:.4f})"
+    return {**decision, "promoted": True,
+            "reason": f"promoted v{candidate.version} to {CHAMPION} ({metric}={value:.4f}"
+                      + (f", champion v{champion.version} had {decision['champion_value']:.4f})" if champion else
+                         ", no champion before)")}

@@ -2,6 +2,7 @@
 split, scored by `evaluate` metric modules; predictions, a confusion matrix and latency kept."""
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from pathlib import Path
@@ -31,6 +32,51 @@ def metric_path(name: str) -> Path:
 def check_metrics(cfg: EvaluateSection, task: str) -> None:
     for name in cfg.metric_names(task):
         metric_path(name)
+
+
+def logged_metrics(recipe) -> set[str] | None:
+    """The test metrics a run of this recipe logs to MLflow (None when a custom metric script makes
+    the set unknowable before running)."""
+    task = recipe.model.task
+    names: set[str] = {"loss"}
+    for metric in recipe.evaluate.metric_names(task):
+        stem = Path(metric).stem
+        if not (METRICS_DIR / f"{stem}.py").is_file() or Path(metric).suffix:
+            return None
+        if stem in PER_CLASS:
+            names |= {f"{stem}_macro"} | {f"{stem}_{label}" for label in recipe.model.labels or []}
+        elif stem == "rouge":
+            names |= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+        else:
+            names.add(stem)
+    if task == models.CAUSAL:
+        if recipe.evaluate.generation.temperature:
+            names |= {f"sampled_{n}" for n in names if n.startswith("rouge")}
+        names |= {"perplexity", "generation_s_per_example"}
+    else:
+        names |= {"examples_per_s", "latency_p50_ms", "latency_p95_ms"}
+    prefixes = ["test_"] + (["merged_test_"] if recipe.merge.enabled and recipe.lora.enabled else [])
+    return {p + n for p in prefixes for n in names}
+
+
+def check_promotion(recipe) -> None:
+    """A promotion metric the evaluation does not produce is an error before anything runs."""
+    promotion = recipe.tracking.promotion
+    if not promotion.enabled:
+        return
+    if not recipe.tracking.register_models:
+        raise RecipeError("promotion needs registered models", "tracking.register_models",
+                          hint="set tracking.register_models: true")
+    if promotion.model == "merged" and not (recipe.merge.enabled and recipe.lora.enabled):
+        raise RecipeError("promotion of the merged model, but the recipe does not merge", "tracking.promotion.model",
+                          hint="set merge.enabled: true, or promotion.model: adapter")
+    known = logged_metrics(recipe)
+    per_class = tuple(f"_{label}" for label in recipe.model.labels or []) or ("\0",)
+    if known is not None and promotion.metric not in known:
+        close = difflib.get_close_matches(promotion.metric, sorted(known), n=1)
+        raise RecipeError(f"the evaluation does not produce '{promotion.metric}'"
+                          + (f" (did you mean '{close[0]}'?)" if close else ""), "tracking.promotion.metric",
+                          hint="logged: " + ", ".join(sorted(k for k in known if not k.endswith(per_class))))
 
 
 def compute_metrics(names: list[str], predictions, references, label_names: list[str]) -> dict[str, float]:

@@ -237,12 +237,27 @@ class MergeSection(Section):
     compare: bool = False
 
 
+class PromotionSection(Section):
+    # After each run, point the registry's `champion` alias at the new candidate only if it beats
+    # the champion's run on `metric` by more than `margin` (scheduled retraining turns this on).
+    enabled: bool = False
+    metric: str = "test_accuracy"       # a metric the run logs: test_*, merged_test_*
+    mode: Literal["max", "min"] = "max"  # min for losses and perplexity
+    margin: float = Field(default=0.0, ge=0)
+    # Which registered model is promoted; default: the merged model when the recipe merges.
+    model: Optional[Literal["merged", "adapter"]] = None
+
+    def model_for(self, merges: bool) -> str:
+        return self.model or ("merged" if merges else "adapter")
+
+
 class TrackingSection(Section):
     experiment_name: str = "qlora"
     # Default: the local sqlite store under mlflow/ in the current directory.
     tracking_uri: Optional[str] = None
     register_models: bool = True
     registered_model_name: Optional[str] = None  # default: the recipe name
+    promotion: PromotionSection = PromotionSection()
 
 
 class Recipe(Section):

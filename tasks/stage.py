@@ -17,6 +17,7 @@ import functools
 import inspect
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,7 +26,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from tasks import store
+from tasks import lineage, store
 
 
 def _key_part(value: Any) -> Any:
@@ -94,11 +95,15 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
             if wants_scratch:
                 scratch.mkdir(parents=True, exist_ok=True)
                 arguments["scratch"] = scratch
+            started = time.perf_counter()
             with store.building(directory) as tmp:
                 result = build(tmp, **arguments) or {}
                 result.update(hash=key, dir=str(directory.resolve()))
                 store.write_result(tmp, result)
             shutil.rmtree(scratch, ignore_errors=True)
+            inputs = {k: v["hash"] for k, v in arguments.items() if isinstance(v, dict) and "hash" in v}
+            lineage.stage_summary(name, key, directory, time.perf_counter() - started, inputs, result)
+            _describe_assets(key, directory)
             return result
 
         signature = inspect.Signature(
@@ -111,6 +116,26 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
         return prefect_task
 
     return decorate
+
+
+def materializing(stage_task, assets: list, asset_deps: list):
+    """The stage task as a Prefect MaterializingTask: a completed run emits materialization events
+    for `assets`, with `asset_deps` upstream (given explicitly: a cached upstream stage emits none)."""
+    from prefect.tasks import MaterializingTask
+
+    task_ = MaterializingTask(fn=stage_task.fn, assets=assets, asset_deps=asset_deps, name=stage_task.name,
+                              cache_policy=stage_task.cache_policy, persist_result=True,
+                              task_run_name=stage_task.task_run_name)
+    task_.key_of = stage_task.key_of
+    return task_
+
+
+def _describe_assets(key: str, directory: Path) -> None:
+    from prefect.context import AssetContext
+
+    context = AssetContext.get()
+    for asset in (context.downstream_assets if context else ()):
+        context.add_asset_metadata(asset.key, {"content_key": key, "directory": str(directory.resolve())})
 
 
 def _logger():

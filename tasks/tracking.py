@@ -62,6 +62,15 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def prepare_store(uri: str) -> None:
+    """Open the tracking store once (a new sqlite store creates its tables: seconds), so a flow can
+    do it in a background thread while its first stages run."""
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 - start_run reports store problems where they matter
+        pass
+
+
 class Tracker:
     """Logs into one MLflow run by id; does nothing when there is no run (tests, benchmarks)."""
 
@@ -182,6 +191,14 @@ def log_summary(uri: str, run_id: str, metrics: dict[str, Any], prefix: str = ""
 
 def log_artifacts(uri: str, run_id: str, local_dir: Path, artifact_path: str) -> None:
     _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
+    _client(uri).log_dict(run_id, data, artifact_file)
+
+
+def experiment_of(uri: str, run_id: str) -> str:
+    return _client(uri).get_run(run_id).info.experiment_id
 
 
 def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:

@@ -1,0 +1,127 @@
+"""What a person browsing the Prefect UI sees of a run: a markdown summary per stage (its content
+key, inputs' fingerprints, size, time), the evaluation metrics as a table, links between the Prefect
+flow run and the MLflow run and model versions, and the promotion decision. Every call here is a
+no-op outside a Prefect run (tests and benchmarks call stages as plain functions)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qlora")
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def _safe(create, **kwargs) -> None:
+    """Artifacts describe a run; failing to write one must not fail the run."""
+    if not _in_run():
+        return
+    try:
+        create(**kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        log.warning("could not write a Prefect artifact: %s", e)
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, (str, int, float, bool)) and len(str(value)) < 200:
+        return str(value)
+    return None
+
+
+def stage_summary(name: str, key: str, directory: Path, seconds: float, inputs: dict[str, Any],
+                  result: dict) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.store import dir_size
+
+    lines = [f"### {name}", "", "| | |", "| --- | --- |", f"| content key | `{key}` |",
+             f"| directory | `{directory}` |", f"| size | {dir_size(directory) / 2**20:.1f} MB |",
+             f"| time | {seconds:.1f} s |"]
+    for arg, fingerprint in inputs.items():
+        lines.append(f"| input `{arg}` | `{fingerprint}` |")
+    for k, v in result.items():
+        if k not in ("hash", "dir") and _scalar(v) is not None:
+            lines.append(f"| {k} | {_scalar(v)} |")
+    stats = result.get("stats")
+    if isinstance(stats, dict):
+        lines += ["", "```json", json.dumps(stats, indent=1, default=str)[:4000], "```"]
+    _safe(create_markdown_artifact, markdown="\n".join(lines), description=f"{name}: what was built")
+
+
+def metrics_table(metrics: dict[str, float], key: str, description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"metric": k, "value": round(float(v), 6)} for k, v in sorted(metrics.items())
+            if isinstance(v, (int, float))]
+    _safe(create_table_artifact, table=rows, key=_artifact_key(key), description=description)
+
+
+def link(url: str, text: str, key: str, description: str) -> None:
+    from prefect.artifacts import create_link_artifact
+
+    _safe(create_link_artifact, link=url, link_text=text, key=_artifact_key(key), description=description)
+
+
+def markdown(text: str, key: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    _safe(create_markdown_artifact, markdown=text, key=_artifact_key(key), description=description)
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    import re
+
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def prefect_ui_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, where a server (not an ephemeral API) serves one."""
+    api = os.environ.get("PREFECT_UI_URL") or os.environ.get("PREFECT_API_URL")
+    if not (api and flow_run_id):
+        return None
+    base = api.rstrip("/").removesuffix("/api")
+    return f"{base}/runs/flow-run/{flow_run_id}"
+
+
+def _mlflow_ui(tracking_uri: str) -> str | None:
+    """The MLflow UI's address: the tracking server itself, or `qlora ui`'s MLflow UI
+    (QLORA_MLFLOW_UI_URL) for a local store; None when nothing serves one."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return (os.environ.get("QLORA_MLFLOW_UI_URL") or "").rstrip("/") or None
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    base = _mlflow_ui(tracking_uri)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
+
+
+def mlflow_model_url(tracking_uri: str, name: str, version: str) -> str | None:
+    base = _mlflow_ui(tracking_uri)
+    return f"{base}/#/models/{name}/versions/{version}" if base else None
+
+
+def link_or_note(url: str | None, text: str, key: str, description: str, tracking_uri: str) -> None:
+    """A link artifact where a UI serves the page, else a note saying how to open it."""
+    if url:
+        link(url, text, key, description)
+    else:
+        markdown(f"{text}, in the tracking store `{tracking_uri}`: browse it with `qlora ui`", key, description)
+
+
+def asset(recipe_name: str, kind: str):
+    """The Prefect asset a stage materializes: one per recipe and kind (dataset, tokenized, adapter,
+    merged-model), so the chain dataset -> tokenized -> adapter -> merged model is queryable."""
+    from prefect.assets import Asset, AssetProperties
+
+    return Asset(key=f"qlora://{_artifact_key(recipe_name)}/{kind}",
+                 properties=AssetProperties(name=f"{recipe_name} {kind}",
+                                            description=f"the {kind} of recipe {recipe_name}, content-addressed under its work_dir"))

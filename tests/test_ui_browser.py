@@ -1,0 +1,86 @@
+"""The UIs a person opens after a run, in a real headless Chromium (Debian's chromium and
+chromedriver, driven by Selenium), fully offline: the Prefect UI shows the flow run with its task
+runs and artifacts; the MLflow UI shows the run's metrics and the merged-vs-adapter comparison.
+Screenshots go to $QLORA_TEST_ARTIFACTS (default: the test's temporary directory)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import small_agnews_recipe, write_recipe
+from test_deploy import _cli, _mlflow_run_of, prefect_api, running_servers
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver "
+                                                                          "are not installed (.ci/run installs them)")]
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000",
+                 "--disable-background-networking", "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait_for_text(driver, texts: list[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        body = driver.find_element("tag name", "body").text
+        if all(t in body for t in texts):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"{[t for t in texts if t not in body]} never shown; page says: {body[:1500]}")
+
+
+def test_prefect_and_mlflow_uis_show_the_run(project, browser):
+    shots = Path(os.environ.get("QLORA_TEST_ARTIFACTS", project / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    with running_servers(project) as urls:
+        recipe = small_agnews_recipe(merge={"enabled": True, "compare": True},
+                                     tracking={"experiment_name": "ui", "tracking_uri": urls["mlflow"]})
+        write_recipe(project / "r.yaml", recipe)
+        done = _cli(project, "run", "r.yaml", env={"PREFECT_API_URL": urls["prefect"],
+                                                   "QLORA_MLFLOW_UI_URL": urls["mlflow"]}, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        from prefect.client.orchestration import get_client
+
+        with prefect_api(urls["prefect"]), get_client(sync_client=True) as client:
+            flow_run = client.read_flow_runs()[0]
+        run = _mlflow_run_of(urls["mlflow"], flow_run.id)
+
+        prefect_ui = urls["prefect"].removesuffix("/api")
+        browser.get(f"{prefect_ui}/runs/flow-run/{flow_run.id}")
+        _wait_for_text(browser, [flow_run.name, "Completed"])
+        browser.save_screenshot(str(shots / "prefect-flow-run.png"))
+        browser.get(f"{prefect_ui}/runs/flow-run/{flow_run.id}?tab=Task+Runs")
+        _wait_for_text(browser, ["train", "evaluate", "merge"])
+        browser.save_screenshot(str(shots / "prefect-task-runs.png"))
+        browser.get(f"{prefect_ui}/runs/flow-run/{flow_run.id}?tab=Artifacts")
+        _wait_for_text(browser, ["ui-eval"])  # the table artifact of the test metrics
+        browser.save_screenshot(str(shots / "prefect-artifacts.png"))
+
+        experiment = run.info.experiment_id
+        browser.get(f"{urls['mlflow']}/#/experiments/{experiment}/runs/{run.info.run_id}")
+        _wait_for_text(browser, ["test_accuracy", "merged_test_accuracy"], timeout=90)
+        browser.save_screenshot(str(shots / "mlflow-run.png"))
+        browser.get(f"{urls['mlflow']}/#/experiments/{experiment}/runs/{run.info.run_id}/artifacts/comparison/variants.csv")
+        _wait_for_text(browser, ["merged-dequant", "agreement_pct"], timeout=90)
+        browser.save_screenshot(str(shots / "mlflow-comparison.png"))
+    assert all((shots / f).stat().st_size > 10_000 for f in ("prefect-flow-run.png", "mlflow-run.png"))
+    print(f"screenshots: {shots}", file=sys.stderr)
