@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from tasks import store
 from tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
 from tasks.stage import stage
+from tasks.training import keep_4bit_layers_trainable, lora_config, model_for_training, train_context  # noqa: F401
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
@@ -256,15 +257,6 @@ def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
 
 # --- LoRA ----------------------------------------------------------------------------------------
 
-def lora_config(resolved: dict, cfg: LoraSection):
-    from peft import LoraConfig, TaskType
-
-    task_type = TaskType.CAUSAL_LM if resolved.get("task") == CAUSAL else TaskType.SEQ_CLS
-    return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(resolved["target_modules"]), bias=cfg.bias, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=list(resolved["modules_to_save"]))  # peft extends it in place
-
-
 def _linear_names(model) -> set[str]:
     import torch
     return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
@@ -307,43 +299,12 @@ def count_full_params(model_path: str, label_names: list[str], task: str, trust_
             "base_params": total, "trainable_percent": 100.0, "lora_layers": 0}
 
 
-@stage("lora")
+@stage("lora", modules=("tasks.training",))
 def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str],
                 task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     if not cfg.enabled:
         return count_full_params(model["path"], label_names, task, trust_remote_code)
     return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, task, trust_remote_code)}
-
-
-def keep_4bit_layers_trainable(model) -> None:
-    """bitsandbytes converts a 4-bit layer's weights to a CPU inference layout the first time it runs
-    in eval mode without gradients, and keeps that layout: the mid-training validation would then
-    switch the layers to a kernel without autograd (gradients stop flowing, or the step fails). A
-    model being trained never takes that path."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
-    """The base with LoRA attached (only the adapters and the head train), or, for full
-    fine-tuning, the base itself with every weight trainable."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if not cfg.enabled:
-        if gradient_checkpointing:
-            base.gradient_checkpointing_enable()
-        base.requires_grad_(True)
-        return base
-    if quantized:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
-        keep_4bit_layers_trainable(base)
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-        base.enable_input_require_grads()
-    return get_peft_model(base, lora_config(resolved, cfg))
 
 
 def read_json(path: Path) -> dict:

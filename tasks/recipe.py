@@ -198,6 +198,9 @@ class TrainSection(Section):
     per_device_eval_batch_size: int = Field(64, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    # Keep the tensors saved for backward (checkpointed layer inputs, logits) in pinned CPU memory
+    # (CUDA only): about a GiB less GPU memory on a 7B model at sequence 2048, for some speed.
+    offload_activations: bool = False
     optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)

@@ -298,7 +298,7 @@ def _accuracy(logits: np.ndarray, labels) -> float:
     return float((logits.argmax(-1) == np.asarray(labels)).mean())
 
 
-@stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model",))
+@stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model", "tasks.training"))
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
           pad_to_max_length: bool = False,
@@ -381,7 +381,8 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             for b in range(micro - epoch * per_epoch, len(batches)):
                 batch = make_batch(batches[b])
                 tokens += batch.pop("real_tokens")  # non-pad tokens only
-                loss = model(**batch).loss
+                with models.train_context(dev, q.bnb_4bit_compute_dtype, cfg.offload_activations):
+                    loss = model(**batch).loss
                 (loss / cfg.gradient_accumulation_steps).backward()
                 window_loss += loss.item()
                 window_n += 1

@@ -182,3 +182,47 @@ def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
     model(**batch).loss.backward()
     first = next(p for n, p in model.named_parameters() if "layer.0." in n and "lora_B" in n)  # A starts at 0 grad
     assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_training_path_matches_the_plain_peft_path(prepared):
+    """The pipeline's training path (no float32 upcast of the base, non-reentrant checkpointing)
+    computes the same loss and LoRA gradients as peft's plain one (prepare_model_for_kbit_training,
+    reentrant checkpointing), on fresh random inputs; the trainable weights are float32."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.model import keep_4bit_layers_trainable, lora_config, model_for_training
+
+    r = prepared["recipe"]
+    labels = prepared["tokenized"]["label_names"]
+    torch.manual_seed(1)
+    ours = model_for_training(load_base(prepared["quantized"], labels, r.quantization), prepared["lora"], r.lora,
+                              True, True)
+    torch.manual_seed(1)
+    plain = prepare_model_for_kbit_training(load_base(prepared["quantized"], labels, r.quantization),
+                                            use_gradient_checkpointing=True)
+    keep_4bit_layers_trainable(plain)
+    plain = get_peft_model(plain, lora_config(prepared["lora"], r.lora))
+    assert all(p.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ids = torch.randint(1000, 20000, (4, 24), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 3])}
+    grads = []
+    for model in (ours, plain):
+        model.train()
+        for module in model.modules():  # dropout off: the two paths draw different masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        # LoRA B starts at zero (so A gets no gradient): give both the same nonzero B
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.linspace(-0.01, 0.01, p.numel()).reshape(p.shape))
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert abs(loss_a - loss_b) / abs(loss_b) < 1e-2
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        err = (grads_a[name] - grads_b[name]).norm() / grads_b[name].norm().clamp(min=1e-12)
+        assert err < 1e-2, (name, float(err))
