@@ -18,8 +18,9 @@ from flows.finetune import finetune
 from tasks import tracking
 from tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
 
-METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "train_peak_memory_mb",
-                  "train_runtime_s", "samples_per_s", "accuracy", "f1_macro", "run_id"]
+METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",
+                  "optimizer_state_mb", "train_peak_memory_mb", "train_runtime_s", "samples_per_s", "accuracy",
+                  "f1_macro", "run_id"]
 
 
 def method_recipes(recipe: dict, full_learning_rate: float) -> dict[str, dict]:
@@ -63,6 +64,8 @@ def _row(summary: dict) -> dict:
     t, m = summary["train"], summary["test_metrics"]
     return {"trainable_params": summary["lora"]["trainable_params"],
             "trainable_percent": summary["lora"]["trainable_percent"],
+            "weights_mb": t.get("weights_bytes", 0) / 2**20, "gradients_mb": t.get("gradient_bytes", 0) / 2**20,
+            "optimizer_state_mb": t.get("optimizer_state_bytes", 0) / 2**20,
             "train_peak_memory_mb": t["peak_memory_bytes"] / 2**20, "train_runtime_s": t["train_runtime_s"],
             "samples_per_s": t["samples_per_s"], "accuracy": m.get("accuracy"), "f1_macro": m.get("f1_macro"),
             "run_id": summary["run_id"]}

@@ -110,7 +110,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                       upstream=("tokenized",))
         tracking.log_history(uri, run_id, Path(trained["dir"]) / trained["history"])
         tracking.log_summary(uri, run_id, {k: trained[k] for k in (
-            "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps")})
+            "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
+            "gradient_bytes", "optimizer_state_bytes") if k in trained})
         artifact = "adapter" if r.lora.enabled else "model"  # full fine-tuning saves the whole model
         tracking.log_artifacts(uri, run_id, Path(trained["dir"]) / trained[artifact], artifact)
 

@@ -51,8 +51,10 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
 
 
 def start_prefect_server(port: int, env: dict | None = None) -> subprocess.Popen:
+    # The UI (in the browser) must call this server's API, not the default port's.
+    ui_api = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env={**os.environ, **OFFLINE, **(env or {})},
+                             "--port", str(port)], env={**os.environ, **OFFLINE, **ui_api, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 

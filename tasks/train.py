@@ -211,6 +211,21 @@ class PeakMemory:
 
 
 
+def training_state_bytes(model, optimizer) -> dict[str, int]:
+    """What a method must hold besides activations, counted exactly: the model's weights (4-bit
+    weights at their packed size), the gradients of the trainable ones, the optimizer's state."""
+    import torch
+
+    def size(t) -> int:
+        return t.numel() * t.element_size()
+
+    weights = sum(size(t) for t in list(model.parameters()) + list(model.buffers()))
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)  # one gradient each
+    state = sum(size(v) for per_param in optimizer.state.values() for v in per_param.values()
+                if isinstance(v, torch.Tensor))
+    return {"weights_bytes": weights, "gradient_bytes": trainable, "optimizer_state_bytes": state}
+
+
 def on_checkpoint(step: int) -> None:
     """Called after each checkpoint is saved. Tests replace it to interrupt a run."""
 
@@ -434,7 +449,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         artifact: artifact, "history": "history.jsonl", "steps": step, "resumed_from_step": resumed_at,
         "train_runtime_s": round(elapsed, 3), "train_samples": samples, "train_tokens": tokens,
         "samples_per_s": round(samples / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 3),
-        "peak_memory_bytes": memory.peak, "device": str(dev),
+        "peak_memory_bytes": memory.peak, "device": str(dev), **training_state_bytes(model, optimizer),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "trainable_params": lora["trainable_params"], "trainable_percent": lora["trainable_percent"],
         "label_names": label_names,

@@ -135,6 +135,29 @@ def _trigger(deployment_id, timeout: float = 600):
     return run_deployment(deployment_id, timeout=timeout, poll_interval=1)
 
 
+def _materializations(api: str, timeout: float = 60) -> dict[str, set[str]]:
+    """Asset -> its upstream assets, from the server's asset materialization events (written
+    asynchronously: polled)."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"filter": {"event": {"prefix": ["prefect.asset.materialization.succeeded"]}},
+                       "limit": 50}).encode()
+    deadline = time.monotonic() + timeout
+    found: dict[str, set[str]] = {}
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"{api}/events/filter", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            events = json.loads(r.read())["events"]
+        found = {e["resource"]["prefect.resource.id"]: {rel["prefect.resource.id"] for rel in e.get("related", [])
+                                                        if rel.get("prefect.resource.role") == "asset"}
+                 for e in events}
+        if "qlora://agnews-test/adapter" in found:
+            return found
+        time.sleep(1)
+    return found
+
+
 def _mlflow_run_of(tracking: str, flow_run_id) -> object:
     from mlflow.tracking import MlflowClient
 
@@ -188,6 +211,9 @@ def _served_deployment(project, servers):
         assert "/#/models/agnews-test-adapter/versions/1" in links["agnews-test-adapter-version"]
         assert "content key" in texts and "train" in texts
         assert run1.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{first.id}")
+        lineage = _materializations(servers["prefect"])
+        assert lineage.get("qlora://agnews-test/adapter") == {"qlora://agnews-test/tokenized"}, lineage
+        assert lineage.get("qlora://agnews-test/tokenized") == {"qlora://agnews-test/dataset"}, lineage
 
         # The same data again: every stage a cache hit, nothing retrained, the run says so.
         start = time.monotonic()
