@@ -78,6 +78,25 @@ def chunked_loss(model, input_ids, labels, chunk: int = 2048):
     return total / (targets != -100).sum()
 
 
+def timed(variant: str, step, batches: list, steps: int) -> dict:
+    """Tokens/s over `steps` steps after three warm-up steps; the loss must fall."""
+    import torch
+
+    bs, seq = batches[0].shape
+    first = float(step(batches[0]))
+    for i in range(2):
+        step(batches[(i + 1) % len(batches)])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(batches[i % len(batches)])
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"variant": variant, "batch": bs, "seq": seq, "tok_s": round(bs * seq * steps / seconds),
+            "step_s": round(seconds / steps, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loss_first": round(first, 3), "loss_last": round(float(loss), 3)}
+
+
 def run_variant(variant: str, path: str, seq: int, steps: int, profile_dir: str | None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -126,18 +145,7 @@ def run_variant(variant: str, path: str, seq: int, steps: int, profile_dir: str 
         return loss
 
     batches = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=gen) for _ in range(4)]
-    first = float(step(batches[0]))
-    for i in range(2):
-        step(batches[(i + 1) % 4])
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(batches[i % 4])
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    out = {"variant": variant, "batch": bs, "seq": seq, "tok_s": round(bs * seq * steps / seconds),
-           "step_s": round(seconds / steps, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           "loss_first": round(first, 3), "loss_last": round(float(loss), 3)}
+    out = timed(variant, step, batches, steps)
     if profile_dir and variant in ("fast", "fast-offload-bs4"):
         from torch.profiler import ProfilerActivity, profile
 
@@ -189,18 +197,7 @@ def run_pipeline(variant: str, base, bs: int, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    first = float(step(batches[0]))
-    for i in range(2):
-        step(batches[(i + 1) % 4])
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(batches[i % 4])
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"variant": variant, "batch": bs, "seq": seq, "tok_s": round(bs * seq * steps / seconds),
-            "step_s": round(seconds / steps, 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss_first": round(first, 3), "loss_last": round(float(loss), 3)}
+    return timed(variant, step, batches, steps)
 
 
 def check(trials: int = 3) -> None:

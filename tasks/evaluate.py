@@ -162,6 +162,19 @@ def _latency(model, dataset, pad_id: int, dev, n: int) -> dict:
             "latency_p95_ms": 1000 * float(np.percentile(times, 95))}
 
 
+def left_padded(prompts: list[list[int]], pad_id: int):
+    """Token-id prompts as one batch padded on the left (generation continues from the end)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tokens: int,
              temperature: float | None = None, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
     """Continuations of token-id prompts (left-padded batches): greedy, or sampled at a temperature."""
@@ -172,13 +185,8 @@ def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tok
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {"do_sample": False}
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.as_tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_padded(prompts[start:start + batch_size], pad_id)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id, **sampling)
             texts += tok.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -193,13 +201,7 @@ def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_s
     rows = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):  # left padding: the last position is every prompt's end
-                ids[i, width - len(p):] = torch.as_tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_padded(prompts[start:start + batch_size], pad_id)  # every prompt ends last
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev))
             rows.append(out.logits[:, -1, :].float().cpu().numpy())
