@@ -85,12 +85,18 @@ def main() -> None:
             start = time.monotonic()
             triggered = [run_deployment(deployment.id, timeout=0) for _ in range(args.runs)]
             ids = {r.id for r in triggered}
+            import httpx
+
             with get_client(sync_client=True) as client:
                 while True:
-                    states = [client.read_flow_run(i).state for i in ids]
+                    try:  # the server answers slowly while runs start on two cores: ask again
+                        states = [client.read_flow_run(i).state for i in ids]
+                    except httpx.TimeoutException:
+                        time.sleep(2)
+                        continue
                     if all(s.is_final() for s in states):
                         break
-                    time.sleep(1)
+                    time.sleep(3)
             burst_s = time.monotonic() - start
             from mlflow.tracking import MlflowClient
 
