@@ -73,8 +73,6 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     causal = r.model.task == CAUSAL
     check_metrics(r.evaluate, r.model.task)
     uri = tracking.tracking_uri_of(r)
-    store_ready = threading.Thread(target=tracking.prepare_store, args=(uri,), daemon=True)
-    store_ready.start()  # alongside the first stages
     model = resolve_model(r.model)
     if "gguf" in model:  # dequantized once into a cached 16-bit model directory
         model = converted(run(convert_gguf, model))
@@ -86,9 +84,15 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                     asset="tokenized", upstream=("dataset",))
     # LoRA targets are checked on the meta device (cheap) before the base is quantized.
     lora = run(attach_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
-    quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
+    # The recipe has passed every cheap check: open the tracking store (a new sqlite store creates its
+    # tables, seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
+    store_ready = threading.Thread(target=tracking.prepare_store, args=(uri,), daemon=True)
+    store_ready.start()
+    try:
+        quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
+    finally:
+        store_ready.join()
 
-    store_ready.join()
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
     try:

@@ -25,7 +25,9 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on the port (connections left in TIME_WAIT do not count, as for the servers)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -212,7 +212,8 @@ def _served_deployment(project, servers):
         assert "content key" in texts and "train" in texts
         assert run1.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{first.id}")
         lineage = _materializations(servers["prefect"])
-        assert lineage.get("qlora://agnews-test/adapter") == {"qlora://agnews-test/tokenized"}, lineage
+        # Upstream: what each asset was made from (Prefect may add what those were made from).
+        assert "qlora://agnews-test/tokenized" in lineage.get("qlora://agnews-test/adapter", ()), lineage
         assert lineage.get("qlora://agnews-test/tokenized") == {"qlora://agnews-test/dataset"}, lineage
 
         # The same data again: every stage a cache hit, nothing retrained, the run says so.
@@ -305,6 +306,9 @@ def test_ui_starts_both_servers_and_stops_them_on_ctrl_c(project):
             assert r.status == 200
     ui.send_signal(signal.SIGINT)
     assert ui.wait(timeout=60) == 0
+    deadline = time.monotonic() + 20  # the servers' worker processes exit just after their parents
+    while not (port_free(prefect_port) and port_free(mlflow_port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert port_free(prefect_port) and port_free(mlflow_port)
 
 
