@@ -12,14 +12,12 @@ import atexit
 import json
 import logging
 import os
-import sys
-import socket
 import subprocess
-import time
-import urllib.request
+import sys
 import warnings
 from pathlib import Path
 
+from flows.servers import free_port, wait_healthy
 from tasks.recipe import Recipe, RecipeError, load_recipe
 
 EXIT_USER_ERROR = 2
@@ -46,9 +44,7 @@ class TemporaryPrefectServer:
     before the heavy imports, so it boots on the other core meanwhile, and stop it at exit."""
 
     def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
@@ -58,16 +54,7 @@ class TemporaryPrefectServer:
         atexit.register(self.stop)
 
     def wait(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+        wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -12,7 +12,6 @@ retrains and the candidate is promoted only if it beats the champion (tracking.p
 """
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -104,9 +103,3 @@ def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None,
     return str(source.deploy(name=name, work_pool_name=pool, parameters=parameters, description=description,
                              tags=tags, build=False, push=False, print_next_steps=False, **schedule))
 
-
-def env_for_runs() -> None:
-    """Offline defaults for the processes that run deployed flows."""
-    for key, value in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1")):
-        os.environ.setdefault(key, value)

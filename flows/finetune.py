@@ -129,10 +129,11 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                    "data": loaded["stats"], "tokenize": tokenized["stats"]}
         if causal:
             summary["base_test_metrics"] = before["metrics"]
+        registered = r.tracking.registered_model_name or r.name
         if r.tracking.register_models:
-            name = r.tracking.registered_model_name or r.name
-            summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{name}-{artifact}", trained["hash"])
-            _link_version(uri, f"{name}-{artifact}", summary["adapter_version"])
+            summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{registered}-{artifact}",
+                                                           trained["hash"])
+            _link_version(uri, f"{registered}-{artifact}", summary["adapter_version"])
 
         if r.merge.enabled and r.lora.enabled:
             merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype,
@@ -144,16 +145,17 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
             summary.update(merged_dir=str(Path(merged["dir"]) / merged["model"]),
                            merged_test_metrics=merged_eval["metrics"])
             if r.tracking.register_models:
-                summary["merged_version"] = tracking.register(uri, run_id, "merged_model",
-                                                              f"{r.tracking.registered_model_name or r.name}-merged",
+                summary["merged_version"] = tracking.register(uri, run_id, "merged_model", f"{registered}-merged",
                                                               merged["hash"])
-                _link_version(uri, f"{r.tracking.registered_model_name or r.name}-merged", summary["merged_version"])
+                _link_version(uri, f"{registered}-merged", summary["merged_version"])
             if r.merge.compare:
                 table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
                 tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
                 summary["comparison"] = table.to_dict(orient="records")
         if r.tracking.promotion.enabled:
-            summary["promotion"] = _promote(uri, run_id, r)
+            promoted = "merged" if r.tracking.promotion.model_for(r.merge.enabled and r.lora.enabled) == "merged" \
+                else artifact
+            summary["promotion"] = _promote(uri, run_id, r, f"{registered}-{promoted}")
         summary.update(cached=run.cached, stage_seconds=run.seconds, all_cached=all(run.cached.values()))
         _report(r.name, summary)
         tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
@@ -220,15 +222,12 @@ def _link_runs(uri: str, run_id: str, recipe_name: str) -> None:
                          f"{recipe_name}-mlflow-run", f"the MLflow run of this flow run", uri)
 
 
-def _promote(uri: str, run_id: str, r: Recipe) -> dict:
-    """Champion or not, by the recipe's metric and margin; the decision and its reason recorded in
-    MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
+def _promote(uri: str, run_id: str, r: Recipe, name: str) -> dict:
+    """Champion or not for registered model `name`, by the recipe's metric and margin; the decision
+    and its reason recorded in MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
     from flows.registry import promote
 
     p = r.tracking.promotion
-    base = r.tracking.registered_model_name or r.name
-    merges = r.merge.enabled and r.lora.enabled
-    name = f"{base}-merged" if p.model_for(merges) == "merged" else f"{base}-{'adapter' if r.lora.enabled else 'model'}"
     decision = promote(uri, name, p.metric, p.margin, p.mode)
     tracker = tracking.Tracker(uri, run_id)
     tracker.set_tags({"qlora.promotion.promoted": decision["promoted"], "qlora.promotion.reason": decision["reason"]})

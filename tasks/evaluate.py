@@ -13,7 +13,7 @@ import pandas as pd
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
 from tasks.stage import stage
-from tasks.train import PeakMemory, collate, pad_token_id, predict
+from tasks.train import PeakMemory, collate, pad_token_id, predict, weights_bytes
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
@@ -134,10 +134,6 @@ def run_dtype(variant: dict, q: QuantizationSection):
     if variant.get("strategy") in (None, "4bit"):
         return models.dtype_of(q.bnb_4bit_compute_dtype)
     return models.inference_dtype(variant["dtype"], q.bnb_4bit_compute_dtype)
-
-
-def weights_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:

@@ -211,19 +211,24 @@ class PeakMemory:
 
 
 
+def _bytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def weights_bytes(model) -> int:
+    """A model's weights and buffers in memory (4-bit weights at their packed size)."""
+    return sum(_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+
+
 def training_state_bytes(model, optimizer) -> dict[str, int]:
-    """What a method must hold besides activations, counted exactly: the model's weights (4-bit
-    weights at their packed size), the gradients of the trainable ones, the optimizer's state."""
+    """What a method must hold besides activations, counted exactly: the model's weights, the
+    gradients of the trainable ones, the optimizer's state."""
     import torch
 
-    def size(t) -> int:
-        return t.numel() * t.element_size()
-
-    weights = sum(size(t) for t in list(model.parameters()) + list(model.buffers()))
-    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)  # one gradient each
-    state = sum(size(v) for per_param in optimizer.state.values() for v in per_param.values()
+    trainable = sum(_bytes(p) for p in model.parameters() if p.requires_grad)  # one gradient each
+    state = sum(_bytes(v) for per_param in optimizer.state.values() for v in per_param.values()
                 if isinstance(v, torch.Tensor))
-    return {"weights_bytes": weights, "gradient_bytes": trainable, "optimizer_state_bytes": state}
+    return {"weights_bytes": weights_bytes(model), "gradient_bytes": trainable, "optimizer_state_bytes": state}
 
 
 def on_checkpoint(step: int) -> None:

@@ -168,15 +168,18 @@ def _mlflow_run_of(tracking: str, flow_run_id) -> object:
     return runs[0]
 
 
-@pytest.mark.slow
-def test_served_deployment_retrains_only_on_new_data(project, servers, monkeypatch):
+@pytest.fixture
+def against_servers(servers, monkeypatch):
+    """This process, and the ones it starts, talk to the test's servers."""
     for k, v in _client_env(servers).items():
         monkeypatch.setenv(k, v)
     with prefect_api(servers["prefect"]):
-        _served_deployment(project, servers)
+        yield servers
 
 
-def _served_deployment(project, servers):
+@pytest.mark.slow
+def test_served_deployment_retrains_only_on_new_data(project, against_servers):
+    servers = against_servers
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -244,14 +247,8 @@ def _served_deployment(project, servers):
 
 
 @pytest.mark.slow
-def test_work_pool_deployment_runs_on_a_worker(project, servers, monkeypatch):
-    for k, v in _client_env(servers).items():
-        monkeypatch.setenv(k, v)
-    with prefect_api(servers["prefect"]):
-        _work_pool_deployment(project, servers)
-
-
-def _work_pool_deployment(project, servers):
+def test_work_pool_deployment_runs_on_a_worker(project, against_servers):
+    servers = against_servers
     data = _news_data(project / "news")
     recipe = small_agnews_recipe(data={"path": str(data), "sample": None},
                                  tracking={"experiment_name": "pool", "tracking_uri": servers["mlflow"]})
