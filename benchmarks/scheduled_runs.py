@@ -54,10 +54,10 @@ def main() -> None:
             recipe["merge"]["compare"] = False
             recipe["tracking"].update(experiment_name="scheduled", tracking_uri=tracking)
             (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
+            serve_log = open(tmp / "serve.log", "wb")  # a pipe nobody reads would block it when full
             serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "r.yaml", "--interval", "86400",
                                       "--name", "bench"], cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
             from prefect.client.orchestration import get_client
             from prefect.deployments import run_deployment
 
@@ -69,7 +69,7 @@ def main() -> None:
                         break
                     except Exception:  # noqa: BLE001 - not registered yet
                         if serve.poll() is not None or time.monotonic() > deadline:
-                            sys.exit(serve.stderr.read()[-3000:])
+                            sys.exit((tmp / "serve.log").read_text()[-3000:])
                         time.sleep(1)
 
             def timed_run() -> tuple[float, object]:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -39,9 +40,8 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            said = process.stderr.read()[-2000:] if process.stderr else ""
-            said = said.decode(errors="replace") if isinstance(said, bytes) else said
-            raise RuntimeError(f"{what} exited with code {process.returncode} before answering at {url}:\n{said}")
+            raise RuntimeError(f"{what} exited with code {process.returncode} before answering at {url}:\n"
+                               f"{log_tail(process)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -52,24 +52,40 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
-def start_prefect_server(port: int, env: dict | None = None) -> subprocess.Popen:
+def _logged(args: list[str], env: dict, name: str, log_dir: str | Path | None) -> subprocess.Popen:
+    """Start a server with its output in a log file: a pipe nobody reads fills up after a while and
+    then blocks the server mid-request (a long-lived server logs a lot)."""
+    log_dir = Path(log_dir or tempfile.gettempdir())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=log_dir)
+    with os.fdopen(fd, "wb") as log:
+        process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    process.log_path = Path(path)
+    return process
+
+
+def log_tail(process: subprocess.Popen, chars: int = 3000) -> str:
+    path = getattr(process, "log_path", None)
+    return path.read_text(errors="replace")[-chars:] if path and path.exists() else ""
+
+
+def start_prefect_server(port: int, env: dict | None = None, log_dir: str | Path | None = None) -> subprocess.Popen:
     # The UI (in the browser) must call this server's API, not the default port's.
     ui_api = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
-    return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env={**os.environ, **OFFLINE, **ui_api, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return _logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   {**os.environ, **OFFLINE, **ui_api, **(env or {})}, "prefect-server", log_dir)
 
 
 def start_mlflow_ui(port: int, backend_uri: str, artifacts: str | None = None,
-                    env: dict | None = None) -> subprocess.Popen:
+                    env: dict | None = None, log_dir: str | Path | None = None) -> subprocess.Popen:
     """The MLflow tracking server (UI included) over a store. artifacts: where new experiments' artifacts
     go and are served from (a directory, or s3://... for a team server)."""
     args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1"]
     if artifacts:
         args += ["--artifacts-destination", artifacts]
-    return subprocess.Popen(args, env={**os.environ, **OFFLINE, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    return _logged(args, {**os.environ, **OFFLINE, **(env or {})}, "mlflow-server", log_dir)
 
 
 def stop(process: subprocess.Popen, timeout: float = 10) -> None:
@@ -93,8 +109,9 @@ def ui(prefect_port: int, mlflow_port: int, tracking_uri: str) -> int:
     artifacts = None
     if tracking_uri.startswith("sqlite:///"):
         artifacts = str(Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts")
-    prefect = start_prefect_server(prefect_port)
-    mlflow = start_mlflow_ui(mlflow_port, tracking_uri, artifacts)
+    logs = Path(".qlora") / "logs"
+    prefect = start_prefect_server(prefect_port, log_dir=logs)
+    mlflow = start_mlflow_ui(mlflow_port, tracking_uri, artifacts, log_dir=logs)
     try:
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
         wait_healthy(f"{prefect_url}/api/health", prefect, "the Prefect server")
@@ -102,11 +119,13 @@ def ui(prefect_port: int, mlflow_port: int, tracking_uri: str) -> int:
         print(f"Prefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}  (store: {tracking_uri})\n"
               f"Runs from another shell report here after:\n"
               f"  export PREFECT_API_URL={prefect_url}/api QLORA_MLFLOW_UI_URL={mlflow_url}\n"
+              f"Server logs: {prefect.log_path}, {mlflow.log_path}\n"
               f"Ctrl-C stops both.", flush=True)
         while prefect.poll() is None and mlflow.poll() is None:
             time.sleep(0.5)
         dead = "Prefect server" if prefect.poll() is not None else "MLflow server"
-        print(f"the {dead} stopped; stopping the other", file=sys.stderr)
+        print(f"the {dead} stopped; stopping the other. Its log ends:\n"
+              f"{log_tail(prefect if dead.startswith('Prefect') else mlflow)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping the Prefect and MLflow servers", file=sys.stderr)

@@ -205,13 +205,15 @@ def bnb_config(q: QuantizationSection, model_path: str, task: str, trust_remote_
 
 
 def load_model(path: str, task: str, label_names: list[str], dtype: torch.dtype, quantization=None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, attention: str | None = None):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     # A saved quantized model carries its own quantization config: pass none then (None overrides it).
     extra = {"quantization_config": quantization} if quantization is not None else {}
+    if attention:
+        extra["attn_implementation"] = attention
     try:
         return auto_class(task).from_pretrained(
             path, dtype=dtype, device_map={"": device()}, trust_remote_code=trust_remote_code,
@@ -250,9 +252,18 @@ def quantized_path(quantized: dict) -> str:
     return os.path.join(quantized["dir"], quantized["path"]) if quantized["quantized"] else quantized["path"]
 
 
-def load_base(quantized: dict, label_names: list[str], q: QuantizationSection):
+def load_base(quantized: dict, label_names: list[str], q: QuantizationSection, attention: str | None = None):
     """The base exactly as quantize saved it (or the original, unquantized, with the seed set before)."""
-    return load_model(quantized_path(quantized), quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype))
+    path = quantized_path(quantized)
+    try:
+        return load_model(path, quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype), attention=attention)
+    except (ValueError, ImportError) as e:
+        if not attention or attention in ("sdpa", "eager") or "attn" not in str(e).lower():
+            raise
+        import warnings
+
+        warnings.warn(f"train.attention: {attention} is not available for this model here ({e}); using sdpa")
+        return load_model(path, quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype), attention="sdpa")
 
 
 # --- LoRA ----------------------------------------------------------------------------------------

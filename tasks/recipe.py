@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -201,6 +201,18 @@ class TrainSection(Section):
     # Keep the tensors saved for backward (checkpointed layer inputs, logits) in pinned CPU memory
     # (CUDA only): about a GiB less GPU memory on a 7B model at sequence 2048, for some speed.
     offload_activations: bool = False
+    # A GPU memory budget: the fastest set-up whose estimated peak fits it is chosen (largest
+    # micro-batch, the rest of per_device_train_batch_size x gradient_accumulation_steps accumulated;
+    # then checkpointing; then offload). The examples per optimizer step never change.
+    max_memory_gib: Optional[float] = Field(None, gt=0)
+    # Fast paths. fused_lora: each LoRA layer as one autograd function (same arithmetic as peft's).
+    # kernels: Liger's Triton kernels on CUDA (auto: where supported). attention: auto picks
+    # flash-attn where installed, else PyTorch SDPA. A fast path the machine lacks warns and falls
+    # back, or fails when require_fast_paths.
+    fused_lora: bool = True
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    require_fast_paths: bool = False
     optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
@@ -211,6 +223,12 @@ class TrainSection(Section):
     eval_steps: Optional[int] = Field(None, gt=0)  # None: at the end of each epoch
     save_steps: int = Field(100, gt=0)
     save_total_limit: int = Field(2, gt=0)
+
+    # How fast and in how much memory, not what is computed: left out of the train stage's cache key,
+    # so a run stopped (say, out of memory) resumes under a new budget.
+    NOT_IN_CACHE_KEY: ClassVar[tuple[str, ...]] = (
+        "gradient_checkpointing", "offload_activations", "max_memory_gib", "fused_lora", "kernels", "attention",
+        "require_fast_paths", "save_steps", "save_total_limit")
 
 
 class EvaluateSection(Section):

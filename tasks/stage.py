@@ -32,8 +32,8 @@ from tasks import lineage, store
 def _key_part(value: Any) -> Any:
     if isinstance(value, dict) and "hash" in value:
         return value["hash"]
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+    if isinstance(value, BaseModel):  # less the fields that only say how fast (e.g. memory budgets)
+        return value.model_dump(mode="json", exclude=set(getattr(value, "NOT_IN_CACHE_KEY", ())))
     if isinstance(value, (list, tuple)):
         return [_key_part(v) for v in value]
     return value

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tasks import model as models
-from tasks.recipe import LoraSection, QuantizationSection, TrainSection
+from tasks import training
+from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.stage import stage
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
@@ -231,6 +232,46 @@ def training_state_bytes(model, optimizer) -> dict[str, int]:
     return {"weights_bytes": weights_bytes(model), "gradient_bytes": trainable, "optimizer_state_bytes": state}
 
 
+def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
+                fused_ce: bool, dev) -> dict:
+    """Micro-batch, accumulation, checkpointing and offload for this run: the recipe's own, or, with
+    train.max_memory_gib, the fastest that fits the budget (checked before the model is loaded)."""
+    recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+                   "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
+    if cfg.max_memory_gib is None:
+        return recipe_plan
+    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+    seq = max_length or getattr(config, "max_position_embeddings", 512)
+
+    def estimate(micro: int, gc: bool, offload: bool) -> int:
+        return training.estimate_memory(config, weight_bits=bits, trainable_params=lora["trainable_params"],
+                                        optim=cfg.optim, tokens=micro * seq, gradient_checkpointing=gc or cfg.gradient_checkpointing,
+                                        offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
+    try:
+        return training.plan_memory(cfg.max_memory_gib, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                                    estimate, allow_offload=dev.type == "cuda")
+    except ValueError as e:
+        raise RecipeError(str(e), "train.max_memory_gib",
+                          hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
+
+
+def out_of_memory(step: int, plan: dict, cfg: TrainSection, free_at_start: int | None, resumable: bool) -> RecipeError:
+    """The message for a CUDA out-of-memory error: where it happened, what was kept, what to set."""
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / training.GIB
+    free = (free_at_start or 0) / training.GIB
+    suggested = round(min(0.9 * free, peak * 0.8) if cfg.max_memory_gib is None else 0.8 * cfg.max_memory_gib, 1)
+    kept = (f"the checkpoint at step {step} is kept; rerun to resume from it" if resumable
+            else "no step had completed, nothing to keep")
+    return RecipeError(
+        f"CUDA ran out of memory in step {step + 1} (micro-batch {plan['micro_batch']}, checkpointing "
+        f"{plan['gradient_checkpointing']}, offload {plan['offload_activations']}; peak {peak:.1f} GiB, "
+        f"{free:.1f} GiB were free at the start); {kept}", "train.max_memory_gib",
+        hint=f"set train.max_memory_gib: {max(suggested, 1.0)} (the train stage then picks a micro-batch and "
+             f"checkpointing that fit), or free the GPU of other processes")
+
+
 def on_checkpoint(step: int) -> None:
     """Called after each checkpoint is saved. Tests replace it to interrupt a run."""
 
@@ -308,10 +349,10 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "progress.json").read_text())
 
 
-def training_steps(num_batches: int, cfg: TrainSection) -> int:
+def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(num_batches * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
 
 
 def _accuracy(logits: np.ndarray, labels) -> float:
@@ -325,7 +366,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
           run_id: str | None = None, tracking_uri: str | None = None, *, scratch: Path) -> dict:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
     tracker = Tracker(tracking_uri, run_id)
     dev = models.device()
@@ -335,15 +376,30 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
     pad_id = pad_token_id(tok)
 
+    causal = quantized["task"] == models.CAUSAL
+    examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    config = AutoConfig.from_pretrained(models.quantized_path(quantized))
+    liger = training.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths)
+    plan = memory_plan(config, cfg, q, lora, max_length, causal, liger, dev)
+    micro_size = plan["micro_batch"]
+    free_at_start = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
     with PeakMemory(dev) as memory:  # this stage's own peak, not the process's high-water mark
-        base = models.load_base(quantized, label_names, q)
-        model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], cfg.gradient_checkpointing)
+        attention = training.attention_implementation(cfg.attention, dev, cfg.require_fast_paths)
+        base = models.load_base(quantized, label_names, q, attention)
+        fast_paths = [f"attention:{base.config._attn_implementation}"]
+        if liger:
+            training.apply_liger(base)
+            fast_paths.append("liger")
+        model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
+        if cfg.fused_lora and lora_cfg.enabled:
+            fast_paths.append(f"fused_lora:{training.fuse_lora_layers(model)}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
+        tracker.set_tags({"train.fast_paths": ",".join(fast_paths), **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
 
-        causal = quantized["task"] == models.CAUSAL
         # Units of data: examples, or (packing) rows of several examples each.
         units = pack(train_ds["length"], max_length, cfg.seed) if packing else [[i] for i in range(len(train_ds))]
         lengths = [sum(train_ds["length"][i] for i in u) for u in units] if packing else train_ds["length"]
@@ -354,6 +410,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                                   max_length if pad_to_max_length else None)
             batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
             batch["real_tokens"] = int(batch["attention_mask"].sum())
+            batch["targets"] = len(unit_ids)
             return batch
 
         def validate_now() -> dict:
@@ -362,13 +419,15 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
             return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
 
-        per_epoch = math.ceil(len(units) / cfg.per_device_train_batch_size)
+        # An optimizer step takes examples_per_step units whatever the micro-batch: the data of each
+        # step, and so the result, do not depend on the memory plan.
+        per_epoch = math.ceil(len(units) / examples_per_step)
         total = training_steps(per_epoch, cfg)
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                                   num_training_steps=total)
-        eval_every = cfg.eval_steps or math.ceil(per_epoch / cfg.gradient_accumulation_steps)
+        eval_every = cfg.eval_steps or per_epoch
 
-        progress = {"step": 0, "micro_step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
+        progress = {"step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
         checkpoints = sorted(scratch.glob("checkpoint-*"))
         if checkpoints:
             progress = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
@@ -384,33 +443,51 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             tracker.log_metrics(metrics, step)
 
-        step, micro = progress["step"], progress["micro_step"]
+        step = progress["step"]
         window_loss, window_n, started = 0.0, 0, time.perf_counter()
         # Time spent validating and checkpointing is not training time: it is counted apart.
         paused = 0.0
 
         def training_seconds() -> float:
             return progress["elapsed_s"] + time.perf_counter() - started - paused
+
+        def checkpoint_now() -> None:
+            if (scratch / f"checkpoint-{step:07d}").exists():
+                return
+            _save_checkpoint(scratch, step, model, optimizer, scheduler,
+                             {"step": step, "elapsed_s": training_seconds(), "samples": samples, "tokens": tokens},
+                             cfg.save_total_limit)
         samples, tokens = progress["samples"], progress["tokens"]
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
-        epoch = micro // per_epoch
+        epoch = step // per_epoch
         optimizer.zero_grad(set_to_none=True)
         while step < total:
-            batches = batch_order(lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length)
-            for b in range(micro - epoch * per_epoch, len(batches)):
-                batch = make_batch(batches[b])
-                tokens += batch.pop("real_tokens")  # non-pad tokens only
-                with models.train_context(dev, q.bnb_4bit_compute_dtype, cfg.offload_activations):
-                    loss = model(**batch).loss
-                (loss / cfg.gradient_accumulation_steps).backward()
-                window_loss += loss.item()
+            step_batches = batch_order(lengths, examples_per_step, cfg.seed, epoch, cfg.group_by_length)
+            for b in range(step - epoch * per_epoch, len(step_batches)):
+                rows = step_batches[b]
+                micro_batches = [make_batch(rows[i:i + micro_size]) for i in range(0, len(rows), micro_size)]
+                step_targets = sum(mb["targets"] for mb in micro_batches)
+                step_loss, step_tokens = 0.0, 0
+                try:
+                    for mb in micro_batches:
+                        share = mb.pop("targets") / max(step_targets, 1)
+                        step_tokens += mb.pop("real_tokens")  # non-pad tokens only
+                        loss = training.forward_backward(model, mb, dev, q.bnb_4bit_compute_dtype,
+                                                         plan["offload_activations"], share)
+                        step_loss = step_loss + loss * share
+                except torch.OutOfMemoryError:
+                    del micro_batches, mb
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    if step > 0:
+                        checkpoint_now()
+                    raise out_of_memory(step, plan, cfg, free_at_start, resumable=step > 0) from None
+                del micro_batches
+                window_loss += float(step_loss)
                 window_n += 1
-                samples += sum(len(units[u]) for u in batches[b])
-                micro += 1
-                last_of_epoch = b == len(batches) - 1
-                if micro % cfg.gradient_accumulation_steps and not last_of_epoch:
-                    continue
+                tokens += step_tokens
+                samples += sum(len(units[u]) for u in rows)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
                 optimizer.step()
                 scheduler.step()
@@ -420,7 +497,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 if step % cfg.logging_steps == 0 or step == total:
                     elapsed = training_seconds()
                     metrics = {"train_loss": window_loss / window_n, "learning_rate": scheduler.get_last_lr()[0],
-                               "epoch": micro / per_epoch, "samples_per_s": samples / elapsed,
+                               "epoch": step / per_epoch, "samples_per_s": samples / elapsed,
                                "tokens_per_s": tokens / elapsed}
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
@@ -431,10 +508,9 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 if step % eval_every == 0 or step == total:
                     record(validate_now(), step)
                 if step % cfg.save_steps == 0 and step < total:
-                    elapsed = training_seconds() - (time.perf_counter() - pause_start)
-                    _save_checkpoint(scratch, step, model, optimizer, scheduler,
-                                     {"step": step, "micro_step": micro, "elapsed_s": elapsed, "samples": samples,
-                                      "tokens": tokens}, cfg.save_total_limit)
+                    paused += time.perf_counter() - pause_start
+                    pause_start = time.perf_counter()
+                    checkpoint_now()
                     on_checkpoint(step)
                 paused += time.perf_counter() - pause_start
                 if step >= total:
@@ -457,5 +533,5 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         "peak_memory_bytes": memory.peak, "device": str(dev), **training_state_bytes(model, optimizer),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "trainable_params": lora["trainable_params"], "trainable_percent": lora["trainable_percent"],
-        "label_names": label_names,
+        "label_names": label_names, "fast_paths": fast_paths, "memory_plan": plan,
     }

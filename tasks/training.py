@@ -73,3 +73,244 @@ def train_context(dev, compute_dtype: str, offload_activations: bool = False):
     if offload_activations and dev.type == "cuda":
         stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=True))
     return stack
+
+
+# --- Fused LoRA linear ----------------------------------------------------------------------------
+# peft computes a LoRA layer as base(x) (4-bit: dequantize + matmul), a defensive copy of the result,
+# dropout(x), A, B, a scaling multiply and an add, each a separate kernel with its own saved tensors.
+# Here one autograd function does the same arithmetic: the base weight dequantized once in forward
+# and once in backward (never saved), the LoRA product added into the base output by one addmm, and
+# the input gradient of the base and of the adapter accumulated into one buffer.
+
+def _dense_weight(base, dtype):
+    """The frozen base weight as a (out, in) matrix in the compute dtype (4-bit: dequantized)."""
+    import bitsandbytes as bnb
+
+    weight = base.weight
+    if isinstance(base, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+def _lora_function():
+    import torch
+
+    class LoraLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, x_dropped, A, B, bias, base, scaling):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            W = _dense_weight(base, x.dtype)
+            out = x2 @ W.t() if bias is None else torch.addmm(bias.to(x.dtype), x2, W.t())
+            del W
+            xd = x2 if x_dropped is None else x_dropped.reshape(-1, shape[-1])
+            h = xd @ A.t()
+            out.addmm_(h, B.t(), alpha=scaling)
+            ctx.base, ctx.scaling, ctx.shape = base, scaling, shape
+            ctx.save_for_backward(xd, h, A, B)
+            return out.view(*shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            xd, h, A, B = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+            s = ctx.scaling
+            gh = (g @ B).mul_(s)
+            grad_A = gh.t() @ xd
+            grad_B = (g.t() @ h).mul_(s)
+            grad_x = grad_x_dropped = None
+            needs_x, needs_xd = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            if needs_x:
+                grad_x = g @ _dense_weight(ctx.base, g.dtype)
+                if not needs_xd:  # no dropout: the adapter's input gradient goes to x too
+                    grad_x.addmm_(gh, A)
+                grad_x = grad_x.view(ctx.shape)
+            if needs_xd:
+                grad_x_dropped = (gh @ A).view(ctx.shape)
+            return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
+
+    return LoraLinear
+
+
+_LORA_FUNCTION = None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """forward of a peft LoRA layer through the fused function; anything else (adapters disabled or
+    merged, several adapters, DoRA and other variants, LoRA bias, mixed-batch adapter names) takes
+    peft's own forward."""
+    import torch
+
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant
+            or self.lora_B[active[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    base = self.get_base_layer()
+    dtype = getattr(base, "compute_dtype", None) or x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    dropout = self.lora_dropout[name]
+    x_in = x.to(dtype)
+    x_dropped = dropout(x_in) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else None
+    with torch.autocast(x.device.type, enabled=False):
+        out = _LORA_FUNCTION.apply(x_in, x_dropped, self.lora_A[name].weight.to(dtype),
+                                   self.lora_B[name].weight.to(dtype), base.bias, base, float(self.scaling[name]))
+    return out.to(x.dtype)
+
+
+def fuse_lora_layers(model) -> int:
+    """Route every plain LoRA layer (on a 4-bit or a 16/32-bit linear) through the fused function;
+    returns how many. The adapter's weights, names and saved files are peft's, unchanged."""
+    import types
+
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    global _LORA_FUNCTION
+    _LORA_FUNCTION = _LORA_FUNCTION or _lora_function()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (bnb.nn.Linear4bit, torch.nn.Linear)) \
+                and not isinstance(module.get_base_layer(), bnb.nn.Linear8bitLt):
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+# --- Kernels and attention ------------------------------------------------------------------------
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def use_liger(mode: str, config, dev, required: bool = False) -> bool:
+    """Whether Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a cross-entropy fused with the
+    output layer that never holds the full logits) apply: CUDA, liger-kernel installed, a causal LM
+    of a supported family. mode auto: where they apply; liger: wanted, so a machine or model without
+    them warns and trains without (or fails, when required)."""
+    if mode == "none":
+        return False
+    reason = None
+    if dev.type != "cuda":
+        reason = "Liger kernels need CUDA (Triton)"
+    else:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError:
+            reason = "liger-kernel is not installed (pip install liger-kernel)"
+        else:
+            model_type = getattr(config, "model_type", None)
+            causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+            if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN or not causal:
+                reason = f"Liger has no kernels for this model ({model_type}, {config.architectures})"
+    if reason is None:
+        return True
+    if mode == "liger":
+        if required:
+            raise RuntimeError(f"train.kernels: liger is required, but {reason}")
+        _warn(f"train.kernels: liger requested, but {reason}; training without it")
+    return False
+
+
+def apply_liger(model) -> None:
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+
+
+def attention_implementation(requested: str, dev, required: bool = False) -> str:
+    """The attention kernel to load the model with. auto: flash-attn where installed on CUDA, else
+    PyTorch's SDPA (flash / memory-efficient kernels, and packed rows through a block mask)."""
+    import importlib.util
+
+    has_flash = dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        reason = "flash-attn is not installed" if dev.type == "cuda" else "flash-attn needs CUDA"
+        if required:
+            raise RuntimeError(f"train.attention: flash_attention_2 required, but {reason}")
+        _warn(f"train.attention: flash_attention_2 requested, but {reason}; using sdpa")
+        return "sdpa"
+    return requested
+
+
+# --- Memory plan ----------------------------------------------------------------------------------
+GIB = 2**30
+
+
+def _shape(config) -> dict:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, layers = text.hidden_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    inter = getattr(text, "intermediate_size", None) or 4 * h
+    gated = getattr(text, "hidden_act", "silu") in ("silu", "swiglu") or "llama" in text.model_type
+    per_layer = {"q": (h, heads * head_dim), "k": (h, kv * head_dim), "v": (h, kv * head_dim),
+                 "o": (heads * head_dim, h), "down": (inter, h), "up": (h, inter)}
+    if gated:
+        per_layer["gate"] = (h, inter)
+    tied = getattr(config, "tie_word_embeddings", True)
+    return {"h": h, "inter": inter, "layers": layers, "vocab": text.vocab_size, "per_layer": per_layer,
+            "embedding_params": text.vocab_size * h * (1 if tied else 2)}
+
+
+def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: str, tokens: int,
+                    gradient_checkpointing: bool, offload: bool, fused_ce: bool, causal: bool) -> dict:
+    """Bytes a training step needs at its peak, from the model's config alone (before loading):
+    weights (NF4 about 0.52 bytes a parameter with its constants, 8-bit 1.03, else 16-bit; embeddings
+    and norms 16-bit), trainable weights in float32 with their gradients and optimizer state, and
+    activations for `tokens` tokens per micro-batch. The activation coefficients are fitted to peaks
+    measured on an H100 (benchmarks/RESULTS.md); expect about 10% either way."""
+    s = _shape(config)
+    linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
+    per_param = {4: 0.52, 8: 1.03}.get(weight_bits, weight_bits / 8)
+    weights = linear * per_param + (s["embedding_params"] + 4 * s["h"] * s["layers"]) * min(2, weight_bits / 8 * 2)
+    state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
+    training_state = trainable_params * (4 + 4 + state_per_param)  # float32 weight, gradient, state
+    layer = tokens * 2 * (18 * s["h"] + 6 * s["inter"])  # what one layer keeps for its backward
+    checkpoints = 0 if offload else tokens * 2 * s["h"] * s["layers"]
+    logits = tokens * s["vocab"] * 10 if causal and not fused_ce else 0  # 16-bit logits, float32 copy and gradient
+    if gradient_checkpointing:  # the checkpoints, plus one layer recomputed or the loss, whichever is larger
+        activations = checkpoints + max(layer, logits)
+    else:
+        activations = layer * s["layers"] + logits
+    overhead = 0.3 * GIB  # allocator slack, cuBLAS workspace
+    peak = weights + training_state + activations + overhead
+    return {"peak": int(peak), "weights": int(weights), "training_state": int(training_state),
+            "activations": int(activations)}
+
+
+def plan_memory(budget_gib: float, examples_per_step: int, estimate, allow_offload: bool = True) -> dict:
+    """The fastest set-up whose estimated peak fits the budget: the largest micro-batch (dividing the
+    examples per optimizer step, the rest accumulated) first without, then with gradient
+    checkpointing, then with the checkpoints offloaded to CPU. estimate(micro, gc, offload) -> bytes.
+    Raises ValueError (with the smallest estimate) when nothing fits."""
+    micro_batches = [m for m in range(examples_per_step, 0, -1) if examples_per_step % m == 0]
+    for gc, offload in ((False, False), (True, False)) + (((True, True),) if allow_offload else ()):
+        for m in micro_batches:
+            peak = estimate(m, gc, offload)
+            if peak <= budget_gib * GIB:
+                return {"micro_batch": m, "accumulation": examples_per_step // m, "gradient_checkpointing": gc,
+                        "offload_activations": offload, "estimated_peak_gib": round(peak / GIB, 2)}
+    smallest = estimate(1, True, allow_offload)
+    raise ValueError(f"{budget_gib:g} GiB is too small: training needs about {smallest / GIB:.1f} GiB even at "
+                     f"micro-batch 1 with gradient checkpointing" + (" and activations offloaded to CPU" if allow_offload else ""))
+
+
+# --- One micro-batch ----------------------------------------------------------------------------
+
+def forward_backward(model, batch: dict, dev, compute_dtype: str, offload: bool, share: float = 1.0):
+    """Forward and backward of one micro-batch, its gradient weighted by its share of the optimizer
+    step (its targets over the step's), so that accumulating micro-batches gives the gradient of the
+    whole step; the loss (a tensor: no device sync here)."""
+    with train_context(dev, compute_dtype, offload):
+        loss = model(**batch).loss
+    (loss * share).backward()
+    return loss.detach()
