@@ -36,6 +36,16 @@ def _quiet_environment(recipe: Recipe) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     # bitsandbytes announces an optional Hub-fetched CPU kernel at import; it can't be had offline.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # A user's mistake found inside the flow is logged by Prefect as a crash, traceback and all:
+    # keep its one-line message, drop the traceback (the CLI ends with the same line and exit 2).
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_without_user_error_traceback)
+
+
+def _without_user_error_traceback(record: logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], RecipeError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 class TemporaryPrefectServer:

@@ -23,7 +23,7 @@ from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, 
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from tasks.stage import call_stage, materializing
 from tasks.store import dir_size, hash_value
-from tasks.train import train
+from tasks.train import check_memory_budget, train
 
 
 def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
@@ -84,6 +84,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                     asset="tokenized", upstream=("dataset",))
     # LoRA targets are checked on the meta device (cheap) before the base is quantized.
     lora = run(attach_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
+    check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
+                        r.model.trust_remote_code)
     # The recipe has passed every cheap check: open the tracking store (a new sqlite store creates its
     # tables, seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
     store_ready = threading.Thread(target=tracking.prepare_store, args=(uri,), daemon=True)

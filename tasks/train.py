@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from tasks import model as models
 from tasks import training
+from tasks.training import collate_lm, pack  # noqa: F401  (used by the causal tests)
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.stage import stage
 
@@ -64,54 +65,6 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
-def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
-    """Examples packed into rows of at most max_length tokens, next-fit in a seeded random order.
-    Fixed for the whole run: each epoch shuffles the rows, so a step count means the same data."""
-    rows, current, used = [], [], 0
-    for i in np.random.default_rng([seed, 2**31 - 1]).permutation(len(lengths)).tolist():
-        if current and used + lengths[i] > max_length:
-            rows.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    return rows + ([current] if current else [])
-
-
-def collate_lm(units: list[list[dict]], pad_id: int, dev: torch.device, width: int | None = None) -> dict:
-    """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
-    restart per example and no attention mask is passed, so transformers keeps attention within
-    each example (its packed-sequence detection), and the first token of each example is never a
-    target (it would be predicted from the previous example). width: pad every row to it
-    (tokenize.padding: max_length, the tutorial way) instead of to the longest row."""
-    import torch
-
-    packed = any(len(u) > 1 for u in units)
-    width = max([sum(len(e["input_ids"]) for e in u) for u in units] + [width or 0])
-    ids = torch.full((len(units), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(units), width), -100, dtype=torch.long)
-    positions = torch.zeros((len(units), width), dtype=torch.long)
-    mask = torch.zeros((len(units), width), dtype=torch.long)
-    for r, unit in enumerate(units):
-        at = 0
-        for e in unit:
-            n = len(e["input_ids"])
-            ids[r, at:at + n] = torch.as_tensor(e["input_ids"])
-            labels[r, at:at + n] = torch.as_tensor(e["labels"])
-            labels[r, at] = -100
-            positions[r, at:at + n] = torch.arange(n)
-            at += n
-        mask[r, :at] = 1
-        positions[r, at:] = torch.arange(width - at)  # padding: a segment of its own
-    # No KV cache: with one, transformers skips its packed-sequence detection (and training needs none).
-    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev), "use_cache": False}
-    if packed:
-        batch["position_ids"] = positions.to(dev)
-    else:
-        batch["attention_mask"] = mask.to(dev)
-    batch["real_tokens"] = int(mask.sum())
-    return batch
-
-
 def lm_loss(model, dataset, batch_size: int, pad_id: int, dev) -> float:
     """Mean loss per target token over a dataset (what perplexity is the exponential of)."""
     import torch
@@ -124,7 +77,7 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev) -> float:
         for start in range(0, len(order), batch_size):
             batch = collate_lm([[dataset[i]] for i in order[start:start + batch_size]], pad_id, dev)
             batch.pop("real_tokens")
-            targets = int((batch["labels"][:, 1:] != -100).sum())
+            targets = batch.pop("targets")
             total += model(**batch).loss.float().item() * targets
             count += targets
     model.train()
@@ -255,11 +208,24 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
                           hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
 
 
+def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
+                        max_length: int | None, causal: bool, trust_remote_code: bool = False) -> dict | None:
+    """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
+    small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage."""
+    if cfg.max_memory_gib is None:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    dev = models.device()
+    return memory_plan(config, cfg, q, lora, max_length, causal, training.use_liger("auto", config, dev), dev)
+
+
 def out_of_memory(step: int, plan: dict, cfg: TrainSection, free_at_start: int | None, resumable: bool) -> RecipeError:
     """The message for a CUDA out-of-memory error: where it happened, what was kept, what to set."""
     import torch
 
-    peak = torch.cuda.max_memory_allocated() / training.GIB
+    peak = torch.cuda.max_memory_allocated() / training.GIB if torch.cuda.is_available() else 0.0
     free = (free_at_start or 0) / training.GIB
     suggested = round(min(0.9 * free, peak * 0.8) if cfg.max_memory_gib is None else 0.8 * cfg.max_memory_gib, 1)
     kept = (f"the checkpoint at step {step} is kept; rerun to resume from it" if resumable
@@ -379,14 +345,18 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     causal = quantized["task"] == models.CAUSAL
     examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     config = AutoConfig.from_pretrained(models.quantized_path(quantized))
-    liger = training.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths)
+    try:
+        liger = training.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths)
+        attention = training.attention_implementation(cfg.attention, dev, cfg.require_fast_paths)
+    except RuntimeError as e:
+        field, message = str(e).split(": ", 1)
+        raise RecipeError(message, field, hint="set train.require_fast_paths: false to fall back instead") from None
     plan = memory_plan(config, cfg, q, lora, max_length, causal, liger, dev)
     micro_size = plan["micro_batch"]
     free_at_start = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
     with PeakMemory(dev) as memory:  # this stage's own peak, not the process's high-water mark
-        attention = training.attention_implementation(cfg.attention, dev, cfg.require_fast_paths)
         base = models.load_base(quantized, label_names, q, attention)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if liger:
@@ -479,7 +449,8 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 except torch.OutOfMemoryError:
                     del micro_batches, mb
                     optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     if step > 0:
                         checkpoint_now()
                     raise out_of_memory(step, plan, cfg, free_at_start, resumable=step > 0) from None

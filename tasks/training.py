@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from tasks.recipe import LoraSection
 
@@ -29,6 +31,22 @@ def keep_4bit_layers_trainable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+            place_quant_state(module)
+
+
+def place_quant_state(module) -> None:
+    """Keep a 4-bit layer's quantization constants on its weight's device. A model loaded with double
+    quantization keeps the second-level code table on the CPU, and bitsandbytes then copies it to
+    the GPU at every dequantization: a blocking copy, about 0.4 ms of CPU time and a device sync per
+    layer call, which on an H100 made training wait on the CPU (measured: half the speed)."""
+    state = getattr(module.weight, "quant_state", None)
+    device = module.weight.device
+    while state is not None:
+        for name in ("code", "absmax", "offset"):
+            value = getattr(state, name, None)
+            if hasattr(value, "device") and value.device != device and (name != "offset" or value.dim() > 0):
+                setattr(state, name, value.to(device))
+        state = getattr(state, "state2", None)
 
 
 def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
@@ -85,11 +103,32 @@ def train_context(dev, compute_dtype: str, offload_activations: bool = False):
 def _dense_weight(base, dtype):
     """The frozen base weight as a (out, in) matrix in the compute dtype (4-bit: dequantized)."""
     import bitsandbytes as bnb
+    import torch
 
     weight = base.weight
-    if isinstance(base, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
-    return weight.to(dtype)
+    if not isinstance(base, bnb.nn.Linear4bit):
+        return weight.to(dtype)
+    state = weight.quant_state
+    absmax = getattr(base, "_qlora_absmax", None)
+    if absmax is None:
+        return bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
+    return torch.ops.bitsandbytes.dequantize_4bit(weight.data, absmax, state.blocksize, state.quant_type,
+                                                  list(state.shape), dtype)
+
+
+def unnest_absmax(base) -> None:
+    """With double quantization, every dequantization first dequantizes the block scales (a second
+    bitsandbytes call that costs about 0.4 ms of CPU time on CUDA, twice per layer per step: on an
+    H100 the step then waits on the CPU). Keep the scales dequantized instead: the same values, at
+    4 bytes per 64 weights (0.06 bytes a parameter) of extra memory."""
+    import bitsandbytes as bnb
+    import torch
+
+    state = base.weight.quant_state
+    if base.weight.device.type == "cuda" and state.nested:
+        with torch.no_grad():
+            absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)
+            base._qlora_absmax = (absmax + state.offset).float()
 
 
 def _lora_function():
@@ -175,6 +214,8 @@ def fuse_lora_layers(model) -> int:
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (bnb.nn.Linear4bit, torch.nn.Linear)) \
                 and not isinstance(module.get_base_layer(), bnb.nn.Linear8bitLt):
             module.forward = types.MethodType(_fused_forward, module)
+            if isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+                unnest_absmax(module.get_base_layer())
             count += 1
     return count
 
@@ -264,13 +305,13 @@ def _shape(config) -> dict:
 def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: str, tokens: int,
                     gradient_checkpointing: bool, offload: bool, fused_ce: bool, causal: bool) -> dict:
     """Bytes a training step needs at its peak, from the model's config alone (before loading):
-    weights (NF4 about 0.52 bytes a parameter with its constants, 8-bit 1.03, else 16-bit; embeddings
+    weights (NF4 about 0.58 bytes a parameter with its block scales, 8-bit 1.03, else 16-bit; embeddings
     and norms 16-bit), trainable weights in float32 with their gradients and optimizer state, and
     activations for `tokens` tokens per micro-batch. The activation coefficients are fitted to peaks
     measured on an H100 (benchmarks/RESULTS.md); expect about 10% either way."""
     s = _shape(config)
     linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
-    per_param = {4: 0.52, 8: 1.03}.get(weight_bits, weight_bits / 8)
+    per_param = {4: 0.58, 8: 1.03}.get(weight_bits, weight_bits / 8)  # 4-bit: block scales unnested on CUDA
     weights = linear * per_param + (s["embedding_params"] + 4 * s["h"] * s["layers"]) * min(2, weight_bits / 8 * 2)
     state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
     training_state = trainable_params * (4 + 4 + state_per_param)  # float32 weight, gradient, state
@@ -289,12 +330,15 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
 
 def plan_memory(budget_gib: float, examples_per_step: int, estimate, allow_offload: bool = True) -> dict:
     """The fastest set-up whose estimated peak fits the budget: the largest micro-batch (dividing the
-    examples per optimizer step, the rest accumulated) first without, then with gradient
+    examples per optimizer step, the rest accumulated), first without, then with gradient
     checkpointing, then with the checkpoints offloaded to CPU. estimate(micro, gc, offload) -> bytes.
     Raises ValueError (with the smallest estimate) when nothing fits."""
     micro_batches = [m for m in range(examples_per_step, 0, -1) if examples_per_step % m == 0]
-    for gc, offload in ((False, False), (True, False)) + (((True, True),) if allow_offload else ()):
-        for m in micro_batches:
+    # Largest micro-batch first: on an H100 a 7B step is bound by per-call CPU work (hundreds of
+    # kernel launches per layer), so halving the micro-batch halves tokens/s (measured), while
+    # offloading the checkpoints costs a few percent.
+    for m in micro_batches:
+        for gc, offload in ((False, False), (True, False)) + (((True, True),) if allow_offload else ()):
             peak = estimate(m, gc, offload)
             if peak <= budget_gib * GIB:
                 return {"micro_batch": m, "accumulation": examples_per_step // m, "gradient_checkpointing": gc,
@@ -302,6 +346,57 @@ def plan_memory(budget_gib: float, examples_per_step: int, estimate, allow_offlo
     smallest = estimate(1, True, allow_offload)
     raise ValueError(f"{budget_gib:g} GiB is too small: training needs about {smallest / GIB:.1f} GiB even at "
                      f"micro-batch 1 with gradient checkpointing" + (" and activations offloaded to CPU" if allow_offload else ""))
+
+
+# --- Batches of a causal LM ---------------------------------------------------------------------
+
+def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
+    """Examples packed into rows of at most max_length tokens, next-fit in a seeded random order.
+    Fixed for the whole run: each epoch shuffles the rows, so a step count means the same data."""
+    rows, current, used = [], [], 0
+    for i in np.random.default_rng([seed, 2**31 - 1]).permutation(len(lengths)).tolist():
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return rows + ([current] if current else [])
+
+
+def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = None) -> dict:
+    """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
+    restart per example and no attention mask is passed, so transformers keeps attention within
+    each example (its packed-sequence detection), and the first token of each example is never a
+    target (it would be predicted from the previous example). width: pad every row to it
+    (tokenize.padding: max_length, the tutorial way) instead of to the longest row."""
+    import torch
+
+    packed = any(len(u) > 1 for u in units)
+    width = max([sum(len(e["input_ids"]) for e in u) for u in units] + [width or 0])
+    ids = torch.full((len(units), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(units), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(units), width), dtype=torch.long)
+    mask = torch.zeros((len(units), width), dtype=torch.long)
+    for r, unit in enumerate(units):
+        at = 0
+        for e in unit:
+            n = len(e["input_ids"])
+            ids[r, at:at + n] = torch.as_tensor(e["input_ids"])
+            labels[r, at:at + n] = torch.as_tensor(e["labels"])
+            labels[r, at] = -100
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        mask[r, :at] = 1
+        positions[r, at:] = torch.arange(width - at)  # padding: a segment of its own
+    # No KV cache: with one, transformers skips its packed-sequence detection (and training needs none).
+    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev), "use_cache": False}
+    if packed:
+        batch["position_ids"] = positions.to(dev)
+    else:
+        batch["attention_mask"] = mask.to(dev)
+    batch["real_tokens"] = int(mask.sum())
+    batch["targets"] = int((labels[:, 1:] != -100).sum())  # tokens the loss averages over
+    return batch
 
 
 # --- One micro-batch ----------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def test_packing_keeps_examples_apart(tiny_llama):
     packed = collate_lm([examples], tok.pad_token_id, torch.device("cpu"))
     assert "position_ids" in packed and "attention_mask" not in packed
     assert padded.pop("real_tokens") == packed.pop("real_tokens") == sum(rows["length"])
+    assert padded.pop("targets") == packed.pop("targets") == int(sum((torch.tensor(r[1:]) != -100).sum() for r in rows["labels"]))
     with torch.no_grad():
         torch.testing.assert_close(model(**packed).loss, model(**padded).loss, rtol=1e-5, atol=1e-5)
         # and packing without restarting positions would differ: the check can fail

@@ -122,6 +122,33 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path, monkeypatch):
     assert not partial[0].exists(), "checkpoints are cleared once the stage completes"
 
 
+def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared, tmp_path, monkeypatch):
+    """CUDA running out of memory in step 3 (simulated): a checkpoint of step 2 is written though the
+    recipe's save_steps is far off, the error names train.max_memory_gib with a value, and the next
+    run, under a memory budget (not part of the stage's cache key), resumes at step 2."""
+    from tasks import training
+
+    real = training.forward_backward
+    calls = []
+
+    def out_of_memory_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "forward_backward", out_of_memory_in_step_3)
+    with pytest.raises(RecipeError, match=r"CUDA ran out of memory in step 3 .*the checkpoint at step 2 is kept") as e:
+        _train(prepared, tmp_path, save_steps=1000)
+    assert e.value.field == "train.max_memory_gib" and "set train.max_memory_gib: " in str(e.value)
+    partial = list((tmp_path / "train").glob("*.partial"))
+    assert len(partial) == 1 and (partial[0] / "checkpoint-0000002").is_dir()
+    monkeypatch.setattr(training, "forward_backward", real)
+    resumed = _train(prepared, tmp_path, save_steps=1000, max_memory_gib=4.0)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 8
+    assert resumed["memory_plan"]["micro_batch"] * resumed["memory_plan"]["accumulation"] == 16
+
+
 def test_merge_dequantized_matches_adapter(prepared, tmp_path):
     """The merged 16-bit model predicts what the 4-bit base plus adapter predicts."""
     from peft import PeftModel

@@ -1,0 +1,504 @@
+"""QLoRA training speed and memory on a GPU: the tutorial recipe against the pipeline's own training
+code (tasks/training.py, the functions the train stage calls), side by side in one invocation, on
+Llama-shaped models with random weights (nothing is downloaded).
+
+    python benchmarks/gpu_train.py --shape llama2-7b [--seq 2048] [--steps 10] [--budget 5.5]
+    python benchmarks/gpu_train.py --shape llama2-7b --lengths   # variable-length real examples
+    python benchmarks/gpu_train.py --shape llama-33b --only pipeline --budget 24
+    python benchmarks/gpu_train.py --check                        # fast paths vs the plain path
+    python benchmarks/gpu_train.py --log-mlflow gpu_train.json    # record a result file in MLflow
+
+Variants, each in its own process (a clean peak-memory count):
+    tutorial     ../shared/reference/tutorial_qlora_gpu.py as it is (prepare_model_for_kbit_training,
+                 reentrant checkpointing, LoRA dropout 0.05, fused AdamW), fixed-length rows
+    tutorial-pad the same set-up on variable-length examples, each padded to --seq as the tutorial
+                 recipe's tokenizer call does (padding="max_length")
+    pipeline     tasks/training.py: fused LoRA layers, Liger kernels, SDPA, no float32 upcast,
+                 non-reentrant checkpointing, paged 8-bit AdamW, LoRA dropout 0.05, the memory plan
+                 for --budget GiB (micro-batch, checkpointing, offload); variable-length examples
+                 packed into rows of --seq tokens
+Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
+MFU: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token over a measured bf16 matmul peak.
+Writes gpu_train.json (and a profile of one step with --profile) under $OUT when set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+REFERENCE = Path(os.environ.get("QLORA_REFERENCE", REPO.parent / "shared" / "reference" / "tutorial_qlora_gpu.py"))
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, vocab_size=32000),
+}
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+
+
+def config_of(shape: str, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 4096), tie_word_embeddings=False,
+                       architectures=["LlamaForCausalLM"])
+
+
+def n_params(cfg) -> int:
+    h, i, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + 2 * v * h + h
+
+
+def build_on_disk(shape: str, seq: int) -> str:
+    """Random bf16 weights saved where the reference script looks (/tmp/<shape>)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = f"/tmp/{shape}"
+    if not os.path.exists(f"{path}/config.json"):
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config_of(shape, seq)).to(torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    return path
+
+
+def build_in_memory(shape: str, seq: int):
+    """A model too big for the disk in 16-bit: made on the meta device, then each linear layer given
+    random bf16 weights on the GPU and quantized to NF4 (double quantization) at once, layer by layer:
+    the 16-bit weights of one layer at a time ever exist."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = config_of(shape, seq)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                weight = torch.randn(linear.out_features, linear.in_features, device="cuda", dtype=torch.bfloat16,
+                                     generator=gen).mul_(cfg.initializer_range)
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+                q.weight = q.weight.to("cuda")  # quantizes
+                setattr(parent, name, q)
+                del weight
+    for module in model.modules():  # what stays 16-bit: embeddings, norms, output layer
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                value = torch.ones(p.shape, device="cuda") if "norm" in type(module).__name__.lower() else \
+                    torch.randn(p.shape, device="cuda", generator=gen) * cfg.initializer_range
+                module._parameters[name] = torch.nn.Parameter(value.to(torch.bfloat16), requires_grad=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
+    model.is_loaded_in_4bit = True  # what peft checks to wrap 4-bit layers
+    model.config.dtype = torch.bfloat16
+    return model
+
+
+def load_quantized(path: str, attention: str = "sdpa"):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                device_map={"": 0}, attn_implementation=attention)
+
+
+def example_lengths(seq: int, count: int, seed: int = 0) -> list[int]:
+    """Lengths of real examples (benchmarks/data/lengths.json), drawn with replacement."""
+    import numpy as np
+
+    data = json.loads((REPO / "benchmarks" / "data" / "lengths.json").read_text())
+    pool = np.array(data["ag_news"] + data["chatterbot_qa"])
+    return [int(min(n, seq)) for n in np.random.default_rng(seed).choice(pool, count)]
+
+
+def _examples(lengths: list[int], vocab: int, seed: int) -> list[dict]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def timed(steps: int, warmup: int, step) -> tuple[float, list[float], int]:
+    """Seconds over `steps` steps after `warmup` ones; every loss; the tokens counted."""
+    import torch
+
+    losses, tokens = [], 0
+    for i in range(warmup):
+        losses.append(step(i)[0])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        loss, n = step(i)
+        losses.append(loss)
+        tokens += n
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, [float(x) for x in losses], tokens
+
+
+def run_tutorial_padded(args) -> dict:
+    """The tutorial set-up (as the reference script) on variable-length examples padded to --seq."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.training import collate_lm
+
+    torch.cuda.reset_peak_memory_stats()
+    model = load_quantized(build_on_disk(args.shape, args.seq))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(**LORA, target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    model.train()
+    examples = _examples(example_lengths(args.seq, 4096, seed=1), model.config.vocab_size, seed=1)
+
+    def step(i):
+        rows = examples[(i * args.batch) % len(examples):][:args.batch]
+        batch = collate_lm([[e] for e in rows], 0, torch.device("cuda"), width=args.seq)
+        real = batch.pop("real_tokens")
+        batch.pop("targets")
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), real
+
+    seconds, losses, tokens = timed(args.steps, 3, step)
+    return {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_pipeline(args) -> dict:
+    """The pipeline's training code: what tasks/train.py's stage does per step, on random weights."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tasks import training
+
+    dev = torch.device("cuda")
+    cfg = config_of(args.shape, args.seq)
+    liger = training.use_liger("auto", cfg, dev)
+    lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
+    packed = args.lengths
+
+    def estimate(micro, gc, offload):
+        return training.estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
+                                        tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
+                                        fused_ce=liger, causal=True)["peak"]
+
+    options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused: a forced set-up
+    forced_micro = next((int(o[1:]) for o in options if o.startswith("m") and o[1:].isdigit()), None)
+    if forced_micro:
+        plan = {"micro_batch": forced_micro, "accumulation": args.batch // forced_micro, "gradient_checkpointing": True,
+                "offload_activations": "offload" in options}
+    elif args.budget:
+        plan = training.plan_memory(args.budget, args.batch, estimate)
+    else:
+        plan = {"micro_batch": args.batch, "accumulation": 1, "gradient_checkpointing": True,
+                "offload_activations": False}
+    plan["estimated_peak_gib"] = round(estimate(plan["micro_batch"], plan["gradient_checkpointing"],
+                                                plan["offload_activations"]) / 2**30, 2)
+    torch.cuda.reset_peak_memory_stats()
+    attention = training.attention_implementation("auto", dev)
+    if args.shape in ("llama-33b",):
+        base = build_in_memory(args.shape, args.seq)
+        base.config._attn_implementation = attention
+    else:
+        base = load_quantized(build_on_disk(args.shape, args.seq), attention)
+    liger = liger and not args.no_liger and "noliger" not in options
+    if liger:
+        training.apply_liger(base)
+    resolved = {"task": "causal-lm", "modules_to_save": [],
+                "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
+                                          if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
+    from types import SimpleNamespace
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
+    model = training.model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
+    fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+    model.train()
+    micro = plan["micro_batch"]
+    if packed:
+        examples = _examples(example_lengths(args.seq, 20000, seed=1), cfg.vocab_size, seed=1)
+        rows = [[examples[i] for i in r] for r in training.pack([len(e["input_ids"]) for e in examples], args.seq, 0)]
+    else:  # the tutorial's fixed rows: one random batch, trained on repeatedly (its loss must fall)
+        gen = torch.Generator().manual_seed(0)
+        fixed = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).tolist()
+        rows = [[{"input_ids": r, "labels": r}] for r in fixed]
+
+    def step(i):
+        units = [rows[(i * args.batch + k) % len(rows)] for k in range(args.batch)]
+        batches = [training.collate_lm(units[k:k + micro], 0, dev) for k in range(0, args.batch, micro)]
+        if not packed:  # the tutorial trains on every position of its rows, the first one too
+            for b in batches:
+                b["labels"] = b["input_ids"]
+        total = sum(b["targets"] for b in batches)
+        loss_sum, real = 0.0, 0
+        for b in batches:
+            share = b.pop("targets") / total
+            real += b.pop("real_tokens")
+            loss_sum = loss_sum + training.forward_backward(model, b, dev, "bfloat16", plan["offload_activations"],
+                                                            share) * share
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum, real
+
+    seconds, losses, tokens = timed(args.steps, 3, step)
+    out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan,
+           "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused}}
+    if args.profile and os.environ.get("OUT"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(0)
+            torch.cuda.synchronize()
+        name = f"profile-{args.shape}-{args.variant.replace('+', '_')}.txt"
+        averages = prof.key_averages()
+        Path(os.environ["OUT"], name).write_text(
+            averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70) + "\n\n" +
+            averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        out["profile"] = name
+    return out
+
+
+def run_tutorial(args) -> dict:
+    """The reference script itself, unchanged."""
+    build_on_disk(args.shape, args.seq)
+    done = subprocess.run([sys.executable, str(REFERENCE), args.shape, str(args.seq), str(args.batch),
+                           str(args.steps), "--all-linear"], capture_output=True, text=True)
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise RuntimeError(done.stderr[-2000:])
+    r = json.loads(line[0][7:])
+    return {"tok_s": r["tok_s"], "step_s": r["step_s"], "losses": [r["loss"]], "peak_gib": r["peak_gib"],
+            "note": "loss after the timed steps (the script prints only that)"}
+
+
+def gemm_peak() -> float:
+    """bf16 matmul FLOP/s measured here (8192 x 8192 x 8192): the denominator of MFU."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - start)
+
+
+def check(trials: int = 3) -> dict:
+    """The fast paths (no upcast, autocast, fused LoRA layers, Liger kernels where present, paged
+    state aside) against the plain path (prepare_model_for_kbit_training + peft, no autocast) on a
+    small random Llama: loss and LoRA gradients, fresh random inputs each trial, the same adapter
+    weights in both (B nonzero, so every gradient is). Relative error = |a - b| / |b| over all LoRA
+    gradients together, and the worst single tensor."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from types import SimpleNamespace
+
+    from tasks import training
+
+    path = "/tmp/llama-check"
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=32000, architectures=["LlamaForCausalLM"])
+    if not os.path.exists(f"{path}/config.json"):
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    dev = torch.device("cuda")
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
+                               lora_dropout=0.0)
+    resolved = {"task": "causal-lm", "modules_to_save": [],
+                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    paths = {"pipeline (autocast, no upcast)": {}, "+ fused LoRA": {"fused": True},
+             "+ fused LoRA + Liger": {"fused": True, "liger": True},
+             "+ fused LoRA, float32 residual stream": {"fused": True, "fp32": True}}
+    worst = {name: {"loss": 0.0, "grads": 0.0, "worst_tensor": 0.0} for name in paths}
+    for trial in range(trials):
+        x = torch.randint(0, 32000, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(100 + trial))
+        results = {}
+        for name, opts in [("plain", None), *paths.items()]:
+            base = load_quantized(path)
+            if opts is None:
+                model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=True),
+                                       training.lora_config(resolved, lora_cfg))
+            else:
+                if opts.get("liger") and training.use_liger("auto", base.config, dev):
+                    training.apply_liger(base)
+                model = training.model_for_training(base, resolved, lora_cfg, True, True)
+                if opts.get("fused"):
+                    training.fuse_lora_layers(model)
+                if opts.get("fp32"):
+                    for p in model.parameters():
+                        if not p.requires_grad and p.dtype == torch.bfloat16:
+                            p.data = p.data.float()
+            model.train()
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_" in n:
+                        g = torch.Generator().manual_seed(sum(map(ord, n.replace("base_model.model.", ""))))
+                        p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            if opts is None:
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                loss.backward()
+            else:
+                loss = training.forward_backward(model, {"input_ids": x, "labels": x, "use_cache": False}, dev,
+                                                 "bfloat16", False)
+            results[name] = (float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n})
+            del model, base
+            torch.cuda.empty_cache()
+        loss_a, ga = results.pop("plain")
+        for name, (loss_b, gb) in results.items():
+            w = worst[name]
+            w["loss"] = max(w["loss"], abs(loss_b - loss_a) / abs(loss_a))
+            diff = sum(float((gb[n] - ga[n]).norm()) ** 2 for n in ga) ** 0.5
+            w["grads"] = max(w["grads"], diff / sum(float(ga[n].norm()) ** 2 for n in ga) ** 0.5)
+            w["worst_tensor"] = max([w["worst_tensor"]] + [float((gb[n] - ga[n]).norm() / ga[n].norm()) for n in ga])
+    for name, w in worst.items():
+        w["ok"] = w["loss"] < 1e-2 and w["grads"] < 1e-2
+        print(f"CHECK {name} vs plain path, {trials} fresh inputs: relative error loss {w['loss']:.2e}, "
+              f"LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e}) -> "
+              f"{'OK' if w['ok'] else 'FAIL'} (bound 1e-2)", flush=True)
+    return worst
+
+
+def log_mlflow(path: str) -> None:
+    """Record a result file as an MLflow run of the project's store (experiment gpu-benchmarks)."""
+    import mlflow
+
+    from tasks.tracking import default_tracking_uri
+
+    data = json.loads(Path(path).read_text())
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+    mlflow.set_experiment("gpu-benchmarks")
+    for table in data["tables"]:
+        with mlflow.start_run(run_name=f"{table['shape']}-{table['data']}"):
+            mlflow.log_params({"shape": table["shape"], "seq": table["seq"], "batch": table["batch"],
+                               "data": table["data"], "gpu": data["gpu"], "command": table["command"][:500],
+                               **{f"version.{k}": v for k, v in data["versions"].items()}})
+            for row in table["rows"]:
+                v = row["variant"]
+                mlflow.log_metrics({f"{v}.tokens_per_s": row["tok_s"], f"{v}.peak_gib": row["peak_gib"],
+                                    f"{v}.mfu": row["mfu"], f"{v}.loss_last": row["loss_last"]})
+            mlflow.log_dict(table, "gpu_train.json")
+    print(f"logged {len(data['tables'])} tables to experiment gpu-benchmarks at {mlflow.get_tracking_uri()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2, help="rows of --seq tokens per optimizer step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--budget", type=float, help="the pipeline's train.max_memory_gib")
+    parser.add_argument("--lengths", action="store_true", help="variable-length real examples")
+    parser.add_argument("--only", help="comma-separated variants")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--no-fused", action="store_true")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--log-mlflow", metavar="JSON")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.log_mlflow:
+        return log_mlflow(args.log_mlflow)
+    if args.check:
+        result = check()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "check.json").write_text(json.dumps(result))
+        return
+    if args.variant:
+        run = {"tutorial": run_tutorial, "tutorial-pad": run_tutorial_padded}.get(args.variant, run_pipeline)
+        args.variant = args.variant if run is run_pipeline else args.variant
+        print("RESULT " + json.dumps(run(args)), flush=True)
+        return
+    import torch
+    import transformers
+
+    variants = args.only.split(",") if args.only else (["tutorial-pad", "pipeline"] if args.lengths else
+                                                        ["tutorial", "pipeline"])
+    cfg = config_of(args.shape, args.seq)
+    if args.shape != "llama-33b":
+        build_on_disk(args.shape, args.seq)  # here, not inside a measured variant
+    peak = gemm_peak()
+    flops_per_token = 6 * n_params(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
+    rows = []
+    child = ["--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps)]
+    child += ["--budget", str(args.budget)] if args.budget else []
+    child += [f for f, on in (("--lengths", args.lengths), ("--profile", args.profile), ("--no-liger", args.no_liger),
+                              ("--no-fused", args.no_fused)) if on]
+    for variant in variants:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, *child, "--variant", variant], capture_output=True,
+                              text=True)
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not line:
+            print(f"{variant}: failed\n{done.stderr[-3000:]}", flush=True)
+            continue
+        r = json.loads(line[0][7:])
+        row = {"variant": variant, "tok_s": round(r["tok_s"]), "step_s": round(r["step_s"], 3),
+               "peak_gib": round(r["peak_gib"], 2), "mfu": round(flops_per_token * r["tok_s"] / peak, 3),
+               "loss_first": round(r["losses"][0], 3), "loss_last": round(r["losses"][-1], 3),
+               "wall_s": round(time.perf_counter() - started), **{k: r[k] for k in ("plan", "fast_paths", "note", "profile")
+                                                                   if k in r}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next((r for r in rows if r["variant"].startswith("tutorial")), None)
+    print(f"\n{args.shape}, seq {args.seq}, {args.batch} rows per optimizer step, "
+          f"{'variable-length real examples (non-pad tokens)' if args.lengths else 'fixed-length rows'}, "
+          f"LoRA r=16 all-linear, NF4 + double quant, bf16; {torch.cuda.get_device_name()}, "
+          f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"{'variant':<24}{'tok/s':>8}{'x tut':>7}{'peak GiB':>10}{'x tut':>7}{'MFU':>7}{'loss first -> last':>20}")
+    for r in rows:
+        speed = f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-"
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base else "-"
+        print(f"{r['variant']:<24}{r['tok_s']:>8}{speed:>7}{r['peak_gib']:>10}{mem:>7}{r['mfu']:>7}"
+              f"{r['loss_first']:>11} -> {r['loss_last']}")
+    if os.environ.get("OUT"):
+        import peft
+        try:
+            import bitsandbytes
+            bnb_version = bitsandbytes.__version__
+        except ImportError:
+            bnb_version = None
+        out = Path(os.environ["OUT"], "gpu_train.json")
+        data = json.loads(out.read_text()) if out.exists() else {"tables": []}
+        data.update(gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                    versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                              "peft": peft.__version__, "bitsandbytes": bnb_version})
+        data["tables"].append({"shape": args.shape, "seq": args.seq, "batch": args.batch,
+                               "data": "variable-length" if args.lengths else "fixed-length",
+                               "command": "python benchmarks/gpu_train.py " + " ".join(sys.argv[1:]),
+                               "gemm_peak_tflops": round(peak / 1e12), "rows": rows})
+        out.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()

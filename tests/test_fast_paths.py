@@ -1,0 +1,226 @@
+"""The train stage's fast paths on the CPU: fused LoRA layers compute what peft computes, micro-batches
+accumulate to the gradient of the whole step, the memory plan and its estimate (checked against
+peaks measured on an H100), and fast paths the machine lacks fall back or fail as the recipe says."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import minilm_dir, small_agnews_recipe, write_recipe
+from tasks import training
+
+LORA_TARGETS = {"task": "sequence-classification", "modules_to_save": ["classifier"],
+                "target_modules": ["query", "key", "value", "dense"]}  # "dense" includes the 16-bit pooler
+
+
+def _lora_cfg(dropout: float):
+    from tasks.recipe import LoraSection
+
+    return LoraSection(r=8, lora_alpha=16, lora_dropout=dropout)
+
+
+def _minilm_4bit():
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "pooler"])
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=4, quantization_config=q,
+                                                              device_map="cpu")
+
+
+def _batch(seed: int) -> dict:
+    ids = torch.randint(1000, 20000, (4, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 3])}
+
+
+def _nonzero_b(model) -> None:
+    """LoRA B starts at zero (so A would get no gradient): the same nonzero B for every comparison."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.02, 0.02, p.numel()).reshape(p.shape))
+
+
+def _loss_and_grads(model, batch, seed: int):
+    torch.manual_seed(seed)  # the same dropout masks in both paths
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_layers_compute_what_peft_computes(dropout):
+    """Loss, every LoRA gradient (4-bit layers with bias, and the 16-bit pooler), and eval logits,
+    with gradient checkpointing, on fresh random inputs; with dropout the masks are the same draws."""
+    from peft.tuners.lora import LoraLayer
+
+    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(dropout), True, True)
+    _nonzero_b(model)
+    model.train()
+    seed = int(torch.randint(0, 2**31, ()))
+    batch = _batch(seed)
+    loss_peft, grads_peft = _loss_and_grads(model, batch, seed)
+    model.eval()
+    with torch.no_grad():
+        logits_peft = model(**batch).logits
+    model.train()
+
+    fused = training.fuse_lora_layers(model)
+    assert fused == sum(isinstance(m, LoraLayer) for m in model.modules()) > 20
+    loss_fused, grads_fused = _loss_and_grads(model, batch, seed)
+    model.eval()
+    with torch.no_grad():
+        logits_fused = model(**batch).logits
+
+    assert abs(loss_fused - loss_peft) <= 1e-5 * abs(loss_peft)
+    torch.testing.assert_close(logits_fused, logits_peft, rtol=1e-5, atol=1e-5)
+    lora = [n for n in grads_peft if "lora_" in n]
+    assert lora and grads_fused.keys() == grads_peft.keys()
+    for name in grads_peft:
+        err = (grads_fused[name] - grads_peft[name]).norm() / grads_peft[name].norm().clamp(min=1e-12)
+        assert err < 1e-4, (name, float(err))
+
+
+def test_fused_layers_fall_back_to_peft_when_adapters_are_disabled():
+    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    _nonzero_b(model)
+    training.fuse_lora_layers(model)
+    model.eval()
+    batch = _batch(3)
+    with torch.no_grad():
+        with model.disable_adapter():
+            without = model(**batch).logits
+        with_adapter = model(**batch).logits
+    assert (without - with_adapter).abs().max() > 1e-4  # the adapter was really switched off
+
+
+def test_dequantizing_with_unnested_block_scales_gives_the_same_weight():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(128, 256), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True).to("cpu")
+    state = layer.weight.quant_state
+    reference = bnb.functional.dequantize_4bit(layer.weight.data, state)
+    layer._qlora_absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    assert state.nested and torch.equal(training._dense_weight(layer, torch.float32), reference)
+
+
+def test_micro_batches_accumulate_to_the_gradient_of_the_whole_step():
+    """One optimizer step's rows as one micro-batch, or as four weighted by their share: same gradient."""
+    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    _nonzero_b(model)
+    model.eval()  # no dropout: the two ways see the same function
+    batch = _batch(11)
+    dev = torch.device("cpu")
+    training.forward_backward(model, dict(batch), dev, "float32", False)
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for i in range(4):
+        part = {k: v[i:i + 1] for k, v in batch.items()}
+        training.forward_backward(model, part, dev, "float32", False, share=1 / 4)
+    for name, g in whole.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-7)
+
+
+# --- Memory plan ------------------------------------------------------------------------------------
+
+def _llama(shape: str):
+    from transformers import LlamaConfig
+
+    shapes = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000),
+              "33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                          num_key_value_heads=52, vocab_size=32000)}
+    return LlamaConfig(**shapes[shape], tie_word_embeddings=False)
+
+
+def _estimate(config, micro, gc, offload, seq=2048):
+    s = training._shape(config)
+    lora = 16 * sum(i + o for i, o in s["per_layer"].values()) * s["layers"]
+    return training.estimate_memory(config, weight_bits=4, trainable_params=lora, optim="paged_adamw_8bit",
+                                    tokens=micro * seq, gradient_checkpointing=gc, offload=offload, fused_ce=True,
+                                    causal=True)["peak"] / training.GIB
+
+
+@pytest.mark.parametrize("shape, micro, offload, measured", [
+    ("7b", 2, True, 5.45), ("7b", 1, False, 5.44), ("7b", 2, False, 6.24), ("33b", 2, False, 23.39)])
+def test_memory_estimate_is_within_5_percent_of_h100_peaks(shape, micro, offload, measured):
+    """Peaks measured with benchmarks/gpu_train.py on an H100 (benchmarks/results/gpu_train_2026-11-23.json)."""
+    assert abs(_estimate(_llama(shape), micro, True, offload) - measured) / measured < 0.05
+
+
+def test_memory_plan_takes_the_fastest_set_up_that_fits():
+    config = _llama("7b")
+
+    def estimate(micro, gc, offload):
+        return _estimate(config, micro, gc, offload) * training.GIB
+
+    assert training.plan_memory(100, 2, estimate)["gradient_checkpointing"] is False
+    roomy = training.plan_memory(7, 2, estimate)
+    assert (roomy["micro_batch"], roomy["gradient_checkpointing"], roomy["offload_activations"]) == (2, True, False)
+    tight = training.plan_memory(5.5, 2, estimate)
+    assert (tight["micro_batch"], tight["accumulation"], tight["offload_activations"]) == (2, 1, True)
+    assert tight["estimated_peak_gib"] <= 5.5
+    tighter = training.plan_memory(5.45, 4, estimate)
+    assert tighter["micro_batch"] * tighter["accumulation"] == 4 and tighter["micro_batch"] < 4
+    with pytest.raises(ValueError, match=r"3 GiB is too small: training needs about \d\.\d GiB"):
+        training.plan_memory(3, 2, estimate)
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_fails_before_anything_is_loaded(project):
+    from test_cli import _run_cli
+
+    recipe = small_agnews_recipe(train={"max_memory_gib": 0.01})
+    done = _run_cli(project, recipe)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "train.max_memory_gib: 0.01 GiB is too small: training needs about" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not list((project / ".qlora").glob("quantize/*"))  # failed before the base was quantized
+
+
+# --- Fast paths the machine lacks ---------------------------------------------------------------------
+
+def test_missing_fast_paths_warn_and_fall_back_or_fail_when_required():
+    from transformers import LlamaConfig
+
+    cpu = torch.device("cpu")
+    config = LlamaConfig(architectures=["LlamaForCausalLM"])
+    assert training.use_liger("auto", config, cpu) is False  # auto: silently where it applies
+    with pytest.warns(UserWarning, match="train.kernels: liger requested, but Liger kernels need CUDA"):
+        assert training.use_liger("liger", config, cpu) is False
+    with pytest.raises(RuntimeError, match="train.kernels: liger is required, but"):
+        training.use_liger("liger", config, cpu, required=True)
+    with pytest.warns(UserWarning, match="flash_attention_2 requested, but flash-attn needs CUDA; using sdpa"):
+        assert training.attention_implementation("flash_attention_2", cpu) == "sdpa"
+    with pytest.raises(RuntimeError, match="train.attention: flash_attention_2 required"):
+        training.attention_implementation("flash_attention_2", cpu, required=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training.attention_implementation("auto", cpu) == "sdpa"
+
+
+def test_gpu_results_are_logged_to_mlflow(tmp_path, monkeypatch):
+    import mlflow
+    from benchmarks.gpu_train import log_mlflow
+
+    results = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "versions": {"torch": "2.11"},
+               "tables": [{"shape": "llama2-7b", "seq": 2048, "batch": 2, "data": "fixed-length", "command": "x",
+                           "rows": [{"variant": "tutorial", "tok_s": 3676, "peak_gib": 9.2, "mfu": 0.2, "loss_last": 7.3},
+                                    {"variant": "pipeline", "tok_s": 7338, "peak_gib": 5.45, "mfu": 0.4,
+                                     "loss_last": 7.3}]}]}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    log_mlflow(str(tmp_path / "r.json"))
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("gpu-benchmarks").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["pipeline.tokens_per_s"] == 7338
+    assert runs[0].data.params["gpu"] == "NVIDIA H100 80GB HBM3"
