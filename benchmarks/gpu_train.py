@@ -404,7 +404,7 @@ def log_mlflow(path: str) -> None:
                                "data": table["data"], "gpu": data["gpu"], "command": table["command"][:500],
                                **{f"version.{k}": v for k, v in data["versions"].items()}})
             for row in table["rows"]:
-                v = row["variant"]
+                v = row["variant"].replace("+", "_")
                 mlflow.log_metrics({f"{v}.tokens_per_s": row["tok_s"], f"{v}.peak_gib": row["peak_gib"],
                                     f"{v}.mfu": row["mfu"], f"{v}.loss_last": row["loss_last"]})
             mlflow.log_dict(table, "gpu_train.json")
