@@ -94,8 +94,9 @@ def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None,
     description = f"{recipe.name}: {recipe.description or ''} (recipe {recipe_file})"
     tags = ["qlora", recipe.name]
     if pool is None:
-        # limit: runs at a time in this process. One by default: a training run uses every core,
-        # and runs of one recipe share its stage store and MLflow run lineage.
+        # limit: runs at a time in this process. One by default: a training run uses every core (or
+        # the GPU), and runs of one recipe would build the same stages at once. (Each still gets its
+        # own MLflow run: an unfinished run owned by a live flow run is never resumed by another.)
         finetune.serve(name=name, parameters=parameters, description=description, tags=tags,
                        pause_on_shutdown=False, limit=limit, **schedule)
         return None

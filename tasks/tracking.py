@@ -107,9 +107,9 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     exp = client.get_experiment_by_name(recipe.tracking.experiment_name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         recipe.tracking.experiment_name, artifact_location=_artifact_root(uri))
-    unfinished = client.search_runs(
+    unfinished = [r for r in client.search_runs(
         [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time DESC"], max_results=20) if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
     tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -123,6 +123,28 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     return run_id, resumed
+
+
+def _owned_by_a_live_flow_run(run, flow_run_id: str | None) -> bool:
+    """A RUNNING MLflow run whose Prefect flow run (another one) is still going: two runs of the same
+    recipe at once (a deployment serving several) must not share it."""
+    owner = run.data.tags.get("prefect.flow_run_id")
+    if run.info.status != "RUNNING" or not owner or owner == flow_run_id:
+        return False
+    return flow_run_is_active(owner)
+
+
+def flow_run_is_active(flow_run_id: str) -> bool:
+    """Whether the Prefect server knows this flow run and it has not reached a final state. Unknown
+    (another, temporary server; no server) counts as not active: its MLflow run was left unfinished."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state is not None and not state.is_final()
+    except Exception:  # noqa: BLE001 - not found, unreachable: nothing alive owns the run
+        return False
 
 
 def start_parent_run(recipe: Recipe, uri: str, name: str, tags: dict[str, str]) -> str:

@@ -198,7 +198,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
 
     def estimate(micro: int, gc: bool, offload: bool) -> int:
         return training.estimate_memory(config, weight_bits=bits, trainable_params=lora["trainable_params"],
-                                        optim=cfg.optim, tokens=micro * seq, gradient_checkpointing=gc or cfg.gradient_checkpointing,
+                                        optim=cfg.optim, tokens=micro * seq, gradient_checkpointing=gc,
                                         offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
     try:
         return training.plan_memory(cfg.max_memory_gib, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,

@@ -176,16 +176,16 @@ _LORA_FUNCTION = None
 
 def _fused_forward(self, x, *args, **kwargs):
     """forward of a peft LoRA layer through the fused function; anything else (adapters disabled or
-    merged, several adapters, DoRA and other variants, LoRA bias, mixed-batch adapter names) takes
-    peft's own forward."""
+    merged, several adapters, DoRA and other variants, a LoRA bias or a trained base bias, mixed-batch
+    adapter names) takes peft's own forward."""
     import torch
 
     active = [a for a in self.active_adapters if a in self.lora_A]
+    base = self.get_base_layer()
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant
-            or self.lora_B[active[0]].bias is not None):
+            or self.lora_B[active[0]].bias is not None or (base.bias is not None and base.bias.requires_grad)):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    base = self.get_base_layer()
     dtype = getattr(base, "compute_dtype", None) or x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -208,8 +208,16 @@ def test_missing_fast_paths_warn_and_fall_back_or_fail_when_required():
 
 
 def test_gpu_results_are_logged_to_mlflow(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
     import mlflow
-    from benchmarks.gpu_train import log_mlflow
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("gpu_train", path)
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    log_mlflow = gpu_train.log_mlflow
 
     results = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "versions": {"torch": "2.11"},
                "tables": [{"shape": "llama2-7b", "seq": 2048, "batch": 2, "data": "fixed-length", "command": "x",
@@ -224,3 +232,17 @@ def test_gpu_results_are_logged_to_mlflow(tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("gpu-benchmarks").experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["pipeline.tokens_per_s"] == 7338
     assert runs[0].data.params["gpu"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_a_trained_base_bias_keeps_peft_s_own_forward():
+    """lora.bias: all trains the base layers' biases, which the fused function does not: those layers
+    keep peft's forward, and the biases get gradients."""
+    from tasks.recipe import LoraSection
+
+    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, LoraSection(r=8, lora_alpha=16, bias="all"),
+                                        True, False)
+    training.fuse_lora_layers(model)
+    model.train()
+    model(**_batch(5)).loss.backward()
+    biases = [p for n, p in model.named_parameters() if n.endswith("base_layer.bias") and p.requires_grad]
+    assert biases and all(p.grad is not None and p.grad.abs().sum() > 0 for p in biases)
