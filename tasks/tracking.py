@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -110,7 +111,8 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     unfinished = [r for r in client.search_runs(
         [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=20) if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
-    tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method}
+    tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method,
+            OWNER_TAG: process_owner()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if unfinished:
@@ -125,13 +127,36 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     return run_id, resumed
 
 
+OWNER_TAG = "qlora.owner"  # host:pid:process start time of the process reporting to the run
+
+
+def process_owner(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time (clock ticks since boot), so that a reused pid is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _owned_by_a_live_flow_run(run, flow_run_id: str | None) -> bool:
-    """A RUNNING MLflow run whose Prefect flow run (another one) is still going: two runs of the same
-    recipe at once (a deployment serving several) must not share it."""
-    owner = run.data.tags.get("prefect.flow_run_id")
-    if run.info.status != "RUNNING" or not owner or owner == flow_run_id:
+    """A RUNNING MLflow run that another live pipeline run still reports to: two runs of the same
+    recipe at once (a deployment serving several) must not share it. On this machine: is its process
+    alive (a killed run's Prefect state stays Running, its process does not); elsewhere: is its
+    Prefect flow run still going."""
+    owner_flow = run.data.tags.get("prefect.flow_run_id")
+    if run.info.status != "RUNNING" or (owner_flow and owner_flow == flow_run_id):
         return False
-    return flow_run_is_active(owner)
+    host, _, rest = run.data.tags.get(OWNER_TAG, "").partition(":")
+    pid, _, started = rest.partition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}") and _process_start(int(pid)) == started
+    return bool(owner_flow) and flow_run_is_active(owner_flow)
 
 
 def flow_run_is_active(flow_run_id: str) -> bool:
