@@ -164,7 +164,10 @@ def flow_run_is_active(flow_run_id: str) -> bool:
     (another, temporary server; no server) counts as not active: its MLflow run was left unfinished."""
     try:
         from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL
 
+        if not PREFECT_API_URL.value():  # no server: none to ask (and none worth starting for this)
+            return False
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run_id).state
         return state is not None and not state.is_final()
