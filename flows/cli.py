@@ -127,6 +127,12 @@ def validate(recipe: Recipe) -> dict:
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
         lora = resolve_lora_targets(model["path"], recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
         info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
+        from tasks.train import check_memory_budget
+
+        plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
+                                   recipe.model.task == "causal-lm", recipe.model.trust_remote_code)
+        if plan:
+            info["memory_plan"] = plan
     return {**info, "tracking_uri": uri}
 
 
@@ -152,6 +158,14 @@ def _summary(result: dict) -> str:
     lines.append(f"train: {t['steps']} steps, {t['train_runtime_s']:.1f} s, {t['samples_per_s']:.1f} samples/s, "
                  f"trainable {result['lora']['trainable_params']:,} params ({result['lora']['trainable_percent']:.2f}%)"
                  + (" [cached]" if result["cached"].get("train") else ""))
+    plan = t.get("memory_plan") or {}
+    if "estimated_peak_gib" in plan:  # chosen for train.max_memory_gib
+        lines.append(f"memory plan: micro-batch {plan['micro_batch']} x {plan['accumulation']} accumulated, "
+                     f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, offload "
+                     f"{'on' if plan['offload_activations'] else 'off'}; estimated peak {plan['estimated_peak_gib']} GiB, "
+                     f"measured {t['peak_memory_bytes'] / 2**30:.2f} GiB above the start")
+    if t.get("fast_paths"):
+        lines.append(f"fast paths: {', '.join(t['fast_paths'])}")
     if result.get("all_cached"):
         lines.append("unchanged data and recipe: every stage was a cache hit, nothing retrained")
     elif cached:

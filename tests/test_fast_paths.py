@@ -186,6 +186,18 @@ def test_a_budget_too_small_fails_before_anything_is_loaded(project):
     assert not list((project / ".qlora").glob("quantize/*"))  # failed before the base was quantized
 
 
+def test_validate_reports_the_memory_plan_or_refuses_the_budget(project, capsys):
+    from flows.cli import main
+
+    path = write_recipe(project / "r.yaml", small_agnews_recipe(train={"max_memory_gib": 2}))
+    assert main(["validate", str(path)]) == 0
+    assert "memory_plan: {'micro_batch': 16, 'accumulation': 1" in capsys.readouterr().out
+    path = write_recipe(project / "r.yaml", small_agnews_recipe(train={"max_memory_gib": 0.05}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml: train.max_memory_gib: 0.05 GiB is too small: training needs about 0." in err, err
+
+
 # --- Fast paths the machine lacks ---------------------------------------------------------------------
 
 def test_missing_fast_paths_warn_and_fall_back_or_fail_when_required():
