@@ -28,7 +28,8 @@ from tasks.train import check_memory_budget, train
 
 def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
-    fields = recipe.model_dump(mode="json", exclude={"tracking", "work_dir", "description"})
+    fields = recipe.model_dump(mode="json", exclude={"tracking": True, "work_dir": True, "description": True,
+                                                     "train": set(recipe.train.NOT_IN_CACHE_KEY)})
     return hash_value({"recipe": fields, "data": source["hash"], "model": model["hash"]})
 
 
