@@ -43,6 +43,7 @@ SHAPES = {
                       num_key_value_heads=52, vocab_size=32000),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+BUILT_IN_MEMORY = {"llama-33b"}  # its 16-bit weights (66 GB) do not fit the disk
 
 
 def config_of(shape: str, seq: int):
@@ -197,7 +198,8 @@ def run_pipeline(args) -> dict:
 
     dev = torch.device("cuda")
     cfg = config_of(args.shape, args.seq)
-    liger = training.use_liger("auto", cfg, dev)
+    options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused: a forced set-up
+    liger = training.use_liger("auto", cfg, dev) and not args.no_liger and "noliger" not in options
     lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
 
@@ -206,7 +208,6 @@ def run_pipeline(args) -> dict:
                                         tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
                                         fused_ce=liger, causal=True)["peak"]
 
-    options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused: a forced set-up
     forced_micro = next((int(o[1:]) for o in options if o.startswith("m") and o[1:].isdigit()), None)
     if forced_micro:
         plan = {"micro_batch": forced_micro, "accumulation": args.batch // forced_micro, "gradient_checkpointing": True,
@@ -220,12 +221,11 @@ def run_pipeline(args) -> dict:
                                                 plan["offload_activations"]) / 2**30, 2)
     torch.cuda.reset_peak_memory_stats()
     attention = training.attention_implementation("auto", dev)
-    if args.shape in ("llama-33b",):
+    if args.shape in BUILT_IN_MEMORY:
         base = build_in_memory(args.shape, args.seq)
         base.config._attn_implementation = attention
     else:
         base = load_quantized(build_on_disk(args.shape, args.seq), attention)
-    liger = liger and not args.no_liger and "noliger" not in options
     if liger:
         training.apply_liger(base)
     resolved = {"task": "causal-lm", "modules_to_save": [],
@@ -436,7 +436,6 @@ def main() -> None:
         return
     if args.variant:
         run = {"tutorial": run_tutorial, "tutorial-pad": run_tutorial_padded}.get(args.variant, run_pipeline)
-        args.variant = args.variant if run is run_pipeline else args.variant
         print("RESULT " + json.dumps(run(args)), flush=True)
         return
     import torch
@@ -445,7 +444,7 @@ def main() -> None:
     variants = args.only.split(",") if args.only else (["tutorial-pad", "pipeline"] if args.lengths else
                                                         ["tutorial", "pipeline"])
     cfg = config_of(args.shape, args.seq)
-    if args.shape != "llama-33b":
+    if args.shape not in BUILT_IN_MEMORY:
         build_on_disk(args.shape, args.seq)  # here, not inside a measured variant
     peak = gemm_peak()
     flops_per_token = 6 * n_params(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq

@@ -123,9 +123,8 @@ def ui(prefect_port: int, mlflow_port: int, tracking_uri: str) -> int:
               f"Ctrl-C stops both.", flush=True)
         while prefect.poll() is None and mlflow.poll() is None:
             time.sleep(0.5)
-        dead = "Prefect server" if prefect.poll() is not None else "MLflow server"
-        print(f"the {dead} stopped; stopping the other. Its log ends:\n"
-              f"{log_tail(prefect if dead.startswith('Prefect') else mlflow)}", file=sys.stderr)
+        name, dead = ("Prefect server", prefect) if prefect.poll() is not None else ("MLflow server", mlflow)
+        print(f"the {name} stopped; stopping the other. Its log ends:\n{log_tail(dead)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping the Prefect and MLflow servers", file=sys.stderr)

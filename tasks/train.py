@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tasks import model as models
 from tasks import training
-from tasks.training import collate_lm, pack  # noqa: F401  (used by the causal tests)
+from tasks.training import collate_lm, pack
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.stage import stage
 
