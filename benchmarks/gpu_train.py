@@ -111,13 +111,13 @@ def build_in_memory(shape: str, seq: int):
     return model
 
 
-def load_quantized(path: str, attention: str = "sdpa"):
+def load_quantized(path: str, attention: str = "sdpa", dtype: str = "bfloat16"):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                           bnb_4bit_compute_dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=getattr(torch, dtype),
                                                 device_map={"": 0}, attn_implementation=attention)
 
 
@@ -314,8 +314,8 @@ def gemm_peak() -> float:
 
 
 def check(trials: int = 3) -> dict:
-    """The fast paths (no upcast, autocast, fused LoRA layers, Liger kernels where present, paged
-    state aside) against the plain path (prepare_model_for_kbit_training + peft, no autocast) on a
+    """The fast paths (no upcast, autocast, fused LoRA layers, Liger kernels where present, activations
+    offloaded to CPU; paged state aside) against the plain path (prepare_model_for_kbit_training + peft, no autocast) on a
     small random Llama: loss and LoRA gradients, fresh random inputs each trial, the same adapter
     weights in both (B nonzero, so every gradient is). Relative error = |a - b| / |b| over all LoRA
     gradients together, and the worst single tensor."""
@@ -339,13 +339,14 @@ def check(trials: int = 3) -> dict:
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
     paths = {"pipeline (autocast, no upcast)": {}, "+ fused LoRA": {"fused": True},
              "+ fused LoRA + Liger": {"fused": True, "liger": True},
+             "+ fused LoRA + Liger + offload": {"fused": True, "liger": True, "offload": True},
              "+ fused LoRA, float32 residual stream": {"fused": True, "fp32": True}}
-    worst = {name: {"loss": 0.0, "grads": 0.0, "worst_tensor": 0.0} for name in paths}
+    worst = {name: {"loss": 0.0, "grads": 0.0, "worst_tensor": 0.0} for name in ["plain", *paths]}
     for trial in range(trials):
-        x = torch.randint(0, 32000, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(100 + trial))
+        x = torch.randint(0, 32000, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(100 + trial))
         results = {}
-        for name, opts in [("plain", None), *paths.items()]:
-            base = load_quantized(path)
+        for name, opts in [("float32", None), ("plain", None), *paths.items()]:
+            base = load_quantized(path, dtype="float32" if name == "float32" else "bfloat16")
             if opts is None:
                 model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=True),
                                        training.lora_config(resolved, lora_cfg))
@@ -370,23 +371,31 @@ def check(trials: int = 3) -> dict:
                 loss.backward()
             else:
                 loss = training.forward_backward(model, {"input_ids": x, "labels": x, "use_cache": False}, dev,
-                                                 "bfloat16", False)
+                                                 "bfloat16", opts.get("offload", False))
             results[name] = (float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n})
             del model, base
             torch.cuda.empty_cache()
-        loss_a, ga = results.pop("plain")
+        _, g32 = results.pop("float32")
+        loss_a, ga = results["plain"]
         for name, (loss_b, gb) in results.items():
             w = worst[name]
             w["loss"] = max(w["loss"], abs(loss_b - loss_a) / abs(loss_a))
-            diff = sum(float((gb[n] - ga[n]).norm()) ** 2 for n in ga) ** 0.5
-            w["grads"] = max(w["grads"], diff / sum(float(ga[n].norm()) ** 2 for n in ga) ** 0.5)
+            w["grads"] = max(w["grads"], _relative(gb, ga))
+            w["grads_vs_float32"] = max(w.get("grads_vs_float32", 0.0), _relative(gb, g32))
             w["worst_tensor"] = max([w["worst_tensor"]] + [float((gb[n] - ga[n]).norm() / ga[n].norm()) for n in ga])
     for name, w in worst.items():
         w["ok"] = w["loss"] < 1e-2 and w["grads"] < 1e-2
         print(f"CHECK {name} vs plain path, {trials} fresh inputs: relative error loss {w['loss']:.2e}, "
               f"LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e}) -> "
-              f"{'OK' if w['ok'] else 'FAIL'} (bound 1e-2)", flush=True)
+              f"{'OK' if w['ok'] else 'FAIL'} (bound 1e-2); gradients vs float32 compute "
+              f"{w['grads_vs_float32']:.2e}", flush=True)
     return worst
+
+
+def _relative(got: dict, want: dict) -> float:
+    """|got - want| / |want| over all tensors together."""
+    diff = sum(float((got[n] - want[n]).norm()) ** 2 for n in want) ** 0.5
+    return diff / sum(float(want[n].norm()) ** 2 for n in want) ** 0.5
 
 
 def log_mlflow(path: str) -> None:
