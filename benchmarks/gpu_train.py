@@ -130,15 +130,15 @@ def example_lengths(seq: int, count: int, seed: int = 0) -> list[int]:
     return [int(min(n, seq)) for n in np.random.default_rng(seed).choice(pool, count)]
 
 
-def _examples(lengths: list[int], vocab: int, seed: int) -> list[dict]:
+def _examples(lengths: list[int], vocab: int, seed: int, documents: int = 8) -> list[dict]:
+    """Examples of the given lengths, each the opening of one of a few random documents: text a model
+    can learn (the loss falls within a few steps), unlike tokens drawn afresh for every example."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
-        out.append({"input_ids": ids, "labels": ids})
-    return out
+    docs = torch.randint(3, vocab, (documents, max(lengths)), generator=gen).tolist()
+    picks = torch.randint(0, documents, (len(lengths),), generator=gen).tolist()
+    return [{"input_ids": docs[d][:n], "labels": docs[d][:n]} for d, n in zip(picks, lengths)]
 
 
 def timed(steps: int, warmup: int, step) -> tuple[float, list[float], int]:
