@@ -407,8 +407,11 @@ def log_mlflow(path: str) -> None:
     data = json.loads(Path(path).read_text())
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
     mlflow.set_experiment("gpu-benchmarks")
-    for table in data["tables"]:
-        with mlflow.start_run(run_name=f"{table['shape']}-{table['data']}"):
+    # One invocation's file holds "tables"; a collected file holds "calls" (one per machine), each with its tables.
+    tables = data.get("tables") or [dict(t, call=c["call"]) for c in data["calls"] for t in c["tables"]]
+    for table in tables:
+        suffix = f"-call{table['call']}" if "call" in table else ""
+        with mlflow.start_run(run_name=f"{table['shape']}-{table['data']}{suffix}"):
             mlflow.log_params({"shape": table["shape"], "seq": table["seq"], "batch": table["batch"],
                                "data": table["data"], "gpu": data["gpu"], "command": table["command"][:500],
                                **{f"version.{k}": v for k, v in data["versions"].items()}})
@@ -417,7 +420,7 @@ def log_mlflow(path: str) -> None:
                 mlflow.log_metrics({f"{v}.tokens_per_s": row["tok_s"], f"{v}.peak_gib": row["peak_gib"],
                                     f"{v}.mfu": row["mfu"], f"{v}.loss_last": row["loss_last"]})
             mlflow.log_dict(table, "gpu_train.json")
-    print(f"logged {len(data['tables'])} tables to experiment gpu-benchmarks at {mlflow.get_tracking_uri()}")
+    print(f"logged {len(tables)} tables to experiment gpu-benchmarks at {mlflow.get_tracking_uri()}")
 
 
 def main() -> None:

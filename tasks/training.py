@@ -4,6 +4,7 @@ CPU memory). Free of Prefect and of the recipe schema, so the GPU benchmark runs
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -98,6 +99,7 @@ class _Offloaded:
 
 
 _OFFLOAD_STATE: dict = {}  # CUDA device -> (copy stream, pinned byte buffers free for reuse)
+_OFFLOAD_LOCK = threading.Lock()  # packs run on the training thread, unpacks on autograd's device thread
 
 
 def offload_to_cpu(min_bytes: int = 2**20):
@@ -115,10 +117,11 @@ def offload_to_cpu(min_bytes: int = 2**20):
     saved: list = []  # in the order saved; backward unpacks them roughly in reverse
 
     def state(device):
-        if device not in _OFFLOAD_STATE:
-            with torch.cuda.device(device):
-                _OFFLOAD_STATE[device] = (torch.cuda.Stream(), [])
-        return _OFFLOAD_STATE[device]
+        with _OFFLOAD_LOCK:
+            if device not in _OFFLOAD_STATE:
+                with torch.cuda.device(device):
+                    _OFFLOAD_STATE[device] = (torch.cuda.Stream(), [])
+            return _OFFLOAD_STATE[device]
 
     def fetch(item):
         if item.gpu is None:
@@ -134,10 +137,10 @@ def offload_to_cpu(min_bytes: int = 2**20):
             return tensor
         stream, free = state(tensor.device)
         nbytes = tensor.numel() * tensor.element_size()
-        fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]  # (indices: tensors do not compare by ==)
-        if fits:
-            buffer = free.pop(min(fits, key=lambda i: free[i].numel()))
-        else:
+        with _OFFLOAD_LOCK:
+            fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]  # (indices: tensors do not compare by ==)
+            buffer = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else None
+        if buffer is None:
             buffer = torch.empty(-(-nbytes // 2**21) * 2**21, dtype=torch.uint8, pin_memory=True)
         cpu = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         stream.wait_stream(torch.cuda.current_stream())  # the tensor is written before it is copied
@@ -162,9 +165,10 @@ def offload_to_cpu(min_bytes: int = 2**20):
         if earlier is not None:
             fetch(earlier)  # the next one backward needs, copied while this one is used
         _, free = state(item.device)
-        free.append(item.buffer)  # its copy back is queued first
-        if len(free) > 2 * len(saved):
-            free.pop(min(range(len(free)), key=lambda i: free[i].numel()))
+        with _OFFLOAD_LOCK:
+            free.append(item.buffer)  # its copy back is queued first
+            if len(free) > 2 * len(saved):
+                free.pop(min(range(len(free)), key=lambda i: free[i].numel()))
         item.released = True
         compute = torch.cuda.current_stream()
         compute.wait_event(item.ready)
