@@ -17,6 +17,9 @@ Variants, each in its own process (a clean peak-memory count):
                  non-reentrant checkpointing, paged 8-bit AdamW, LoRA dropout 0.05, the memory plan
                  for --budget GiB (micro-batch, checkpointing, offload); variable-length examples
                  packed into rows of --seq tokens
+    pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
+                 checkpointing on), offload, noliger, nofused, compile (train.compile: the decoder
+                 layers compiled, Liger kept for the cross-entropy only); e.g. --only pipeline,pipeline+compile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
 MFU: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token over a measured bf16 matmul peak.
 Writes gpu_train.json (and a profile of one step with --profile) under $OUT when set.
@@ -198,7 +201,7 @@ def run_pipeline(args) -> dict:
 
     dev = torch.device("cuda")
     cfg = config_of(args.shape, args.seq)
-    options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused: a forced set-up
+    options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused+compile: a forced set-up
     liger = training.use_liger("auto", cfg, dev) and not args.no_liger and "noliger" not in options
     lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
@@ -226,8 +229,9 @@ def run_pipeline(args) -> dict:
         base.config._attn_implementation = attention
     else:
         base = load_quantized(build_on_disk(args.shape, args.seq), attention)
+    compiled = "compile" in options
     if liger:
-        training.apply_liger(base)
+        training.apply_liger(base, layer_kernels=not compiled)
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
                                           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
@@ -235,6 +239,7 @@ def run_pipeline(args) -> dict:
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = training.model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
     fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
+    compiled_layers = training.compile_layers(model) if compiled else 0  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
     model.train()
@@ -268,7 +273,8 @@ def run_pipeline(args) -> dict:
     seconds, losses, tokens = timed(args.steps, 3, step)
     out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan,
-           "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused}}
+           "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused,
+                          "compiled_layers": compiled_layers}}
     if args.profile and os.environ.get("OUT"):
         from torch.profiler import ProfilerActivity, profile
 

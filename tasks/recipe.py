@@ -210,6 +210,8 @@ class TrainSection(Section):
     # flash-attn where installed, else PyTorch SDPA. A fast path the machine lacks warns and falls
     # back, or fails when require_fast_paths.
     fused_lora: bool = True
+    # compile: torch.compile each transformer layer (first steps pay the compile, tens of seconds).
+    compile: bool = False
     kernels: Literal["auto", "liger", "none"] = "auto"
     attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
     require_fast_paths: bool = False

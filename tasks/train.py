@@ -348,6 +348,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     try:
         liger = training.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths)
         attention = training.attention_implementation(cfg.attention, dev, cfg.require_fast_paths)
+        compiled = cfg.compile and training.can_compile(dev, cfg.require_fast_paths)
     except RuntimeError as e:
         field, message = str(e).split(": ", 1)
         raise RecipeError(message, field, hint="set train.require_fast_paths: false to fall back instead") from None
@@ -360,11 +361,13 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         base = models.load_base(quantized, label_names, q, attention)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if liger:
-            training.apply_liger(base)
-            fast_paths.append("liger")
+            training.apply_liger(base, layer_kernels=not compiled)
+            fast_paths.append("liger:cross_entropy" if compiled else "liger")
         model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
         if cfg.fused_lora and lora_cfg.enabled:
             fast_paths.append(f"fused_lora:{training.fuse_lora_layers(model)}")
+        if compiled:
+            fast_paths.append(f"compiled_layers:{training.compile_layers(model)}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)

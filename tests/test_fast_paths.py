@@ -224,6 +224,75 @@ def test_missing_fast_paths_warn_and_fall_back_or_fail_when_required():
         assert training.attention_implementation("auto", cpu) == "sdpa"
 
 
+def test_compile_without_a_compiler_warns_or_fails_when_required(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match="train.compile: no C.. compiler on PATH; training with eager layers"):
+        assert training.can_compile(cpu) is False
+    with pytest.raises(RuntimeError, match="train.compile: required, but no C.. compiler"):
+        training.can_compile(cpu, required=True)
+
+
+# --- Compiled layers ----------------------------------------------------------------------------------
+
+def _tiny_4bit_llama(path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map="cpu",
+                                                attn_implementation="sdpa")
+
+
+@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("fused", [True, False])
+def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, fused):
+    """4-bit base, LoRA on every linear layer, gradient checkpointing: the compiled layers give the
+    eager loss and gradients, at a first sequence length and at a second (compiled with dynamic
+    shapes, as packed rows of varying width would be)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
+                          lora_dropout=0.0)
+    resolved = {"task": "causal-lm", "modules_to_save": [],
+                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    results = {}
+    for compiled in (False, True):
+        model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
+        if fused:
+            training.fuse_lora_layers(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+        if compiled:
+            assert training.compile_layers(model) == 3
+        model.train()
+        for width in (12, 20):
+            ids = torch.randint(0, 256, (2, width), generator=torch.Generator().manual_seed(width))
+            model.zero_grad()
+            loss = training.forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False},
+                                             torch.device("cpu"), "float32", False)
+            results[compiled, width] = float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.grad is not None}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # it ran compiled, at both widths
+    for width in (12, 20):
+        (eager_loss, eager), (loss, grads) = results[False, width], results[True, width]
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        assert grads.keys() == eager.keys() and len(grads) == 3 * 7 * 2
+        for name in eager:
+            assert torch.allclose(grads[name], eager[name], rtol=1e-4, atol=1e-7), name
+
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

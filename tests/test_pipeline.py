@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import small_agnews_recipe, write_recipe
 
@@ -116,6 +117,21 @@ def test_run_rerun_and_edit(project):
     assert all(cached[s] for s in ("load", "split", "tokenize", "quantize", "lora")), cached
     assert not cached["train"] and not cached["evaluate"]
     assert third["train"]["steps"] == 8
+
+
+def test_compiled_layers_train_through_the_pipeline(project):
+    """train.compile: every encoder layer compiled (sequence lengths vary from batch to batch: the
+    second length compiles with dynamic shapes), the run completes and records the fast path."""
+    from tasks.training import can_compile
+
+    if not can_compile(torch.device("cpu")):
+        pytest.skip("torch.compile needs a C++ compiler")
+    write_recipe(project / "r.yaml", small_agnews_recipe(train={"compile": True}))
+    summary = run(project)
+    assert "compiled_layers:6" in summary["train"]["fast_paths"], summary["train"]["fast_paths"]
+    assert summary["train"]["steps"] == 8 and 0 <= summary["test_metrics"]["accuracy"] <= 1
+    runs = _client(project).search_runs([e.experiment_id for e in _client(project).search_experiments()])
+    assert "compiled_layers:6" in runs[0].data.tags["train.fast_paths"]
 
 
 def test_killed_run_resumes_training_and_its_mlflow_run(project):
