@@ -251,11 +251,13 @@ def _tiny_4bit_llama(path):
 
 
 @pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
-@pytest.mark.parametrize("fused", [True, False])
-def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, fused):
+@pytest.mark.parametrize("layers", ["fused", "peft", "fused, scales unnested"])
+def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
     """4-bit base, LoRA on every linear layer, gradient checkpointing: the compiled layers give the
     eager loss and gradients, at a first sequence length and at a second (compiled with dynamic
-    shapes, as packed rows of varying width would be)."""
+    shapes, as packed rows of varying width would be). "scales unnested" takes the dequantization
+    that fused layers take on CUDA (block scales kept dequantized), here on the CPU."""
+    import bitsandbytes as bnb
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
@@ -268,8 +270,14 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, fused):
     results = {}
     for compiled in (False, True):
         model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
-        if fused:
+        if layers != "peft":
             training.fuse_lora_layers(model)
+        if layers == "fused, scales unnested":
+            for module in model.modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    state = module.weight.quant_state
+                    module._qlora_absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2)
+                                            + state.offset).float()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:
