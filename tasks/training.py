@@ -4,6 +4,7 @@ CPU memory). Free of Prefect and of the recipe schema, so the GPU benchmark runs
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING
 
@@ -132,11 +133,10 @@ def offload_to_cpu(min_bytes: int = 2**20):
                 item.ready = stream.record_event()
 
     def pack(tensor):
-        if tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < min_bytes \
-                or isinstance(tensor, torch.nn.Parameter):
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cuda" or nbytes < min_bytes or isinstance(tensor, torch.nn.Parameter):
             return tensor
         stream, free = state(tensor.device)
-        nbytes = tensor.numel() * tensor.element_size()
         with _OFFLOAD_LOCK:
             fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]  # (indices: tensors do not compare by ==)
             buffer = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else None
@@ -198,30 +198,26 @@ def _dense_weight(base, dtype):
     absmax = getattr(base, "_qlora_absmax", None)
     if absmax is None:
         return bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
-    if weight.device.type == "cuda" and _cuda_dequantize() is not None and not torch.compiler.is_compiling():
+    dequantize = _cuda_dequantize() if weight.device.type == "cuda" and not torch.compiler.is_compiling() else None
+    if dequantize is not None:
         out = torch.empty(state.shape, dtype=dtype, device=weight.device)
-        _cuda_dequantize()(weight.data, absmax, state.blocksize, state.quant_type, dtype, out)
+        dequantize(weight.data, absmax, state.blocksize, state.quant_type, dtype, out)
         return out
     return torch.ops.bitsandbytes.dequantize_4bit(weight.data, absmax, state.blocksize, state.quant_type,
                                                   list(state.shape), dtype)
 
 
+@functools.cache
 def _cuda_dequantize():
     """bitsandbytes' CUDA dequantization called directly: through torch's op dispatcher (a Python
     kernel) each call costs about 60 us of CPU time, and a 7B step makes 672 of them. None where this
     bitsandbytes lays its CUDA backend out differently (then the public op, which is also what a
     compiled layer calls: the compiler traces the op, not a C call)."""
-    global _DEQUANTIZE
-    if _DEQUANTIZE is None:
-        try:
-            from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
-        except ImportError:
-            _dequantize_4bit_impl = False
-        _DEQUANTIZE = _dequantize_4bit_impl
-    return _DEQUANTIZE or None
-
-
-_DEQUANTIZE = None
+    try:
+        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
+    except ImportError:
+        return None
+    return _dequantize_4bit_impl
 
 
 def unnest_absmax(base) -> None:
@@ -399,8 +395,9 @@ def compile_layers(model) -> int:
     """torch.compile each transformer layer (the blocks of the longest list of identical modules);
     returns how many. One compiled graph serves every layer (their weights are its inputs); a new
     sequence length compiles once more, with dynamic shapes from then on. Why: the eager step queues
-    each small operation from Python; on a CPU stand-in for that overhead (32 layers at tiny width,
-    float32) compiling cut the step from 145 to 63 ms, with the same loss and gradients to 3e-6."""
+    each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
+    host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step from 156 to 53 ms, with the
+    eager loss and gradients (tests/test_fast_paths.py)."""
     import torch
 
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
