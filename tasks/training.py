@@ -215,7 +215,7 @@ def _cuda_dequantize():
     compiled layer calls: the compiler traces the op, not a C call)."""
     try:
         from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
-    except ImportError:
+    except (ImportError, AttributeError):  # another layout, or a torch without CUDA (the module fails to load)
         return None
     return _dequantize_4bit_impl
 
