@@ -13,6 +13,7 @@ import random
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,7 +219,10 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     dev = models.device()
-    return memory_plan(config, cfg, q, lora, max_length, causal, training.use_liger("auto", config, dev), dev)
+    with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
+        warnings.simplefilter("ignore")
+        liger = training.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
+    return memory_plan(config, cfg, q, lora, max_length, causal, liger, dev)
 
 
 def out_of_memory(step: int, plan: dict, cfg: TrainSection, free_at_start: int | None, resumable: bool) -> RecipeError:
