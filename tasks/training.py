@@ -403,8 +403,19 @@ def compile_layers(model) -> int:
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
                   and len({type(b) for b in m}) == 1), key=len, default=[])
     for block in blocks:
-        block.compile()
+        block.compile(backend=_inductor_without_cse)
     return len(blocks)
+
+
+def _inductor_without_cse(graph, example_inputs):
+    """Inductor, with the joint graph's common-subexpression pass off. A fused LoRA layer dequantizes
+    its weight in forward and again in backward; merged into one, the compiled layer would keep every
+    dequantized weight for its backward (7B: 0.36 GiB a layer; measured +0.26 GiB of peak on an H100)."""
+    import torch._functorch.config
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(cse=False):
+        return compile_fx(graph, example_inputs)
 
 
 def attention_implementation(requested: str, dev, required: bool = False) -> str:
