@@ -210,8 +210,9 @@ class TrainSection(Section):
     # flash-attn where installed, else PyTorch SDPA. A fast path the machine lacks warns and falls
     # back, or fails when require_fast_paths.
     fused_lora: bool = True
-    # compile: torch.compile each transformer layer (first steps pay the compile, tens of seconds).
-    compile: bool = False
+    # compile: torch.compile each transformer layer (the first steps pay the compile, tens of
+    # seconds); auto: on CUDA where Triton is installed, for unpacked rows; not on the CPU.
+    compile: Union[Literal["auto"], bool] = "auto"
     kernels: Literal["auto", "liger", "none"] = "auto"
     attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
     require_fast_paths: bool = False
