@@ -19,7 +19,8 @@ Variants, each in its own process (a clean peak-memory count):
                  for --budget GiB (micro-batch, checkpointing, offload); variable-length examples
                  packed into rows of --seq tokens
     pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
-                 checkpointing on), offload, noliger, nofused, nocompile (train.compile: false; eager
+                 checkpointing on), offload, noliger, nofused, noflat (each LoRA weight its
+                 own optimizer tensor), nocompile (train.compile: false; eager
                  layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile (packed rows too);
                  e.g. --only pipeline,pipeline+nocompile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
@@ -243,7 +244,7 @@ def run_pipeline(args) -> dict:
     fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
     compiled_layers = training.compile_layers(model) if compiled else 0  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+    opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else training.flatten_parameters(params), lr=2e-4)
     model.train()
     micro = plan["micro_batch"]
     if packed:
@@ -269,7 +270,7 @@ def run_pipeline(args) -> dict:
                                                             share) * share
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         return loss_sum, real
 
     seconds, losses, tokens = timed(args.steps, 3, step)
@@ -303,6 +304,53 @@ def run_tutorial(args) -> dict:
     r = json.loads(line[0][7:])
     return {"tok_s": r["tok_s"], "step_s": r["step_s"], "losses": [r["loss"]], "peak_gib": r["peak_gib"],
             "note": "loss after the timed steps (the script prints only that)"}
+
+
+def optimizer_step(steps: int = 20) -> dict:
+    """The optimizer's share of a step alone: paged 8-bit AdamW, gradient clipping and zeroing over the
+    Llama-2-7B LoRA weights (r=16, all linear layers: 448 tensors, 40M parameters), each weight its own
+    tensor vs flattened into one (tasks/training.py: flatten_parameters); ms per step, and whether
+    both give the same weights after the steps."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tasks import training
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [(16, 4096), (4096, 16)] * 4 + [(16, 4096), (11008, 16)] * 2 + [(16, 11008), (4096, 16)]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) * 0.02 for _ in range(32) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dev) for s in shapes]  # one layer's, reused for every layer
+    result = {}
+    for name in ("per tensor", "flattened"):
+        params = [torch.nn.Parameter(w.to(dev, copy=True)) for w in init]
+        stepped = training.flatten_parameters(params) if name == "flattened" else params
+        opt = bnb.optim.PagedAdamW8bit(stepped, lr=2e-4)
+        times = []
+        for i in range(steps + 3):
+            for k, p in enumerate(params):  # what backward leaves: a gradient in every weight
+                if p.grad is None:
+                    p.grad = grads[k % len(shapes)].clone()
+                else:
+                    p.grad.copy_(grads[k % len(shapes)])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=name == "per tensor")
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result[name] = {"ms": 1000 * sorted(times[3:])[len(times[3:]) // 2], "weights": [p.detach().cpu() for p in params]}
+    same = max(float((a - b).abs().max()) for a, b in zip(result["per tensor"]["weights"], result["flattened"]["weights"]))
+    out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "tensors": len(init),
+           "per_tensor_ms": round(result["per tensor"]["ms"], 2), "flattened_ms": round(result["flattened"]["ms"], 2),
+           "max_weight_difference": same}
+    print(f"OPTIMIZER {out['device']}: {len(init)} LoRA weights, clip + paged 8-bit AdamW + zero, median of {steps} "
+          f"steps: per tensor {out['per_tensor_ms']} ms, flattened {out['flattened_ms']} ms; largest weight "
+          f"difference after {steps + 3} steps {same:.1e}", flush=True)
+    return out
 
 
 def gemm_peak() -> float:
@@ -456,11 +504,17 @@ def main() -> None:
     parser.add_argument("--no-liger", action="store_true")
     parser.add_argument("--no-fused", action="store_true")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--optimizer-step", action="store_true", help="the optimizer's share of a step alone")
     parser.add_argument("--log-mlflow", metavar="JSON")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.log_mlflow:
         return log_mlflow(args.log_mlflow)
+    if args.optimizer_step:
+        result = optimizer_step()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "optimizer_step.json").write_text(json.dumps(result))
+        return
     if args.check:
         result = check()
         if os.environ.get("OUT"):

@@ -286,7 +286,8 @@ def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, stat
     tmp = scratch / f".tmp-checkpoint-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
+    # Copies: on the CPU .cpu() would hand back views of the one flat buffer (flatten_parameters).
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
     save_file(weights, tmp / "adapter.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -374,7 +375,9 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             fast_paths.append(f"compiled_layers:{training.compile_layers(model)}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg)
+        # One flat optimizer tensor on CUDA (host time per tensor); on the CPU, bitsandbytes' 8-bit step
+        # over one long tensor runs slower (7B LoRA shapes: 562 vs 376 ms), so each weight stays its own.
+        optimizer = build_optimizer(training.flatten_parameters(params) if dev.type == "cuda" else params, cfg)
         tracker.set_tags({"train.fast_paths": ",".join(fast_paths), **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
 
         # Units of data: examples, or (packing) rows of several examples each.
@@ -438,7 +441,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
         epoch = step // per_epoch
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         while step < total:
             step_batches = batch_order(lengths, examples_per_step, cfg.seed, epoch, cfg.group_by_length)
             for b in range(step - epoch * per_epoch, len(step_batches)):
@@ -455,7 +458,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                         step_loss = step_loss + loss * share
                 except torch.OutOfMemoryError:
                     del micro_batches, mb
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=False)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     if step > 0:
@@ -469,7 +472,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
                 step += 1
                 bar.update(1)
                 if step % cfg.logging_steps == 0 or step == total:

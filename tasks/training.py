@@ -568,6 +568,39 @@ def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = No
     return batch
 
 
+# --- Optimizer ----------------------------------------------------------------------------------
+
+def flatten_parameters(params: list, align: int = 256, min_numel: int = 4096) -> list:
+    """The trainable weights of at least min_numel elements become views into one float32 buffer, their
+    gradients views into another, so the optimizer steps, and clipping measures, one tensor instead of
+    hundreds (a 7B model has 448 LoRA weights; bitsandbytes' 8-bit optimizers cost host time per
+    tensor). Returns what to give the optimizer: the flat weight, then the small ones, as they were
+    (bitsandbytes keeps 32-bit state below 4096 elements). Each weight starts at a multiple of 256
+    elements, the block size of 8-bit optimizer state: every block covers what it would have covered
+    unflattened, so the optimizer computes the same thing. Gradients accumulate in place: zero them
+    with zero_grad(set_to_none=False), never by setting them to None. Clip over the weights as they
+    were, not the flat one: a float32 norm over one long tensor on the CPU drifts (1e-4 relative
+    over 10M elements), a norm of per-weight norms does not."""
+    import torch
+
+    large = [p for p in params if p.numel() >= min_numel]
+    if not large or len({(p.dtype, p.device) for p in large}) > 1:
+        return list(params)
+    offsets, total = [], 0
+    for p in large:
+        offsets.append(total)
+        total += -(-p.numel() // align) * align
+    flat = torch.nn.Parameter(torch.zeros(total, dtype=large[0].dtype, device=large[0].device))
+    flat.grad = torch.zeros_like(flat)
+    with torch.no_grad():
+        for p, at in zip(large, offsets):
+            view = flat.data[at:at + p.numel()].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            p.grad = flat.grad[at:at + p.numel()].view_as(p)
+    return [flat] + [p for p in params if p.numel() < min_numel]
+
+
 # --- One micro-batch ----------------------------------------------------------------------------
 
 def forward_backward(model, batch: dict, dev, compute_dtype: str, offload: bool, share: float = 1.0):

@@ -130,6 +130,95 @@ def test_micro_batches_accumulate_to_the_gradient_of_the_whole_step():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-7)
 
 
+def _train_steps(flat: bool, steps: int = 3):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    _nonzero_b(model)
+    model.eval()  # no dropout
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-3)
+    for step in range(steps):
+        training.forward_backward(model, _batch(step), torch.device("cpu"), "float32", False)
+        torch.nn.utils.clip_grad_norm_(params, 0.01)  # small: it scales every step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    return model, optimizer
+
+
+def test_flat_optimizer_state_blocks_start_at_each_weight():
+    """Weights whose sizes are not multiples of the 8-bit state's 256-element blocks: still the same
+    steps as one tensor each (a block straddling two weights would mix their scales)."""
+    import bitsandbytes as bnb
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(13, 397), (397, 13), (7, 1001), (64, 65)]
+    init = [torch.randn(s, generator=gen) * (10.0 ** -i) for i, s in enumerate(shapes)]  # scales far apart
+    grads = [[torch.randn(s, generator=gen) * (10.0 ** -i) for i, s in enumerate(shapes)] for _ in range(3)]
+    results = []
+    for flat in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        optimizer = bnb.optim.AdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-2)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not flat)
+        results.append([p.detach() for p in params])
+    assert len(optimizer.param_groups[0]["params"]) == 1
+    for want, got in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_path):
+    """Flattened, the trainable weights step as one tensor (8-bit state blocks aligned to each weight)
+    and give the same weights, bit for bit; the adapter saves and reloads, and a checkpoint restores
+    weights and optimizer state into the flattened model."""
+    from peft import PeftModel
+
+    from tasks.train import _load_checkpoint, _save_checkpoint, trainable_state
+
+    per_weight, _ = _train_steps(flat=False)
+    model, optimizer = _train_steps(flat=True)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    small = sum(n < 4096 for n in sizes)  # bitsandbytes keeps these at 32-bit state: left as they are
+    assert len(sizes) - small >= 10 and len(optimizer.param_groups[0]["params"]) == 1 + small
+    want = {n: p.detach() for n, p in per_weight.named_parameters() if p.requires_grad}
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_minilm_4bit(), tmp_path / "adapter")
+    for name, value in trainable_state(model).items():
+        torch.testing.assert_close(trainable_state(reloaded)[name], value, rtol=0, atol=0)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
+    fresh, fresh_optimizer = _train_steps(flat=True, steps=1)
+    _load_checkpoint(tmp_path / "checkpoint-0000003", fresh, fresh_optimizer,
+                     torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), got[name]), name
+    state, restored = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert state.keys() == restored.keys()
+    for k in state:
+        for key, value in state[k].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(restored[k][key], value), (k, key)
+    # The restored weights are still the optimizer's: a step moves the model.
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+    training.forward_backward(fresh, _batch(9), torch.device("cpu"), "float32", False)
+    fresh_optimizer.step()
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters() if p.requires_grad)
+
+
 # --- Memory plan ------------------------------------------------------------------------------------
 
 def _llama(shape: str):
