@@ -1,13 +1,16 @@
 """How much of a training step is the host queuing work, and what compiling the layers saves: the
 Llama-2-7B layer structure (32 layers, LoRA on all 7 linear layers of each: 224 LoRA layers) at a
-tiny width on the CPU, float32, NF4 base, gradient checkpointing, LoRA dropout 0.05. At this width
-the arithmetic is negligible, so the step time stands for the Python and dispatch work per step that,
-on a GPU, the kernels wait on (benchmarks/RESULTS.md: the 7B step there is host-bound).
+tiny width on the CPU, float32, NF4 base, gradient checkpointing, LoRA r=64 (so that every LoRA
+weight has the 4096 elements from which bitsandbytes keeps 8-bit optimizer state, as at 7B width)
+dropout 0.05, then gradient clipping and a paged 8-bit AdamW step. At this width the arithmetic is
+negligible, so the step time stands for the Python and dispatch work per step that, on a GPU, the
+kernels wait on (benchmarks/RESULTS.md: the 7B step there is host-bound).
 
     python benchmarks/host_overhead_cpu.py [--steps 10]
 
 Variants, each in its own process: peft's LoRA forward, fused LoRA layers, fused + compiled layers
-(train.compile). Prints ms per step (best of 3 rounds) and the first step's time (compiling)."""
+(train.compile), and the same with the LoRA weights stepped as one flat optimizer tensor. Prints ms per
+step (best of 3 rounds), the optimizer's share, and the first step's time (compiling)."""
 from __future__ import annotations
 
 import argparse
@@ -34,22 +37,34 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
                            bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map="cpu",
                                                 attn_implementation="sdpa")
-    lora = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
+    import bitsandbytes as bnb
+
+    lora = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=64, lora_alpha=128,
                            lora_dropout=0.05)
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
     model = training.model_for_training(base, resolved, lora, True, True)
     if variant != "peft":
         training.fuse_lora_layers(model)
-    if variant == "fused+compiled":
+    if variant.startswith("fused+compiled"):
         training.compile_layers(model)
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = variant.endswith("+flat")
+    optimizer = bnb.optim.PagedAdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-4)
+    optimizer_seconds = []
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     cpu = torch.device("cpu")
 
     def step():
-        return float(training.forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False}, cpu,
+        loss = float(training.forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False}, cpu,
                                                "float32", False))
+        started = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not flat)
+        optimizer_seconds.append(time.perf_counter() - started)
+        return loss
 
     started = time.perf_counter()
     step()
@@ -62,7 +77,8 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - started) / steps)
-    return {"ms_per_step": best * 1000, "first_step_s": first}
+    return {"ms_per_step": best * 1000, "first_step_s": first, "optimizer_tensors": len(optimizer.param_groups[0]["params"]),
+            "optimizer_ms": 1000 * sorted(optimizer_seconds)[len(optimizer_seconds) // 2]}
 
 
 def main() -> None:
@@ -85,17 +101,17 @@ def main() -> None:
         LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                                      num_key_value_heads=4, vocab_size=256)).save_pretrained(path)
         rows = {}
-        for variant in ("peft", "fused", "fused+compiled"):
+        for variant in ("peft", "fused", "fused+compiled", "fused+compiled+flat"):
             done = subprocess.run([sys.executable, __file__, "--variant", variant, "--path", path, "--steps",
                                    str(args.steps)], capture_output=True, text=True)
             line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
             rows[variant] = json.loads(line[0][7:])
-    print(f"{'variant':<16}{'ms/step':>10}{'vs peft':>9}{'first step s':>14}")
+    print(f"{'variant':<22}{'ms/step':>10}{'vs peft':>9}{'optimizer ms':>14}{'tensors':>9}{'first step s':>14}")
     for variant, r in rows.items():
-        print(f"{variant:<16}{r['ms_per_step']:>10.1f}{r['ms_per_step'] / rows['peft']['ms_per_step']:>8.2f}x"
-              f"{r['first_step_s']:>14.1f}")
+        print(f"{variant:<22}{r['ms_per_step']:>10.1f}{r['ms_per_step'] / rows['peft']['ms_per_step']:>8.2f}x"
+              f"{r['optimizer_ms']:>14.1f}{r['optimizer_tensors']:>9}{r['first_step_s']:>14.1f}")
 
 
 if __name__ == "__main__":
