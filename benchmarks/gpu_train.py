@@ -6,6 +6,7 @@ Llama-shaped models with random weights (nothing is downloaded).
     python benchmarks/gpu_train.py --shape llama2-7b --lengths   # variable-length real examples
     python benchmarks/gpu_train.py --shape llama-33b --only pipeline --budget 24
     python benchmarks/gpu_train.py --check                        # fast paths vs the plain path
+    python benchmarks/gpu_train.py --optimizer-step               # the optimizer's share: flat vs per tensor
     python benchmarks/gpu_train.py --log-mlflow gpu_train.json    # record a result file in MLflow
 
 Variants, each in its own process (a clean peak-memory count):
