@@ -44,6 +44,7 @@ def test_valid_recipe_passes(project, capsys):
     ("data.text_column=body", "data.text_column: column 'body' not found"),
     ("lora.target_modules=[q_proj, v_proj]", "lora.target_modules: ['q_proj', 'v_proj'] match no linear layer of bert"),
     ("evaluate.metrics=[bleurt]", "evaluate.metrics: unknown metric 'bleurt'"),
+    ("train.compile=sometimes", "train.compile: Input should be 'auto', True or False (got 'sometimes')"),
 ])
 def test_bad_field(project, capsys, override, expected):
     start = time.monotonic()

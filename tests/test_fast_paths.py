@@ -324,6 +324,32 @@ def test_compile_without_a_compiler_warns_or_fails_when_required(monkeypatch):
         training.can_compile(cpu, required=True)
 
 
+def test_compile_auto_takes_cuda_with_triton_and_unpacked_rows_only(monkeypatch):
+    """train.compile: auto compiles on CUDA where Triton is installed, for rows of one example; never
+    on the CPU, never for packed rows, and without Triton quietly not (nothing was asked for)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    triton = {"installed": True}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "triton" and triton["installed"]
+                        else None if name == "triton" else real_find_spec(name, *a))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert training.use_compile("auto", cuda) is True
+    assert training.use_compile("auto", cuda, packed=True) is False
+    assert training.use_compile("auto", cpu) is False
+    assert training.use_compile(False, cuda) is False
+    assert training.use_compile(True, cuda, packed=True) is True  # asked for: packed rows too
+    triton["installed"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training.use_compile("auto", cuda) is False
+    with pytest.warns(UserWarning, match="train.compile: Triton is not installed; training with eager layers"):
+        assert training.use_compile(True, cuda) is False
+    with pytest.raises(RuntimeError, match="train.compile: required, but Triton is not installed"):
+        training.use_compile(True, cuda, required=True)
+
+
 # --- Compiled layers ----------------------------------------------------------------------------------
 
 def _tiny_4bit_llama(path):
