@@ -278,7 +278,8 @@ def run_pipeline(args) -> dict:
     out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan,
            "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused,
-                          "compiled_layers": compiled_layers}}
+                          "compiled_layers": compiled_layers,
+                          "flat_optimizer": "noflat" not in options}}
     if args.profile and os.environ.get("OUT"):
         from torch.profiler import ProfilerActivity, profile
 

@@ -375,11 +375,11 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             fast_paths.append(f"compiled_layers:{training.compile_layers(model)}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        # One flat optimizer tensor on CUDA (host time per tensor); on the CPU, bitsandbytes' 8-bit step
-        # over one long tensor runs slower (7B LoRA shapes: 562 vs 376 ms), so each weight stays its own.
         # Flat gradients are views into one buffer: zeroed in place, never set to None.
-        flat = dev.type == "cuda"
+        flat = training.use_flat_optimizer(dev)
         optimizer = build_optimizer(training.flatten_parameters(params) if flat else params, cfg)
+        if flat:
+            fast_paths.append(f"flat_optimizer:{len(params) + 1 - len(optimizer.param_groups[0]['params'])}")  # weights in it
         tracker.set_tags({"train.fast_paths": ",".join(fast_paths), **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
 
         # Units of data: examples, or (packing) rows of several examples each.

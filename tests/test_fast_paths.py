@@ -219,6 +219,37 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     assert any(not torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
+def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, monkeypatch):
+    """The train stage as it runs on CUDA (one flat optimizer tensor, gradients zeroed in place, a
+    checkpoint midway), here on the CPU: the same adapter, bit for bit, as one tensor per weight."""
+    from safetensors.torch import load_file
+
+    from tasks.data import describe_source, load, split, tokenize
+    from tasks.model import attach_lora, quantize, resolve_model
+    from tasks.recipe import load_recipe
+    from tasks.train import train
+
+    recipe = small_agnews_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+                                 train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
+    adapters = {}
+    for flat in (False, True):
+        monkeypatch.setattr(training, "use_flat_optimizer", lambda dev, flat=flat: flat)
+        r = load_recipe(str(write_recipe(project / "r.yaml", recipe)), [f"work_dir={project / f'work-{flat}'}"])
+        w, model = r.work_dir, resolve_model(r.model)
+        loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=w)
+        tokenized = tokenize.fn(split.fn(loaded, r.split, r.data.sample, work_dir=w), model["tokenizer"], r.tokenize,
+                                work_dir=w)
+        quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=w)
+        lora = attach_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
+        trained = train.fn(tokenized, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
+        assert trained["steps"] == 6
+        adapters[flat] = load_file(Path(trained["dir"], trained["adapter"], "adapter_model.safetensors"))
+    assert adapters[True].keys() == adapters[False].keys() and len(adapters[True]) > 20
+    for name, value in adapters[False].items():
+        assert torch.equal(adapters[True][name], value), name
+
+
 # --- Memory plan ------------------------------------------------------------------------------------
 
 def _llama(shape: str):
