@@ -373,16 +373,20 @@ def apply_liger(model, layer_kernels: bool = True) -> None:
                                     cross_entropy=False, fused_linear_cross_entropy=True)
 
 
-def can_compile(dev, required: bool = False) -> bool:
-    """Whether torch.compile can build kernels here: Triton on CUDA, a C++ compiler on the CPU.
-    Without: a warning and eager layers (or an error, when required)."""
+def _missing_compiler(dev) -> str | None:
+    """Why torch.compile cannot build kernels here (needs Triton on CUDA, a C++ compiler on the CPU), or None."""
     import importlib.util
     import shutil
 
     if dev.type == "cuda":
-        reason = None if importlib.util.find_spec("triton") else "Triton is not installed"
-    else:
-        reason = None if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler on PATH"
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    return None if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler on PATH"
+
+
+def can_compile(dev, required: bool = False) -> bool:
+    """Whether torch.compile can build kernels here. Without: a warning and eager layers (or an
+    error, when required)."""
+    reason = _missing_compiler(dev)
     if reason is None:
         return True
     if required:
@@ -395,12 +399,11 @@ def use_compile(mode, dev, required: bool = False, packed: bool = False) -> bool
     """Whether to compile the transformer layers. auto: on CUDA where Triton is installed, for rows of
     one example each (H100, 7B shape, fixed-length rows: 7276 vs 7033 tokens/s; 8B: 6886 vs 5426),
     not for packed rows (their widths and per-example masks change every step: compiled, 2673 vs
-    5284 tokens/s) and never on the CPU, where compiling costs more than it saves on short runs.
-    true: wanted, so a machine without a compiler warns (or fails, when required)."""
-    import importlib.util
-
+    5284 tokens/s) and never on the CPU, where compiling costs more than it saves on short runs; a
+    machine without Triton quietly trains eager (nothing was asked for). true: wanted, so a machine
+    without a compiler warns (or fails, when required)."""
     if mode == "auto":
-        return dev.type == "cuda" and not packed and importlib.util.find_spec("triton") is not None
+        return dev.type == "cuda" and not packed and _missing_compiler(dev) is None
     return bool(mode) and can_compile(dev, required)
 
 
