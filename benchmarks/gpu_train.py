@@ -148,21 +148,24 @@ def _examples(lengths: list[int], vocab: int, seed: int, documents: int = 8) -> 
     return [{"input_ids": docs[d][:n], "labels": docs[d][:n]} for d, n in zip(picks, lengths)]
 
 
-def timed(steps: int, warmup: int, step) -> tuple[float, list[float], int]:
-    """Seconds over `steps` steps after `warmup` ones; every loss; the tokens counted."""
+def timed(steps: int, warmup: int, step) -> tuple[float, list[float], int, float]:
+    """Seconds over `steps` steps after `warmup` ones; every loss; the tokens counted; the warm-up's
+    seconds (compiling happens there)."""
     import torch
 
     losses, tokens = [], 0
+    start = time.perf_counter()
     for i in range(warmup):
         losses.append(step(i)[0])
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         loss, n = step(i)
         losses.append(loss)
         tokens += n
     torch.cuda.synchronize()
-    return time.perf_counter() - start, [float(x) for x in losses], tokens
+    return time.perf_counter() - start, [float(x) for x in losses], tokens, warmup_s
 
 
 def run_tutorial_padded(args) -> dict:
@@ -191,8 +194,8 @@ def run_tutorial_padded(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach(), real
 
-    seconds, losses, tokens = timed(args.steps, 3, step)
-    return {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
+    seconds, losses, tokens, warmup_s = timed(args.steps, 3, step)
+    return {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses, "warmup_s": round(warmup_s, 1),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -243,7 +246,7 @@ def run_pipeline(args) -> dict:
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = training.model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
     fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
-    compiled_layers = training.compile_layers(model) if compiled else 0  # compiled in the warm-up steps
+    compiled_layers = training.compile_layers(model, dynamic=packed or None) if compiled else 0  # in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else training.flatten_parameters(params), lr=2e-4)
     model.train()
@@ -258,7 +261,8 @@ def run_pipeline(args) -> dict:
 
     def step(i):
         units = [rows[(i * args.batch + k) % len(rows)] for k in range(args.batch)]
-        batches = [training.collate_lm(units[k:k + micro], 0, dev) for k in range(0, args.batch, micro)]
+        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=8 if compiled else 1)
+                   for k in range(0, args.batch, micro)]
         if not packed:  # the tutorial trains on every position of its rows, the first one too
             for b in batches:
                 b["labels"] = b["input_ids"]
@@ -274,8 +278,8 @@ def run_pipeline(args) -> dict:
         opt.zero_grad(set_to_none=False)
         return loss_sum, real
 
-    seconds, losses, tokens = timed(args.steps, 3, step)
-    out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses,
+    seconds, losses, tokens, warmup_s = timed(args.steps, 3, step)
+    out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses, "warmup_s": round(warmup_s, 1),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan,
            "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused,
                           "compiled_layers": compiled_layers,
@@ -553,8 +557,8 @@ def main() -> None:
         row = {"variant": variant, "tok_s": round(r["tok_s"]), "step_s": round(r["step_s"], 3),
                "peak_gib": round(r["peak_gib"], 2), "mfu": round(flops_per_token * r["tok_s"] / peak, 3),
                "loss_first": round(r["losses"][0], 3), "loss_last": round(r["losses"][-1], 3),
-               "wall_s": round(time.perf_counter() - started), **{k: r[k] for k in ("plan", "fast_paths", "note", "profile")
-                                                                   if k in r}}
+               "wall_s": round(time.perf_counter() - started),
+               **{k: r[k] for k in ("warmup_s", "plan", "fast_paths", "note", "profile") if k in r}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["variant"].startswith("tutorial")), None)

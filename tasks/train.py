@@ -66,7 +66,7 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
-def lm_loss(model, dataset, batch_size: int, pad_id: int, dev) -> float:
+def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int = 1) -> float:
     """Mean loss per target token over a dataset (what perplexity is the exponential of)."""
     import torch
 
@@ -76,7 +76,8 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            batch = collate_lm([[dataset[i]] for i in order[start:start + batch_size]], pad_id, dev)
+            batch = collate_lm([[dataset[i]] for i in order[start:start + batch_size]], pad_id, dev,
+                               multiple_of=multiple_of)
             batch.pop("real_tokens")
             targets = batch.pop("targets")
             total += model(**batch).loss.float().item() * targets
@@ -371,8 +372,9 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
         if cfg.fused_lora and lora_cfg.enabled:
             fast_paths.append(f"fused_lora:{training.fuse_lora_layers(model)}")
-        if compiled:
-            fast_paths.append(f"compiled_layers:{training.compile_layers(model)}")
+        if compiled:  # packed rows change width every step: dynamic shapes from the first
+            fast_paths.append(f"compiled_layers:{training.compile_layers(model, dynamic=packing or None)}")
+        multiple_of = 8 if compiled else 1  # compiled layers compile again for a width not a multiple of 8
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         # Flat gradients are views into one buffer: zeroed in place, never set to None.
@@ -389,7 +391,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         def make_batch(unit_ids: list[int]) -> dict:
             if causal:
                 return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev,
-                                  max_length if pad_to_max_length else None)
+                                  max_length if pad_to_max_length else None, multiple_of)
             batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
             batch["real_tokens"] = int(batch["attention_mask"].sum())
             batch["targets"] = len(unit_ids)
@@ -397,7 +399,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
 
         def validate_now() -> dict:
             if causal:
-                return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)}
+                return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev, multiple_of)}
             logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
             return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
 

@@ -407,10 +407,11 @@ def use_compile(mode, dev, required: bool = False, packed: bool = False) -> bool
     return bool(mode) and can_compile(dev, required)
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, dynamic: bool | None = None) -> int:
     """torch.compile each transformer layer (the blocks of the longest list of identical modules);
     returns how many. One compiled graph serves every layer (their weights are its inputs); a new
-    sequence length compiles once more, with dynamic shapes from then on. Why: the eager step queues
+    sequence length compiles once more, with dynamic shapes from then on (dynamic=True: from the
+    first step, for data whose width changes every step, as packed rows' does). Why: the eager step queues
     each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
     host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step from 156 to 53 ms, with the
     eager loss and gradients (tests/test_fast_paths.py)."""
@@ -419,7 +420,7 @@ def compile_layers(model) -> int:
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
                   and len({type(b) for b in m}) == 1), key=len, default=[])
     for block in blocks:
-        block.compile(backend=_inductor_without_cse)
+        block.compile(backend=_inductor_without_cse, dynamic=dynamic)
     return len(blocks)
 
 
@@ -535,16 +536,18 @@ def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
     return rows + ([current] if current else [])
 
 
-def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = None) -> dict:
+def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = None, multiple_of: int = 1) -> dict:
     """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
     restart per example and no attention mask is passed, so transformers keeps attention within
     each example (its packed-sequence detection), and the first token of each example is never a
     target (it would be predicted from the previous example). width: pad every row to it
-    (tokenize.padding: max_length, the tutorial way) instead of to the longest row."""
+    (tokenize.padding: max_length, the tutorial way) instead of to the longest row. multiple_of: round
+    the width up to it (compiled layers: a width that is not a multiple of 8 compiles them once more)."""
     import torch
 
     packed = any(len(u) > 1 for u in units)
     width = max([sum(len(e["input_ids"]) for e in u) for u in units] + [width or 0])
+    width = -(-width // multiple_of) * multiple_of
     ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     labels = torch.full((len(units), width), -100, dtype=torch.long)
     positions = torch.zeros((len(units), width), dtype=torch.long)
