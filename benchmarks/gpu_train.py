@@ -15,14 +15,14 @@ Variants, each in its own process (a clean peak-memory count):
     tutorial-pad the same set-up on variable-length examples, each padded to --seq as the tutorial
                  recipe's tokenizer call does (padding="max_length")
     pipeline     tasks/training.py as the train stage runs it by default on CUDA: fused LoRA layers,
-                 compiled decoder layers (not for packed rows), Liger's fused cross-entropy, SDPA, no float32 upcast,
+                 compiled decoder layers, Liger's fused cross-entropy, SDPA, no float32 upcast,
                  non-reentrant checkpointing, paged 8-bit AdamW, LoRA dropout 0.05, the memory plan
                  for --budget GiB (micro-batch, checkpointing, offload); variable-length examples
                  packed into rows of --seq tokens
     pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
                  checkpointing on), offload, noliger, nofused, noflat (each LoRA weight its
                  own optimizer tensor), nocompile (train.compile: false; eager
-                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile (packed rows too);
+                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile;
                  e.g. --only pipeline,pipeline+nocompile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
 MFU: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token over a measured bf16 matmul peak.
@@ -236,7 +236,7 @@ def run_pipeline(args) -> dict:
         base.config._attn_implementation = attention
     else:
         base = load_quantized(build_on_disk(args.shape, args.seq), attention)
-    compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev, packed=packed))
+    compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     if liger:
         training.apply_liger(base, layer_kernels=not compiled)
     resolved = {"task": "causal-lm", "modules_to_save": [],

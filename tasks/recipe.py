@@ -211,7 +211,7 @@ class TrainSection(Section):
     # back, or fails when require_fast_paths.
     fused_lora: bool = True
     # compile: torch.compile each transformer layer (the first steps pay the compile, tens of
-    # seconds); auto: on CUDA where Triton is installed, for unpacked rows; not on the CPU.
+    # seconds); auto: on CUDA where Triton is installed; not on the CPU.
     compile: Literal["auto", True, False] = "auto"
     kernels: Literal["auto", "liger", "none"] = "auto"
     attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"

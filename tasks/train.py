@@ -354,7 +354,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     try:
         liger = training.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths)
         attention = training.attention_implementation(cfg.attention, dev, cfg.require_fast_paths)
-        compiled = training.use_compile(cfg.compile, dev, cfg.require_fast_paths, packing)
+        compiled = training.use_compile(cfg.compile, dev, cfg.require_fast_paths)
     except RuntimeError as e:
         field, message = str(e).split(": ", 1)
         raise RecipeError(message, field, hint="set train.require_fast_paths: false to fall back instead") from None

@@ -355,9 +355,9 @@ def test_compile_without_a_compiler_warns_or_fails_when_required(monkeypatch):
         training.can_compile(cpu, required=True)
 
 
-def test_compile_auto_takes_cuda_with_triton_and_unpacked_rows_only(monkeypatch):
-    """train.compile: auto compiles on CUDA where Triton is installed, for rows of one example; never
-    on the CPU, never for packed rows, and without Triton quietly not (nothing was asked for)."""
+def test_compile_auto_takes_cuda_with_triton_only(monkeypatch):
+    """train.compile: auto compiles on CUDA where Triton is installed; never on the CPU, and without
+    Triton quietly not (nothing was asked for)."""
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
@@ -367,10 +367,9 @@ def test_compile_auto_takes_cuda_with_triton_and_unpacked_rows_only(monkeypatch)
                         else None if name == "triton" else real_find_spec(name, *a))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert training.use_compile("auto", cuda) is True
-    assert training.use_compile("auto", cuda, packed=True) is False
     assert training.use_compile("auto", cpu) is False
     assert training.use_compile(False, cuda) is False
-    assert training.use_compile(True, cuda, packed=True) is True  # asked for: packed rows too
+    assert training.use_compile(True, cuda) is True
     triton["installed"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -441,6 +440,60 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # it ran compiled, at both widths
     for width in (12, 20):
         (eager_loss, eager), (loss, grads) = results[False, width], results[True, width]
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        assert grads.keys() == eager.keys() and len(grads) == 3 * 7 * 2
+        for name in eager:
+            assert torch.allclose(grads[name], eager[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_layers_compute(tmp_path):
+    """Packed rows (several examples a row, positions restarting, no attention mask) change width every
+    step: compiled with dynamic shapes from the first step and widths rounded up to a multiple of 8,
+    as the train stage does, the layers compile once for every width and give the eager loss and
+    gradients."""
+    import torch._dynamo
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
+                          lora_dropout=0.0)
+    resolved = {"task": "causal-lm", "modules_to_save": [],
+                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    gen = torch.Generator().manual_seed(0)
+
+    def example(n):
+        ids = torch.randint(3, 256, (n,), generator=gen).tolist()
+        return {"input_ids": ids, "labels": ids}
+
+    # Widths 20, 36, 50: 24, 40, 56 once rounded up (not 16, the head size: a width equal to another
+    # dimension shares its symbol and is specialized with it).
+    steps = [[[example(5), example(9), example(6)], [example(13)]],
+             [[example(7), example(11), example(4)], [example(30), example(6)]], [[example(17), example(2)], [example(50)]]]
+    torch._dynamo.reset()
+    results, graphs = {}, []
+    for compiled in (False, True):
+        model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
+        training.fuse_lora_layers(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+        if compiled:
+            assert training.compile_layers(model, dynamic=True) == 3
+        model.train()
+        for i, units in enumerate(steps):
+            batch = training.collate_lm(units, 0, torch.device("cpu"), multiple_of=8)
+            assert "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[1] % 8 == 0
+            del batch["real_tokens"], batch["targets"]
+            model.zero_grad()
+            loss = training.forward_backward(model, batch, torch.device("cpu"), "float32", False)
+            results[compiled, i] = float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None}
+            if compiled:
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs  # compiled at the first width, never again
+    for i in range(len(steps)):
+        (eager_loss, eager), (loss, grads) = results[False, i], results[True, i]
         assert loss == pytest.approx(eager_loss, rel=1e-5)
         assert grads.keys() == eager.keys() and len(grads) == 3 * 7 * 2
         for name in eager:
