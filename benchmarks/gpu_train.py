@@ -408,7 +408,10 @@ def check(trials: int = 3) -> dict:
                   "fused LoRA + compiled layers + Liger cross-entropy": {"fused", "compile", "liger"},
                   "fused LoRA + compiled layers + Liger cross-entropy + offload (the default)":
                       {"fused", "compile", "liger", "offload"}}
-    setups = {"float32": None, "tutorial recipe's precision": None, "plain": set(), **fast_paths}
+    # The noise floor: the plain path itself, the same batch run as two accumulated micro-batches of one
+    # row (what the memory plan does under a budget): the same sum, only rounded differently.
+    floor = "plain, one row per micro-batch"
+    setups = {"float32": None, "tutorial recipe's precision": None, "plain": set(), floor: {"m1"}, **fast_paths}
     worst = {name: {"loss": 0.0, "grads": 0.0, "worst_tensor": 0.0, "grads_vs_float32": 0.0}
              for name in setups if name != "float32"}
     for trial in range(trials):
@@ -439,8 +442,10 @@ def check(trials: int = 3) -> dict:
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
                 loss.backward()
             else:
-                loss = training.forward_backward(model, {"input_ids": x, "labels": x, "use_cache": False}, dev,
-                                                 "bfloat16", "offload" in opts)
+                rows = [x[i:i + 1] for i in range(len(x))] if "m1" in opts else [x]
+                loss = sum(training.forward_backward(model, {"input_ids": r, "labels": r, "use_cache": False}, dev,
+                                                     "bfloat16", "offload" in opts, len(r) / len(x)) * len(r) / len(x)
+                           for r in rows)
             results[name] = (float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n})
             del model, base
             torch.cuda.empty_cache()
@@ -458,6 +463,9 @@ def check(trials: int = 3) -> dict:
         print(f"CHECK {name} vs plain path, {trials} fresh inputs: relative error loss {w['loss']:.2e}, "
               f"LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e}) -> "
               f"{'OK' if w['ok'] else 'FAIL'} (bound 1e-2)", flush=True)
+    w = worst[floor]
+    print(f"CHECK noise floor, {floor} vs plain path (no fast path, bf16 rounding alone): relative error loss "
+          f"{w['loss']:.2e}, LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e})", flush=True)
     tutorial, plain = worst["tutorial recipe's precision"], worst["plain"]
     plain["ok"] = plain["grads_vs_float32"] <= tutorial["grads_vs_float32"]
     print(f"CHECK precision, LoRA gradients vs float32 compute: pipeline {plain['grads_vs_float32']:.2e}, "
