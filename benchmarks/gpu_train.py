@@ -276,11 +276,15 @@ def run_pipeline(args) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
+        trace.append((round(torch.cuda.max_memory_allocated() / 2**30, 2), max(b["input_ids"].shape[1] for b in batches),
+                      max(len(u) for u in units)))
         return loss_sum, real
+
+    trace = []  # per step: peak GiB so far, row width, most examples in a row
 
     seconds, losses, tokens, warmup_s = timed(args.steps, 3, step)
     out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses, "warmup_s": round(warmup_s, 1),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan, "trace": trace,
            "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused,
                           "compiled_layers": compiled_layers,
                           "flat_optimizer": "noflat" not in options}}
