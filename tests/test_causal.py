@@ -110,6 +110,27 @@ def test_packing_keeps_examples_apart(tiny_llama):
         assert abs(model(**wrong).loss - model(**padded).loss) > 1e-3
 
 
+def test_rows_rounded_up_to_a_multiple_of_8_give_the_same_loss(tiny_llama):
+    """Compiled layers get row widths rounded up to a multiple of 8 (one compilation less): the extra
+    padding is masked (rows of one example) or a segment of its own (packed rows), so the loss and
+    the counts stay those of the unrounded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rows, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+                               PromptSection(template="Q: {question}\nA: ", response_column="answer"))
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+    for units in ([[e] for e in examples], [examples[:1], examples[1:]]):  # widths 17 and 31
+        plain = collate_lm(units, tok.pad_token_id, torch.device("cpu"))
+        rounded = collate_lm(units, tok.pad_token_id, torch.device("cpu"), multiple_of=8)
+        width = plain["input_ids"].shape[1]
+        assert width % 8 and rounded["input_ids"].shape[1] == -(-width // 8) * 8  # (the data is not already aligned)
+        assert (plain.pop("real_tokens"), plain.pop("targets")) == (rounded.pop("real_tokens"), rounded.pop("targets"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(**rounded).loss, model(**plain).loss, rtol=1e-5, atol=1e-6)
+
+
 def test_pack_fills_rows_within_max_length():
     lengths = [5, 9, 3, 7, 2, 8, 6, 4] * 10
     rows = pack(lengths, 20, seed=1)
