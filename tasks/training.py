@@ -410,8 +410,8 @@ def compile_layers(model, dynamic: bool | None = None) -> int:
     """torch.compile each transformer layer (the blocks of the longest list of identical modules);
     returns how many. One compiled graph serves every layer (their weights are its inputs); a new
     sequence length compiles once more, with dynamic shapes from then on (dynamic=True: from the
-    first step, for data whose width changes every step, as packed rows' does). Why: the eager step queues
-    each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
+    first step, for data whose width changes every step, as packed rows' does). Why: the eager step
+    queues each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
     host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step from 156 to 53 ms, with the
     eager loss and gradients (tests/test_fast_paths.py)."""
     import torch
