@@ -86,9 +86,10 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int 
     return total / max(count, 1)
 
 
-def collate(rows: list[dict], pad_id: int, dev: torch.device) -> dict:
+def collate(rows: list[dict], pad_id: int, dev: torch.device, multiple_of: int = 1) -> dict:
+    """Encoder batch, padded to the longest row rounded up to multiple_of (as collate_lm)."""
     import torch
-    width = max(len(r["input_ids"]) for r in rows)
+    width = -(-max(len(r["input_ids"]) for r in rows) // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -247,15 +248,16 @@ def on_checkpoint(step: int) -> None:
     """Called after each checkpoint is saved. Tests replace it to interrupt a run."""
 
 
-def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device) -> tuple[np.ndarray, float]:
+def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device,
+            multiple_of: int = 1) -> tuple[np.ndarray, float]:
     """Logits for every row (in dataset order) and the mean loss; rows sorted by length for speed."""
     import torch
 
     with torch.no_grad():
-        return _predict(model, dataset, batch_size, pad_id, dev)
+        return _predict(model, dataset, batch_size, pad_id, dev, multiple_of)
 
 
-def _predict(model, dataset, batch_size: int, pad_id: int, dev) -> tuple[np.ndarray, float]:
+def _predict(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int) -> tuple[np.ndarray, float]:
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
@@ -263,7 +265,7 @@ def _predict(model, dataset, batch_size: int, pad_id: int, dev) -> tuple[np.ndar
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate([dataset[i] for i in idx], pad_id, dev)
+        batch = collate([dataset[i] for i in idx], pad_id, dev, multiple_of)
         out = model(**batch)
         loss_sum += out.loss.float().item() * len(idx)
         for i, row in zip(idx, out.logits.float().cpu().numpy()):
@@ -392,7 +394,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             if causal:
                 return collate_lm([[train_ds[i] for i in units[u]] for u in unit_ids], pad_id, dev,
                                   max_length if pad_to_max_length else None, multiple_of)
-            batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev)
+            batch = collate([train_ds[units[u][0]] for u in unit_ids], pad_id, dev, multiple_of)
             batch["real_tokens"] = int(batch["attention_mask"].sum())
             batch["targets"] = len(unit_ids)
             return batch
@@ -400,7 +402,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         def validate_now() -> dict:
             if causal:
                 return {"eval_loss": lm_loss(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev, multiple_of)}
-            logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev)
+            logits, val_loss = predict(model, val_ds, cfg.per_device_eval_batch_size, pad_id, dev, multiple_of)
             return {"eval_loss": val_loss, "eval_accuracy": _accuracy(logits, val_ds["labels"])}
 
         # An optimizer step takes examples_per_step units whatever the micro-batch: the data of each
