@@ -409,7 +409,8 @@ def check(trials: int = 3) -> dict:
                                lora_dropout=0.0)
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
-    fast_paths = {"fused LoRA": {"fused"}, "fused LoRA + Liger": {"fused", "liger"},
+    fast_paths = {"fused LoRA": {"fused"}, "Liger cross-entropy alone": {"liger", "ce_only"},
+                  "fused LoRA + Liger": {"fused", "liger"},
                   "fused LoRA + Liger + offload": {"fused", "liger", "offload"},
                   "fused LoRA + compiled layers + Liger cross-entropy": {"fused", "compile", "liger"},
                   "fused LoRA + compiled layers + Liger cross-entropy + offload (the default)":
@@ -431,7 +432,7 @@ def check(trials: int = 3) -> dict:
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
                 if "liger" in opts and training.use_liger("auto", base.config, dev):
-                    training.apply_liger(base, layer_kernels=not compiled)
+                    training.apply_liger(base, layer_kernels=not (compiled or "ce_only" in opts))
                 model = training.model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
                     training.fuse_lora_layers(model)
