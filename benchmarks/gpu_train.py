@@ -22,7 +22,8 @@ Variants, each in its own process (a clean peak-memory count):
     pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
                  checkpointing on), offload, noliger, nofused, noflat (each LoRA weight its
                  own optimizer tensor), nocompile (train.compile: false; eager
-                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile;
+                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile, noemulate
+                 (compiled layers keep float32 inside fused kernels where eager code rounds to bf16);
                  e.g. --only pipeline,pipeline+nocompile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
 MFU: (6 x parameters + 12 x layers x hidden x seq) FLOPs per token over a measured bf16 matmul peak.
@@ -239,6 +240,7 @@ def run_pipeline(args) -> dict:
     else:
         base = load_quantized(path, attention)
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
+    training.EMULATE_PRECISION_CASTS = "noemulate" not in options
     if liger:
         training.apply_liger(base, layer_kernels=not compiled)
     resolved = {"task": "causal-lm", "modules_to_save": [],
@@ -410,6 +412,11 @@ def check(trials: int = 3) -> dict:
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
     fast_paths = {"fused LoRA": {"fused"}, "Liger cross-entropy alone": {"liger", "ce_only"},
+                  "Liger cross-entropy + RMSNorm": {"liger", "only:rms_norm"},
+                  "Liger cross-entropy + RoPE": {"liger", "only:rope"},
+                  "Liger cross-entropy + SwiGLU": {"liger", "only:swiglu"},
+                  "fused LoRA + compiled layers (no precision-cast emulation) + Liger cross-entropy":
+                      {"fused", "compile", "liger", "noemulate"},
                   "fused LoRA + Liger": {"fused", "liger"},
                   "fused LoRA + Liger + offload": {"fused", "liger", "offload"},
                   "fused LoRA + compiled layers + Liger cross-entropy": {"fused", "compile", "liger"},
@@ -435,13 +442,20 @@ def check(trials: int = 3) -> dict:
                                        training.lora_config(resolved, lora_cfg))
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
-                if "liger" in opts and training.use_liger("auto", base.config, dev):
+                only = {o[5:] for o in opts if o.startswith("only:")}
+                if only:  # one of Liger's layer kernels, beside its cross-entropy
+                    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+                    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=True,
+                                                    **{k: k in only for k in ("rope", "rms_norm", "swiglu")})
+                elif "liger" in opts and training.use_liger("auto", base.config, dev):
                     training.apply_liger(base, layer_kernels=not (compiled or "ce_only" in opts))
                 model = training.model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
                     training.fuse_lora_layers(model)
                 if compiled:
                     torch._dynamo.reset()  # a fresh compile per model: no cached graph, no recompile limit
+                    training.EMULATE_PRECISION_CASTS = "noemulate" not in opts
                     training.compile_layers(model)
             model.train()
             with torch.no_grad():
