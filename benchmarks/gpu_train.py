@@ -32,6 +32,7 @@ Writes gpu_train.json (and a profile of one step with --profile) under $OUT when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -241,8 +242,9 @@ def run_pipeline(args) -> dict:
         base = load_quantized(path, attention)
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     training.EMULATE_PRECISION_CASTS = "noemulate" not in options
+    scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
-        training.apply_liger(base, layer_kernels=not compiled)
+        scope.enter_context(training.liger_kernels(base, layer_kernels=not compiled))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
                                           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
@@ -436,20 +438,17 @@ def check(trials: int = 3) -> dict:
         x = torch.randint(0, 32000, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(100 + trial))
         results = {}
         for name, opts in setups.items():
+            scoped = contextlib.ExitStack()
             base = load_quantized(path, dtype="float32" if name == "float32" else "bfloat16")
             if opts is None:  # float32, and the tutorial's upcast: peft on prepare_model_for_kbit_training
                 model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=True),
                                        training.lora_config(resolved, lora_cfg))
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
-                only = {o[5:] for o in opts if o.startswith("only:")}
-                if only:  # one of Liger's layer kernels, beside its cross-entropy
-                    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-                    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=True,
-                                                    **{k: k in only for k in ("rope", "rms_norm", "swiglu")})
-                elif "liger" in opts and training.use_liger("auto", base.config, dev):
-                    training.apply_liger(base, layer_kernels=not (compiled or "ce_only" in opts))
+                only = {o[5:] for o in opts if o.startswith("only:")}  # one of Liger's layer kernels
+                if "liger" in opts and training.use_liger("auto", base.config, dev):
+                    # Undone after this setup: Liger's module-level patches would reach every later model.
+                    scoped.enter_context(training.liger_kernels(base, only or not (compiled or "ce_only" in opts)))
                 model = training.model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
                     training.fuse_lora_layers(model)
@@ -480,6 +479,7 @@ def check(trials: int = 3) -> dict:
                                                      "bfloat16", "offload" in opts, len(r) / len(x)) * len(r) / len(x)
                            for r in rows)
             results[name] = (float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n})
+            scoped.close()
             del model, base
             torch.cuda.empty_cache()
         _, g32 = results.pop("float32")

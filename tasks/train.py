@@ -6,6 +6,7 @@ survive a crash: the same command resumes from the newest one, with the same dat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -365,11 +366,13 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
     free_at_start = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
-    with PeakMemory(dev) as memory:  # this stage's own peak, not the process's high-water mark
+    # PeakMemory: this stage's own peak, not the process's high-water mark; scoped: what the stage
+    # patches (Liger's kernels) is undone when it ends.
+    with PeakMemory(dev) as memory, contextlib.ExitStack() as scoped:
         base = models.load_base(quantized, label_names, q, attention)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if liger:
-            training.apply_liger(base, layer_kernels=not compiled)
+            scoped.enter_context(training.liger_kernels(base, layer_kernels=not compiled))
             fast_paths.append("liger:cross_entropy" if compiled else "liger")
         model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
         if cfg.fused_lora and lora_cfg.enabled:

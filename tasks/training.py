@@ -4,6 +4,7 @@ CPU memory). Free of Prefect and of the recipe schema, so the GPU benchmark runs
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import TYPE_CHECKING
@@ -364,13 +365,31 @@ def use_liger(mode: str, config, dev, required: bool = False) -> bool:
     return False
 
 
-def apply_liger(model, layer_kernels: bool = True) -> None:
-    """Liger's kernels into the model; layer_kernels False: only the fused linear cross-entropy
-    (compiled layers get their norms, RoPE and SwiGLU fused by the compiler instead)."""
+@contextlib.contextmanager
+def liger_kernels(model, layer_kernels: bool | set = True):
+    """Liger's kernels in this model while the block runs: its fused linear cross-entropy, and, with
+    layer_kernels (True, or a set of "rope", "rms_norm", "swiglu"), its RoPE, RMSNorm and SwiGLU
+    (False for compiled layers: the compiler fuses those). Liger also rebinds names in the model's
+    transformers module (the RoPE function, the norm and MLP classes): every model built later in
+    this process would get them, the evaluate and merge stages' too, so they are put back on leaving.
+    The model's own patched modules stay."""
+    import sys
+
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, rope=layer_kernels, rms_norm=layer_kernels, swiglu=layer_kernels,
-                                    cross_entropy=False, fused_linear_cross_entropy=True)
+    kernels = {"rope", "rms_norm", "swiglu"} if layer_kernels is True else set(layer_kernels or ())
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=True,
+                                        **{k: k in kernels for k in ("rope", "rms_norm", "swiglu")})
+        yield
+    finally:
+        for name in set(vars(module)) - set(before):
+            delattr(module, name)
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 def _missing_compiler(dev) -> str | None:

@@ -380,6 +380,59 @@ def test_compile_auto_takes_cuda_with_triton_only(monkeypatch):
         training.use_compile(True, cuda, required=True)
 
 
+def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatch):
+    """Liger rebinds names in the model's transformers module (liger-kernel 0.8.5, monkey_patch.py:
+    the RoPE function, the norm and MLP classes), which every model built later in the process would
+    get, the evaluate and merge stages' too. liger_kernels puts them back when the block ends, even on
+    an error, and the model keeps its own patched modules. (A stand-in for Liger, which needs CUDA.)"""
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    class LigerNorm(torch.nn.Module):
+        pass
+
+    def liger_rope(*args):
+        pass
+
+    asked = []
+
+    def apply(model, rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy):
+        asked.append({"rope": rope, "rms_norm": rms_norm, "swiglu": swiglu, "flce": fused_linear_cross_entropy})
+        if rope:
+            modeling_llama.apply_rotary_pos_emb = liger_rope
+        if rms_norm:
+            modeling_llama.LlamaRMSNorm = LigerNorm
+            model.model.norm = LigerNorm()
+        modeling_llama.liger_added_name = True  # a name the module did not have
+        model.forward = types.MethodType(lambda self, **kw: "liger forward", model)
+
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch._apply_liger_kernel_to_instance = apply
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+
+    before = dict(vars(modeling_llama))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with training.liger_kernels(model):
+        assert modeling_llama.apply_rotary_pos_emb is liger_rope  # in effect while the block runs
+    assert vars(modeling_llama).keys() == before.keys()
+    assert all(vars(modeling_llama)[k] is v for k, v in before.items())
+    assert isinstance(model.model.norm, LigerNorm) and model.forward() == "liger forward"  # the model keeps them
+    with pytest.raises(RuntimeError), training.liger_kernels(model, layer_kernels={"rms_norm"}):
+        raise RuntimeError("out of memory")
+    assert all(vars(modeling_llama)[k] is v for k, v in before.items())
+    with training.liger_kernels(model, layer_kernels=False):
+        pass
+    assert asked == [{"rope": True, "rms_norm": True, "swiglu": True, "flce": True},
+                     {"rope": False, "rms_norm": True, "swiglu": False, "flce": True},
+                     {"rope": False, "rms_norm": False, "swiglu": False, "flce": True}]
+
+
 # --- Compiled layers ----------------------------------------------------------------------------------
 
 def _tiny_4bit_llama(path):
