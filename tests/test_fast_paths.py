@@ -435,6 +435,14 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
 
 # --- Compiled layers ----------------------------------------------------------------------------------
 
+def _seed_lora_weights(model, scale: float) -> None:
+    """Every LoRA weight random, seeded by its name (B nonzero: every gradient is), the same in each model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+
+
 def _tiny_4bit_llama(path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -476,10 +484,7 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
                     state = module.weight.quant_state
                     module._qlora_absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2)
                                             + state.offset).float()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+        _seed_lora_weights(model, 0.05)
         if compiled:
             assert training.compile_layers(model) == 3
         model.train()
@@ -525,10 +530,7 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
                                                     device_map="cpu", attn_implementation="sdpa")
         model = training.model_for_training(base, resolved, cfg, True, True)
         training.fuse_lora_layers(model)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+        _seed_lora_weights(model, 0.02)
         if compiled:
             training.compile_layers(model)
         model.train()
@@ -569,10 +571,7 @@ def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_laye
     for compiled in (False, True):
         model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
         training.fuse_lora_layers(model)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(sum(map(ord, name)))))
+        _seed_lora_weights(model, 0.05)
         if compiled:
             assert training.compile_layers(model, dynamic=True) == 3
         model.train()
