@@ -241,7 +241,6 @@ def run_pipeline(args) -> dict:
     else:
         base = load_quantized(path, attention)
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
-    training.EMULATE_PRECISION_CASTS = "noemulate" not in options
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
         scope.enter_context(training.liger_kernels(base, layer_kernels=not compiled))
@@ -252,7 +251,8 @@ def run_pipeline(args) -> dict:
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = training.model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
     fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
-    compiled_layers = training.compile_layers(model, dynamic=packed or None) if compiled else 0  # in the warm-up steps
+    compiled_layers = (training.compile_layers(model, dynamic=packed or None, emulate_casts="noemulate" not in options)
+                       if compiled else 0)  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else training.flatten_parameters(params), lr=2e-4)
     model.train()
@@ -454,8 +454,7 @@ def check(trials: int = 3) -> dict:
                     training.fuse_lora_layers(model)
                 if compiled:
                     torch._dynamo.reset()  # a fresh compile per model: no cached graph, no recompile limit
-                    training.EMULATE_PRECISION_CASTS = "noemulate" not in opts
-                    training.compile_layers(model)
+                    training.compile_layers(model, emulate_casts="noemulate" not in opts)
             model.train()
             with torch.no_grad():
                 for n, p in model.named_parameters():

@@ -425,40 +425,38 @@ def use_compile(mode, dev, required: bool = False) -> bool:
     return bool(mode) and can_compile(dev, required)
 
 
-def compile_layers(model, dynamic: bool | None = None) -> int:
+def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = True) -> int:
     """torch.compile each transformer layer (the blocks of the longest list of identical modules);
     returns how many. One compiled graph serves every layer (their weights are its inputs); a new
     sequence length compiles once more, with dynamic shapes from then on (dynamic=True: from the
     first step, for data whose width changes every step, as packed rows' does). Why: the eager step
     queues each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
     host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step from 156 to 53 ms, with the
-    eager loss and gradients (tests/test_fast_paths.py)."""
+    eager loss and gradients (tests/test_fast_paths.py). emulate_casts: see _layer_compiler (off only
+    to measure what it costs)."""
     import torch
 
+    backend = functools.partial(_layer_compiler, emulate_casts=emulate_casts)  # one backend: one graph for all
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
                   and len({type(b) for b in m}) == 1), key=len, default=[])
     for block in blocks:
-        block.compile(backend=_layer_compiler, dynamic=dynamic)
+        block.compile(backend=backend, dynamic=dynamic)
     return len(blocks)
 
 
-# Compiled layers round where eager layers round (see _layer_compiler); off only to measure what it costs.
-EMULATE_PRECISION_CASTS = True
-
-
-def _layer_compiler(graph, example_inputs):
+def _layer_compiler(graph, example_inputs, emulate_casts: bool = True):
     """Inductor, as the compiled layers need it. The joint graph's common-subexpression pass off: a
     fused LoRA layer dequantizes its weight in forward and again in backward; merged into one, the
     compiled layer would keep every dequantized weight for its backward (7B: 0.36 GiB a layer;
-    measured +0.26 GiB of peak on an H100). And each cast to bf16 that the eager code makes rounded
-    as it is there (emulate_precision_casts), where Inductor would keep the float32 value inside a
-    fused kernel: the compiled layers then compute what the eager layers compute (CPU, 4 layers, bf16:
-    LoRA gradients 4.6e-3 from eager instead of 8.2e-3, loss 3e-6 instead of 2e-4)."""
+    measured +0.26 GiB of peak on an H100). And, with emulate_casts (Inductor's emulate_precision_casts),
+    each cast to bf16 that the eager code makes rounded as it is there, where Inductor would keep the
+    float32 value inside a fused kernel: the compiled layers then compute what the eager layers compute
+    (CPU, 4 layers, bf16: LoRA gradients 4.6e-3 from eager instead of 8.2e-3, loss 3e-6 instead of 2e-4)."""
     import torch._functorch.config
     from torch._inductor.compile_fx import compile_fx
 
     with torch._functorch.config.patch(cse=False):
-        return compile_fx(graph, example_inputs, config_patches={"emulate_precision_casts": EMULATE_PRECISION_CASTS})
+        return compile_fx(graph, example_inputs, config_patches={"emulate_precision_casts": emulate_casts})
 
 
 def attention_implementation(requested: str, dev, required: bool = False) -> str:
