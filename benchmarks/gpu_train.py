@@ -267,7 +267,7 @@ def run_pipeline(args) -> dict:
 
     def step(i):
         units = [rows[(i * args.batch + k) % len(rows)] for k in range(args.batch)]
-        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=8 if compiled else 1)
+        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=training.width_multiple(compiled))
                    for k in range(0, args.batch, micro)]
         if not packed:  # the tutorial trains on every position of its rows, the first one too
             for b in batches:

@@ -90,7 +90,7 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int 
 def collate(rows: list[dict], pad_id: int, dev: torch.device, multiple_of: int = 1) -> dict:
     """Encoder batch, padded to the longest row rounded up to multiple_of (as collate_lm)."""
     import torch
-    width = -(-max(len(r["input_ids"]) for r in rows) // multiple_of) * multiple_of
+    width = training.round_up(max(len(r["input_ids"]) for r in rows), multiple_of)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -379,7 +379,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             fast_paths.append(f"fused_lora:{training.fuse_lora_layers(model)}")
         if compiled:  # packed rows change width every step: dynamic shapes from the first
             fast_paths.append(f"compiled_layers:{training.compile_layers(model, dynamic=packing or None)}")
-        multiple_of = 8 if compiled else 1  # compiled layers compile again for a width not a multiple of 8
+        multiple_of = training.width_multiple(compiled)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         # Flat gradients are views into one buffer: zeroed in place, never set to None.

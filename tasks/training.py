@@ -142,7 +142,7 @@ def offload_to_cpu(min_bytes: int = 2**20):
             fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]  # (indices: tensors do not compare by ==)
             buffer = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else None
         if buffer is None:
-            buffer = torch.empty(-(-nbytes // 2**21) * 2**21, dtype=torch.uint8, pin_memory=True)
+            buffer = torch.empty(round_up(nbytes, 2**21), dtype=torch.uint8, pin_memory=True)
         cpu = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         stream.wait_stream(torch.cuda.current_stream())  # the tensor is written before it is copied
         with torch.cuda.stream(stream):
@@ -560,18 +560,28 @@ def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
     return rows + ([current] if current else [])
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def width_multiple(compiled: bool) -> int:
+    """What row widths are rounded up to: compiled layers compile once more for a width that is not a
+    multiple of 8 (an alignment guard); eager layers take the rows as they are."""
+    return 8 if compiled else 1
+
+
 def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = None, multiple_of: int = 1) -> dict:
     """Causal-LM batch. Each unit is one example, or several packed into one row: then positions
     restart per example and no attention mask is passed, so transformers keeps attention within
     each example (its packed-sequence detection), and the first token of each example is never a
     target (it would be predicted from the previous example). width: pad every row to it
     (tokenize.padding: max_length, the tutorial way) instead of to the longest row. multiple_of: round
-    the width up to it (compiled layers: a width that is not a multiple of 8 compiles them once more)."""
+    the width up to it (width_multiple)."""
     import torch
 
     packed = any(len(u) > 1 for u in units)
     width = max([sum(len(e["input_ids"]) for e in u) for u in units] + [width or 0])
-    width = -(-width // multiple_of) * multiple_of
+    width = round_up(width, multiple_of)
     ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     labels = torch.full((len(units), width), -100, dtype=torch.long)
     positions = torch.zeros((len(units), width), dtype=torch.long)
@@ -627,7 +637,7 @@ def flatten_parameters(params: list, align: int = 256, min_numel: int = 4096) ->
     offsets, total = [], 0
     for p in large:
         offsets.append(total)
-        total += -(-p.numel() // align) * align
+        total += round_up(p.numel(), align)
     flat = torch.nn.Parameter(torch.zeros(total, dtype=large[0].dtype, device=large[0].device))
     flat.grad = torch.zeros_like(flat)
     with torch.no_grad():
