@@ -22,7 +22,8 @@ Variants, each in its own process (a clean peak-memory count):
     pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
                  checkpointing on), offload, noliger, nofused, noflat (each LoRA weight its
                  own optimizer tensor), nocompile (train.compile: false; eager
-                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), compile, noemulate
+                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), ligernorm (Liger's
+                 RMSNorm the only layer kernel), compile, noemulate
                  (compiled layers keep float32 inside fused kernels where eager code rounds to bf16);
                  e.g. --only pipeline,pipeline+nocompile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
@@ -243,7 +244,8 @@ def run_pipeline(args) -> dict:
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
-        scope.enter_context(training.liger_kernels(base, layer_kernels=not compiled))
+        layers = {"rms_norm"} if "ligernorm" in options else not compiled  # ligernorm: Liger's RMSNorm alone
+        scope.enter_context(training.liger_kernels(base, layer_kernels=layers))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
                                           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
