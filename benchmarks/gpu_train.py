@@ -22,8 +22,8 @@ Variants, each in its own process (a clean peak-memory count):
     pipeline+OPTIONS  the same with a forced set-up, options joined by "+": m1, m2 (micro-batch,
                  checkpointing on), offload, noliger, nofused, noflat (each LoRA weight its
                  own optimizer tensor), nocompile (train.compile: false; eager
-                 layers take Liger's RMSNorm, RoPE and SwiGLU kernels), ligernorm (Liger's
-                 RMSNorm the only layer kernel), compile, noemulate
+                 layers take Liger's RMSNorm and SwiGLU kernels), liger:KERNEL:... (only
+                 these of Liger's layer kernels: rms_norm, rope, swiglu), compile, noemulate
                  (compiled layers keep float32 inside fused kernels where eager code rounds to bf16);
                  e.g. --only pipeline,pipeline+nocompile
 Both take the same tokens per optimizer step (--batch rows of --seq). Only non-pad tokens count.
@@ -244,7 +244,8 @@ def run_pipeline(args) -> dict:
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
-        layers = {"rms_norm"} if "ligernorm" in options else not compiled  # ligernorm: Liger's RMSNorm alone
+        chosen = [set(o.split(":")[1:]) for o in options if o.startswith("liger:")]  # liger:rms_norm:swiglu
+        layers = chosen[0] if chosen else () if compiled else training.EAGER_LIGER_KERNELS
         scope.enter_context(training.liger_kernels(base, layer_kernels=layers))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
@@ -415,17 +416,24 @@ def check(trials: int = 3) -> dict:
                                lora_dropout=0.0)
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
-    fast_paths = {"fused LoRA": {"fused"}, "Liger cross-entropy alone": {"liger", "ce_only"},
-                  "Liger cross-entropy + RMSNorm": {"liger", "only:rms_norm"},
-                  "Liger cross-entropy + RoPE": {"liger", "only:rope"},
-                  "Liger cross-entropy + SwiGLU": {"liger", "only:swiglu"},
-                  "fused LoRA + compiled layers (no precision-cast emulation) + Liger cross-entropy":
-                      {"fused", "compile", "liger", "noemulate"},
-                  "fused LoRA + Liger": {"fused", "liger"},
-                  "fused LoRA + Liger + offload": {"fused", "liger", "offload"},
+    # The paths the train stage takes (each must stay within the bound), then the parts and the
+    # alternatives it does not take, measured for the record (why the stage takes what it takes).
+    fast_paths = {"fused LoRA (train.kernels: none, compile: false)": {"fused"},
+                  "fused LoRA + compiled layers (train.kernels: none)": {"fused", "compile"},
+                  "fused LoRA + Liger cross-entropy, RMSNorm, SwiGLU (compile: false)": {"fused", "liger"},
+                  "fused LoRA + Liger cross-entropy, RMSNorm, SwiGLU + offload (compile: false)":
+                      {"fused", "liger", "offload"},
                   "fused LoRA + compiled layers + Liger cross-entropy": {"fused", "compile", "liger"},
-                  "fused LoRA + compiled layers + Liger cross-entropy + offload (the default)":
+                  "fused LoRA + compiled layers + Liger cross-entropy + offload (the default under a budget)":
                       {"fused", "compile", "liger", "offload"}}
+    not_taken = {"Liger cross-entropy alone": {"liger", "only:"},
+                 "Liger cross-entropy + RMSNorm": {"liger", "only:rms_norm"},
+                 "Liger cross-entropy + SwiGLU": {"liger", "only:swiglu"},
+                 "Liger cross-entropy + RoPE": {"liger", "only:rope"},
+                 "fused LoRA + all of Liger's layer kernels (RoPE too)":
+                     {"fused", "liger", "only:rope", "only:rms_norm", "only:swiglu"},
+                 "fused LoRA + compiled layers without precision-cast emulation + Liger cross-entropy":
+                     {"fused", "compile", "liger", "noemulate"}}
     # The noise floor: the plain path itself, the same batch run as two accumulated micro-batches of one
     # row (what the memory plan does under a budget): the same sum, only rounded differently.
     floor = "plain, one row per micro-batch"
@@ -433,7 +441,7 @@ def check(trials: int = 3) -> dict:
     # Liger's fused cross-entropy chunks it on this model: the same arithmetic, other matrix shapes.
     chunked = "plain, cross-entropy in chunks of 64 rows (torch)"
     setups = {"float32": None, "tutorial recipe's precision": None, "plain": set(), floor: {"m1"}, chunked: {"chunks"},
-              **fast_paths}
+              **fast_paths, **not_taken}
     worst = {name: {"loss": 0.0, "grads": 0.0, "worst_tensor": 0.0, "grads_vs_float32": 0.0}
              for name in setups if name != "float32"}
     for trial in range(trials):
@@ -447,10 +455,11 @@ def check(trials: int = 3) -> dict:
                                        training.lora_config(resolved, lora_cfg))
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
-                only = {o[5:] for o in opts if o.startswith("only:")}  # one of Liger's layer kernels
+                chosen = [o[5:] for o in opts if o.startswith("only:")]  # these of Liger's layer kernels
+                kernels = set(chosen) - {""} if chosen else () if compiled else training.EAGER_LIGER_KERNELS
                 if "liger" in opts and training.use_liger("auto", base.config, dev):
                     # Undone after this setup: Liger's module-level patches would reach every later model.
-                    scoped.enter_context(training.liger_kernels(base, only or not (compiled or "ce_only" in opts)))
+                    scoped.enter_context(training.liger_kernels(base, kernels))
                 model = training.model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
                     training.fuse_lora_layers(model)
@@ -491,23 +500,29 @@ def check(trials: int = 3) -> dict:
             w["grads"] = max(w["grads"], _relative(gb, ga))
             w["grads_vs_float32"] = max(w["grads_vs_float32"], _relative(gb, g32))
             w["worst_tensor"] = max([w["worst_tensor"]] + [float((gb[n] - ga[n]).norm() / ga[n].norm()) for n in ga])
-    for name in fast_paths:
+    for name in [*fast_paths, *not_taken]:
         w = worst[name]
         w["ok"] = w["loss"] < 1e-2 and w["grads"] < 1e-2
+        w["taken_by_the_train_stage"] = name in fast_paths
+        verdict = ("OK" if w["ok"] else "FAIL") if name in fast_paths else \
+            f"{'within' if w['ok'] else 'over'} the bound, not a path the train stage takes"
         print(f"CHECK {name} vs plain path, {trials} fresh inputs: relative error loss {w['loss']:.2e}, "
               f"LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e}) -> "
-              f"{'OK' if w['ok'] else 'FAIL'} (bound 1e-2)", flush=True)
+              f"{verdict} (bound 1e-2)", flush=True)
     for name in (floor, chunked):
         w = worst[name]
         print(f"CHECK noise floor, {name} vs plain path (no fast path, bf16 rounding alone): relative error loss "
               f"{w['loss']:.2e}, LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e})",
               flush=True)
+    # Not a pass/fail: the pipeline keeps the residual stream, norms and embeddings in bf16 where the
+    # tutorial upcasts them to float32, a trade for memory and speed (benchmarks/RESULTS.md, first round).
     tutorial, plain = worst["tutorial recipe's precision"], worst["plain"]
-    plain["ok"] = plain["grads_vs_float32"] <= tutorial["grads_vs_float32"]
-    print(f"CHECK precision, LoRA gradients vs float32 compute: pipeline {plain['grads_vs_float32']:.2e}, "
-          f"tutorial recipe {tutorial['grads_vs_float32']:.2e} -> {'OK' if plain['ok'] else 'FAIL'} (no further "
-          f"from float32 than the tutorial); pipeline vs tutorial {tutorial['grads']:.2e}", flush=True)
-    return worst
+    print(f"CHECK precision, LoRA gradients vs float32 compute: pipeline (bf16 residual stream) "
+          f"{plain['grads_vs_float32']:.2e}, tutorial recipe (float32 residual stream) "
+          f"{tutorial['grads_vs_float32']:.2e}; pipeline vs tutorial {tutorial['grads']:.2e}", flush=True)
+    failed = [name for name in fast_paths if not worst[name]["ok"]]
+    print(f"CHECK {'FAILED: ' + '; '.join(failed) if failed else 'every path the train stage takes is within 1e-2'}")
+    return worst, not failed
 
 
 def _relative(got: dict, want: dict) -> float:
@@ -566,10 +581,10 @@ def main() -> None:
             Path(os.environ["OUT"], "optimizer_step.json").write_text(json.dumps(result))
         return
     if args.check:
-        result = check()
+        result, passed = check()
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "check.json").write_text(json.dumps(result))
-        return
+        sys.exit(0 if passed else 1)
     if args.variant:
         run = {"tutorial": run_tutorial, "tutorial-pad": run_tutorial_padded}.get(args.variant, run_pipeline)
         print("RESULT " + json.dumps(run(args)), flush=True)

@@ -372,7 +372,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         base = models.load_base(quantized, label_names, q, attention)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if liger:
-            scoped.enter_context(training.liger_kernels(base, layer_kernels=not compiled))
+            scoped.enter_context(training.liger_kernels(base, () if compiled else training.EAGER_LIGER_KERNELS))
             fast_paths.append("liger:cross_entropy" if compiled else "liger")
         model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
         if cfg.fused_lora and lora_cfg.enabled:

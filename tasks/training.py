@@ -365,19 +365,24 @@ def use_liger(mode: str, config, dev, required: bool = False) -> bool:
     return False
 
 
+# Liger's layer kernels for eager layers. Not its RoPE: it keeps float32 where the eager code rounds to
+# bf16, and alone moved LoRA gradients 1.05e-2 from the plain path (the check's bound is 1e-2; RMSNorm
+# and SwiGLU together 9.0e-3, at the same speed; H100, benchmarks/RESULTS.md).
+EAGER_LIGER_KERNELS = frozenset({"rms_norm", "swiglu"})
+
+
 @contextlib.contextmanager
-def liger_kernels(model, layer_kernels: bool | set = True):
-    """Liger's kernels in this model while the block runs: its fused linear cross-entropy, and, with
-    layer_kernels (True, or a set of "rope", "rms_norm", "swiglu"), its RoPE, RMSNorm and SwiGLU
-    (False for compiled layers: the compiler fuses those). Liger also rebinds names in the model's
-    transformers module (the RoPE function, the norm and MLP classes): every model built later in
-    this process would get them, the evaluate and merge stages' too, so they are put back on leaving.
-    The model's own patched modules stay."""
+def liger_kernels(model, layer_kernels=EAGER_LIGER_KERNELS):
+    """Liger's kernels in this model while the block runs: its fused linear cross-entropy, and the
+    layer kernels named (of "rope", "rms_norm", "swiglu"; none for compiled layers: the compiler fuses
+    those). Liger also rebinds names in the model's transformers module (the RoPE function, the norm
+    and MLP classes): every model built later in this process would get them, the evaluate and merge
+    stages' too, so they are put back on leaving. The model's own patched modules stay."""
     import sys
 
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    kernels = {"rope", "rms_norm", "swiglu"} if layer_kernels is True else set(layer_kernels or ())
+    kernels = set(layer_kernels)
     module = sys.modules[type(model).__module__]
     before = dict(vars(module))
     try:

@@ -418,7 +418,7 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
     before = dict(vars(modeling_llama))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    with training.liger_kernels(model):
+    with training.liger_kernels(model, {"rope", "rms_norm", "swiglu"}):
         assert modeling_llama.apply_rotary_pos_emb is liger_rope  # in effect while the block runs
     assert vars(modeling_llama).keys() == before.keys()
     assert all(vars(modeling_llama)[k] is v for k, v in before.items())
@@ -426,11 +426,14 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
     with pytest.raises(RuntimeError), training.liger_kernels(model, layer_kernels={"rms_norm"}):
         raise RuntimeError("out of memory")
     assert all(vars(modeling_llama)[k] is v for k, v in before.items())
-    with training.liger_kernels(model, layer_kernels=False):
+    with training.liger_kernels(model, layer_kernels=()):  # compiled layers: the cross-entropy alone
+        pass
+    with training.liger_kernels(model):  # eager layers: not Liger's RoPE (over the check's bound on the H100)
         pass
     assert asked == [{"rope": True, "rms_norm": True, "swiglu": True, "flce": True},
                      {"rope": False, "rms_norm": True, "swiglu": False, "flce": True},
-                     {"rope": False, "rms_norm": False, "swiglu": False, "flce": True}]
+                     {"rope": False, "rms_norm": False, "swiglu": False, "flce": True},
+                     {"rope": False, "rms_norm": True, "swiglu": True, "flce": True}]
 
 
 # --- Compiled layers ----------------------------------------------------------------------------------
