@@ -337,8 +337,8 @@ def _warn(message: str) -> None:
 
 
 def use_liger(mode: str, config, dev, required: bool = False) -> bool:
-    """Whether Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a cross-entropy fused with the
-    output layer that never holds the full logits) apply: CUDA, liger-kernel installed, a causal LM
+    """Whether Liger's Triton kernels (a cross-entropy fused with the output layer that never holds
+    the full logits; RMSNorm and SwiGLU for eager layers) apply: CUDA, liger-kernel installed, a causal LM
     of a supported family. mode auto: where they apply; liger: wanted, so a machine or model without
     them warns and trains without (or fails, when required)."""
     if mode == "none":
