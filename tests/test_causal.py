@@ -193,3 +193,23 @@ def test_chat_smollm2_short_run(project):
     # The dequantized merge is the model training saw: it must continue the prompts (nearly) alike.
     assert variants.loc["merged-dequant", "agreement_pct"] >= 75, variants
     assert variants["loss"].notna().all() and "merge variants against the adapter" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _packaged("chatterbot_corpus"), reason="chatterbot-corpus not installed")
+def test_gpu_pipeline_benchmark_runs_the_whole_flow(tmp_path):
+    """benchmarks/gpu_pipeline.py (run on the H100 for RESULTS.md) at its CPU smoke size: it builds its
+    tokenizer and model, runs `qlora run`, and reports what MLflow recorded of every stage."""
+    env = {**os.environ, "OUT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_pipeline.py"), "--shape", "tiny",
+                           "--max-steps", "8", "--max-length", "256", "--batch", "4", "--budget", "4",
+                           "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "gpu_pipeline.json").read_text())
+    assert result["status"] == "FINISHED"
+    assert "fused_lora:" in result["tags"]["train.fast_paths"] and result["tags"]["train.memory_plan.micro_batch"] == "4"
+    metrics = result["metrics"]
+    assert metrics["steps"] == 8 and metrics["peak_memory_bytes"] > 0
+    assert result["loss_history"][-1] < result["loss_history"][0]
+    assert metrics["test_loss"] < metrics["base_test_loss"] and "merged_test_loss" in metrics
+    assert "train.fast_paths" in done.stdout
