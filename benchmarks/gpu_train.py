@@ -245,7 +245,7 @@ def run_pipeline(args) -> dict:
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
         chosen = [set(o.split(":")[1:]) for o in options if o.startswith("liger:")]  # liger:rms_norm:swiglu
-        layers = chosen[0] if chosen else () if compiled else training.EAGER_LIGER_KERNELS
+        layers = chosen[0] if chosen else training.liger_layer_kernels(compiled)
         scope.enter_context(training.liger_kernels(base, layer_kernels=layers))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
@@ -456,7 +456,7 @@ def check(trials: int = 3) -> dict:
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
                 chosen = [o[5:] for o in opts if o.startswith("only:")]  # these of Liger's layer kernels
-                kernels = set(chosen) - {""} if chosen else () if compiled else training.EAGER_LIGER_KERNELS
+                kernels = set(chosen) - {""} if chosen else training.liger_layer_kernels(compiled)
                 if "liger" in opts and training.use_liger("auto", base.config, dev):
                     # Undone after this setup: Liger's module-level patches would reach every later model.
                     scoped.enter_context(training.liger_kernels(base, kernels))

@@ -372,8 +372,9 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         base = models.load_base(quantized, label_names, q, attention)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if liger:
-            scoped.enter_context(training.liger_kernels(base, () if compiled else training.EAGER_LIGER_KERNELS))
-            fast_paths.append("liger:cross_entropy" if compiled else "liger")
+            kernels = training.liger_layer_kernels(compiled)
+            scoped.enter_context(training.liger_kernels(base, kernels))
+            fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(kernels)]))
         model = models.model_for_training(base, lora, lora_cfg, quantized["quantized"], plan["gradient_checkpointing"])
         if cfg.fused_lora and lora_cfg.enabled:
             fast_paths.append(f"fused_lora:{training.fuse_lora_layers(model)}")

@@ -367,8 +367,13 @@ def use_liger(mode: str, config, dev, required: bool = False) -> bool:
 
 # Liger's layer kernels for eager layers. Not its RoPE: it keeps float32 where the eager code rounds to
 # bf16, and alone moved LoRA gradients 1.05e-2 from the plain path (the check's bound is 1e-2; RMSNorm
-# and SwiGLU together 9.0e-3, at the same speed; H100, benchmarks/RESULTS.md).
+# and SwiGLU together 9.0e-3, within a few percent of the speed; H100, benchmarks/RESULTS.md).
 EAGER_LIGER_KERNELS = frozenset({"rms_norm", "swiglu"})
+
+
+def liger_layer_kernels(compiled: bool) -> frozenset:
+    """Which of Liger's layer kernels the layers take: none when compiled (the compiler fuses them)."""
+    return frozenset() if compiled else EAGER_LIGER_KERNELS
 
 
 @contextlib.contextmanager

@@ -426,9 +426,9 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
     with pytest.raises(RuntimeError), training.liger_kernels(model, layer_kernels={"rms_norm"}):
         raise RuntimeError("out of memory")
     assert all(vars(modeling_llama)[k] is v for k, v in before.items())
-    with training.liger_kernels(model, layer_kernels=()):  # compiled layers: the cross-entropy alone
+    with training.liger_kernels(model, training.liger_layer_kernels(compiled=True)):  # the cross-entropy alone
         pass
-    with training.liger_kernels(model):  # eager layers: not Liger's RoPE (over the check's bound on the H100)
+    with training.liger_kernels(model, training.liger_layer_kernels(compiled=False)):  # not Liger's RoPE
         pass
     assert asked == [{"rope": True, "rms_norm": True, "swiglu": True, "flce": True},
                      {"rope": False, "rms_norm": True, "swiglu": False, "flce": True},
