@@ -2,7 +2,7 @@
 code (tasks/training.py, the functions the train stage calls), side by side in one invocation, on
 Llama-shaped models with random weights (nothing is downloaded).
 
-    python benchmarks/gpu_train.py --shape llama2-7b [--seq 2048] [--steps 10] [--budget 5.5]
+    python benchmarks/gpu_train.py --shape llama2-7b [--seq 2048] [--steps 10] [--budget 5.65]
     python benchmarks/gpu_train.py --shape llama2-7b --lengths   # variable-length real examples
     python benchmarks/gpu_train.py --shape llama-33b --only pipeline --budget 24
     python benchmarks/gpu_train.py --check                        # fast paths vs the plain path
@@ -217,10 +217,10 @@ def run_pipeline(args) -> dict:
     lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
 
-    def estimate(micro, gc, offload):
+    def estimate(micro, gc, offload, part="peak"):
         return training.estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
                                         tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
-                                        fused_ce=liger, causal=True)["peak"]
+                                        fused_ce=liger, causal=True)[part]
 
     forced_micro = next((int(o[1:]) for o in options if o.startswith("m") and o[1:].isdigit()), None)
     if forced_micro:
@@ -241,6 +241,7 @@ def run_pipeline(args) -> dict:
         base.config._attn_implementation = attention
     else:
         base = load_quantized(path, attention)
+    weights = torch.cuda.memory_allocated()  # the quantized base as loaded
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
@@ -292,6 +293,16 @@ def run_pipeline(args) -> dict:
     trace = []  # per step: peak GiB so far, row width, most examples in a row
 
     seconds, losses, tokens, warmup_s = timed(args.steps, 3, step)
+    # Measured against the plan's estimate, part by part: what stays between steps beyond the weights is
+    # the training state (LoRA weights, gradients, optimizer state); the rest of the peak is activations.
+    setup = (plan["micro_batch"], plan["gradient_checkpointing"], plan["offload_activations"])
+    resident = torch.cuda.memory_allocated()
+    est = {part: estimate(*setup, part) for part in ("peak", "weights", "training_state")}
+    est["rest"] = est["peak"] - est["weights"] - est["training_state"]
+    plan["measured_vs_estimated_gib"] = {
+        part: [round(measured / 2**30, 2), round(est[part] / 2**30, 2)] for part, measured in
+        (("weights", weights), ("training_state", resident - weights),
+         ("rest", torch.cuda.max_memory_allocated() - resident))}  # rest: activations and workspace
     out = {"tok_s": tokens / seconds, "step_s": seconds / args.steps, "losses": losses, "warmup_s": round(warmup_s, 1),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "plan": plan, "trace": trace,
            "fast_paths": {"attention": attention, "liger": liger, "fused_lora_layers": fused,

@@ -273,12 +273,14 @@ def _estimate(config, micro, gc, offload, seq=2048):
 
 
 @pytest.mark.parametrize("shape, micro, offload, measured", [
-    ("7b", 2, True, 5.48), ("7b", 1, False, 5.44), ("7b", 2, False, 6.24), ("8b", 2, False, 8.07),
-    ("33b", 2, False, 23.39)])
-def test_memory_estimate_is_within_5_percent_of_h100_peaks(shape, micro, offload, measured):
-    """Peaks measured with benchmarks/gpu_train.py on an H100 (benchmarks/results/gpu_train_2026-11-23*.json;
-    the 8B shape's 128k vocabulary weighs its 16-bit embeddings, which the estimate once counted at 8 bits)."""
-    assert abs(_estimate(_llama(shape), micro, True, offload) - measured) / measured < 0.05
+    ("7b", 2, True, 5.51), ("8b", 2, False, 8.28), ("33b", 2, False, 23.84)])
+def test_memory_estimate_holds_as_a_budget_on_h100_peaks(shape, micro, offload, measured):
+    """Peaks of the train stage's default path (compiled layers) measured with benchmarks/gpu_train.py on
+    an H100 (benchmarks/results/gpu_train_2026-11-24.json): the estimate is never below one, so a
+    budget holds, and at most 3% above (the 8B shape's 128k vocabulary weighs its 16-bit embeddings,
+    which the estimate once counted at 8 bits)."""
+    estimate = _estimate(_llama(shape), micro, True, offload)
+    assert measured <= estimate < 1.03 * measured
 
 
 def test_memory_plan_takes_the_fastest_set_up_that_fits():
@@ -290,9 +292,9 @@ def test_memory_plan_takes_the_fastest_set_up_that_fits():
     assert training.plan_memory(100, 2, estimate)["gradient_checkpointing"] is False
     roomy = training.plan_memory(7, 2, estimate)
     assert (roomy["micro_batch"], roomy["gradient_checkpointing"], roomy["offload_activations"]) == (2, True, False)
-    tight = training.plan_memory(5.5, 2, estimate)
+    tight = training.plan_memory(5.65, 2, estimate)
     assert (tight["micro_batch"], tight["accumulation"], tight["offload_activations"]) == (2, 1, True)
-    assert tight["estimated_peak_gib"] <= 5.5
+    assert tight["estimated_peak_gib"] <= 5.65
     tighter = training.plan_memory(5.45, 4, estimate)
     assert tighter["micro_batch"] * tighter["accumulation"] == 4 and tighter["micro_batch"] < 4
     with pytest.raises(ValueError, match=r"3 GiB is too small: training needs about \d\.\d GiB"):
