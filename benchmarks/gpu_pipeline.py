@@ -131,15 +131,15 @@ def main() -> None:
         print(f"built {args.shape} with random weights: {build_model(model, args.shape) / 1e6:.0f}M parameters",
               flush=True)
     recipe = work / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_for(model, work, args), sort_keys=False))
+    spec = recipe_for(model, work, args)
+    recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"qlora run exited {done.returncode}")
-    result = {"shape": args.shape, "wall_s": round(wall, 1), "recipe": recipe_for(model, work, args),
-              **recorded(f"sqlite:///{work / 'mlflow.db'}")}
+    result = {"shape": args.shape, "wall_s": round(wall, 1), "recipe": spec, **recorded(spec["tracking"]["tracking_uri"])}
     print(f"\nqlora run {recipe}: {wall:.0f} s, MLflow run {result['run_id']} {result['status']}")
     for k, v in sorted(result["tags"].items()):
         print(f"  tag {k} = {v}")

@@ -203,6 +203,15 @@ def run_tutorial_padded(args) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def liger_layers(options, compiled: bool) -> frozenset:
+    """The Liger layer kernels a set-up names (option liger:rms_norm:swiglu; "liger:" for none), else
+    those the train stage takes."""
+    from tasks import training
+
+    named = [o.split(":")[1:] for o in options if o.startswith("liger:")]
+    return frozenset(k for k in named[0] if k) if named else training.liger_layer_kernels(compiled)
+
+
 def run_pipeline(args) -> dict:
     """The pipeline's training code: what tasks/train.py's stage does per step, on random weights."""
     import bitsandbytes as bnb
@@ -217,10 +226,13 @@ def run_pipeline(args) -> dict:
     lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
 
-    def estimate(micro, gc, offload, part="peak"):
+    def estimate_parts(micro, gc, offload) -> dict:
         return training.estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
                                         tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
-                                        fused_ce=liger, causal=True)[part]
+                                        fused_ce=liger, causal=True)
+
+    def estimate(micro, gc, offload):
+        return estimate_parts(micro, gc, offload)["peak"]
 
     forced_micro = next((int(o[1:]) for o in options if o.startswith("m") and o[1:].isdigit()), None)
     if forced_micro:
@@ -241,13 +253,13 @@ def run_pipeline(args) -> dict:
         base.config._attn_implementation = attention
     else:
         base = load_quantized(path, attention)
-    weights = torch.cuda.memory_allocated()  # the quantized base as loaded
+    # The quantized base as loaded; the fused layers unnest its block scales later (counted in the
+    # estimate's weights, in the measured training state).
+    weights = torch.cuda.memory_allocated()
     compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
-        chosen = [set(o.split(":")[1:]) for o in options if o.startswith("liger:")]  # liger:rms_norm:swiglu
-        layers = chosen[0] if chosen else training.liger_layer_kernels(compiled)
-        scope.enter_context(training.liger_kernels(base, layer_kernels=layers))
+        scope.enter_context(training.liger_kernels(base, liger_layers(options, compiled)))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
                                           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
@@ -260,7 +272,7 @@ def run_pipeline(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else training.flatten_parameters(params), lr=2e-4)
     model.train()
-    micro = plan["micro_batch"]
+    micro, multiple_of = plan["micro_batch"], training.width_multiple(compiled)
     if packed:
         examples = _examples(example_lengths(args.seq, 20000, seed=1), cfg.vocab_size, seed=1)
         rows = [[examples[i] for i in r] for r in training.pack([len(e["input_ids"]) for e in examples], args.seq, 0)]
@@ -271,7 +283,7 @@ def run_pipeline(args) -> dict:
 
     def step(i):
         units = [rows[(i * args.batch + k) % len(rows)] for k in range(args.batch)]
-        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=training.width_multiple(compiled))
+        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=multiple_of)
                    for k in range(0, args.batch, micro)]
         if not packed:  # the tutorial trains on every position of its rows, the first one too
             for b in batches:
@@ -295,9 +307,8 @@ def run_pipeline(args) -> dict:
     seconds, losses, tokens, warmup_s = timed(args.steps, 3, step)
     # Measured against the plan's estimate, part by part: what stays between steps beyond the weights is
     # the training state (LoRA weights, gradients, optimizer state); the rest of the peak is activations.
-    setup = (plan["micro_batch"], plan["gradient_checkpointing"], plan["offload_activations"])
     resident = torch.cuda.memory_allocated()
-    est = {part: estimate(*setup, part) for part in ("peak", "weights", "training_state")}
+    est = estimate_parts(plan["micro_batch"], plan["gradient_checkpointing"], plan["offload_activations"])
     est["rest"] = est["peak"] - est["weights"] - est["training_state"]
     plan["measured_vs_estimated_gib"] = {
         part: [round(measured / 2**30, 2), round(est[part] / 2**30, 2)] for part, measured in
@@ -437,12 +448,11 @@ def check(trials: int = 3) -> dict:
                   "fused LoRA + compiled layers + Liger cross-entropy": {"fused", "compile", "liger"},
                   "fused LoRA + compiled layers + Liger cross-entropy + offload (the default under a budget)":
                       {"fused", "compile", "liger", "offload"}}
-    not_taken = {"Liger cross-entropy alone": {"liger", "only:"},
-                 "Liger cross-entropy + RMSNorm": {"liger", "only:rms_norm"},
-                 "Liger cross-entropy + SwiGLU": {"liger", "only:swiglu"},
-                 "Liger cross-entropy + RoPE": {"liger", "only:rope"},
-                 "fused LoRA + all of Liger's layer kernels (RoPE too)":
-                     {"fused", "liger", "only:rope", "only:rms_norm", "only:swiglu"},
+    not_taken = {"Liger cross-entropy alone": {"liger:"},
+                 "Liger cross-entropy + RMSNorm": {"liger:rms_norm"},
+                 "Liger cross-entropy + SwiGLU": {"liger:swiglu"},
+                 "Liger cross-entropy + RoPE": {"liger:rope"},
+                 "fused LoRA + all of Liger's layer kernels (RoPE too)": {"fused", "liger:rope:rms_norm:swiglu"},
                  "fused LoRA + compiled layers without precision-cast emulation + Liger cross-entropy":
                      {"fused", "compile", "liger", "noemulate"}}
     # The noise floor: the plain path itself, the same batch run as two accumulated micro-batches of one
@@ -466,11 +476,10 @@ def check(trials: int = 3) -> dict:
                                        training.lora_config(resolved, lora_cfg))
             else:
                 compiled = "compile" in opts and training.use_compile("auto", dev)
-                chosen = [o[5:] for o in opts if o.startswith("only:")]  # these of Liger's layer kernels
-                kernels = set(chosen) - {""} if chosen else training.liger_layer_kernels(compiled)
-                if "liger" in opts and training.use_liger("auto", base.config, dev):
+                wants_liger = any(o.split(":")[0] == "liger" for o in opts)
+                if wants_liger and training.use_liger("auto", base.config, dev):
                     # Undone after this setup: Liger's module-level patches would reach every later model.
-                    scoped.enter_context(training.liger_kernels(base, kernels))
+                    scoped.enter_context(training.liger_kernels(base, liger_layers(opts, compiled)))
                 model = training.model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
                     training.fuse_lora_layers(model)

@@ -377,7 +377,7 @@ def liger_layer_kernels(compiled: bool) -> frozenset:
 
 
 @contextlib.contextmanager
-def liger_kernels(model, layer_kernels=EAGER_LIGER_KERNELS):
+def liger_kernels(model, layer_kernels):
     """Liger's kernels in this model while the block runs: its fused linear cross-entropy, and the
     layer kernels named (of "rope", "rms_norm", "swiglu"; none for compiled layers: the compiler fuses
     those). Liger also rebinds names in the model's transformers module (the RoPE function, the norm

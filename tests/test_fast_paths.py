@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -440,6 +441,13 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
 
 # --- Compiled layers ----------------------------------------------------------------------------------
 
+# LoRA r=8 on every linear layer of a Llama, no dropout (so two runs compute the same thing).
+_LORA_R8 = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
+                           lora_dropout=0.0)
+_ALL_LINEAR = {"task": "causal-lm", "modules_to_save": [],
+               "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+
+
 def _seed_lora_weights(model, scale: float) -> None:
     """Every LoRA weight random, seeded by its name (B nonzero: every gradient is), the same in each model."""
     with torch.no_grad():
@@ -469,12 +477,8 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
     shapes, as packed rows of varying width would be). "scales unnested" takes the dequantization
     that fused layers take on CUDA (block scales kept dequantized), here on the CPU."""
     import bitsandbytes as bnb
-    from types import SimpleNamespace
 
-    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
-                          lora_dropout=0.0)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    cfg, resolved = _LORA_R8, _ALL_LINEAR
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -516,17 +520,13 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     loss (measured: 3e-6 apart with the emulation, 2e-4 without) and gradients (4.6e-3 vs 8.2e-3)."""
     import torch._dynamo
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-    from types import SimpleNamespace
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=4)).save_pretrained(tmp_path)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
-    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
-                          lora_dropout=0.0)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    cfg, resolved = _LORA_R8, _ALL_LINEAR
     x = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(1))
     results = {}
     for compiled in (False, True):
@@ -555,12 +555,8 @@ def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_laye
     as the train stage does, the layers compile once for every width and give the eager loss and
     gradients."""
     import torch._dynamo
-    from types import SimpleNamespace
 
-    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
-                          lora_dropout=0.0)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    cfg, resolved = _LORA_R8, _ALL_LINEAR
     gen = torch.Generator().manual_seed(0)
 
     def example(n):
@@ -604,15 +600,11 @@ def test_compiled_layers_keep_no_dequantized_weight_for_backward(tmp_path):
     """The fused layer dequantizes in forward and again in backward; a compiler that merged the two
     would keep every dense weight alive until backward (on a 7B model, 0.36 GiB a layer)."""
     import bitsandbytes as bnb
-    from types import SimpleNamespace
 
     import torch._dynamo
 
     torch._dynamo.reset()
-    cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
-                          lora_dropout=0.0)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    cfg, resolved = _LORA_R8, _ALL_LINEAR
     model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, False)
     training.fuse_lora_layers(model)
     weight_shapes = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
