@@ -12,12 +12,14 @@ import atexit
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 from flows.servers import free_port, wait_healthy
+from tasks import signals
 from tasks.recipe import Recipe, RecipeError, load_recipe
 
 EXIT_USER_ERROR = 2
@@ -28,7 +30,7 @@ def _quiet_environment(recipe: Recipe) -> None:
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(recipe.work_dir, "prefect-results").resolve()),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",  # nothing pickled into a result store
     }.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -57,11 +59,16 @@ class TemporaryPrefectServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # Its own session: a SIGTERM sent to our process group must not kill it while the run still
+        # reports to it (the run would hang at exit draining its log queue to a dead server); it
+        # dies with us instead, however we die.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env,
+            start_new_session=True, preexec_fn=signals.child_dies_with_parent)
         os.environ["PREFECT_API_URL"] = self.url
         atexit.register(self.stop)
+        signals.on_emergency(self.stop)
 
     def wait(self, timeout: float = 60) -> None:
         wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout)
@@ -267,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signals.install()
     try:
         if args.command in ("compare", "predict", "promote"):
             return _registry_command(args)
@@ -299,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+        print(f"\nstopped by {signal.Signals(signals.received_signal()).name}: run the same command again to resume",
+              file=sys.stderr)
+        return signals.exit_code()
     print(_summary(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import pandas as pd
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.finetune import finetune
@@ -79,7 +80,7 @@ def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path
     client.log_artifact(parent, str(work / f"{name}.csv"), name)
 
 
-@flow(name="qlora-compare-methods")
+@flow(name="qlora-compare-methods", persist_result=False)
 def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
     r = recipe_from_dict(recipe, recipe_file)
     uri = tracking.tracking_uri_of(r)
@@ -99,12 +100,12 @@ def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learni
         tracking.end_run(uri, parent, status)
 
 
-@task(name="trial")
+@task(name="trial", cache_policy=NO_CACHE, persist_result=False)
 def trial(recipe: dict, recipe_file: Optional[str], parent: str) -> dict:
     return finetune(recipe, recipe_file, parent_run_id=parent)
 
 
-@flow(name="qlora-sweep")
+@flow(name="qlora-sweep", persist_result=False)
 def sweep(recipe: dict, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
     r = recipe_from_dict(recipe, recipe_file)
     trials = expand_grid(recipe, grid, recipe_file)

@@ -14,14 +14,14 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from tasks import lineage, tracking
+from tasks import lineage, signals, tracking
 from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
 from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from tasks.stage import call_stage, materializing
+from tasks.stage import materializing
 from tasks.store import dir_size, hash_value
 from tasks.train import check_memory_budget, train
 
@@ -48,7 +48,7 @@ class StageRunner:
         if asset:
             stage_task = materializing(stage_task, [lineage.asset(self.recipe_name, asset)],
                                        [lineage.asset(self.recipe_name, a) for a in upstream])
-        state = call_stage(stage_task, *args, work_dir=self.work_dir, **kwargs)
+        state = stage_task(*args, work_dir=self.work_dir, return_state=True, **kwargs)
         result = state.result()  # re-raises the task's exception
         name = label or stage_task.name
         self.cached[name] = state.name == "Cached" or bool(result.get("cache_hit"))
@@ -56,7 +56,7 @@ class StageRunner:
         return result
 
 
-@flow(name="qlora-finetune")
+@flow(name="qlora-finetune", persist_result=False)
 def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
              overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """One pipeline run, of a recipe given as a dict, or read from recipe_file with `--set`-style
@@ -69,6 +69,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     else:
         r = recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides) if overrides else recipe, recipe_file)
     run = StageRunner(r.work_dir, r.name)
+    signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     causal = r.model.task == CAUSAL
@@ -98,6 +99,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
 
     run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
+    unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
     try:
         _link_runs(uri, run_id, r.name)
         tracking.Tracker(uri, run_id).set_tags({"qlora.labels": json.dumps(labels), "qlora.task": r.model.task})
@@ -169,6 +171,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         raise
     finally:
         tracking.end_run(uri, run_id, status)
+        unregister()
 
 
 def _compare_variants(run: StageRunner, r: Recipe, trained: dict, quantized: dict, tokenized: dict,

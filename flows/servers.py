@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks import signals
 from tasks.recipe import RecipeError
 
 OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -60,7 +61,7 @@ def _logged(args: list[str], env: dict, name: str, log_dir: str | Path | None) -
     fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=log_dir)
     with os.fdopen(fd, "wb") as log:
         process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=signals.child_dies_with_parent)
     process.log_path = Path(path)
     return process
 
@@ -112,6 +113,8 @@ def ui(prefect_port: int, mlflow_port: int, tracking_uri: str) -> int:
     logs = Path(".qlora") / "logs"
     prefect = start_prefect_server(prefect_port, log_dir=logs)
     mlflow = start_mlflow_ui(mlflow_port, tracking_uri, artifacts, log_dir=logs)
+    for server in (prefect, mlflow):
+        signals.on_emergency(lambda server=server: stop(server, timeout=3))
     try:
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
         wait_healthy(f"{prefect_url}/api/health", prefect, "the Prefect server")

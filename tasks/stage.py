@@ -8,7 +8,9 @@ argument, the upstream result's "hash" (for dicts that carry one), a recipe sect
 the plain value; plus the source of the stage's module. Arguments named in `ignore` (run ids,
 progress callbacks) are passed through but never part of the key. The stage writes into `out`, a
 temporary directory renamed into `<work_dir>/<name>/<key>` when it returns; its result dict is
-stored there as result.json, and gets "hash" (the key) and "dir" added. A stage that declares a
+stored there as result.json (with manifest.json: size and digest of every file, checked whenever
+the cached result is used), and gets "hash" (the key) and "dir" added. One process builds a key at
+a time (a file lock beside the directory); a cache hit ends the Prefect task in state Cached. A stage that declares a
 keyword `scratch` gets `<work_dir>/<name>/<key>.partial/`, kept across failures (checkpoints).
 """
 from __future__ import annotations
@@ -19,11 +21,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
+from filelock import Timeout
 from prefect import task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.states import Completed
 from pydantic import BaseModel
 
 from tasks import lineage, store
@@ -39,27 +44,37 @@ def _key_part(value: Any) -> Any:
     return value
 
 
-class _ContentKey(CachePolicy):
-    """Prefect's cache key is the stage key. (A cached result whose directory was deleted since is
-    caught by `call_stage`, which then re-runs the stage.)"""
-
-    def __init__(self, key_of: Callable[[dict], tuple[str, Path]]):
-        super().__init__()
-        self.key_of = key_of
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> Optional[str]:
-        key, directory = self.key_of(inputs)
-        # Per work directory: a record must point into this project's store, not another's.
-        return store.hash_value([key, str(directory.resolve())])
+def _intact_result(name: str, directory: Path, logger) -> dict | None:
+    """The stored result of a stage, or None if it must be built: absent, or corrupted (reported,
+    naming the file, and discarded: the stage and what follows are rebuilt, never published)."""
+    store.sweep_orphans(directory)
+    try:
+        return store.read_result(directory)
+    except store.CorruptCache as e:
+        logger.warning("%s: cached result not used, rebuilding it: %s", name, e)
+        store.discard(directory)
+        return None
 
 
-def call_stage(stage_task, *args, **kwargs):
-    """Run a stage task inside a flow and return its final state. A cache hit whose work directory
-    is gone (cleaned by hand) is re-run instead of handing on a stale path."""
-    state = stage_task(*args, return_state=True, **kwargs)
-    if state.name == "Cached" and store.read_result(Path(state.result()["dir"])) is None:
-        state = stage_task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
-    return state
+def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arguments: dict,
+           wants_scratch: bool, logger) -> dict:
+    logger.info("%s: building %s", name, directory)
+    del arguments["work_dir"]
+    # Scratch space that outlives a crash (checkpoints), removed once the stage completes.
+    scratch = directory.with_name(directory.name + ".partial")
+    if wants_scratch:
+        scratch.mkdir(parents=True, exist_ok=True)
+        arguments["scratch"] = scratch
+    started = time.perf_counter()
+    with store.building(directory) as tmp:
+        result = build(tmp, **arguments) or {}
+        result.update(hash=key, dir=str(directory.resolve()))
+        store.write_result(tmp, result)
+    shutil.rmtree(scratch, ignore_errors=True)
+    inputs = {k: v["hash"] for k, v in arguments.items() if isinstance(v, dict) and "hash" in v}
+    lineage.stage_summary(name, key, directory, time.perf_counter() - started, inputs, result)
+    _describe_assets(key, directory)
+    return result
 
 
 def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()):
@@ -78,40 +93,40 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
             return key, store.stage_dir(arguments["work_dir"], name, key)
 
         @functools.wraps(build)
-        def run_stage(*args, **kwargs) -> dict:
+        def run_stage(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             key, directory = key_of(arguments)
-            logger = _logger()
-            cached = store.read_result(directory)
-            if cached is not None:
-                logger.info("%s: cache hit %s", name, directory)
-                return {**cached, "cache_hit": True}
-            logger.info("%s: building %s", name, directory)
-            del arguments["work_dir"]
-            # Scratch space that outlives a crash (checkpoints), removed once the stage completes.
-            scratch = directory.with_name(directory.name + ".partial")
-            if wants_scratch:
-                scratch.mkdir(parents=True, exist_ok=True)
-                arguments["scratch"] = scratch
-            started = time.perf_counter()
-            with store.building(directory) as tmp:
-                result = build(tmp, **arguments) or {}
-                result.update(hash=key, dir=str(directory.resolve()))
-                store.write_result(tmp, result)
-            shutil.rmtree(scratch, ignore_errors=True)
-            inputs = {k: v["hash"] for k, v in arguments.items() if isinstance(v, dict) and "hash" in v}
-            lineage.stage_summary(name, key, directory, time.perf_counter() - started, inputs, result)
-            _describe_assets(key, directory)
-            return result
+            logger = run_logger()
+            lock = store.stage_lock(directory)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.info("%s: another run is building %s; waiting for it", name, directory)
+                lock.acquire()
+            try:
+                cached = _intact_result(name, directory, logger)
+                if cached is not None:
+                    logger.info("%s: cache hit %s", name, directory)
+                    cached["cache_hit"] = True
+                    if TaskRunContext.get() is None:  # called as a plain function (.fn)
+                        return cached
+                    # Shown as Cached in the Prefect UI, as Prefect's own cache hits are.
+                    return Completed(data=cached, name="Cached", message=f"cache hit {directory}")
+                return _build(build, name, key, directory, arguments, wants_scratch, logger)
+            finally:
+                lock.release()
 
         signature = inspect.Signature(
             params + [inspect.Parameter("work_dir", inspect.Parameter.KEYWORD_ONLY, annotation=str)])
         run_stage.__signature__ = signature
         # log_prints stays off: libraries that capture stdout (dill's globals detection, used by
         # datasets' fingerprints) would otherwise have their captures turned into log lines.
-        prefect_task = task(name=name, cache_policy=_ContentKey(key_of), persist_result=True)(run_stage)
+        # No Prefect result persistence or cache policy: Prefect would pickle results into its
+        # store and unpickle them on a later run. The content-addressed directory is the cache,
+        # its result plain JSON, checked against its manifest before it is used.
+        prefect_task = task(name=name, cache_policy=NO_CACHE, persist_result=False)(run_stage)
         prefect_task.key_of = key_of
         return prefect_task
 
@@ -124,7 +139,7 @@ def materializing(stage_task, assets: list, asset_deps: list):
     from prefect.tasks import MaterializingTask
 
     task_ = MaterializingTask(fn=stage_task.fn, assets=assets, asset_deps=asset_deps, name=stage_task.name,
-                              cache_policy=stage_task.cache_policy, persist_result=True,
+                              cache_policy=NO_CACHE, persist_result=False,
                               task_run_name=stage_task.task_run_name)
     task_.key_of = stage_task.key_of
     return task_
@@ -138,7 +153,7 @@ def _describe_assets(key: str, directory: Path) -> None:
         context.add_asset_metadata(asset.key, {"content_key": key, "directory": str(directory.resolve())})
 
 
-def _logger():
+def run_logger():
     import logging
 
     try:

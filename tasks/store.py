@@ -98,11 +98,98 @@ def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
     return Path(work_dir) / stage / key
 
 
-def read_result(directory: Path) -> dict | None:
-    marker = directory / RESULT_FILE
-    if marker.is_file():
-        return json.loads(marker.read_text())
+MANIFEST_FILE = "manifest.json"
+_SMALL_FILE = 4 << 20  # always digested when a cached result is used; larger ones when touched
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Size, modification time and SHA-256 of every file the stage wrote (result.json included)."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            st = p.stat()
+            files[str(p.relative_to(directory))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                    "sha256": _sha256_file(p)}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify(directory: Path, full: bool = False) -> str | None:
+    """None if the directory holds what its manifest lists, else what is wrong (naming the file).
+    Sizes always; digests of small files, of any file whose modification time changed, and of
+    every file when `full` (QLORA_VERIFY_CACHE=full): an edit that keeps size and time of a large
+    file is caught only then."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{directory / MANIFEST_FILE} is missing or unreadable"
+    for name, want in manifest.items():
+        path = directory / name
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{path} is missing"
+        if st.st_size != want["size"]:
+            return f"{path} has {st.st_size} bytes, {want['size']} were written"
+        if (full or st.st_size <= _SMALL_FILE or st.st_mtime_ns != want["mtime_ns"]) \
+                and _sha256_file(path) != want["sha256"]:
+            return f"{path} was modified since it was written (SHA-256 differs)"
     return None
+
+
+def full_verification() -> bool:
+    return os.environ.get("QLORA_VERIFY_CACHE", "").lower() == "full"
+
+
+def read_result(directory: Path, full: bool | None = None) -> dict | None:
+    """The stage's stored result if the directory is complete and intact, else None. Plain JSON:
+    nothing read from the cache is ever unpickled or executed."""
+    if not directory.is_dir():
+        return None
+    problem = verify(directory, full_verification() if full is None else full)
+    if problem is None:
+        try:
+            result = json.loads((directory / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            problem = f"{directory / RESULT_FILE} is not valid JSON"
+        else:
+            return {**result, "dir": str(directory.resolve())}
+    raise CorruptCache(problem)
+
+
+class CorruptCache(Exception):
+    """A cached stage directory that does not match its manifest."""
+
+
+def discard(directory: Path) -> None:
+    """Move a corrupted stage directory out of the way (then delete it): the stage rebuilds it."""
+    aside = directory.parent / f".corrupt-{directory.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(directory, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def stage_lock(directory: Path):
+    """One builder per stage key, across processes: a second run of the same stage waits, then
+    finds the first one's result."""
+    from filelock import FileLock
+
+    locks = directory.parent.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{directory.parent.name}-{directory.name}.lock"))
+
+
+def sweep_orphans(directory: Path) -> None:
+    """Temporary directories of this key left by a killed run (the caller holds the key's lock,
+    so no live run is writing one)."""
+    for orphan in directory.parent.glob(f".tmp-{directory.name}-*"):
+        shutil.rmtree(orphan, ignore_errors=True)
 
 
 @contextmanager
@@ -113,10 +200,9 @@ def building(directory: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if directory.exists():  # a concurrent run finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, directory)
+        if directory.exists():  # left by a run of an older version (no lock): replace it
+            discard(directory)
+        os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,6 +210,7 @@ def building(directory: Path) -> Iterator[Path]:
 
 def write_result(tmp: Path, result: dict) -> dict:
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True))
+    write_manifest(tmp)
     return result
 
 

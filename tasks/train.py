@@ -22,10 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tasks import model as models
-from tasks import training
+from tasks import signals, training
 from tasks.training import collate_lm, pack
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
-from tasks.stage import stage
+from tasks.stage import run_logger, stage
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
@@ -293,35 +293,65 @@ def _save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, stat
     # Copies: on the CPU .cpu() would hand back views of the one flat buffer (flatten_parameters).
     weights = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
     save_file(weights, tmp / "adapter.safetensors")
+    # Only tensors and plain containers in state.pt (loaded with weights_only=True: nothing in a
+    # checkpoint is executed); the NumPy and Python RNG states as JSON.
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "state.pt")
+                "rng_torch": torch.get_rng_state(), "rng_cuda": cuda_rng}, tmp / "state.pt")
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    (tmp / "rng.json").write_text(json.dumps({
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next]}))
     (tmp / "progress.json").write_text(json.dumps(state))
     os.replace(tmp, final)
     for old in sorted(scratch.glob("checkpoint-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _read_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint, read before any is applied: an unreadable one changes nothing."""
     import torch
-    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(path / "adapter.safetensors")
+    return {"weights": load_file(path / "adapter.safetensors"),
+            "state": torch.load(path / "state.pt", weights_only=True),
+            "rng": json.loads((path / "rng.json").read_text()),
+            "progress": json.loads((path / "progress.json").read_text())}
+
+
+def _apply_checkpoint(checkpoint: dict, model, optimizer, scheduler) -> dict:
+    import torch
+    from peft import PeftModel, set_peft_model_state_dict
+
     if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(model, checkpoint["weights"])
     else:
-        model.load_state_dict(weights)
-    state = torch.load(path / "state.pt", weights_only=False)
+        model.load_state_dict(checkpoint["weights"])
+    state = checkpoint["state"]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return json.loads((path / "progress.json").read_text())
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    kind, keys, pos, has_gauss, gauss = checkpoint["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = checkpoint["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    return checkpoint["progress"]
+
+
+def newest_readable_checkpoint(scratch: Path, log) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads back; a damaged or planted one (unreadable, or holding
+    anything but tensors and plain data) is reported and removed, and the one before it tried."""
+    for path in sorted(scratch.glob("checkpoint-*"), reverse=True):
+        try:
+            return path, _read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: do not trust it
+            log(f"checkpoint {path} cannot be used ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                f"removed, resuming from an earlier one")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
@@ -418,10 +448,10 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         eval_every = cfg.eval_steps or per_epoch
 
         progress = {"step": 0, "elapsed_s": 0.0, "samples": 0, "tokens": 0}
-        checkpoints = sorted(scratch.glob("checkpoint-*"))
-        if checkpoints:
-            progress = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-            tracker.log_text(f"resumed from {checkpoints[-1].name} at step {progress['step']}")
+        found = newest_readable_checkpoint(scratch, run_logger().warning)
+        if found:
+            progress = _apply_checkpoint(found[1], model, optimizer, scheduler)
+            tracker.log_text(f"resumed from {found[0].name} at step {progress['step']}")
         history_path = scratch / "history.jsonl"
         if history_path.exists():  # drop records past the checkpoint we resume from
             kept = [line for line in history_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
@@ -451,7 +481,18 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
         epoch = step // per_epoch
+
+        def stop_here() -> None:
+            """SIGTERM/SIGINT: the step in flight is dropped; the last finished one is checkpointed."""
+            optimizer.zero_grad(set_to_none=not flat)
+            if step > resumed_at:
+                checkpoint_now()
+            tracker.log_text(f"stopped by {signals.received_signal()} at step {step}; rerun to resume")
+            raise signals.Interrupted(signals.received_signal())
+
         optimizer.zero_grad(set_to_none=not flat)
+        scoped.enter_context(signals.deferred())  # a signal now waits for a step boundary
+        signals.raise_if_requested()
         while step < total:
             step_batches = batch_order(lengths, examples_per_step, cfg.seed, epoch, cfg.group_by_length)
             for b in range(step - epoch * per_epoch, len(step_batches)):
@@ -461,6 +502,8 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 step_loss, step_tokens = 0.0, 0
                 try:
                     for mb in micro_batches:
+                        if signals.stop_requested():
+                            stop_here()
                         share = mb.pop("targets") / max(step_targets, 1)
                         step_tokens += mb.pop("real_tokens")  # non-pad tokens only
                         loss = training.forward_backward(model, mb, dev, q.bnb_4bit_compute_dtype,
@@ -475,6 +518,10 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                         checkpoint_now()
                     raise out_of_memory(step, plan, cfg, free_at_start, resumable=step > 0) from None
                 del micro_batches
+                if not math.isfinite(float(step_loss)):
+                    raise RecipeError(f"the training loss is {float(step_loss)} at step {step + 1}: training "
+                                      f"diverged, nothing is saved or registered", "train.learning_rate",
+                                      hint="lower the learning rate, or set train.max_grad_norm") from None
                 window_loss += float(step_loss)
                 window_n += 1
                 tokens += step_tokens
@@ -506,6 +553,8 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                 paused += time.perf_counter() - pause_start
                 if step >= total:
                     break
+                if signals.stop_requested():
+                    stop_here()
             epoch += 1
         bar.close()
         elapsed = training_seconds()
