@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from tasks import store
-from tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection
+from tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection, shorten
 from tasks.stage import stage
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -37,14 +37,15 @@ def _format_of(path: Path) -> tuple[str, str] | None:
 def source_files(data: DataSection) -> dict[str, list[Path]]:
     """The local files behind each source split ({'train': [...], 'validation': [...], ...}). A
     directory whose files have no split names is one split (train) of all its files."""
-    path = store.resolve_location(data.path, "data.path")
-    if path is None:
-        raise RecipeError(f"path does not exist: {data.path}", "data.path",
-                          hint="for a Hub dataset use data.hub instead")
+    if data.files is not None:
+        return {split: [_data_file(f, f"data.files.{split}") for f in data.file_list(split)]
+                for split in SPLITS if data.file_list(split)}
+    path = _data_file(data.path, "data.path", directory_ok=True)
     if path.is_file():
-        if _format_of(path) is None:
-            raise RecipeError(f"unsupported file type: {path.name}", "data.path",
-                              hint="csv, tsv, json, jsonl, parquet or yaml, optionally .gz or .bz2")
+        if data.splits:
+            raise RecipeError("data.splits names files inside a data.path directory, but data.path is one file",
+                              "data.splits", hint="give each split its own file with data.files: {train: ..., "
+                                                  "validation: ..., test: ...}")
         return {"train": [path]}
     data_files = [f for f in sorted(path.iterdir()) if _format_of(f) is not None]
     mapped = data.splits or {}
@@ -69,42 +70,84 @@ def source_files(data: DataSection) -> dict[str, list[Path]]:
     return files
 
 
-def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
+def _data_file(location: str, field: str, directory_ok: bool = False) -> Path:
+    path = store.resolve_location(location, field)
+    if path is None:
+        raise RecipeError(f"path does not exist: {location}", field, hint="for a Hub dataset use data.hub instead")
+    if path.is_dir() and not directory_ok:
+        raise RecipeError(f"{location} is a directory; give a data file", field)
+    if path.is_file() and _format_of(path) is None:
+        raise RecipeError(f"unsupported file type: {path.name}", field,
+                          hint="csv, tsv, json, jsonl, parquet or yaml, optionally .gz or .bz2")
+    return path
+
+
+def _field_of(path: Path, data: DataSection) -> str:
+    """The recipe field that named this file (for messages)."""
+    for split in SPLITS:
+        if any(Path(f).name == path.name for f in data.file_list(split)):
+            return f"data.files.{split}"
+    return "data.path"
+
+
+def _decode_error(path: Path, encoding: str) -> str | None:
+    """Where the file stops being `encoding` text: line and byte offset in the file (pandas
+    reports the offset inside its read buffer or cell)."""
+    with pd.io.common.get_handle(path, "rb", compression="infer", is_text=False) as h:
+        raw = h.handle.read()
+    try:
+        raw.decode(encoding)
+        return None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"{e.reason} at line {line}, byte {e.start} of the file"
+
+
+def read_table(path: Path, data: DataSection, nrows: int | None = None) -> pd.DataFrame:
     fmt, _ = _format_of(path)
+    field, encoding = _field_of(path, data), data.encoding
     if path.stat().st_size == 0:
-        raise RecipeError(f"data file is empty: {path}", "data.path")
+        raise RecipeError(f"data file is empty: {path}", field)
+    if data.column_names is not None and fmt != "csv":
+        raise RecipeError(f"data.column_names names the columns of header-less CSV/TSV files; {path.name} is {fmt}",
+                          "data.column_names")
     try:
         if fmt == "csv":
             sep = "\t" if ".tsv" in path.name else ","
-            df = pd.read_csv(path, sep=sep, nrows=nrows, encoding="utf-8", keep_default_na=False,
-                             na_values=[""], dtype_backend="numpy_nullable")
+            header = {"header": None, "names": data.column_names} if data.column_names else {}
+            df = pd.read_csv(path, sep=sep, nrows=nrows, encoding=encoding, keep_default_na=False,
+                             na_values=[""], dtype_backend="numpy_nullable", **header)
         elif fmt == "json":
             lines = ".jsonl" in path.name
             if not lines:  # a .json file may hold JSON lines too
-                with (pd.io.common.get_handle(path, "r", compression="infer", encoding="utf-8")) as h:
+                with (pd.io.common.get_handle(path, "r", compression="infer", encoding=encoding)) as h:
                     lines = h.handle.read(1).strip() != "["
-            df = pd.read_json(path, lines=lines, nrows=nrows if lines else None, encoding="utf-8")
+            df = pd.read_json(path, lines=lines, nrows=nrows if lines else None, encoding=encoding)
         elif fmt == "yaml":
-            df = _read_yaml(path)
+            df = _read_yaml(path, encoding)
             df = df.head(nrows) if nrows else df
         else:
             df = pd.read_parquet(path)
             df = df.head(nrows) if nrows else df
     except yaml.YAMLError as e:
-        raise RecipeError(f"not valid YAML: {path}: {str(e).splitlines()[0]}", "data.path") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"data file is not UTF-8 text ({e.reason} at byte {e.start}): {path}", "data.path") from None
+        raise RecipeError(f"not valid YAML: {path}: {str(e).splitlines()[0]}", field) from None
+    except UnicodeDecodeError:
+        where = _decode_error(path, encoding) or "undecodable bytes"
+        name = "UTF-8" if encoding.lower().replace("-", "").replace("_", "") == "utf8" else encoding
+        raise RecipeError(f"data file is not {name} text ({where}): {path}", field,
+                          hint="set data.encoding to the file's encoding (e.g. latin-1, cp1252)" if
+                          name == "UTF-8" else None) from None
     except (ValueError, pd.errors.ParserError, OSError, EOFError) as e:
-        raise RecipeError(f"cannot read data file {path}: {str(e).splitlines()[0]}", "data.path") from None
+        raise RecipeError(f"cannot read data file {path}: {str(e).splitlines()[0]}", field) from None
     if df.empty:
-        raise RecipeError(f"data file has no rows: {path}", "data.path")
+        raise RecipeError(f"data file has no rows: {path}", field)
     return df
 
 
-def _read_yaml(path: Path) -> pd.DataFrame:
+def _read_yaml(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """A list of records, or a conversation corpus ({categories, conversations: [[q, a, ...]]}, as
     chatterbot-corpus ships): each consecutive pair of turns becomes a (prompt, response) row."""
-    with pd.io.common.get_handle(path, "r", compression="infer", encoding="utf-8") as h:
+    with pd.io.common.get_handle(path, "r", compression="infer", encoding=encoding) as h:
         doc = yaml.safe_load(h.handle)
     if isinstance(doc, dict) and "conversations" in doc:
         category = (doc.get("categories") or [path.stem])[0]
@@ -127,8 +170,11 @@ def check_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None
     for field, column in columns.items():
         if column not in df.columns:
             field = "prompt.template" if field.startswith("prompt (") else field
-            raise RecipeError(f"column '{column}' not found in {where}", field,
-                              hint=f"columns there: {', '.join(map(str, df.columns))}")
+            shown = ", ".join(shorten(str(c), 40) for c in df.columns[:20])
+            hint = f"columns there: {shown}"
+            if any(str(c) not in columns.values() and len(str(c)) > 30 for c in df.columns):
+                hint += "; a file without a header row: name its columns with data.column_names"
+            raise RecipeError(f"column '{column}' not found in {where}", field, hint=hint)
 
 
 def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
@@ -136,7 +182,7 @@ def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.Data
         return _read_hub(data, columns)
     frames = {}
     for split, paths in source_files(data).items():
-        parts = [read_table(p) for p in paths]
+        parts = [read_table(p, data) for p in paths]
         for p, df in zip(paths, parts):
             check_columns(df, columns, str(p))
         frames[split] = pd.concat(parts, ignore_index=True)
@@ -189,7 +235,7 @@ def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> di
     columns = required_columns(data, prompt_columns)
     for split, paths in source_files(data).items():
         for path in paths:
-            check_columns(read_table(path, nrows=50), columns, str(path))
+            check_columns(read_table(path, data, nrows=50), columns, str(path))
     return describe_source(data)
 
 
@@ -208,19 +254,28 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
     Returns the cleaned frames (text, label id), the class names and per-split counts."""
     renamed = {}
+    unmapped: dict[str, int] = {}
     for split, df in frames.items():
         df = pd.DataFrame({"text": df[data.text_column], "label": df[data.label_column]})
         if data.label_map is not None:
             mapping = {str(k): v for k, v in data.label_map.items()}
+            raw = df["label"].dropna().astype(str)
+            for value, n in raw[~raw.isin(list(mapping))].value_counts().items():
+                unmapped[value] = unmapped.get(value, 0) + int(n)
             df["label"] = df["label"].map(lambda v: mapping.get(str(v), v) if pd.notna(v) else v)
         renamed[split] = df
+    if unmapped and not data.keep_labels:  # else: rows of unmapped values are dropped and counted
+        listed = ", ".join(f"{shorten(v, 40)!r} ({n} rows)" for v, n in sorted(unmapped.items(), key=lambda x: -x[1])[:10])
+        raise RecipeError(f"raw label values not mapped: {listed}", "data.label_map",
+                          hint="map every value the label column holds, or keep only some with data.keep_labels")
     all_names = _all_label_names(renamed, labels)
     names = all_names
     if data.keep_labels:
-        if labels:
-            missing = [n for n in data.keep_labels if n not in all_names]
-            if missing:
-                raise RecipeError(f"{missing} not among model.labels {all_names}", "data.keep_labels")
+        missing = [n for n in data.keep_labels if n not in all_names]
+        if missing:
+            where = "model.labels" if labels else "the data's labels"
+            raise RecipeError(f"{[shorten(m, 40) for m in missing]} not among {where} "
+                              f"{[shorten(n, 40) for n in all_names[:20]]}", "data.keep_labels")
         names = [n for n in data.keep_labels if n in all_names] if labels else list(data.keep_labels)
     class_id = {n: i for i, n in enumerate(names)}
     out, stats = {}, {}

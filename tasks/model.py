@@ -277,6 +277,7 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
                          task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     """Resolve target modules against the architecture (on the meta device: no weights loaded),
     refuse names that match nothing, and count what LoRA will train."""
+    import torch
     from peft import get_peft_model
 
     base = skeleton(model_path, task, label_names, trust_remote_code)
@@ -296,12 +297,27 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
     trained_heads = [] if task == CAUSAL else head
     modules_to_save = sorted(set(trained_heads) | set(cfg.modules_to_save or []))
     resolved = {"target_modules": targets, "modules_to_save": modules_to_save, "task": task}
+    _check_rank(base, body, targets, cfg.r)
     total = sum(p.numel() for p in base.parameters())
-    peft_model = get_peft_model(base, lora_config(resolved, cfg))
+    with torch.device("meta"):  # peft builds the LoRA weights where the default device says: no memory
+        peft_model = get_peft_model(base, lora_config(resolved, cfg))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     lora_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     return {**resolved, "trainable_params": trainable, "base_params": total,
             "trainable_percent": round(100 * trainable / total, 4), "lora_layers": lora_layers}
+
+
+def _check_rank(base, body: list[str], targets: list[str], r: int) -> None:
+    """A LoRA rank above a targeted layer's smaller dimension adds weights and no capacity (and an
+    absurd rank would allocate gigabytes): refused, naming the layer."""
+    modules = dict(base.named_modules())
+    targeted = [n for n in body if any(n == t or n.endswith("." + t) for t in targets)]
+    smallest = min(targeted, key=lambda n: min(modules[n].in_features, modules[n].out_features), default=None)
+    if smallest is not None:
+        limit = min(modules[smallest].in_features, modules[smallest].out_features)
+        if r > limit:
+            raise RecipeError(f"rank {r} exceeds the smaller dimension ({limit}) of targeted layer {smallest}",
+                              "lora.r", hint=f"use a rank of at most {limit} (typically 4 to 64)")
 
 
 def count_full_params(model_path: str, label_names: list[str], task: str, trust_remote_code: bool = False) -> dict:

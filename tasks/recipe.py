@@ -28,11 +28,23 @@ class RecipeError(Exception):
     def __str__(self) -> str:
         where = ": ".join(p for p in (self.file, self.field) if p)
         text = f"{where}: {self.message}" if where else self.message
-        return f"{text} ({self.hint})" if self.hint else text
+        text = f"{text} ({self.hint})" if self.hint else text
+        return shorten(" ".join(text.split("\n")), MAX_MESSAGE_CHARS)
+
+
+MAX_MESSAGE_CHARS = 600  # an offending value is quoted, never pasted whole (a YAML anchor bomb is megabytes)
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 40]} ... [{len(text) - limit + 40} more characters]"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a learning rate of inf or nan is a mistake, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Seed = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
 
 
 class ModelSection(Section):
@@ -53,8 +65,15 @@ class DataSection(Section):
     hub: Optional[str] = None
     config: Optional[str] = None
     revision: Optional[str] = None
+    # Or a file (or list of files) for each split, e.g. {train: a.csv, validation: b.csv, test: c.csv}:
+    # a test set kept apart. Splits not given are carved out of train (see split).
+    files: Optional[dict[Literal["train", "validation", "test"], Union[str, list[str]]]] = None
     # Source split (or file stem) for each of train / validation / test, where the names differ.
     splits: Optional[dict[Literal["train", "validation", "test"], str]] = None
+    # Text encoding of csv/json/yaml files (e.g. latin-1, cp1252); Python codec names.
+    encoding: str = "utf-8"
+    # Column names of CSV/TSV files that have no header row (the first row is then data).
+    column_names: Optional[list[str]] = None
     text_column: str = "text"
     label_column: str = "label"
     # Raw label value -> label name (e.g. {1: positive}); applied before keep_labels.
@@ -67,9 +86,37 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of data.path (a local file or directory) or data.hub (a Hub dataset id)")
+        if sum(x is not None for x in (self.path, self.hub, self.files)) != 1:
+            raise ValueError("give exactly one of data.path (a local file or directory), data.files (a file per "
+                             "split) or data.hub (a Hub dataset id)")
+        if self.files is not None and "train" not in self.files:
+            raise ValueError("data.files needs a train file")
+        if self.files is not None and self.splits is not None:
+            raise ValueError("data.splits renames the files of a data.path directory; with data.files name each "
+                             "split's file directly")
         return self
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, v):
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return v
+
+    @field_validator("column_names")
+    @classmethod
+    def _names(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("give each column a distinct name")
+        return v
+
+    def file_list(self, split: str) -> list[str]:
+        given = (self.files or {}).get(split, [])
+        return [given] if isinstance(given, str) else list(given)
 
     @field_validator("sample")
     @classmethod
@@ -85,7 +132,7 @@ class SplitSection(Section):
     validation_size: float = Field(0.1, ge=0, lt=1)
     test_size: float = Field(0.1, ge=0, lt=1)
     stratify: bool = True
-    seed: int = 42
+    seed: int = Seed
 
 
 class TokenizeSection(Section):
@@ -219,7 +266,7 @@ class TrainSection(Section):
     optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
+    seed: int = Seed
     # Batches of rows of similar length: far less padding with dynamic padding.
     group_by_length: bool = True
     logging_steps: int = Field(10, gt=0)
@@ -275,6 +322,22 @@ class PromotionSection(Section):
         return self.model or ("merged" if merges else "adapter")
 
 
+def registry_name(value: str | None) -> str | None:
+    """What MLflow accepts as a registered model name, and what `NAME@ALIAS` and the registry's
+    filter strings can carry."""
+    if value is None:
+        return value
+    if not value.strip() or value != value.strip():
+        raise ValueError("must be a non-empty name without leading or trailing spaces")
+    bad = sorted({c for c in value if c in "/:@'\"\\" or not c.isprintable()})
+    if bad:
+        raise ValueError(f"cannot contain {' '.join(repr(c) for c in bad)} (MLflow registered model names and "
+                         f"NAME@ALIAS references)")
+    if value in (".", ".."):
+        raise ValueError("is not a name")
+    return value
+
+
 class TrackingSection(Section):
     experiment_name: str = "qlora"
     # Default: the local sqlite store under mlflow/ in the current directory.
@@ -283,9 +346,18 @@ class TrackingSection(Section):
     registered_model_name: Optional[str] = None  # default: the recipe name
     promotion: PromotionSection = PromotionSection()
 
+    @field_validator("experiment_name")
+    @classmethod
+    def _experiment(cls, v):
+        if not v.strip():
+            raise ValueError("must be a non-empty name")
+        return v
+
+    _registered = field_validator("registered_model_name")(registry_name)
+
 
 class Recipe(Section):
-    name: str
+    name: str  # default: the recipe file's stem; names the MLflow run and registered models
     description: Optional[str] = None
     model: ModelSection
     data: DataSection
@@ -300,6 +372,8 @@ class Recipe(Section):
     tracking: TrackingSection = TrackingSection()
     # Where stage artifacts live (content-addressed), relative to the current directory.
     work_dir: str = ".qlora"
+
+    _name = field_validator("name")(registry_name)
 
     @model_validator(mode="after")
     def _full_finetuning_needs_16bit(self):
@@ -348,7 +422,7 @@ def _explain(err: ValidationError, file: str | None) -> RecipeError:
         return RecipeError("required but missing", field, file)
     msg = e["msg"].removeprefix("Value error, ")
     if "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], dict):
-        msg += f" (got {e['input']!r})"
+        msg += f" (got {shorten(repr(e['input']), 100)})"
     return RecipeError(msg, field, file)
 
 
@@ -356,8 +430,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"--set expects KEY=VALUE, got {text!r}", hint="e.g. --set train.learning_rate=1e-3")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"value {shorten(raw, 80)!r} is not valid YAML: {_yaml_problem(e)}", f"--set {key.strip()}",
+                          hint="quote it, e.g. --set 'data.path=\"a,b\"'") from None
     return key.strip().split("."), value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or \
+        str(e).splitlines()[0]
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -380,8 +463,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError("recipe file not found", file=file)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError(f"not valid YAML: {e}", file=file) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else file
+        raise RecipeError(f"not valid YAML: {_yaml_problem(e)}", file=where) from None
     if not isinstance(raw, dict):
         raise RecipeError("a recipe is a mapping of sections (model, data, ...)", file=file)
     raw.setdefault("name", path.stem)

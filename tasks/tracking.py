@@ -42,13 +42,50 @@ def check_tracking(uri: str) -> None:
             raise RecipeError(f"cannot reach the MLflow tracking server at {uri}: {getattr(e, 'reason', e)}", field,
                               hint="start it, or leave tracking.tracking_uri unset for the local store") from None
     elif uri.startswith("sqlite:///"):
+        # Nothing is created here: a recipe refused later leaves no empty store behind.
         parent = Path(uri[len("sqlite:///"):]).parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RecipeError(f"cannot create the tracking store directory {parent}: {e.strerror}", field) from None
-        if not os.access(parent, os.W_OK):
-            raise RecipeError(f"tracking store directory {parent} is not writable", field)
+        existing = next(p for p in [parent, *parent.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise RecipeError(f"tracking store directory {parent} cannot be created: {existing} is not a "
+                              f"writable directory", field)
+    elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
+        _check_database_driver(uri, field)
+    elif "://" in uri and not uri.startswith(("file://", "databricks")):
+        raise RecipeError(f"unsupported tracking URI scheme '{uri.split('://', 1)[0]}'", field,
+                          hint="http(s)://, sqlite:///, postgresql://, mysql://, mssql:// or file://")
+
+
+_DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def _check_database_driver(uri: str, field: str) -> None:
+    """A database URI whose SQLAlchemy dialect or Python driver is not installed fails here, not
+    after training."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except (NoSuchModuleError, ArgumentError) as e:
+        raise RecipeError(f"not a usable database URI: {str(e).splitlines()[0][:200]}", field) from None
+    except ImportError as e:
+        raise RecipeError(f"the database driver for {uri.split(':', 1)[0]} is not installed ({e.name or e})", field,
+                          hint="pip install it (postgresql: psycopg2-binary; mysql: mysqlclient or pymysql "
+                               "with mysql+pymysql://)") from None
+
+
+def store_lock(uri: str):
+    """One process at a time creates a sqlite store's tables and experiments (two runs started
+    together in a fresh directory raced on it)."""
+    from contextlib import nullcontext
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
 
 
 def _client(uri: str):
@@ -67,7 +104,8 @@ def prepare_store(uri: str) -> None:
     """Open the tracking store once (a new sqlite store creates its tables: seconds), so a flow can
     do it in a background thread while its first stages run."""
     try:
-        _client(uri).search_experiments(max_results=1)
+        with store_lock(uri):
+            _client(uri).search_experiments(max_results=1)
     except Exception:  # noqa: BLE001 - start_run reports store problems where they matter
         pass
 
@@ -78,6 +116,16 @@ class Tracker:
     def __init__(self, uri: str | None, run_id: str | None):
         self.uri, self.run_id = uri, run_id
         self.client = _client(uri) if uri and run_id else None
+        self.logged_through: dict[str, int] = {}
+
+    def skip_logged(self, keys: list[str]) -> None:
+        """Steps already logged for these metrics (by a run killed after logging them, before its
+        next checkpoint) are not logged again when the resumed training recomputes them."""
+        if self.client is not None:
+            for key in keys:
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                if steps:
+                    self.logged_through[key] = max(steps)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.client is None:
@@ -85,9 +133,11 @@ class Tracker:
         from mlflow.entities import Metric
         import time
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0)
-                                                    for k, v in metrics.items() if v is not None])
+        now, step = int(time.time() * 1000), step or 0
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step > self.logged_through.get(k, -1)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_text(self, text: str) -> None:
         log.info(text)
@@ -105,9 +155,7 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
     """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING).
     Returns (run_id, resumed)."""
     client = _client(uri)
-    exp = client.get_experiment_by_name(recipe.tracking.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        recipe.tracking.experiment_name, artifact_location=_artifact_root(uri))
+    exp_id = experiment_id(client, recipe.tracking.experiment_name, uri)
     unfinished = [r for r in client.search_runs(
         [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=20) if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
@@ -119,6 +167,9 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
         run_id = unfinished[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         resumed = True
+        previous = unfinished[0].data.tags.get("prefect.flow_run_id")
+        if previous and previous != flow_run_id:
+            mark_flow_run_crashed(previous, f"its process ended without finishing; resumed by flow run {flow_run_id}")
     else:
         run_id = client.create_run(exp_id, run_name=recipe.name, tags={RECIPE_KEY_TAG: recipe_key}).info.run_id
         resumed = False
@@ -175,12 +226,34 @@ def flow_run_is_active(flow_run_id: str) -> bool:
         return False
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    with store_lock(uri):
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
+    """A flow run whose process was killed (kill -9) stays Running in Prefect forever: the run that
+    resumes its work says it crashed."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL
+        from prefect.states import Crashed
+
+        if not PREFECT_API_URL.value():
+            return
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    except Exception:  # noqa: BLE001 - not known to this server: nothing to mark
+        pass
+
+
 def start_parent_run(recipe: Recipe, uri: str, name: str, tags: dict[str, str]) -> str:
     """The run a comparison or sweep nests its pipeline runs under."""
     client = _client(uri)
-    exp = client.get_experiment_by_name(recipe.tracking.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        recipe.tracking.experiment_name, artifact_location=_artifact_root(uri))
+    exp_id = experiment_id(client, recipe.tracking.experiment_name, uri)
     return client.create_run(exp_id, run_name=name, tags={"qlora.recipe": recipe.name, **tags}).info.run_id
 
 

@@ -31,7 +31,10 @@ if TYPE_CHECKING:  # torch is imported where it is used: a cached run never need
     import torch
 from tasks.tracking import Tracker
 
-MEGABATCH = 50  # batches per length-sorted block: rows of similar length, order still random
+MEGABATCH = 50
+# What the loop logs per step (MLflow metric names).
+TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
+                    "eval_loss", "eval_accuracy"]  # batches per length-sorted block: rows of similar length, order still random
 
 
 def pad_token_id(tok) -> int:
@@ -457,6 +460,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             kept = [line for line in history_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
             history_path.write_text("".join(line + "\n" for line in kept))
         resumed_at = progress["step"]
+        tracker.skip_logged(TRAINING_METRICS)
 
         def record(metrics: dict, step: int) -> None:
             with history_path.open("a") as f:
