@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flows.servers import free_port, wait_healthy
 from tasks import signals
+from tasks.secrets import redact, redact_text
 from tasks.recipe import Recipe, RecipeError, load_recipe
 
 EXIT_USER_ERROR = 2
@@ -104,11 +105,20 @@ def preflight(recipe: Recipe) -> None:
     from tasks.model import resolve_model
     from tasks.tracking import check_tracking, tracking_uri_of
 
+    check_work_dir(recipe.work_dir)
     resolve_model(recipe.model)
     check_data(recipe.data, _prompt_columns(recipe))
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
+
+
+def check_work_dir(work_dir: str) -> None:
+    """The stage cache can be written (checked before any work, creating nothing)."""
+    path = Path(work_dir).expanduser().absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"cannot write the stage cache {path}: {existing} is not a writable directory", "work_dir")
 
 
 def _prompt_columns(recipe: Recipe) -> list[str] | None:
@@ -123,8 +133,13 @@ def validate(recipe: Recipe) -> dict:
     from tasks.model import check_model, resolve_lora_targets
     from tasks.tracking import check_tracking, tracking_uri_of
 
+    check_work_dir(recipe.work_dir)
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
+    if recipe.model.task != "causal-lm" and not recipe.data.hub:  # every row's label, as the load stage will see them
+        from tasks.data import clean, read_source, required_columns
+
+        clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     uri = tracking_uri_of(recipe)
@@ -186,8 +201,9 @@ def _summary(result: dict) -> str:
     lines.append(f"adapter: {result['adapter_dir']}")
     if "merged_dir" in result:
         lines.append(f"merged model: {result['merged_dir']}")
-    lines.append(f"MLflow run: {result['run_id']} ({result['tracking_uri']})")
-    lines.append(f"  browse: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    uri = redact_text(result["tracking_uri"])
+    lines.append(f"MLflow run: {result['run_id']} ({uri})")
+    lines.append(f"  browse: mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)
 
 
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if server is not None:
             server.wait()
-        result = finetune(recipe.model_dump(mode="json"), str(Path(args.recipe).resolve()))
+        result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):
             e.file = args.recipe
@@ -320,7 +336,7 @@ def _experiment(args, recipe: Recipe) -> int:
     from tasks.recipe import parse_override
 
     file = str(Path(args.recipe).resolve())
-    raw = recipe.model_dump(mode="json")
+    raw = redact(recipe.model_dump(mode="json"))
     if args.command == "sweep":
         grid = {}
         for text in args.grid:

@@ -89,7 +89,10 @@ def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None,
     check_promotion(recipe_from_dict(raw, recipe_file))
     prefect_api_url()
     name = name or recipe.name
-    parameters = {"recipe": raw, "recipe_file": str(Path(recipe_file).resolve())}
+    from tasks import secrets
+
+    parameters = {"recipe": secrets.redact(raw), "recipe_file": str(Path(recipe_file).resolve())}
+    secrets.share_with_children()  # the runs `serve` starts restore them; a work pool's worker cannot
     schedule = {"cron": cron} if cron else {"interval": timedelta(seconds=interval)}
     description = f"{recipe.name}: {recipe.description or ''} (recipe {recipe_file})"
     tags = ["qlora", recipe.name]

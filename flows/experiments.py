@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.finetune import finetune
 from tasks import tracking
+from tasks import secrets
 from tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
 
 METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",
@@ -82,7 +83,7 @@ def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path
 
 @flow(name="qlora-compare-methods", persist_result=False)
 def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
-    r = recipe_from_dict(recipe, recipe_file)
+    r = recipe_from_dict(secrets.restore(recipe), recipe_file)
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-methods", {"qlora.kind": "method-comparison"})
     status = "FAILED"
@@ -107,7 +108,7 @@ def trial(recipe: dict, recipe_file: Optional[str], parent: str) -> dict:
 
 @flow(name="qlora-sweep", persist_result=False)
 def sweep(recipe: dict, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
-    r = recipe_from_dict(recipe, recipe_file)
+    r = recipe_from_dict(secrets.restore(recipe), recipe_file)
     trials = expand_grid(recipe, grid, recipe_file)
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-sweep", {"qlora.kind": "sweep",

@@ -2,7 +2,6 @@
 -> evaluate merged, each a cached Prefect task, the whole run recorded in one MLflow run."""
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -14,7 +13,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from tasks import lineage, signals, tracking
+from tasks import lineage, secrets, signals, tracking
 from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
@@ -67,7 +66,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
             raise RecipeError("give a recipe or a recipe_file", "recipe")
         r = load_recipe(recipe_file, overrides or [])
     else:
-        r = recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides) if overrides else recipe, recipe_file)
+        raw = secrets.restore(recipe)  # the parameters shown in Prefect carry placeholders, not secrets
+        r = recipe_from_dict(apply_overrides(raw, overrides) if overrides else raw, recipe_file)
     run = StageRunner(r.work_dir, r.name)
     signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
 

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tasks.secrets import redact_text
+
 log = logging.getLogger("qlora")
 
 
@@ -114,7 +116,8 @@ def link_or_note(url: str | None, text: str, key: str, description: str, trackin
     if url:
         link(url, text, key, description)
     else:
-        markdown(f"{text}, in the tracking store `{tracking_uri}`: browse it with `qlora ui`", key, description)
+        markdown(f"{text}, in the tracking store `{redact_text(tracking_uri)}`: browse it with `qlora ui`", key,
+                 description)
 
 
 def asset(recipe_name: str, kind: str):

@@ -80,7 +80,11 @@ def resolve_location(location: str, field: str) -> Path | None:
         if spec is None or not spec.submodule_search_locations:
             raise RecipeError(f"Python package '{package}' is not installed", field,
                               hint=f"pip install it (for data-only packages: pip install --no-deps {package})")
-        path = Path(list(spec.submodule_search_locations)[0]) / rest
+        root = Path(list(spec.submodule_search_locations)[0]).resolve()
+        path = (root / rest).resolve()
+        if path != root and root not in path.parents:
+            raise RecipeError(f"'{rest}' leaves package '{package}'", field,
+                              hint="a package: location names a file or directory inside the package")
         if not path.exists():
             raise RecipeError(f"'{rest}' not found inside package '{package}' ({path})", field)
         return path

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.recipe import Recipe, RecipeError, flatten
+from tasks.secrets import redact, redact_text
 
 log = logging.getLogger("qlora")
 
@@ -269,15 +270,18 @@ def log_recipe(uri: str, run_id: str, recipe: Recipe, recipe_file: str | None) -
     existing = client.get_run(run_id).data.params
     params = []
     for k, v in flatten(recipe).items():
+        v = redact_text(v)
         if len(v) > MAX_PARAM_CHARS:  # MLflow rejects long values: keep a prefix, the artifact has it all
             v = v[: MAX_PARAM_CHARS - 15] + "...[truncated]"
         if k not in existing:
             params.append(Param(k, v))
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    client.log_text(run_id, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe/resolved.yaml")
-    if recipe_file:
-        client.log_artifact(run_id, recipe_file, "recipe")
+    client.log_text(run_id, yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False),
+                    "recipe/resolved.yaml")
+    if recipe_file and Path(recipe_file).is_file():
+        client.log_text(run_id, redact_text(Path(recipe_file).read_text(encoding="utf-8")),
+                        f"recipe/{Path(recipe_file).name}")
 
 
 def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None:
