@@ -57,6 +57,14 @@ class TemporaryPrefectServer:
     before the heavy imports, so it boots on the other core meanwhile, and stop it at exit."""
 
     def __init__(self):
+        # Two runs started together on a fresh machine would both migrate Prefect's new database:
+        # one server starts at a time (until it answers).
+        from filelock import FileLock
+
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        self.starting = FileLock(str(home / "qlora-server-start.lock"))
+        self.starting.acquire()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -72,9 +80,14 @@ class TemporaryPrefectServer:
         signals.on_emergency(self.stop)
 
     def wait(self, timeout: float = 60) -> None:
-        wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout)
+        try:
+            wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout)
+        finally:
+            self.starting.release()
 
     def stop(self) -> None:
+        if self.starting.is_locked:
+            self.starting.release(force=True)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -319,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {k}: {v}")
             return 0
         server = _prefect_server()
-        preflight(recipe)
+        try:
+            preflight(recipe)
+        except RecipeError:
+            if server is not None:
+                server.stop()
+            raise
         from flows.finetune import finetune
 
         if server is not None:
@@ -354,7 +372,12 @@ def _experiment(args, recipe: Recipe) -> int:
 
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
     server = _prefect_server()
-    preflight(recipe)
+    try:
+        preflight(recipe)
+    except RecipeError:
+        if server is not None:
+            server.stop()
+        raise
     from flows import experiments
 
     if server is not None:

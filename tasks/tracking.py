@@ -295,7 +295,8 @@ def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None
         ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label" if "label" in df else None)
         context = {"train": "training", "validation": "validation", "test": "testing"}[name]
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
-    client.log_inputs(run_id, datasets=inputs)
+    with store_lock(uri):  # MLflow checks, then inserts, each dataset: two runs at once raced here
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def log_history(uri: str, run_id: str, history_file: Path) -> None:
@@ -334,7 +335,11 @@ def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> No
 
 def register(uri: str, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
     """A model version for the logged artifact, unless one of the same content exists already."""
-    client = _client(uri)
+    with store_lock(uri):  # one version per content, also when two runs register at once
+        return _register(_client(uri), run_id, artifact_path, name, content_hash)
+
+
+def _register(client, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:

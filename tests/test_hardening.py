@@ -50,7 +50,10 @@ def tiny_recipe(data_file: Path, **sections) -> dict:
         "tracking": {"experiment_name": "hardening"},
     }
     for name, values in sections.items():
-        recipe.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            recipe.setdefault(name, {}).update(values)
+        else:
+            recipe[name] = values
     return recipe
 
 
@@ -393,9 +396,9 @@ def test_two_runs_of_one_recipe_at_once(project):
     (sa, _), (sb, _) = _finish(a, project, "a.json"), _finish(b, project, "b.json")
     assert sa["adapter_dir"] == sb["adapter_dir"] and sa["test_metrics"] == sb["test_metrics"]
     assert sorted([sa["cached"]["train"], sb["cached"]["train"]]) == [False, True], "one trained, one waited"
-    history = [json.loads(line)["step"] for line in
-               (Path(sa["adapter_dir"]).parent / "history.jsonl").read_text().splitlines()]
-    assert history == sorted(history) and len(history) == len(set(history))
+    records = [json.loads(line) for line in (Path(sa["adapter_dir"]).parent / "history.jsonl").read_text().splitlines()]
+    history = [r["step"] for r in records if "train_loss" in r]
+    assert history == list(range(1, 7)), "one process's steps, once each"
     client = _client(project)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
