@@ -127,6 +127,19 @@ def preflight(recipe: Recipe) -> None:
     check_tracking(tracking_uri_of(recipe))
 
 
+def _start_server_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None:
+    """The temporary Prefect server boots (on the other core) while the recipe is checked; a
+    refused recipe stops it again."""
+    server = _prefect_server()
+    try:
+        preflight(recipe)
+    except RecipeError:
+        if server is not None:
+            server.stop()
+        raise
+    return server
+
+
 def check_work_dir(work_dir: str) -> None:
     """The stage cache can be written (checked before any work, creating nothing)."""
     path = Path(work_dir).expanduser().absolute()
@@ -331,13 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in info.items():
                 print(f"  {k}: {v}")
             return 0
-        server = _prefect_server()
-        try:
-            preflight(recipe)
-        except RecipeError:
-            if server is not None:
-                server.stop()
-            raise
+        server = _start_server_and_preflight(recipe)
         from flows.finetune import finetune
 
         if server is not None:
@@ -371,13 +378,7 @@ def _experiment(args, recipe: Recipe) -> int:
         from flows.experiments import expand_grid
 
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
-    server = _prefect_server()
-    try:
-        preflight(recipe)
-    except RecipeError:
-        if server is not None:
-            server.stop()
-        raise
+    server = _start_server_and_preflight(recipe)
     from flows import experiments
 
     if server is not None:
