@@ -491,3 +491,26 @@ def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
     assert not client.search_registered_models(), "nothing registered"
+
+
+@pytest.mark.slow
+def test_sigterm_to_qlora_ui_stops_both_servers(project):
+    from flows.servers import free_port, port_free
+
+    ports = [free_port(), free_port()]
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(ports[0]),
+                                "--mlflow-port", str(ports[1])], cwd=project, env=_env(project),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in process.stdout:  # until both answer
+        lines.append(line)
+        if "Ctrl-C stops both" in line:
+            break
+    assert process.poll() is None, "".join(lines)
+    assert not port_free(ports[0]) and not port_free(ports[1])
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (port_free(ports[0]) and port_free(ports[1])):
+        time.sleep(0.5)
+    assert port_free(ports[0]) and port_free(ports[1]), "a server outlived `qlora ui`"
