@@ -181,7 +181,7 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     weights and optimizer state into the flattened model."""
     from peft import PeftModel
 
-    from tasks.train import _load_checkpoint, _save_checkpoint, trainable_state
+    from tasks.train import _apply_checkpoint, _read_checkpoint, _save_checkpoint, trainable_state
 
     per_weight, _ = _train_steps(flat=False)
     model, optimizer = _train_steps(flat=True)
@@ -202,8 +202,8 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     _save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
     fresh, fresh_optimizer = _train_steps(flat=True, steps=1)
-    _load_checkpoint(tmp_path / "checkpoint-0000003", fresh, fresh_optimizer,
-                     torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
+    _apply_checkpoint(_read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,
+                      torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
     for name, p in fresh.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), got[name]), name
