@@ -39,17 +39,15 @@ def hash_value(value: Any) -> str:
 
 
 def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
     size = path.stat().st_size
-    with path.open("rb") as f:
-        if size <= _BIG_FILE:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:  # multi-GB weights: size plus 16 sampled 1 MiB blocks
-            h.update(str(size).encode())
-            for i in range(16):
-                f.seek(size * i // 16)
-                h.update(f.read(1 << 20))
+    if size <= _BIG_FILE:
+        return _sha256_file(path)[:20]
+    h = hashlib.sha256()
+    with path.open("rb") as f:  # multi-GB weights: size plus 16 sampled 1 MiB blocks
+        h.update(str(size).encode())
+        for i in range(16):
+            f.seek(size * i // 16)
+            h.update(f.read(1 << 20))
     return h.hexdigest()[:20]
 
 
