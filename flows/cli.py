@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class TemporaryPrefectServer:
 
     def wait(self, timeout: float = 60) -> None:
         try:
-            wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout)
+            # Polled often: every tenth of a second counts on an unchanged re-run.
+            wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout, poll_s=0.05)
         finally:
             self.starting.release()
 
@@ -140,6 +142,20 @@ def _start_server_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None
     return server
 
 
+def _open_tracking_store(recipe: Recipe) -> None:
+    """MLflow's client and SQL store take over a second to import and open; the flow needs them right
+    after the server answers. A store that does not exist yet is left to the flow, which creates it
+    only once the recipe has passed the checks that need the model."""
+    from tasks.tracking import prepare_store, store_exists, tracking_uri_of
+
+    uri = tracking_uri_of(recipe)
+    if store_exists(uri):
+        prepare_store(uri)
+    else:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        import mlflow.tracking  # noqa: F401
+
+
 def check_work_dir(work_dir: str) -> None:
     """The stage cache can be written (checked before any work, creating nothing)."""
     path = Path(work_dir).expanduser().absolute()
@@ -163,21 +179,17 @@ def _prompt_columns(recipe: Recipe) -> list[str] | None:
 
 
 def validate(recipe: Recipe) -> dict:
-    """Everything that can be checked without training: model, data, quantization, LoRA targets,
-    tracking store."""
-    from tasks.data import check_data
-    from tasks.evaluate import check_metrics, check_promotion
+    """Everything that can be checked without training. The run's own preflight first (paths,
+    columns, labels, metrics, tracking store: seconds), then what needs the model's config
+    (quantization, LoRA targets, the memory plan)."""
     from tasks.model import check_model, resolve_lora_targets
-    from tasks.tracking import check_tracking, tracking_uri_of
 
-    check_work_dir(recipe.work_dir)
+    preflight(recipe)
+    from tasks.data import check_data
+    from tasks.tracking import tracking_uri_of
+
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
-    check_labels(recipe)
-    check_metrics(recipe.evaluate, recipe.model.task)
-    check_promotion(recipe)
-    uri = tracking_uri_of(recipe)
-    check_tracking(uri)
     info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
     if "gguf" not in model and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
@@ -189,7 +201,7 @@ def validate(recipe: Recipe) -> dict:
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code)
         if plan:
             info["memory_plan"] = plan
-    return {**info, "tracking_uri": uri}
+    return {**info, "tracking_uri": tracking_uri_of(recipe)}
 
 
 def _summary(result: dict) -> str:
@@ -224,8 +236,8 @@ def _summary(result: dict) -> str:
         lines.append(f"fast paths: {', '.join(t['fast_paths'])}")
     if result.get("all_cached"):
         lines.append("unchanged data and recipe: every stage was a cache hit, nothing retrained")
-    elif cached:
-        lines.append(f"cache hits: {', '.join(cached)}")
+    else:
+        lines.append(f"cache hits: {', '.join(cached) if cached else 'none, every stage was built'}")
     if "promotion" in result:
         lines.append(f"promotion: {result['promotion']['reason']}")
     dropped = {s: {k: v for k, v in c.items() if k.startswith("dropped") and v} for s, c in result["data"].items()}
@@ -264,31 +276,42 @@ def _read_texts(args) -> list[str]:
     return texts
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qlora-pipeline")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe and its --set overrides: the same for every command that runs or checks a recipe."""
+    p.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (qlora recipes lists them)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description="Declarative QLoRA fine-tuning pipelines.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run a recipe (cached stages are skipped, a failed run resumes)"),
-                       ("validate", "check a recipe and its inputs without running it")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("recipe", help="recipe YAML file")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
-        if name == "run":
-            p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run a recipe (cached stages are skipped, a failed run resumes)")
+    _recipe_arguments(p)
+    p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
+    p = sub.add_parser("validate", help="check a recipe and its inputs without running it (cheap checks first)")
+    _recipe_arguments(p)
     p = sub.add_parser("methods", help="run a recipe as QLoRA, LoRA and full fine-tuning; print them side by side")
-    p.add_argument("recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_arguments(p)
     p.add_argument("--full-learning-rate", type=float, default=5e-5,
                    help="learning rate of the full fine-tuning run (default 5e-5)")
     p = sub.add_parser("sweep", help="run a recipe over a grid of field values, each trial a nested MLflow run")
-    p.add_argument("recipe")
+    _recipe_arguments(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]", required=True,
                    help="a recipe field and its values, e.g. --grid lora.r=[4,8,16] (repeatable)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parallel", type=int, default=1, help="trials at a time (default 1: one CPU run uses every core)")
     p = sub.add_parser("deploy", help="deploy a recipe for scheduled retraining (serve it here, or on a work pool)")
-    p.add_argument("recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_arguments(p)
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
     when.add_argument("--interval", type=float, help="seconds between runs")
@@ -298,10 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-promote", action="store_true",
                    help="never move the champion alias (default: promote by tracking.promotion's metric)")
     p = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
-    p.add_argument("--prefect-port", type=int, default=4200)
-    p.add_argument("--mlflow-port", type=int, default=5000)
-    p.add_argument("--tracking-uri")
-    p = sub.add_parser("compare", help="print the adapter vs merged variants table of one or more runs")
+    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI and API port (default 4200)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("compare", help="print the adapter vs merged variants table of runs made with merge.compare")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     p = sub.add_parser("predict", help="classify texts (or answer them, for a causal LM) with a trained model "
@@ -312,13 +335,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["merged", "adapter"], default="merged", help="with --run: which model")
     p.add_argument("--file", help="a UTF-8 text file, one text per line")
     p.add_argument("texts", nargs="*", metavar="TEXT")
-    p.add_argument("--tracking-uri")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     p = sub.add_parser("promote", help="make the registry's candidate the champion if it beats it")
     p.add_argument("name", metavar="NAME", help="registered model name, e.g. agnews-minilm-merged")
-    p.add_argument("--metric", default="test_accuracy", help="run metric to compare (higher is better)")
+    p.add_argument("--metric", help="run metric to compare (default: merged_test_accuracy for a *-merged model, "
+                                    "test_accuracy for an adapter); --mode says which way is better")
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by")
     p.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher is better; min: lower")
-    p.add_argument("--tracking-uri")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     return parser
 
 
@@ -348,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.finetune import finetune
 
         if server is not None:
+            _open_tracking_store(recipe)  # while the server boots on the other core
             server.wait()
         result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
@@ -439,5 +464,17 @@ def pd_options():
     return pd.option_context("display.max_colwidth", 80, "display.width", 200)
 
 
+def entry_point() -> None:
+    """The `qlora` command: main(), then a prompt exit. Exit handlers run (Prefect drains its logs and
+    events to the API, the temporary server stops), output is flushed, and the process ends without
+    the interpreter's teardown of every imported module (about a second, on every re-run)."""
+    code = main()
+    threading._shutdown()  # what a normal exit does first: join threads, run threading's exit hooks
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

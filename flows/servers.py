@@ -37,7 +37,7 @@ def port_free(port: int) -> bool:
             return False
 
 
-def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float = 90) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float = 90, poll_s: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -49,7 +49,7 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
                     return
         except OSError:
             pass
-        time.sleep(0.3)
+        time.sleep(poll_s)
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 

@@ -101,6 +101,13 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def store_exists(uri: str) -> bool:
+    """A local sqlite store's file is there (any other store is a server or a database: assumed)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    return True
+
+
 def prepare_store(uri: str) -> None:
     """Open the tracking store once (a new sqlite store creates its tables: seconds), so a flow can
     do it in a background thread while its first stages run."""

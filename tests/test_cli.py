@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import small_agnews_recipe, write_recipe
+from conftest import small_recipe, write_recipe
 from flows.cli import EXIT_USER_ERROR, main
 from tasks.recipe import QuantizationSection, RecipeError
 
@@ -28,7 +28,7 @@ def _validate(project, capsys, recipe: dict, *overrides: str) -> str:
 
 
 def test_valid_recipe_passes(project, capsys):
-    path = write_recipe(project / "r.yaml", small_agnews_recipe())
+    path = write_recipe(project / "r.yaml", small_recipe())
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "ok" in out and "target_modules: ['query', 'value']" in out
@@ -48,22 +48,22 @@ def test_valid_recipe_passes(project, capsys):
 ])
 def test_bad_field(project, capsys, override, expected):
     start = time.monotonic()
-    err = _validate(project, capsys, small_agnews_recipe(), override)
+    err = _validate(project, capsys, small_recipe(), override)
     assert expected in err
     assert time.monotonic() - start < 30, "no hang, offline included"
 
 
 def test_missing_section(project, capsys):
-    recipe = small_agnews_recipe()
+    recipe = small_recipe()
     del recipe["model"]
     assert "model: required but missing" in _validate(project, capsys, recipe)
 
 
 def test_data_file_problems(project, capsys):
     (project / "empty.csv").write_text("")
-    assert "data file is empty" in _validate(project, capsys, small_agnews_recipe(), f"data.path={project / 'empty.csv'}")
+    assert "data file is empty" in _validate(project, capsys, small_recipe(), f"data.path={project / 'empty.csv'}")
     (project / "latin.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
-    assert "not UTF-8" in _validate(project, capsys, small_agnews_recipe(), f"data.path={project / 'latin.csv'}")
+    assert "not UTF-8" in _validate(project, capsys, small_recipe(), f"data.path={project / 'latin.csv'}")
 
 
 def test_unreachable_tracking_server(project, capsys):
@@ -71,7 +71,7 @@ def test_unreachable_tracking_server(project, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
     start = time.monotonic()
-    err = _validate(project, capsys, small_agnews_recipe(), f"tracking.tracking_uri=http://127.0.0.1:{port}")
+    err = _validate(project, capsys, small_recipe(), f"tracking.tracking_uri=http://127.0.0.1:{port}")
     assert "tracking.tracking_uri: cannot reach the MLflow tracking server" in err
     assert time.monotonic() - start < 15
 
@@ -105,7 +105,7 @@ def test_errors_found_while_running_exit_2_and_leave_nothing(project):
     inside the flow: still exit 2, one clear line, no MLflow run, no completed-looking artifacts."""
     df = pd.DataFrame({"text": [f"review {i}" for i in range(40)], "label": ["fresh", "rotten"] * 20})
     df.to_csv(project / "reviews.csv", index=False)
-    recipe = small_agnews_recipe(data={"path": str(project / "reviews.csv"), "sample": None},
+    recipe = small_recipe(data={"path": str(project / "reviews.csv"), "sample": None},
                                  model={"labels": ["positive", "negative"]})
     done = _run_cli(project, recipe)
     assert done.returncode == EXIT_USER_ERROR, done.stderr[-3000:]
@@ -120,3 +120,42 @@ def test_errors_found_while_running_exit_2_and_leave_nothing(project):
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_validate_reports_data_mistakes_before_reading_the_model(project, capsys, monkeypatch):
+    """The cheap checks (paths, columns, labels) come first: a wrong data path is reported without
+    the model's config ever being read."""
+    import tasks.model
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was read before the data path was checked")
+
+    monkeypatch.setattr(tasks.model, "check_model", no_model)
+    monkeypatch.setattr(tasks.model, "skeleton", no_model)
+    err = _validate(project, capsys, small_recipe(), f"data.path={project / 'nowhere'}")
+    assert "data.path" in err and "does not exist" in err
+
+
+def test_version_and_help_of_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("qlora ")
+    for command in ("run", "validate", "methods", "sweep", "deploy"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "override a recipe field" in out and "recipe YAML file" in out, command
+    with pytest.raises(SystemExit):
+        main(["ui", "--help"])
+    assert "default 4200" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.environ.get("QLORA_TEST_DATA"),
+                    reason="QLORA_TEST_DATA (a directory holding ag_news/) not set: the AG News sample is optional")
+def test_shipped_agnews_recipe_validates_on_the_ag_news_sample(capsys):
+    """The optional real corpus: the shipped agnews-minilm recipe accepts the directory layout the
+    README describes (train.csv, dev.csv, test.csv, integer labels)."""
+    data = Path(os.environ["QLORA_TEST_DATA"]) / "ag_news"
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "agnews-minilm.yaml"
+    assert main(["validate", str(recipe), "--set", f"data.path={data}", "--set", "work_dir=/tmp/qlora-validate"]) == 0
+    assert "dev.csv" in capsys.readouterr().out

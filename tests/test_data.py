@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import AG_NEWS, minilm_dir
+from conftest import minilm_dir
 from tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
 from tasks.model import resolve_model
 from tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
@@ -102,8 +102,10 @@ def test_bad_files_name_the_file(tmp_path):
         check_data(_data(tmp_path / "x.xlsx"))
 
 
-def test_directory_splits_and_aliases():
-    files = describe_source(DataSection(path=str(AG_NEWS)))["files"]
+def test_directory_splits_and_aliases(tmp_path):
+    for name in ("train", "dev", "test"):
+        _frame().to_csv(tmp_path / f"{name}.csv", index=False)
+    files = describe_source(DataSection(path=str(tmp_path)))["files"]
     assert sorted(files) == ["test", "train", "validation"] and files["validation"][0].endswith("dev.csv")
 
 

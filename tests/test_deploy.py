@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import AG_NEWS, small_agnews_recipe, write_recipe
+from conftest import labelled_corpus, small_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,13 +29,13 @@ def _cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -
 # --- bad input: no server needed --------------------------------------------------------------
 
 def test_malformed_cron_is_refused(project):
-    write_recipe(project / "r.yaml", small_agnews_recipe())
+    write_recipe(project / "r.yaml", small_recipe())
     done = _cli(project, "deploy", "r.yaml", "--cron", "61 * * *", env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert done.returncode == 2 and "--cron: '61 * * *' is not a valid cron expression" in done.stderr, done.stderr
 
 
 def test_invalid_recipe_is_not_deployed(project):
-    recipe = small_agnews_recipe()
+    recipe = small_recipe()
     recipe["train"]["learning_rte"] = 1e-3
     write_recipe(project / "r.yaml", recipe)
     done = _cli(project, "deploy", "r.yaml", "--cron", "0 3 * * 1")
@@ -43,7 +43,7 @@ def test_invalid_recipe_is_not_deployed(project):
 
 
 def test_unknown_promotion_metric_is_refused(project):
-    write_recipe(project / "r.yaml", small_agnews_recipe())
+    write_recipe(project / "r.yaml", small_recipe())
     done = _cli(project, "deploy", "r.yaml", "--interval", "3600", "--set", "tracking.promotion.metric=test_bleu",
                 env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert done.returncode == 2 and "tracking.promotion.metric: the evaluation does not produce 'test_bleu'" in done.stderr
@@ -52,7 +52,7 @@ def test_unknown_promotion_metric_is_refused(project):
 def test_server_that_does_not_answer(project):
     from flows.servers import free_port
 
-    write_recipe(project / "r.yaml", small_agnews_recipe())
+    write_recipe(project / "r.yaml", small_recipe())
     start = time.monotonic()
     done = _cli(project, "deploy", "r.yaml", "--interval", "3600",
                 env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
@@ -89,13 +89,11 @@ def servers(tmp_path_factory):
         yield urls
 
 
-def _news_data(directory: Path, shift: int = 0) -> Path:
-    """A small AG News source; `shift` changes which training rows it holds (new data arriving)."""
-    if not AG_NEWS.is_dir():
-        pytest.skip(f"shared data not found at {AG_NEWS}")
+def _reviews_data(directory: Path, shift: int = 0) -> Path:
+    """A small labelled source; `shift` changes which training rows it holds (new data arriving)."""
     directory.mkdir(exist_ok=True)
     for name, rows in (("train", 160), ("dev", 64), ("test", 64)):
-        frame = pd.read_csv(AG_NEWS / f"{name}.csv")
+        frame = pd.read_csv(labelled_corpus() / f"{name}.csv")
         start = shift if name == "train" else 0
         frame.iloc[start:start + rows].to_csv(directory / f"{name}.csv", index=False)
     return directory
@@ -152,7 +150,7 @@ def _materializations(api: str, timeout: float = 60) -> dict[str, set[str]]:
         found = {e["resource"]["prefect.resource.id"]: {rel["prefect.resource.id"] for rel in e.get("related", [])
                                                         if rel.get("prefect.resource.role") == "asset"}
                  for e in events}
-        if "qlora://agnews-test/adapter" in found:
+        if "qlora://reviews-test/adapter" in found:
             return found
         time.sleep(1)
     return found
@@ -183,8 +181,8 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    data = _news_data(project / "news")
-    recipe = small_agnews_recipe(data={"path": str(data), "sample": None},
+    data = _reviews_data(project / "news")
+    recipe = small_recipe(data={"path": str(data), "sample": None},
                                  tracking={"experiment_name": "scheduled", "tracking_uri": servers["mlflow"],
                                            "promotion": {"model": "adapter", "metric": "test_accuracy"}})
     write_recipe(project / "r.yaml", recipe)
@@ -209,15 +207,15 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
         texts = " ".join(str(a.data) for a in artifacts)
         assert run1.info.run_id in texts, "the Prefect artifacts lead to the MLflow run"
         links = {a.key: str(a.data) for a in artifacts if str(a.data).startswith("[")}  # link artifacts: [text](url)
-        assert f"{servers['mlflow']}/#/experiments/" in links["agnews-test-mlflow-run"]
-        assert run1.info.run_id in links["agnews-test-mlflow-run"]
-        assert "/#/models/agnews-test-adapter/versions/1" in links["agnews-test-adapter-version"]
+        assert f"{servers['mlflow']}/#/experiments/" in links["reviews-test-mlflow-run"]
+        assert run1.info.run_id in links["reviews-test-mlflow-run"]
+        assert "/#/models/reviews-test-adapter/versions/1" in links["reviews-test-adapter-version"]
         assert "content key" in texts and "train" in texts
         assert run1.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{first.id}")
         lineage = _materializations(servers["prefect"])
         # Upstream: what each asset was made from (Prefect may add what those were made from).
-        assert "qlora://agnews-test/tokenized" in lineage.get("qlora://agnews-test/adapter", ()), lineage
-        assert lineage.get("qlora://agnews-test/tokenized") == {"qlora://agnews-test/dataset"}, lineage
+        assert "qlora://reviews-test/tokenized" in lineage.get("qlora://reviews-test/adapter", ()), lineage
+        assert lineage.get("qlora://reviews-test/tokenized") == {"qlora://reviews-test/dataset"}, lineage
 
         # The same data again: every stage a cache hit, nothing retrained, the run says so.
         start = time.monotonic()
@@ -230,7 +228,7 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
         assert "already the champion" in run2.data.tags["qlora.promotion.reason"]
 
         # New rows arrive: the data fingerprint changes, training runs, the decision is recorded.
-        _news_data(data, shift=400)
+        _reviews_data(data, shift=160)
         third = _trigger(deployment.id)
         assert third.state.is_completed()
         run3 = _mlflow_run_of(servers["mlflow"], third.id)
@@ -249,8 +247,8 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
 @pytest.mark.slow
 def test_work_pool_deployment_runs_on_a_worker(project, against_servers):
     servers = against_servers
-    data = _news_data(project / "news")
-    recipe = small_agnews_recipe(data={"path": str(data), "sample": None},
+    data = _reviews_data(project / "news")
+    recipe = small_recipe(data={"path": str(data), "sample": None},
                                  tracking={"experiment_name": "pool", "tracking_uri": servers["mlflow"]})
     write_recipe(project / "r.yaml", recipe)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -329,7 +327,7 @@ def test_pipeline_against_postgresql_backed_servers(project):
     try:
         with running_servers(project, f"postgresql+asyncpg://{host}/{databases[0]}",
                              f"postgresql+psycopg2://{host}/{databases[1]}") as urls:
-            recipe = small_agnews_recipe(tracking={"experiment_name": "postgres", "tracking_uri": urls["mlflow"]})
+            recipe = small_recipe(tracking={"experiment_name": "postgres", "tracking_uri": urls["mlflow"]})
             write_recipe(project / "r.yaml", recipe)
             done = _cli(project, "run", "r.yaml", env={"PREFECT_API_URL": urls["prefect"]}, timeout=900)
             assert done.returncode == 0, done.stderr[-3000:]

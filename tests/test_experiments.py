@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from conftest import small_agnews_recipe, write_recipe
+from conftest import small_recipe, write_recipe
 from flows.experiments import expand_grid, method_recipes
 from tasks.recipe import RecipeError, recipe_from_dict
 
 
 def test_methods_are_one_switch_apart():
-    variants = method_recipes(small_agnews_recipe(), full_learning_rate=5e-5)
+    variants = method_recipes(small_recipe(), full_learning_rate=5e-5)
     recipes = {m: recipe_from_dict(v) for m, v in variants.items()}
     assert {m: r.method for m, r in recipes.items()} == {"qlora": "qlora", "lora": "lora", "full": "full"}
     assert recipes["qlora"].lora == recipes["lora"].lora and recipes["qlora"].data == recipes["full"].data
@@ -23,26 +23,26 @@ def test_methods_are_one_switch_apart():
 
 def test_full_finetuning_of_a_4bit_base_is_refused():
     with pytest.raises(RecipeError, match="needs an unquantized base"):
-        recipe_from_dict(small_agnews_recipe(lora={"enabled": False}))
+        recipe_from_dict(small_recipe(lora={"enabled": False}))
 
 
 def test_grid_expands_and_validates_every_trial_first():
-    trials = expand_grid(small_agnews_recipe(), {"lora.r": [4, 8], "lora.lora_alpha": [8, 16, 32]})
+    trials = expand_grid(small_recipe(), {"lora.r": [4, 8], "lora.lora_alpha": [8, 16, 32]})
     assert len(trials) == 6 and trials[0][0] == {"lora.r": 4, "lora.lora_alpha": 8}
     assert recipe_from_dict(trials[-1][1]).lora.r == 8 and recipe_from_dict(trials[-1][1]).lora.lora_alpha == 32
     with pytest.raises(RecipeError, match="non-empty list") as e:
-        expand_grid(small_agnews_recipe(), {"lora.r": []})
+        expand_grid(small_recipe(), {"lora.r": []})
     assert e.value.field == "lora.r"
     with pytest.raises(RecipeError, match="did you mean 'lora_alpha'"):
-        expand_grid(small_agnews_recipe(), {"lora.r": [4], "lora.alpha": [8]})
+        expand_grid(small_recipe(), {"lora.r": [4], "lora.alpha": [8]})
     with pytest.raises(RecipeError, match="lora.r"):
-        expand_grid(small_agnews_recipe(), {"lora.r": [4, -1]})
+        expand_grid(small_recipe(), {"lora.r": [4, -1]})
 
 
 def test_sweep_cli_refuses_bad_grids_before_running(project, capsys):
     from flows.cli import main
 
-    path = write_recipe(project / "r.yaml", small_agnews_recipe())
+    path = write_recipe(project / "r.yaml", small_recipe())
     assert main(["sweep", str(path), "--grid", "lora.r=[]"]) == 2
     assert "lora.r: a sweep field needs a non-empty list" in capsys.readouterr().err
     assert main(["sweep", str(path), "--grid", "lora.lora_alfa=[8,16]"]) == 2
@@ -72,7 +72,7 @@ def _children(project, parent_id):
 
 @pytest.mark.slow
 def test_sweep_and_methods_end_to_end(project):
-    write_recipe(project / "r.yaml", small_agnews_recipe(train={"max_steps": 4, "eval_steps": 4}))
+    write_recipe(project / "r.yaml", small_recipe(train={"max_steps": 4, "eval_steps": 4}))
     out = _cli(project, "sweep", "r.yaml", "--grid", "lora.r=[4,8]")
     parent = out.strip().splitlines()[-1].split()[3]
     client, children = _children(project, parent)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import minilm_dir, small_agnews_recipe, write_recipe
+from conftest import minilm_dir, small_recipe, write_recipe
 from tasks import training
 
 LORA_TARGETS = {"task": "sequence-classification", "modules_to_save": ["classifier"],
@@ -231,7 +231,7 @@ def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, mo
     from tasks.recipe import load_recipe
     from tasks.train import train
 
-    recipe = small_agnews_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    recipe = small_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
                                  train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
     adapters = {}
     for flat in (False, True):
@@ -306,7 +306,7 @@ def test_memory_plan_takes_the_fastest_set_up_that_fits():
 def test_a_budget_too_small_fails_before_anything_is_loaded(project):
     from test_cli import _run_cli
 
-    recipe = small_agnews_recipe(train={"max_memory_gib": 0.01})
+    recipe = small_recipe(train={"max_memory_gib": 0.01})
     done = _run_cli(project, recipe)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "train.max_memory_gib: 0.01 GiB is too small: training needs about" in done.stderr, done.stderr[-2000:]
@@ -317,10 +317,10 @@ def test_a_budget_too_small_fails_before_anything_is_loaded(project):
 def test_validate_reports_the_memory_plan_or_refuses_the_budget(project, capsys):
     from flows.cli import main
 
-    path = write_recipe(project / "r.yaml", small_agnews_recipe(train={"max_memory_gib": 2}))
+    path = write_recipe(project / "r.yaml", small_recipe(train={"max_memory_gib": 2}))
     assert main(["validate", str(path)]) == 0
     assert "memory_plan: {'micro_batch': 16, 'accumulation': 1" in capsys.readouterr().out
-    path = write_recipe(project / "r.yaml", small_agnews_recipe(train={"max_memory_gib": 0.05}))
+    path = write_recipe(project / "r.yaml", small_recipe(train={"max_memory_gib": 0.05}))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "r.yaml: train.max_memory_gib: 0.05 GiB is too small: training needs about 0." in err, err

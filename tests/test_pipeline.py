@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_agnews_recipe, write_recipe
+from conftest import small_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -46,14 +46,14 @@ def _client(project: Path):
 
 
 def test_run_rerun_and_edit(project):
-    recipe = small_agnews_recipe(merge={"enabled": True, "dtype": "bfloat16", "compare": True})
+    recipe = small_recipe(merge={"enabled": True, "dtype": "bfloat16", "compare": True})
     recipe["description"] = "a long description " * 600  # longer than MLflow's parameter limit
     write_recipe(project / "r.yaml", recipe)
 
     first = run(project)
     assert first["train"]["steps"] == 8 and not first["cached"]["train"]
     assert 0.0 <= first["test_metrics"]["accuracy"] <= 1.0  # 8 steps: accuracy targets live in the benchmark
-    assert {"f1_macro", "precision_World", "recall_Sci/Tech"} <= set(first["test_metrics"])
+    assert {"f1_macro", "precision_plot", "recall_fresh"} <= set(first["test_metrics"])
     assert Path(first["merged_dir"], "model.safetensors").is_file()
 
     client = _client(project)
@@ -76,8 +76,8 @@ def test_run_rerun_and_edit(project):
     contexts = sorted(i.tags[0].value for i in r.inputs.dataset_inputs)
     assert contexts == ["testing", "training", "validation"]
     assert all(i.dataset.digest for i in r.inputs.dataset_inputs)
-    versions = {v.name for v in client.search_model_versions("name LIKE 'agnews-test%'")}
-    assert versions == {"agnews-test-adapter", "agnews-test-merged"}
+    versions = {v.name for v in client.search_model_versions("name LIKE 'reviews-test%'")}
+    assert versions == {"reviews-test-adapter", "reviews-test-merged"}
 
     # Merge variants, side by side, against the adapter
     table = {row["variant"]: row for row in first["comparison"]}
@@ -99,7 +99,7 @@ def test_run_rerun_and_edit(project):
     assert all(second["cached"].values()), second["cached"]
     assert second["test_metrics"] == first["test_metrics"]
     assert client.get_run(second["run_id"]).info.status == "FINISHED"
-    assert len(client.search_model_versions("name = 'agnews-test-adapter'")) == 1, "same adapter, no new version"
+    assert len(client.search_model_versions("name = 'reviews-test-adapter'")) == 1, "same adapter, no new version"
     print(f"cached re-run: {elapsed:.1f} s")
 
     # Prefect's cache says "Cached" now; a work directory deleted by hand is rebuilt, not trusted.
@@ -126,7 +126,7 @@ def test_compiled_layers_train_through_the_pipeline(project):
 
     if not can_compile(torch.device("cpu")):
         pytest.skip("torch.compile needs a C++ compiler")
-    write_recipe(project / "r.yaml", small_agnews_recipe(train={"compile": True}))
+    write_recipe(project / "r.yaml", small_recipe(train={"compile": True}))
     summary = run(project)
     assert "compiled_layers:6" in summary["train"]["fast_paths"], summary["train"]["fast_paths"]
     assert summary["train"]["steps"] == 8 and 0 <= summary["test_metrics"]["accuracy"] <= 1
@@ -137,7 +137,7 @@ def test_compiled_layers_train_through_the_pipeline(project):
 def test_killed_run_resumes_training_and_its_mlflow_run(project):
     """SIGKILL after the first checkpoint: the MLflow run is left RUNNING; the same command resumes
     it (same run id), continues training from the checkpoint and finishes the run."""
-    recipe = small_agnews_recipe(train={"max_steps": 30, "save_steps": 5, "eval_steps": 10, "logging_steps": 5})
+    recipe = small_recipe(train={"max_steps": 30, "save_steps": 5, "eval_steps": 10, "logging_steps": 5})
     write_recipe(project / "r.yaml", recipe)
     process = subprocess.Popen(_command(project), cwd=project, env=_env(project), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -167,7 +167,7 @@ def test_killed_run_resumes_training_and_its_mlflow_run(project):
     assert len(runs) == 1, "no orphan run left behind"
     done = _cli(project, "compare", killed_id)  # merge was off in this recipe
     assert done.returncode == 2 and f"run {killed_id} has no merged model" in done.stderr
-    assert "qlora run recipes/agnews-test.yaml --set merge.enabled=true" in done.stderr
+    assert "qlora run recipes/reviews-test.yaml --set merge.enabled=true" in done.stderr
 
 
 def _cli(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -180,18 +180,18 @@ def _commands_on_finished_runs(project: Path, run_id: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     for variant in ("adapter", "merged-dequant", "merged-original", "merged-4bit"):
         assert variant in done.stdout
-    done = _cli(project, "predict", "--run", run_id, "Oil prices jump as OPEC cuts output",
-                "The Lakers beat the Celtics in overtime")
+    done = _cli(project, "predict", "--run", run_id, "A thoroughly charming, funny film",
+                "A tired sequel with nothing new to say")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "label" in done.stdout and "Lakers" in done.stdout
-    assert any(name in done.stdout for name in ("World", "Sports", "Business", "Sci/Tech"))
-    done = _cli(project, "predict", "--model", "agnews-test-merged@candidate", "Chip maker unveils new processor")
+    assert "label" in done.stdout and "tired sequel" in done.stdout
+    assert any(name in done.stdout for name in ("plot", "rotten", "fresh"))
+    done = _cli(project, "predict", "--model", "reviews-test-merged@candidate", "A thoroughly charming, funny film")
     assert done.returncode == 0, done.stderr[-2000:]
-    done = _cli(project, "promote", "agnews-test-merged", "--metric", "merged_test_accuracy")
+    done = _cli(project, "promote", "reviews-test-merged", "--metric", "merged_test_accuracy")
     assert done.returncode == 0 and "promoted v1 to champion" in done.stdout, done.stdout + done.stderr
-    done = _cli(project, "promote", "agnews-test-merged", "--metric", "merged_test_accuracy")
+    done = _cli(project, "promote", "reviews-test-merged", "--metric", "merged_test_accuracy")
     assert "already the champion" in done.stdout
-    done = _cli(project, "promote", "agnews-test-merged", "--metric", "bleu")
+    done = _cli(project, "promote", "reviews-test-merged", "--metric", "bleu")
     assert done.returncode == 2 and "--metric: metric 'bleu' was not logged" in done.stderr
     done = _cli(project, "compare", "0123456789abcdef")
     assert done.returncode == 2 and "no MLflow run with id" in done.stderr

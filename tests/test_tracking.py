@@ -7,14 +7,14 @@ import sys
 
 import mlflow
 
-from conftest import small_agnews_recipe
+from conftest import small_recipe
 from tasks import tracking
 from tasks.recipe import recipe_from_dict
 
 
 def test_a_run_another_live_process_reports_to_is_not_shared(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    recipe = recipe_from_dict(small_agnews_recipe())
+    recipe = recipe_from_dict(small_recipe())
     client = mlflow.MlflowClient(uri)
     first, resumed = tracking.start_run(recipe, "key-1", uri, "flow-a")
     assert not resumed
@@ -37,7 +37,7 @@ def test_a_run_another_live_process_reports_to_is_not_shared(tmp_path):
 
 def test_a_run_reported_to_from_another_machine_asks_prefect(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    recipe = recipe_from_dict(small_agnews_recipe())
+    recipe = recipe_from_dict(small_recipe())
     first, _ = tracking.start_run(recipe, "key-1", uri, "flow-a")
     mlflow.MlflowClient(uri).set_tag(first, tracking.OWNER_TAG, "another-host:123:456")
     monkeypatch.setattr(tracking, "flow_run_is_active", lambda flow_run_id: flow_run_id == "flow-a")

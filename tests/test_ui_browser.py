@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_agnews_recipe, write_recipe
+from conftest import small_recipe, write_recipe
 from test_deploy import _cli, _mlflow_run_of, prefect_api, running_servers
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -64,7 +64,7 @@ def test_prefect_and_mlflow_uis_show_the_run(project, browser):
     shots = Path(os.environ.get("QLORA_TEST_ARTIFACTS", project / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     with running_servers(project) as urls:
-        recipe = small_agnews_recipe(merge={"enabled": True, "compare": True},
+        recipe = small_recipe(merge={"enabled": True, "compare": True},
                                      tracking={"experiment_name": "ui", "tracking_uri": urls["mlflow"]})
         write_recipe(project / "r.yaml", recipe)
         done = _cli(project, "run", "r.yaml", env={"PREFECT_API_URL": urls["prefect"],
@@ -84,7 +84,7 @@ def test_prefect_and_mlflow_uis_show_the_run(project, browser):
         _wait_for_text(browser, ["train-", "evaluate-", "merge-"])
         browser.save_screenshot(str(shots / "prefect-task-runs.png"))
         _tab(browser, "Artifacts")
-        _wait_for_text(browser, ["agnews-test-eval", "agnews-test-mlflow-run"])  # metrics table, link to MLflow
+        _wait_for_text(browser, ["reviews-test-eval", "reviews-test-mlflow-run"])  # metrics table, link to MLflow
         browser.save_screenshot(str(shots / "prefect-artifacts.png"))
 
         experiment = run.info.experiment_id
