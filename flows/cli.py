@@ -22,7 +22,7 @@ from pathlib import Path
 from flows.servers import free_port, wait_healthy
 from tasks import signals
 from tasks.secrets import redact, redact_text
-from tasks.recipe import Recipe, RecipeError, load_recipe
+from tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
 
 EXIT_USER_ERROR = 2
 
@@ -324,6 +324,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI and API port (default 4200)")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("recipes", help="list the shipped recipes; `qlora recipes copy NAME [DEST]` copies one to edit")
+    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    p.add_argument("name", nargs="?", metavar="NAME", help="with copy: the shipped recipe")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="with copy: file or directory (default: ./NAME.yaml)")
     p = sub.add_parser("compare", help="print the adapter vs merged variants table of runs made with merge.compare")
     p.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
@@ -341,7 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="run metric to compare (default: merged_test_accuracy for a *-merged model, "
                                     "test_accuracy for an adapter); --mode says which way is better")
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by")
-    p.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher is better; min: lower")
+    p.add_argument("--mode", choices=["max", "min"],
+                   help="max: higher is better; min: lower (default: min for losses and perplexity, else max)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     return parser
 
@@ -356,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             from flows.servers import ui
 
             return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri))
+        if args.command == "recipes":
+            return _recipes(args)
+        args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
         recipe = load_recipe(args.recipe, args.overrides)
         _quiet_environment(recipe)
         if args.command in ("methods", "sweep"):
@@ -387,6 +395,35 @@ def main(argv: list[str] | None = None) -> int:
     print(_summary(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _recipes(args) -> int:
+    """List the shipped recipes with their descriptions, or copy one out to edit."""
+    import shutil
+
+    import yaml
+
+    from tasks.recipe import shipped_recipes
+
+    shipped = shipped_recipes()
+    if args.action == "list":
+        for name, path in shipped.items():
+            description = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("description", "")
+            print(f"{name:28} {description}")
+        print("\nrun one: qlora run NAME; edit one: qlora recipes copy NAME [DEST]")
+        return 0
+    if args.name not in shipped:
+        raise RecipeError(f"no shipped recipe '{args.name}'", "NAME", hint=f"shipped: {', '.join(shipped)}")
+    dest = Path(args.dest or f"{args.name}.yaml")
+    if dest.is_dir():
+        dest = dest / f"{args.name}.yaml"
+    if dest.exists():
+        raise RecipeError("exists already: not overwritten", file=str(dest))
+    if not dest.parent.is_dir():
+        raise RecipeError("no such directory", file=str(dest.parent))
+    shutil.copyfile(shipped[args.name], dest)
+    print(f"copied {args.name} to {dest}: edit it, then qlora run {dest}")
     return 0
 
 

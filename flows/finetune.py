@@ -19,6 +19,7 @@ from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
 from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
+from tasks.package import base_reference, package
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from tasks.stage import materializing
 from tasks.store import dir_size, hash_value
@@ -97,7 +98,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     finally:
         store_ready.join()
 
-    run_id, resumed = tracking.start_run(r, recipe_key(r, source, model), uri, flow_run.get_id(), parent_run_id)
+    key = recipe_key(r, source, model)
+    run_id, resumed = tracking.start_run(r, key, uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
     unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
     try:
@@ -122,7 +124,6 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
             "gradient_bytes", "optimizer_state_bytes") if k in trained})
         artifact = "adapter" if r.lora.enabled else "model"  # full fine-tuning saves the whole model
-        tracking.log_artifacts(uri, run_id, Path(trained["dir"]) / trained[artifact], artifact)
 
         evaluated = run(evaluate_model, trained, tokenized, quantized, r.quantization, r.evaluate,
                         r.train.per_device_eval_batch_size)
@@ -135,28 +136,36 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         if causal:
             summary["base_test_metrics"] = before["metrics"]
         registered = r.tracking.registered_model_name or r.name
-        if r.tracking.register_models:
-            summary["adapter_version"] = tracking.register(uri, run_id, artifact, f"{registered}-{artifact}",
-                                                           trained["hash"])
-            _link_version(uri, f"{registered}-{artifact}", summary["adapter_version"])
-
+        merged = merged_eval = None
         if r.merge.enabled and r.lora.enabled:
             merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype,
                          asset="merged-model", upstream=("adapter",))
             merged_eval = run(evaluate_model, merged, tokenized, quantized, r.quantization, r.evaluate,
                               r.train.per_device_eval_batch_size, label="evaluate-merged")
             _log_evaluation(uri, run_id, merged_eval, "merged_test_", "eval_merged", r.name)
-            tracking.log_artifacts(uri, run_id, Path(merged["dir"]) / merged["model"], "merged_model")
             summary.update(merged_dir=str(Path(merged["dir"]) / merged["model"]),
                            merged_test_metrics=merged_eval["metrics"])
-            if r.tracking.register_models:
+        # What users take away: the portable adapter, and the merged (or fully fine-tuned) model as an
+        # MLflow model; these are what the run logs and the registry versions point at.
+        packaged = run(package, trained, quantized, merged,
+                       _card_info(r, model, source, trained, evaluated, merged_eval, registered))
+        for name in ("adapter", "mlflow_model"):
+            if name in packaged:
+                logged_as = {"adapter": "adapter", "mlflow_model": "merged_model" if merged else "model"}[name]
+                tracking.log_artifacts(uri, run_id, Path(packaged["dir"]) / packaged[name], logged_as)
+                summary[f"{logged_as}_package"] = str(Path(packaged["dir"]) / packaged[name])
+        if r.tracking.register_models:
+            summary[f"{artifact}_version"] = tracking.register(uri, run_id, artifact, f"{registered}-{artifact}",
+                                                               trained["hash"])
+            _link_version(uri, f"{registered}-{artifact}", summary[f"{artifact}_version"])
+            if merged is not None:
                 summary["merged_version"] = tracking.register(uri, run_id, "merged_model", f"{registered}-merged",
                                                               merged["hash"])
                 _link_version(uri, f"{registered}-merged", summary["merged_version"])
-            if r.merge.compare:
-                table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
-                tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
-                summary["comparison"] = table.to_dict(orient="records")
+        if merged is not None and r.merge.compare:
+            table = _compare_variants(run, r, trained, quantized, tokenized, evaluated, merged, merged_eval)
+            tracking.log_comparison(uri, run_id, table, Path(merged_eval["dir"]))
+            summary["comparison"] = table.to_dict(orient="records")
         if r.tracking.promotion.enabled:
             promoted = "merged" if r.tracking.promotion.model_for(r.merge.enabled and r.lora.enabled) == "merged" \
                 else artifact
@@ -164,6 +173,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         summary.update(cached=run.cached, stage_seconds=run.seconds, all_cached=all(run.cached.values()))
         _report(r.name, summary)
         tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
+        if summary["all_cached"]:
+            tracking.mark_all_cached(uri, run_id, r.name, key)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -190,6 +201,17 @@ def _compare_variants(run: StageRunner, r: Recipe, trained: dict, quantized: dic
                                    r.train.per_device_eval_batch_size, label=f"evaluate-{variant}")
         sizes[variant] = (built["size_bytes"], built["size_bytes"])
     return comparison_table(evaluations, sizes)
+
+
+def _card_info(r: Recipe, model: dict, source: dict, trained: dict, evaluated: dict, merged_eval: dict | None,
+               registered: str) -> dict:
+    """What the model cards say: provenance, test metrics, how to load."""
+    return {"recipe": r.name, "method": r.method, "task": r.model.task, "reference": r.model.name_or_path,
+            "base": base_reference(r.model, model), "labels": trained["label_names"] if r.model.task != CAUSAL else [],
+            "data": _source_uri(source), "data_hash": source["hash"], "steps": trained["steps"],
+            "metrics": evaluated["metrics"], "merged_metrics": merged_eval["metrics"] if merged_eval else None,
+            "registered_name": f"{registered}-merged" if merged_eval else f"{registered}-model",
+            "model_kind": "merged model" if merged_eval else "fine-tuned model"}
 
 
 def _source_uri(source: dict) -> str:
@@ -234,7 +256,8 @@ def _promote(uri: str, run_id: str, r: Recipe, name: str) -> dict:
     from flows.registry import promote
 
     p = r.tracking.promotion
-    decision = promote(uri, name, p.metric, p.margin, p.mode)
+    merges = r.merge.enabled and r.lora.enabled
+    decision = promote(uri, name, p.metric_for(merges, r.model.task), p.margin, p.mode_for(merges, r.model.task))
     tracker = tracking.Tracker(uri, run_id)
     tracker.set_tags({"qlora.promotion.promoted": decision["promoted"], "qlora.promotion.reason": decision["reason"]})
     tracking.log_dict(uri, run_id, decision, "promotion.json")

@@ -59,7 +59,16 @@ def resolve_model(uri: str, into: str, run_id: str | None, variant: str, model: 
     return _download(uri, f"{run.info.artifact_uri}/{artifact}", into)
 
 
+def checkpoint_of(directory: Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a downloaded model: an MLflow transformers model keeps
+    them under model/ and components/tokenizer/; a plain checkpoint or adapter holds both."""
+    if (directory / "MLmodel").is_file():
+        return directory / "model", directory / "components" / "tokenizer"
+    return directory, directory
+
+
 def _is_causal(directory: Path) -> bool:
+    directory, _ = checkpoint_of(directory)
     if (directory / "adapter_config.json").is_file():
         return json.loads((directory / "adapter_config.json").read_text()).get("task_type") == "CAUSAL_LM"
     architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
@@ -69,24 +78,28 @@ def _is_causal(directory: Path) -> bool:
 def load_predictor(directory: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    directory, tokenizer = checkpoint_of(directory)
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
         from tasks.model import load_model
 
         config = json.loads((directory / "adapter_config.json").read_text())
-        base_dir = config.get("base_model_name_or_path")
-        if not base_dir or not Path(base_dir).is_dir():
-            raise RecipeError(f"the adapter's base model {base_dir!r} is not on this machine", "--variant",
+        base = config.get("base_model_name_or_path")
+        local = bool(base) and (base.startswith(("/", ".", "~")) or Path(base).exists())
+        if not base or (local and not Path(base).expanduser().is_dir()):
+            raise RecipeError(f"the adapter's base model {base!r} is not on this machine", "--variant",
                               hint="predict with the merged model (--variant merged), which is self-contained")
-        labels = json.loads((Path(base_dir) / "config.json").read_text()).get("id2label", {})
+        # Label names travel with the adapter (its config.json); older adapters name them in the base's.
+        head = directory / "config.json" if (directory / "config.json").is_file() else Path(base) / "config.json"
+        labels = json.loads(head.read_text()).get("id2label", {}) if head.is_file() else {}
         names = [labels[k] for k in sorted(labels, key=int)]
         task = "causal-lm" if config.get("task_type") == "CAUSAL_LM" else "sequence-classification"
-        model = PeftModel.from_pretrained(load_model(base_dir, task, names, _compute_dtype(base_dir)), str(directory))
+        model = PeftModel.from_pretrained(load_model(base, task, names, _compute_dtype(base)), str(directory))
     else:
         cls = AutoModelForCausalLM if _is_causal(directory) else AutoModelForSequenceClassification
         model = cls.from_pretrained(directory)
-    return model.eval(), AutoTokenizer.from_pretrained(directory)
+    return model.eval(), AutoTokenizer.from_pretrained(tokenizer)
 
 
 def _respond(net, tok, texts: list[str], max_new_tokens: int = 128) -> list[dict]:
@@ -107,10 +120,11 @@ def _respond(net, tok, texts: list[str], max_new_tokens: int = 128) -> list[dict
     return rows
 
 
-def _compute_dtype(base_dir: str):
+def _compute_dtype(base: str):
     import torch
 
-    q = json.loads((Path(base_dir) / "config.json").read_text()).get("quantization_config") or {}
+    config = Path(base) / "config.json"
+    q = (json.loads(config.read_text()).get("quantization_config") or {}) if config.is_file() else {}
     return getattr(torch, q.get("bnb_4bit_compute_dtype", "float32"))
 
 
@@ -137,17 +151,25 @@ def predict(uri: str, texts: list[str], run_id: str | None, variant: str, model:
     return pd.DataFrame(rows)
 
 
-def promote(uri: str, name: str, metric: str, min_delta: float = 0.0, mode: str = "max") -> dict:
+def promote(uri: str, name: str, metric: str | None = None, min_delta: float = 0.0, mode: str | None = None) -> dict:
     """Point `champion` at the `candidate` version if it beats the champion on the metric (higher is
-    better with mode max, lower with min) by more than min_delta. Returns the decision and its reason."""
+    better with mode max, lower with min) by more than min_delta. Without a metric: the model's own
+    test figure (merged_test_* for a merged model). Returns the decision and its reason."""
     from mlflow.exceptions import MlflowException
+
+    from tasks.recipe import default_promotion_metric, lower_is_better
 
     c = client(uri)
     try:
         candidate = c.get_model_version_by_alias(name, CANDIDATE)
     except MlflowException:
         raise RecipeError(f"registered model '{name}' has no '{CANDIDATE}' version", "NAME") from None
-    cand_metrics = c.get_run(candidate.run_id).data.metrics
+    run = c.get_run(candidate.run_id)
+    cand_metrics = run.data.metrics
+    if metric is None:
+        merged = candidate.source.rstrip("/").endswith("merged_model")
+        metric = default_promotion_metric(merged, run.data.tags.get("qlora.task", "sequence-classification"))
+    mode = mode or lower_is_better(metric)
     if metric not in cand_metrics:
         raise RecipeError(f"metric '{metric}' was not logged by the candidate's run", "--metric",
                           hint=f"logged: {', '.join(sorted(k for k in cand_metrics if k.startswith(('test_', 'merged_test_'))))}")
@@ -169,6 +191,6 @@ def promote(uri: str, name: str, metric: str, min_delta: float = 0.0, mode: str 
                                           f"{metric}={value:.4f} does not beat {best:.4f} by more than {min_delta}"}
     c.set_registered_model_alias(name, CHAMPION, candidate.version)
     return {**decision, "promoted": True,
-            "reason": f"promoted v{candidate.version} to {CHAMPION} ({metric}={value:.4f}"
+            "reason": f"promoted v{candidate.version} to {CHAMPION} ({metric}={value:.4f}, {mode}imized"
                       + (f", champion v{champion.version} had {decision['champion_value']:.4f})" if champion else
                          ", no champion before)")}

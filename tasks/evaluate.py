@@ -72,9 +72,10 @@ def check_promotion(recipe) -> None:
                           hint="set merge.enabled: true, or promotion.model: adapter")
     known = logged_metrics(recipe)
     per_class = tuple(f"_{label}" for label in recipe.model.labels or []) or ("\0",)
-    if known is not None and promotion.metric not in known:
-        close = difflib.get_close_matches(promotion.metric, sorted(known), n=1)
-        raise RecipeError(f"the evaluation does not produce '{promotion.metric}'"
+    metric = promotion.metric_for(recipe.merge.enabled and recipe.lora.enabled, recipe.model.task)
+    if known is not None and metric not in known:
+        close = difflib.get_close_matches(metric, sorted(known), n=1)
+        raise RecipeError(f"the evaluation does not produce '{metric}'"
                           + (f" (did you mean '{close[0]}'?)" if close else ""), "tracking.promotion.metric",
                           hint="logged: " + ", ".join(sorted(k for k in known if not k.endswith(per_class))))
 
@@ -176,11 +177,14 @@ def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tok
     """Continuations of token-id prompts (left-padded batches): greedy, or sampled at a temperature."""
     import torch
 
+    from tasks.progress import bar as progress_bar
+
     model.eval()
     texts = []
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {"do_sample": False}
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(len(prompts), "generate", "prompt") as shown:
         for start in range(0, len(prompts), batch_size):
+            shown.update(len(prompts[start:start + batch_size]))
             ids, mask = left_padded(prompts[start:start + batch_size], pad_id)
             width = ids.shape[1]
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
@@ -214,7 +218,7 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
     from tasks.train import lm_loss
 
     torch.manual_seed(0)  # sampled decoding: the same draws for every model evaluated
-    loss = lm_loss(model, test, batch_size, pad_id, dev)
+    loss = lm_loss(model, test, batch_size, pad_id, dev, desc="evaluate")
     g = cfg.generation
     examples = test.select(range(min(g.num_examples, len(test))))
     np.save(out / "next_token_logits.npy", next_token_logits(model, examples["prompt_ids"], pad_id, dev))
@@ -262,7 +266,7 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     with PeakMemory(dev) as memory:
         model = load_for_eval(variant, quantized, q, label_names)
         start = time.perf_counter()
-        logits, loss = predict(model, test, batch_size, pad_id, dev)
+        logits, loss = predict(model, test, batch_size, pad_id, dev, desc="evaluate")
         seconds = time.perf_counter() - start
     preds = logits.argmax(-1)
     refs = np.asarray(test["labels"])

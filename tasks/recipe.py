@@ -312,14 +312,32 @@ class PromotionSection(Section):
     # After each run, point the registry's `champion` alias at the new candidate only if it beats
     # the champion's run on `metric` by more than `margin` (scheduled retraining turns this on).
     enabled: bool = False
-    metric: str = "test_accuracy"       # a metric the run logs: test_*, merged_test_*
-    mode: Literal["max", "min"] = "max"  # min for losses and perplexity
+    # A metric the run logs (test_*, merged_test_*). Default: the promoted model's own figure,
+    # accuracy for a classifier and loss (mode min) for a causal LM, of the merged model
+    # (merged_test_*) when that is what is promoted.
+    metric: Optional[str] = None
+    mode: Optional[Literal["max", "min"]] = None  # default: min for losses and perplexity, else max
     margin: float = Field(default=0.0, ge=0)
     # Which registered model is promoted; default: the merged model when the recipe merges.
     model: Optional[Literal["merged", "adapter"]] = None
 
     def model_for(self, merges: bool) -> str:
         return self.model or ("merged" if merges else "adapter")
+
+    def metric_for(self, merges: bool, task: str) -> str:
+        return self.metric or default_promotion_metric(self.model_for(merges) == "merged", task)
+
+    def mode_for(self, merges: bool, task: str) -> str:
+        return self.mode or lower_is_better(self.metric_for(merges, task))
+
+
+def default_promotion_metric(merged: bool, task: str) -> str:
+    """The promoted model's own test figure."""
+    return ("merged_test_" if merged else "test_") + ("loss" if task == "causal-lm" else "accuracy")
+
+
+def lower_is_better(metric: str) -> str:
+    return "min" if metric.endswith(("loss", "perplexity")) else "max"
 
 
 def registry_name(value: str | None) -> str | None:
@@ -456,11 +474,38 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def shipped_recipes_dir() -> Path | None:
+    """The recipes that ship with the project: beside the code in a checkout or editable install,
+    under <prefix>/share/qlora-pipeline/recipes in an installed wheel."""
+    import sys
+
+    for candidate in (Path(__file__).resolve().parent.parent / "recipes",
+                      Path(sys.prefix) / "share" / "qlora-pipeline" / "recipes"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    return None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    directory = shipped_recipes_dir()
+    return {p.stem: p for p in sorted(directory.glob("*.yaml"))} if directory else {}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or a shipped recipe by name (`qlora run quickstart`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if str(name_or_path) in shipped and path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        return shipped[str(name_or_path)]
+    hint = f"shipped recipes: {', '.join(shipped)} (qlora recipes lists them)" if shipped else None
+    raise RecipeError("recipe file not found", file=str(name_or_path), hint=hint)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+    path = find_recipe(path)
     file = str(path)
-    if not path.is_file():
-        raise RecipeError("recipe file not found", file=file)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

@@ -179,11 +179,25 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
         if previous and previous != flow_run_id:
             mark_flow_run_crashed(previous, f"its process ended without finishing; resumed by flow run {flow_run_id}")
     else:
-        run_id = client.create_run(exp_id, run_name=recipe.name, tags={RECIPE_KEY_TAG: recipe_key}).info.run_id
+        # Named per configuration: runs of one recipe with other settings or data are told apart.
+        run_id = client.create_run(exp_id, run_name=run_name(recipe.name, recipe_key),
+                                   tags={RECIPE_KEY_TAG: recipe_key}).info.run_id
         resumed = False
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     return run_id, resumed
+
+
+def run_name(recipe_name: str, recipe_key: str) -> str:
+    return f"{recipe_name}-{recipe_key[:7]}"
+
+
+def mark_all_cached(uri: str, run_id: str, recipe_name: str, recipe_key: str) -> None:
+    """A run whose every stage was a cache hit: said in its name and a tag, so the runs list tells
+    an unchanged scheduled run from one that trained."""
+    client = _client(uri)
+    client.set_tag(run_id, "qlora.all_cached", "true")
+    client.update_run(run_id, name=f"{run_name(recipe_name, recipe_key)}-cached")
 
 
 OWNER_TAG = "qlora.owner"  # host:pid:process start time of the process reporting to the run
@@ -234,10 +248,18 @@ def flow_run_is_active(flow_run_id: str) -> bool:
         return False
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs (model training), not on traces (GenAI).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     with store_lock(uri):
         exp = client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else client.create_experiment(name, artifact_location=_artifact_root(uri))
+        if exp is None:
+            return client.create_experiment(name, artifact_location=_artifact_root(uri), tags=EXPERIMENT_KIND)
+        if "mlflow.experimentKind" not in exp.tags:  # made by an earlier version, or by hand
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return exp.experiment_id
 
 
 def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:

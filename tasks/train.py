@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from tasks import model as models
 from tasks import signals, training
+from tasks.progress import bar as progress_bar
 from tasks.training import collate_lm, pack
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.stage import run_logger, stage
@@ -70,22 +70,28 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
-def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int = 1) -> float:
-    """Mean loss per target token over a dataset (what perplexity is the exponential of)."""
+def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int = 1, desc: str | None = None) -> float:
+    """Mean loss per target token over a dataset (what perplexity is the exponential of); a progress
+    bar named desc when given."""
     import torch
 
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
     total, count = 0.0, 0
+    shown = progress_bar(len(order), desc, "row") if desc else None
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
+            if shown is not None:
+                shown.update(len(order[start:start + batch_size]))
             batch = collate_lm([[dataset[i]] for i in order[start:start + batch_size]], pad_id, dev,
                                multiple_of=multiple_of)
             batch.pop("real_tokens")
             targets = batch.pop("targets")
             total += model(**batch).loss.float().item() * targets
             count += targets
+    if shown is not None:
+        shown.close()
     model.train()
     return total / max(count, 1)
 
@@ -253,27 +259,34 @@ def on_checkpoint(step: int) -> None:
 
 
 def predict(model, dataset, batch_size: int, pad_id: int, dev: torch.device,
-            multiple_of: int = 1) -> tuple[np.ndarray, float]:
-    """Logits for every row (in dataset order) and the mean loss; rows sorted by length for speed."""
+            multiple_of: int = 1, desc: str | None = None) -> tuple[np.ndarray, float]:
+    """Logits for every row (in dataset order) and the mean loss; rows sorted by length for speed;
+    a progress bar named desc when given."""
     import torch
 
     with torch.no_grad():
-        return _predict(model, dataset, batch_size, pad_id, dev, multiple_of)
+        return _predict(model, dataset, batch_size, pad_id, dev, multiple_of, desc)
 
 
-def _predict(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int) -> tuple[np.ndarray, float]:
+def _predict(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int,
+             desc: str | None = None) -> tuple[np.ndarray, float]:
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
     logits = [None] * len(dataset)
     loss_sum = 0.0
+    shown = progress_bar(len(order), desc, "row") if desc else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        if shown is not None:
+            shown.update(len(idx))
         batch = collate([dataset[i] for i in idx], pad_id, dev, multiple_of)
         out = model(**batch)
         loss_sum += out.loss.float().item() * len(idx)
         for i, row in zip(idx, out.logits.float().cpu().numpy()):
             logits[i] = row
+    if shown is not None:
+        shown.close()
     model.train()
     return np.stack(logits), loss_sum / max(len(dataset), 1)
 
@@ -482,8 +495,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
                              {"step": step, "elapsed_s": training_seconds(), "samples": samples, "tokens": tokens},
                              cfg.save_total_limit)
         samples, tokens = progress["samples"], progress["tokens"]
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
+        bar = progress_bar(total, "train", "step", initial=step)
         epoch = step // per_epoch
 
         def stop_here() -> None:
