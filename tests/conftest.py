@@ -105,3 +105,41 @@ def small_recipe(**sections) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def serve_and_invoke(model_uri: str, payload: dict, env: dict, cwd: Path, timeout: float = 240) -> dict:
+    """`mlflow models serve` on 127.0.0.1, as a user starts it, and one POST to /invocations."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from flows.servers import free_port
+
+    port = free_port()
+    log = open(cwd / f"serve-{port}.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert server.poll() is None, (cwd / f"serve-{port}.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
+                time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()

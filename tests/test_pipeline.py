@@ -72,7 +72,7 @@ def test_run_rerun_and_edit(project):
     artifacts = {a.path for d in ("", "adapter", "eval", "merged_model", "recipe")
                  for a in client.list_artifacts(first["run_id"], d)}
     assert {"adapter/adapter_model.safetensors", "eval/confusion_matrix.png", "eval/predictions_table.json",
-            "merged_model/model.safetensors", "recipe/r.yaml", "recipe/resolved.yaml"} <= artifacts
+            "merged_model/MLmodel", "recipe/r.yaml", "recipe/resolved.yaml"} <= artifacts
     contexts = sorted(i.tags[0].value for i in r.inputs.dataset_inputs)
     assert contexts == ["testing", "training", "validation"]
     assert all(i.dataset.digest for i in r.inputs.dataset_inputs)

@@ -1,0 +1,114 @@
+"""What users do next with a finished run, through the clients they already use: MLflow's pyfunc
+loader and `mlflow models serve` on the registered model, plain transformers + peft on the
+exported adapter (its model card's snippet, as written), `qlora promote` on the merged model."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REVIEW_LABELS, minilm_dir, serve_and_invoke, small_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env(project: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
+
+
+def _qlora(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=_env(project),
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    project = tmp_path_factory.mktemp("serving")
+    write_recipe(project / "r.yaml", small_recipe(merge={"enabled": True}))
+    done = _qlora(project, "run", "r.yaml", "--json", "summary.json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return project, json.loads((project / "summary.json").read_text())
+
+
+def _client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def test_registered_merged_model_loads_with_mlflow_pyfunc(finished):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    project, summary = finished
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/reviews-test-merged@candidate")
+    signature = model.metadata.signature
+    assert signature.inputs.input_names() == ["text"] and signature.outputs.input_names() == ["label", "score"]
+    out = model.predict(pd.DataFrame({"text": ["A thoroughly charming, funny film", "A tired, dull sequel"]}))
+    assert list(out.columns) == ["label", "score"] and set(out["label"]) <= set(REVIEW_LABELS)
+    assert ((out["score"] > 0) & (out["score"] <= 1)).all()
+
+
+def test_mlflow_models_serve_answers_invocations(finished):
+    project, _ = finished
+    answer = serve_and_invoke("models:/reviews-test-merged@candidate",
+                              {"dataframe_split": {"columns": ["text"], "data": [["A charming film"]]}},
+                              _env(project), project)
+    (prediction,) = answer["predictions"]
+    assert prediction["label"] in REVIEW_LABELS and 0 < prediction["score"] <= 1
+
+
+def test_adapter_loads_with_plain_peft_on_the_original_base_as_its_card_says(finished, tmp_path):
+    """The exported adapter names the original base, carries the label names, and its model card's
+    snippet runs as written from a copy of the folder anywhere."""
+    import shutil
+
+    project, summary = finished
+    adapter = tmp_path / "adapter"
+    shutil.copytree(summary["adapter_package"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == minilm_dir().resolve()
+    card = (adapter / "README.md").read_text()
+    assert "reviews-test" in card and "| accuracy |" in card and "content digest" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", snippet + "\nprint(labels)"], cwd=adapter, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (labels,) = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert eval(labels)[0] in REVIEW_LABELS  # names, not ids  # noqa: S307
+
+
+def test_promote_judges_the_merged_model_by_its_own_metric(finished):
+    project, _ = finished
+    done = _qlora(project, "promote", "reviews-test-merged")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "merged_test_accuracy" in done.stdout and "promoted v1 to champion" in done.stdout
+    done = _qlora(project, "predict", "--model", "reviews-test-merged@champion", "A charming film")
+    assert done.returncode == 0 and "A charming film" in done.stdout, done.stderr[-2000:]
+
+
+def test_runs_are_named_per_configuration_and_cached_runs_say_so(finished):
+    project, summary = finished
+    client = _client(project)
+    first = client.get_run(summary["run_id"])
+    assert re.fullmatch(r"reviews-test-[0-9a-f]{7}", first.info.run_name)
+    assert client.get_experiment(first.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    done = _qlora(project, "run", "r.yaml", "--json", "again.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = client.get_run(json.loads((project / "again.json").read_text())["run_id"])
+    assert again.info.run_name == first.info.run_name + "-cached" and again.data.tags["qlora.all_cached"] == "true"
+    other = _qlora(project, "run", "r.yaml", "--json", "other.json", "--set", "train.learning_rate=5e-4")
+    assert other.returncode == 0, other.stderr[-3000:]
+    name = client.get_run(json.loads((project / "other.json").read_text())["run_id"]).info.run_name
+    assert name.startswith("reviews-test-") and name != first.info.run_name
