@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import minilm_dir, write_recipe
+from conftest import serve_and_invoke, minilm_dir, write_recipe
 from tasks.data import _tokenize_causal, check_data, render_prompt
 from tasks.model import check_gguf, resolve_model
 from tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
@@ -193,6 +193,16 @@ def test_chat_smollm2_short_run(project):
     # The dequantized merge is the model training saw: it must continue the prompts (nearly) alike.
     assert variants.loc["merged-dequant", "agreement_pct"] >= 75, variants
     assert variants["loss"].notna().all() and "merge variants against the adapter" in done.stdout
+    # The merged model as MLflow logged it: a chat model (its chat template applied) that pyfunc
+    # loads and `mlflow models serve` answers, OpenAI chat-completion style.
+    import mlflow.pyfunc
+
+    chat = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8}
+    answer = mlflow.pyfunc.load_model(summary["merged_model_package"]).predict(chat)
+    assert answer[0]["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(answer[0]["choices"][0]["message"]["content"], str)
+    served = serve_and_invoke(summary["merged_model_package"], chat, env, project)
+    assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
 
 
 @pytest.mark.slow
