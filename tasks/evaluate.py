@@ -241,7 +241,7 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
             "examples": len(test)}
 
 
-@stage("evaluate", modules=("tasks.model", "tasks.train"))
+@stage("evaluate", modules=("tasks.metrics",))  # metric scripts are loaded by path
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
     import torch

@@ -47,7 +47,7 @@ def merged_model(adapter_dir: str, quantized: dict, q: QuantizationSection, labe
     return clean.eval()
 
 
-@stage("merge", modules=("tasks.model",))
+@stage("merge")
 def merge(out: Path, trained: dict, quantized: dict, q: QuantizationSection, strategy: Strategy,
           dtype: str) -> dict:
     labels = trained["label_names"]

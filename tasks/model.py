@@ -326,7 +326,7 @@ def count_full_params(model_path: str, label_names: list[str], task: str, trust_
             "base_params": total, "trainable_percent": 100.0, "lora_layers": 0}
 
 
-@stage("lora", modules=("tasks.training",))
+@stage("lora")
 def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str],
                 task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
     if not cfg.enabled:

@@ -176,7 +176,7 @@ def _version(name: str) -> str:
     return version(name).split("+")[0]
 
 
-@stage("package")
+@stage("package", libraries=("torch", "transformers", "peft", "mlflow", "huggingface_hub"))
 def package(out: Path, trained: dict, quantized: dict, merged: dict | None, info: dict) -> dict:
     """`info`: what the model card says (recipe, base reference, data and its digest, metrics).
     LoRA: the portable adapter, and the merged model as an MLflow model when there is one; full

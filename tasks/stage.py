@@ -77,11 +77,13 @@ def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arg
     return result
 
 
-def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()):
+def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = (),
+          libraries: tuple[str, ...] = store.STAGE_LIBRARIES):
     def decorate(build: Callable[..., dict]):
         module = sys.modules[build.__module__]
-        # The stage's own module and the shared pieces whose behaviour changes its output.
-        source = store.source_fingerprint(module.__name__, "tasks.store", *modules)
+        # The stage's module and every project module it imports (found by reading the code, so no
+        # list can drift), `modules` it loads otherwise (metric scripts), the libraries' versions.
+        source = store.source_fingerprint(module.__name__, *modules, libraries=libraries)
         params = [p for p in list(inspect.signature(build).parameters.values())[1:]  # drop `out`
                   if p.name != "scratch"]
         wants_scratch = "scratch" in inspect.signature(build).parameters
@@ -128,6 +130,7 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
         # its result plain JSON, checked against its manifest before it is used.
         prefect_task = task(name=name, cache_policy=NO_CACHE, persist_result=False)(run_stage)
         prefect_task.key_of = key_of
+        prefect_task.code_fingerprint = source
         return prefect_task
 
     return decorate

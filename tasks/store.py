@@ -7,6 +7,7 @@ renamed into place when complete, so a killed stage never leaves a directory a l
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -57,12 +58,76 @@ def tree_fingerprint(root: Path, names: list[str] | None = None) -> str:
     return hash_value({str(p.relative_to(root)): file_fingerprint(p) for p in files if p.is_file()})
 
 
-def source_fingerprint(*modules: str) -> str:
-    """Hash of the source files of the given modules: editing a stage invalidates its cache."""
+PROJECT_PACKAGES = ("tasks", "flows")
+# The libraries whose behaviour shapes what a stage writes: an upgrade must not serve artifacts the
+# old versions built.
+STAGE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers")
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a project module, located without importing anything (finding a
+    submodule's spec would import its parents, mid-import of the stages themselves)."""
+    parts = name.split(".")
+    if parts[0] not in PROJECT_PACKAGES:
+        return None
+    base = Path(__file__).resolve().parent.parent.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _imported_names(path: Path) -> tuple[str, ...]:
+    """Modules a source file imports (anywhere in it): `import a.b`, and for `from a import b`
+    both `a.b` (if b is a module) and `a` (if b is an attribute)."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                names.append(full if _module_file(full) else node.module)
+    return tuple(names)
+
+
+def project_modules(*roots: str) -> dict[str, Path]:
+    """The project modules the roots import, transitively, at module level or inside functions
+    (the stages import lazily), found by reading their source, not by importing them. A package
+    given as a root stands for every module in it (metric scripts are loaded by path)."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    for root in roots:
+        path = _module_file(root)
+        if path is not None and path.name == "__init__.py":
+            todo += [f"{root}.{p.stem}" for p in sorted(path.parent.glob("*.py")) if p.stem != "__init__"]
+    while todo:
+        name = todo.pop()
+        path = None if name in seen else _module_file(name)
+        if path is None:
+            continue  # not ours (a library)
+        seen[name] = path
+        todo += _imported_names(path)
+    return dict(sorted(seen.items()))
+
+
+def source_fingerprint(*modules: str, libraries: tuple[str, ...] = STAGE_LIBRARIES) -> str:
+    """Hash of the source of the given modules and every project module they import, plus the
+    versions of the libraries that shape a stage's output: editing any of that code, or upgrading
+    one of those libraries, invalidates the stage's cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
     parts = []
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        parts.append(Path(spec.origin).read_bytes())
+    for name, path in project_modules(*modules).items():
+        parts.append(name.encode() + b"\0" + path.read_bytes())
+    for library in libraries:
+        try:
+            parts.append(f"{library}=={version(library)}".encode())
+        except PackageNotFoundError:
+            parts.append(f"{library} absent".encode())
     return sha256_bytes(b"\0".join(parts))[:20]
 
 

@@ -380,7 +380,7 @@ def _accuracy(logits: np.ndarray, labels) -> float:
     return float((logits.argmax(-1) == np.asarray(labels)).mean())
 
 
-@stage("train", ignore=("run_id", "tracking_uri"), modules=("tasks.model", "tasks.training"))
+@stage("train", ignore=("run_id", "tracking_uri"))
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
           pad_to_max_length: bool = False,
