@@ -25,7 +25,8 @@ log = logging.getLogger("qlora")
 # LM's lm_head is often tied to its input embeddings). Classification heads are trained fully.
 HEAD_MODULES = ["classifier", "pre_classifier", "score", "pooler", "lm_head"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model"]
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model",
+                   "chat_template.jinja", "chat_template.json"]  # transformers 5 keeps the chat template in its own file
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
