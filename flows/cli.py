@@ -340,6 +340,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="a UTF-8 text file, one text per line")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("export", help="a trained model as a self-contained folder (hf) or one GGUF file (llama.cpp)")
+    p.add_argument("source", metavar="SOURCE", help="MLflow run id, or registered model NAME@ALIAS / NAME/VERSION")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a transformers folder (default); "
+                   "gguf: one file for llama.cpp (Llama-family causal LMs)")
+    p.add_argument("--quant", default="f16", help="GGUF tensor type: f16 (default), bf16, q8_0, f32")
+    p.add_argument("--out", required=True, help="folder (hf) or file (gguf) to write")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("merge", help="fold an exported adapter into its original base, saved in 16-bit")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (as a run logs it: adapter_config.json names the base)")
+    p.add_argument("--out", required=True, help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p = sub.add_parser("chat", help="chat in the terminal with a trained causal LM (/reset, /exit)")
+    p.add_argument("source", metavar="SOURCE", help="MLflow run id, or registered model NAME@ALIAS / NAME/VERSION")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     p = sub.add_parser("promote", help="make the registry's candidate the champion if it beats it")
     p.add_argument("name", metavar="NAME", help="registered model name, e.g. agnews-minilm-merged")
     p.add_argument("--metric", help="run metric to compare (default: merged_test_accuracy for a *-merged model, "
@@ -355,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signals.install()
     try:
-        if args.command in ("compare", "predict", "promote"):
+        if args.command in ("compare", "predict", "promote", "export", "merge", "chat"):
             return _registry_command(args)
         if args.command == "ui":
             from flows.servers import ui
@@ -477,13 +492,21 @@ def _deploy(args, recipe: Recipe) -> int:
 
 
 def _registry_command(args) -> int:
-    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1")):
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1"),
+                       ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):  # a bar per download is noise here
         os.environ.setdefault(key, value)
     from flows import registry
     from tasks.compare import format_table
 
+    if args.command == "merge":
+        print(f"merged model: {registry.merge_adapter(Path(args.adapter), Path(args.out), args.dtype)}")
+        return 0
     uri = _tracking_uri(args.tracking_uri)
-    if args.command == "compare":
+    if args.command == "export":
+        print(f"exported: {registry.export(uri, args.source, args.format, Path(args.out), args.quant)}")
+    elif args.command == "chat":
+        registry.chat(uri, args.source, args.max_new_tokens)
+    elif args.command == "compare":
         print(format_table(registry.compare(uri, args.run_ids)))
     elif args.command == "predict":
         table = registry.predict(uri, _read_texts(args), args.run_id, args.variant, args.model)

@@ -45,7 +45,10 @@ def resolve_model(uri: str, into: str, run_id: str | None, variant: str, model: 
             name, sep, ref = model.partition("@") if "@" in model else model.rpartition("/")
             if not sep or not name or not ref:
                 raise RecipeError(f"'{model}' is not NAME/VERSION or NAME@ALIAS", "--model")
-            version = c.get_model_version_by_alias(name, ref) if "@" in model else c.get_model_version(name, ref)
+            if "@" in model:
+                version = _version_by_alias(c, name, ref)
+            else:
+                version = c.get_model_version(name, ref)
             return _download(uri, version.source, into)
         run = c.get_run(run_id)
     except MlflowException as e:
@@ -57,6 +60,21 @@ def resolve_model(uri: str, into: str, run_id: str | None, variant: str, model: 
         raise RecipeError(f"run {run_id} has no {variant} model", "--variant",
                           hint=f"make it with: qlora run recipes/{recipe}.yaml --set merge.enabled=true")
     return _download(uri, f"{run.info.artifact_uri}/{artifact}", into)
+
+
+def _version_by_alias(c, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        try:
+            aliases = sorted(c.get_registered_model(name).aliases)
+        except MlflowException:
+            raise RecipeError(f"no registered model '{name}'", "--model") from None
+        raise RecipeError(f"registered model '{name}' has no alias '{alias}'", "--model",
+                          hint=f"its aliases: {', '.join(aliases) or 'none'}; `qlora promote {name}` makes "
+                               f"'{CHAMPION}'") from None
 
 
 def checkpoint_of(directory: Path) -> tuple[Path, Path]:
@@ -194,3 +212,89 @@ def promote(uri: str, name: str, metric: str | None = None, min_delta: float = 0
             "reason": f"promoted v{candidate.version} to {CHAMPION} ({metric}={value:.4f}, {mode}imized"
                       + (f", champion v{champion.version} had {decision['champion_value']:.4f})" if champion else
                          ", no champion before)")}
+
+
+def _source_args(source: str) -> tuple[str | None, str | None]:
+    """RUN_ID, or a registered model as NAME@ALIAS / NAME/VERSION."""
+    return (None, source) if ("@" in source or "/" in source) else (source, None)
+
+
+def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Path:
+    """`qlora export`: a run's merged model (or a registered version) as a self-contained folder, or
+    as one GGUF file."""
+    from tasks.export import export_gguf, export_hf
+
+    run_id, model = _source_args(source)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = resolve_model(uri, tmp, run_id, "merged", model)
+        weights, tokenizer = checkpoint_of(directory)
+        if (weights / "adapter_config.json").is_file():
+            raise RecipeError(f"{source} is an adapter, not a merged model", "SOURCE",
+                              hint="export the merged model (`<recipe>-merged@ALIAS`, or a run made with merge.enabled)")
+        if fmt == "gguf" and not _is_causal(directory):
+            raise RecipeError("GGUF is for causal language models; this is a classifier", "--format",
+                              hint="export it with --format hf")
+        card = (directory / "model_card.md").read_text() if (directory / "model_card.md").is_file() else None
+        if fmt == "hf":
+            return export_hf(weights, tokenizer, out, card)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return export_gguf(weights, tokenizer, out, quant, name=source)
+
+
+def merge_adapter(adapter: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    """`qlora merge`: an exported adapter folded into its original base (named in its
+    adapter_config.json), saved in 16-bit with its tokenizer: the correct merge, never into 4-bit."""
+    import torch
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise RecipeError("not an adapter folder (no adapter_config.json)", file=str(adapter))
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+    model, tok = load_predictor(adapter)
+    merged = model.merge_and_unload().to(getattr(torch, dtype))
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def chat(uri: str, source: str, max_new_tokens: int = 256, read=input, write=print) -> None:
+    """`qlora chat`: talk to a trained causal LM in the terminal: its chat template, tokens streamed
+    as they are generated, /reset forgets the conversation, /exit (or Ctrl-D) leaves."""
+    import torch
+    from transformers import TextStreamer
+
+    run_id, model = _source_args(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = resolve_model(uri, tmp, run_id, "merged", model)
+        if not _is_causal(directory):
+            raise RecipeError("chat needs a causal language model; this is a classifier", "SOURCE",
+                              hint="classify texts with: qlora predict --model NAME@ALIAS TEXT ...")
+        net, tok = load_predictor(directory)
+    if not getattr(tok, "chat_template", None):
+        raise RecipeError("the model's tokenizer has no chat template", "SOURCE")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict] = []
+    write(f"chatting with {source}: /reset forgets the conversation, /exit leaves")
+    while True:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
+            write("")
+            return
+        if text == "/exit":
+            return
+        if text == "/reset":
+            history = []
+            write("(conversation reset)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = net.generate(**ids.to(net.device), max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": answer})

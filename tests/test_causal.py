@@ -203,6 +203,69 @@ def test_chat_smollm2_short_run(project):
     assert isinstance(answer[0]["choices"][0]["message"]["content"], str)
     served = serve_and_invoke(summary["merged_model_package"], chat, env, project)
     assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
+    _gguf_export_matches_the_merged_model(project, env, summary)
+    _chat_in_a_terminal(project, env, summary["run_id"])
+
+
+def _gguf_export_matches_the_merged_model(project: Path, env: dict, summary: dict) -> None:
+    """`qlora export --format gguf`, read back by a GGUF consumer (transformers' GGUF loader here;
+    llama.cpp reads the same file): greedy answers equal the merged model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "export", summary["run_id"], "--format", "gguf",
+                           "--out", str(project / "export" / "model.gguf")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged_dir"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(summary["merged_dir"])
+    gguf = AutoModelForCausalLM.from_pretrained(project / "export", gguf_file="model.gguf", dtype=torch.float32)
+    same = 0
+    for question in ("What is your name?", "Do you like music?", "What is AI?", "Tell me a joke.", "How are you?"):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        a = merged.generate(**ids, max_new_tokens=12, do_sample=False)
+        b = gguf.generate(**ids, max_new_tokens=12, do_sample=False)
+        same += a.tolist() == b.tolist()
+    assert same >= 4, same
+
+
+def _chat_in_a_terminal(project: Path, env: dict, run_id: str) -> None:
+    """`qlora chat` through a pseudo-terminal, as a user types: a question, /reset, /exit."""
+    import os
+    import pty
+    import select
+    import time
+
+    primary, secondary = pty.openpty()
+    chat = subprocess.Popen([sys.executable, "-m", "flows.cli", "chat", run_id, "--max-new-tokens", "12"], cwd=project,
+                            env={**env, "QLORA_PROGRESS": "0"}, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    seen = b""
+
+    def until(text: bytes, timeout: float = 300) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            if select.select([primary], [], [], 1)[0]:
+                try:
+                    seen += os.read(primary, 4096)
+                except OSError:
+                    break
+        assert text in seen, seen.decode(errors="replace")[-2000:]
+
+    until(b"you> ")
+    os.write(primary, b"What is your name?\n")
+    seen = seen.split(b"you> ", 1)[1]
+    until(b"you> ")  # the answer streamed, then the next prompt
+    answer = seen.split(b"What is your name?", 1)[-1].rsplit(b"you> ", 1)[0].strip()
+    assert answer, seen
+    os.write(primary, b"/reset\n")
+    until(b"(conversation reset)")
+    os.write(primary, b"/exit\n")
+    assert chat.wait(timeout=60) == 0
+    os.close(primary)
 
 
 @pytest.mark.slow

@@ -112,3 +112,36 @@ def test_runs_are_named_per_configuration_and_cached_runs_say_so(finished):
     assert other.returncode == 0, other.stderr[-3000:]
     name = client.get_run(json.loads((project / "other.json").read_text())["run_id"]).info.run_name
     assert name.startswith("reviews-test-") and name != first.info.run_name
+
+
+def test_export_merge_and_the_mistakes_users_make(finished, tmp_path):
+    """`qlora export --format hf` gives a folder plain transformers loads (label names included);
+    `qlora merge` folds the exported adapter into its original base; wrong requests get one line."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    project, summary = finished
+    done = _qlora(project, "export", "reviews-test-merged@candidate", "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert set(model.config.id2label.values()) == set(REVIEW_LABELS) and (tmp_path / "hf" / "README.md").is_file()
+    done = _qlora(project, "merge", summary["adapter_package"], "--out", str(tmp_path / "merged"), "--dtype", "float32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    batch = tok(["A charming film", "A dull sequel"], return_tensors="pt", padding=True)
+    with torch.no_grad():  # the same model, merged from the portable adapter: the same predictions
+        assert (merged(**batch).logits.argmax(-1) == model(**batch).logits.argmax(-1)).all()
+
+    for args, expected in (
+        (("export", "reviews-test-merged@candidate", "--format", "gguf", "--out", str(tmp_path / "m.gguf")),
+         "--format: GGUF is for causal language models"),
+        (("export", "reviews-test-merged@nope", "--out", str(tmp_path / "x")),
+         "no alias 'nope' (its aliases: candidate"),
+        (("chat", "reviews-test-merged@candidate"), "chat needs a causal language model"),
+        (("export", "reviews-test-merged@candidate", "--out", str(tmp_path / "hf")), "exists and is not empty"),
+    ):
+        done = _qlora(project, *args)
+        assert done.returncode == 2 and expected in done.stderr, (args, done.stderr[-2000:])
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert "qlora promote" in _qlora(project, "export", "reviews-test-merged@nope", "--out", str(tmp_path / "x")).stderr
