@@ -39,6 +39,7 @@ class StageRunner:
 
     def __init__(self, work_dir: str, recipe_name: str):
         self.work_dir, self.recipe_name, self.cached, self.seconds = work_dir, recipe_name, {}, {}
+        self.lineage: list[dict] = []  # every stage in the order it ran
 
     def __call__(self, stage_task, *args, label: str | None = None, asset: str | None = None,
                  upstream: tuple[str, ...] = (), **kwargs) -> dict:
@@ -53,6 +54,8 @@ class StageRunner:
         name = label or stage_task.name
         self.cached[name] = state.name == "Cached" or bool(result.get("cache_hit"))
         self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.lineage.append({"stage": name, "key": result["hash"], "cached": self.cached[name],
+                             "built_by_flow_run": result.get("built_by_flow_run")})
         return result
 
 
@@ -172,6 +175,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
             summary["promotion"] = _promote(uri, run_id, r, f"{registered}-{promoted}")
         summary.update(cached=run.cached, stage_seconds=run.seconds, all_cached=all(run.cached.values()))
         _report(r.name, summary)
+        lineage.run_lineage(r.name, run.lineage, flow_run.get_id())
         tracking.Tracker(uri, run_id).set_tags({"qlora.cached_stages": ",".join(k for k, v in run.cached.items() if v)})
         if summary["all_cached"]:
             tracking.mark_all_cached(uri, run_id, r.name, key)

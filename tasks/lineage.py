@@ -128,3 +128,23 @@ def asset(recipe_name: str, kind: str):
     return Asset(key=f"qlora://{_artifact_key(recipe_name)}/{kind}",
                  properties=AssetProperties(name=f"{recipe_name} {kind}",
                                             description=f"the {kind} of recipe {recipe_name}, content-addressed under its work_dir"))
+
+
+def run_lineage(recipe_name: str, stages: list[dict], flow_run_id: str | None) -> None:
+    """Every stage of this run with its content key, whether this run built it or found it cached,
+    and for a cache hit the flow run that built it (a link where the Prefect UI serves one): the
+    open-source UI's way from a model back to the data that made it."""
+    rows = ["| stage | content key | this run | built by |", "| --- | --- | --- | --- |"]
+    for s in stages:
+        builder = s.get("built_by_flow_run")
+        if not s["cached"]:
+            built_by = "this flow run"
+        elif builder:  # a link relative to the UI showing it: valid in whichever server's UI shows it
+            built_by = f"[flow run {builder[:8]}](/runs/flow-run/{builder})"
+        else:
+            built_by = "an earlier run"
+        rows.append(f"| {s['stage']} | `{s['key'][:12]}` | {'cached' if s['cached'] else 'built'} | {built_by} |")
+    text = (f"### {recipe_name}: lineage of flow run `{flow_run_id}`\n\n"
+            "Stages in the order they ran; each one's content key covers its inputs' keys, so a key names "
+            "everything upstream of it.\n\n" + "\n".join(rows))
+    markdown(text, f"{recipe_name}-lineage", "every stage of this run: content key, built or cached, and by which flow run")

@@ -56,6 +56,12 @@ def _intact_result(name: str, directory: Path, logger) -> dict | None:
         return None
 
 
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
+
+
 def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arguments: dict,
            wants_scratch: bool, logger) -> dict:
     logger.info("%s: building %s", name, directory)
@@ -68,7 +74,8 @@ def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arg
     started = time.perf_counter()
     with store.building(directory) as tmp:
         result = build(tmp, **arguments) or {}
-        result.update(hash=key, dir=str(directory.resolve()))
+        # The flow run that built it: a later run's lineage links cache hits back to their builder.
+        result.update(hash=key, dir=str(directory.resolve()), built_by_flow_run=_flow_run_id())
         store.write_result(tmp, result)
     shutil.rmtree(scratch, ignore_errors=True)
     inputs = {k: v["hash"] for k, v in arguments.items() if isinstance(v, dict) and "hash" in v}

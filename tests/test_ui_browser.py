@@ -87,6 +87,25 @@ def test_prefect_and_mlflow_uis_show_the_run(project, browser):
         _wait_for_text(browser, ["reviews-test-eval", "reviews-test-mlflow-run"])  # metrics table, link to MLflow
         browser.save_screenshot(str(shots / "prefect-artifacts.png"))
 
+        # An unchanged re-run: its lineage artifact lists every stage as cached, each linking to the
+        # flow run above, which built it.
+        done = _cli(project, "run", "r.yaml", env={"PREFECT_API_URL": urls["prefect"],
+                                                   "QLORA_MLFLOW_UI_URL": urls["mlflow"]}, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with prefect_api(urls["prefect"]), get_client(sync_client=True) as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            lineage = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["reviews-test-lineage"])))
+        latest = max(lineage, key=lambda a: a.created)
+        assert latest.flow_run_id != flow_run.id and f"/runs/flow-run/{flow_run.id}" in latest.data
+        browser.get(f"{prefect_ui}/artifacts/artifact/{latest.id}")
+        _wait_for_text(browser, ["built by", "cached", f"flow run {str(flow_run.id)[:8]}"])
+        from selenium.webdriver.common.by import By
+
+        links = browser.find_elements(By.CSS_SELECTOR, f"a[href*='{flow_run.id}']")
+        assert links, "the lineage artifact renders no link to the flow run that built the stages"
+        browser.save_screenshot(str(shots / "prefect-lineage.png"))
+
         experiment = run.info.experiment_id
         browser.get(f"{urls['mlflow']}/#/experiments/{experiment}/runs/{run.info.run_id}")
         # The comparison: one nested run per variant, listed on the run's page.
