@@ -159,3 +159,20 @@ def test_shipped_agnews_recipe_validates_on_the_ag_news_sample(capsys):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "agnews-minilm.yaml"
     assert main(["validate", str(recipe), "--set", f"data.path={data}", "--set", "work_dir=/tmp/qlora-validate"]) == 0
     assert "dev.csv" in capsys.readouterr().out
+
+
+def test_shipped_recipes_are_listed_copied_and_run_by_name(project, capsys):
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert {"quickstart", "agnews-minilm", "chat-smollm2"} <= {line.split()[0] for line in listed.splitlines() if line.strip()}
+    assert main(["recipes", "copy", "quickstart"]) == 0 and (project / "quickstart.yaml").is_file()
+    capsys.readouterr()
+    assert main(["recipes", "copy", "quickstart"]) == EXIT_USER_ERROR  # never overwrites
+    assert "exists already" in capsys.readouterr().err
+    assert main(["recipes", "copy", "nope"]) == EXIT_USER_ERROR
+    assert "shipped: " in capsys.readouterr().err
+    # By name, from a directory that holds no recipes: the shipped file is found.
+    assert main(["validate", "quickstart", "--set", "work_dir=" + str(project / "w")]) == 0
+    assert "quickstart.yaml: ok" in capsys.readouterr().out
+    assert main(["validate", "quickstrat"]) == EXIT_USER_ERROR
+    assert "shipped recipes: " in capsys.readouterr().err
