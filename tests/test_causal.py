@@ -201,7 +201,8 @@ def test_chat_smollm2_short_run(project):
     answer = mlflow.pyfunc.load_model(summary["merged_model_package"]).predict(chat)
     assert answer[0]["choices"][0]["message"]["role"] == "assistant"
     assert isinstance(answer[0]["choices"][0]["message"]["content"], str)
-    served = serve_and_invoke(summary["merged_model_package"], chat, env, project)
+    (served,) = serve_and_invoke(summary["merged_model_package"], chat, env, project)  # one completion per request
+    assert served["object"] == "chat.completion"
     assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
     _gguf_export_matches_the_merged_model(project, env, summary)
     _chat_in_a_terminal(project, env, summary["run_id"])
