@@ -221,14 +221,26 @@ def _gguf_export_matches_the_merged_model(project: Path, env: dict, summary: dic
     merged = AutoModelForCausalLM.from_pretrained(summary["merged_dir"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(summary["merged_dir"])
     gguf = AutoModelForCausalLM.from_pretrained(project / "export", gguf_file="model.gguf", dtype=torch.float32)
-    same = 0
+    same, answers = 0, {}
     for question in ("What is your name?", "Do you like music?", "What is AI?", "Tell me a joke.", "How are you?"):
         ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         a = merged.generate(**ids, max_new_tokens=12, do_sample=False)
         b = gguf.generate(**ids, max_new_tokens=12, do_sample=False)
         same += a.tolist() == b.tolist()
+        answers[question] = tok.decode(a[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert same >= 4, same
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp itself, where llama-cpp-python is installed
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(project / "export" / "model.gguf"), n_ctx=512, verbose=False)
+        agree = 0
+        for question, expected in answers.items():
+            prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+            out = llm(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]["text"]
+            agree += out.strip() == expected.strip()
+        assert agree >= 4, agree
 
 
 def _chat_in_a_terminal(project: Path, env: dict, run_id: str) -> None:
