@@ -96,6 +96,9 @@ def test_promote_judges_the_merged_model_by_its_own_metric(finished):
     assert "merged_test_accuracy" in done.stdout and "promoted v1 to champion" in done.stdout
     done = _qlora(project, "predict", "--model", "reviews-test-merged@champion", "A charming film")
     assert done.returncode == 0 and "A charming film" in done.stdout, done.stderr[-2000:]
+    # The adapter, on the original base its adapter_config.json names.
+    done = _qlora(project, "predict", "--run", finished[1]["run_id"], "--variant", "adapter", "A charming film")
+    assert done.returncode == 0 and any(label in done.stdout for label in REVIEW_LABELS), done.stderr[-2000:]
 
 
 def test_runs_are_named_per_configuration_and_cached_runs_say_so(finished):
