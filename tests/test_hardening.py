@@ -455,13 +455,16 @@ def test_sigterm_stops_within_bounds_and_the_same_command_resumes(project):
 def test_kill_9_leaves_nothing_that_lingers(project):
     """After kill -9: the orphan temporary directory is swept, no step metric is logged twice,
     the killed flow run does not stay Running, the temporary server does not outlive the run."""
+    # Enough steps that training is still going when it is killed, on a fast machine too.
     write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv", n=200),
-                                                 train={"max_steps": 30, "save_steps": 3}))
+                                                 train={"max_steps": 150, "save_steps": 3}))
     process = _start(project)
     _wait_for_checkpoint(project, process)
+    partial = next(project.glob(".qlora/train/*.partial"))
     time.sleep(2)  # steps past the checkpoint logged to MLflow
+    assert process.poll() is None, "training ended before it could be killed"
     servers = _children(process.pid)
-    orphan = project / ".qlora" / "train" / f".tmp-{next(project.glob('.qlora/train/*.partial')).name[:-8]}-dead0000"
+    orphan = project / ".qlora" / "train" / f".tmp-{partial.name[:-8]}-dead0000"
     orphan.mkdir()
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -472,7 +475,7 @@ def test_kill_9_leaves_nothing_that_lingers(project):
     assert not orphan.exists()
     assert "RUNNING" not in _flow_run_states(project)
     steps = [m.step for m in _client(project).get_metric_history(summary["run_id"], "train_loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 30
+    assert len(steps) == len(set(steps)) and max(steps) == 150
 
 
 def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
