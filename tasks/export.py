@@ -105,10 +105,15 @@ def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> None:
     except FileNotFoundError:
         raise RecipeError("GGUF export supports byte-level BPE tokenizers (tokenizer.json)", "--format",
                           hint="export it with --format hf") from None
+    # Special tokens (<|im_start|>, <|endoftext|>, ...) are control tokens to llama.cpp.
+    tokenizer_json = tokenizer_dir / "tokenizer.json"
+    special = {t["content"] for t in json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+               if t.get("special")} if tokenizer_json.is_file() else set()
     tokens, types = [], []
     for text, _score, kind in vocab.all_tokens():
         tokens.append(text)
-        types.append(kind)
+        name = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        types.append(gguf.TokenType.CONTROL if name in special else kind)
     for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer's vocabulary
         tokens.append(f"[PAD{i}]".encode())
         types.append(gguf.TokenType.UNUSED)
