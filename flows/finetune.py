@@ -79,7 +79,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     causal = r.model.task == CAUSAL
     check_metrics(r.evaluate, r.model.task)
     uri = tracking.tracking_uri_of(r)
-    model = resolve_model(r.model)
+    model = original = resolve_model(r.model)
     if "gguf" in model:  # dequantized once into a cached 16-bit model directory
         model = converted(run(convert_gguf, model))
     source = describe_source(r.data)
@@ -151,7 +151,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         # What users take away: the portable adapter, and the merged (or fully fine-tuned) model as an
         # MLflow model; these are what the run logs and the registry versions point at.
         packaged = run(package, trained, quantized, merged,
-                       _card_info(r, model, source, trained, evaluated, merged_eval, registered))
+                       _card_info(r, original, source, trained, evaluated, merged_eval, registered))
         for name in ("adapter", "mlflow_model"):
             if name in packaged:
                 logged_as = {"adapter": "adapter", "mlflow_model": "merged_model" if merged else "model"}[name]

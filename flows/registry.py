@@ -105,7 +105,7 @@ def load_predictor(directory: Path):
         config = json.loads((directory / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         local = bool(base) and (base.startswith(("/", ".", "~")) or Path(base).exists())
-        if not base or (local and not Path(base).expanduser().is_dir()):
+        if not base or (local and not Path(base).expanduser().exists()):
             raise RecipeError(f"the adapter's base model {base!r} is not on this machine", "--variant",
                               hint="predict with the merged model (--variant merged), which is self-contained")
         # Label names travel with the adapter (its config.json); older adapters name them in the base's.
@@ -113,7 +113,13 @@ def load_predictor(directory: Path):
         labels = json.loads(head.read_text()).get("id2label", {}) if head.is_file() else {}
         names = [labels[k] for k in sorted(labels, key=int)]
         task = "causal-lm" if config.get("task_type") == "CAUSAL_LM" else "sequence-classification"
-        model = PeftModel.from_pretrained(load_model(base, task, names, _compute_dtype(base)), str(directory))
+        if base.endswith(".gguf"):  # a GGUF base (chat-smollm2): transformers dequantizes it as it loads
+            from transformers import AutoModelForCausalLM
+
+            base_model = AutoModelForCausalLM.from_pretrained(str(Path(base).parent), gguf_file=Path(base).name)
+        else:
+            base_model = load_model(base, task, names, _compute_dtype(base))
+        model = PeftModel.from_pretrained(base_model, str(directory))
     else:
         cls = AutoModelForCausalLM if _is_causal(directory) else AutoModelForSequenceClassification
         model = cls.from_pretrained(directory)

@@ -99,11 +99,15 @@ def load_snippet(info: dict) -> list[str]:
     """Code that loads the adapter on its base with transformers and peft alone: in the model card,
     and run as written by the tests."""
     if info["task"] == CAUSAL:
+        base = Path(info["base"])
+        load = (f"AutoModelForCausalLM.from_pretrained({str(base.parent)!r}, gguf_file={base.name!r}, dtype=torch.float32)"
+                if base.suffix == ".gguf" else  # a GGUF base: transformers dequantizes it as it loads
+                f"AutoModelForCausalLM.from_pretrained({info['base']!r}, dtype=torch.float32)")
         return ["import torch",
                 "from peft import PeftModel",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 "adapter = \".\"  # this folder",
-                f"base = AutoModelForCausalLM.from_pretrained({info['base']!r}, dtype=torch.float32)",
+                f"base = {load}",
                 "model = PeftModel.from_pretrained(base, adapter).eval()",
                 "tokenizer = AutoTokenizer.from_pretrained(adapter)",
                 "messages = [{\"role\": \"user\", \"content\": \"What can you help me with?\"}]",

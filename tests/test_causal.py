@@ -204,6 +204,13 @@ def test_chat_smollm2_short_run(project):
     (served,) = serve_and_invoke(summary["merged_model_package"], chat, env, project)  # one completion per request
     assert served["object"] == "chat.completion"
     assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
+    # The adapter names its original base, the GGUF file, not the stage cache's converted copy.
+    adapter_config = json.loads((Path(summary["adapter_package"]) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", "--run", summary["run_id"], "--variant",
+                           "adapter", "What is your name?"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "response" in done.stdout, done.stderr[-3000:]
     _gguf_export_matches_the_merged_model(project, env, summary)
     _chat_in_a_terminal(project, env, summary["run_id"])
 
