@@ -244,7 +244,8 @@ def _summary(result: dict) -> str:
     dropped = {s: c for s, c in dropped.items() if c}
     if dropped:
         lines.append(f"rows dropped: {json.dumps(dropped)}")
-    lines.append(f"adapter: {result['adapter_dir']}")
+    # The packaged adapter names its original base (the train stage's own copy names the cache's).
+    lines.append(f"adapter: {result.get('adapter_package') or result['adapter_dir']}")
     if "merged_dir" in result:
         lines.append(f"merged model: {result['merged_dir']}")
     uri = redact_text(result["tracking_uri"])
