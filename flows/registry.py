@@ -225,14 +225,18 @@ def _source_args(source: str) -> tuple[str | None, str | None]:
     return (None, source) if ("@" in source or "/" in source) else (source, None)
 
 
+def _refuse_to_overwrite(out: Path) -> None:
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+
+
 def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Path:
     """`qlora export`: a run's merged model (or a registered version) as a self-contained folder, or
     as one GGUF file."""
     from tasks.export import export_gguf, export_hf
 
     run_id, model = _source_args(source)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+    _refuse_to_overwrite(out)
     with tempfile.TemporaryDirectory() as tmp:
         directory = resolve_model(uri, tmp, run_id, "merged", model)
         weights, tokenizer = checkpoint_of(directory)
@@ -256,8 +260,7 @@ def merge_adapter(adapter: Path, out: Path, dtype: str = "bfloat16") -> Path:
 
     if not (adapter / "adapter_config.json").is_file():
         raise RecipeError("not an adapter folder (no adapter_config.json)", file=str(adapter))
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+    _refuse_to_overwrite(out)
     model, tok = load_predictor(adapter)
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out)

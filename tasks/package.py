@@ -4,7 +4,7 @@
   original base (the Hub id or directory the recipe gave, not the stage cache); a classifier's
   config (label names, head size) and the tokenizer travel with it; a model card (README.md) says
   what it was trained on, how well it did and how to load it.
-- `merged/` (when the recipe merges): an MLflow model of the transformers flavor, with a signature
+- `mlflow_model/` (the merged model, or a fully fine-tuned one): an MLflow model of the transformers flavor, with a signature
   and an input example: `mlflow.pyfunc.load_model` predicts from a DataFrame (a classifier returns
   label and score) or from chat messages (a causal LM answers through its chat template), and
   `mlflow models serve` answers `/invocations`. The registry's versions point at these.
