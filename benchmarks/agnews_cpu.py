@@ -51,7 +51,7 @@ def direct(recipe_path: str, overrides: list[str]) -> None:
     from tasks.data import describe_source, load, split, tokenize
     from tasks.evaluate import evaluate_model
     from tasks.merge import merge
-    from tasks.model import attach_lora, quantize, resolve_model
+    from tasks.model import plan_lora, quantize, resolve_model
     from tasks.recipe import load_recipe
     from tasks.train import train
 
@@ -62,7 +62,7 @@ def direct(recipe_path: str, overrides: list[str]) -> None:
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=w)
     tok = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=w)
     quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=w)
-    lora = attach_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
+    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
     trained = train.fn(tok, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
     evaluated = evaluate_model.fn(trained, tok, quantized, r.quantization, r.evaluate,
                                   r.train.per_device_eval_batch_size, work_dir=w)

@@ -176,7 +176,7 @@ def run_tutorial_padded(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.training import collate_lm
+    from tasks.batches import collate_lm
 
     path = build_on_disk(args.shape, args.seq)  # (built on the GPU when missing: not part of the peak)
     torch.cuda.reset_peak_memory_stats()
@@ -206,10 +206,16 @@ def run_tutorial_padded(args) -> dict:
 def liger_layers(options, compiled: bool) -> frozenset:
     """The Liger layer kernels a set-up names (option liger:rms_norm:swiglu; "liger:" for none), else
     those the train stage takes."""
-    from tasks import training
+    from tasks.batches import collate_lm, pack, width_multiple
+    from tasks.training.fused_lora import fuse_lora_layers
+    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+    from tasks.training.lora import lora_config, model_for_training
+    from tasks.training.memory import _shape, estimate_memory, plan_memory
+    from tasks.training.optimizer import flatten_parameters
+    from tasks.training.step import forward_backward, train_context
 
     named = [o.split(":")[1:] for o in options if o.startswith("liger:")]
-    return frozenset(k for k in named[0] if k) if named else training.liger_layer_kernels(compiled)
+    return frozenset(k for k in named[0] if k) if named else liger_layer_kernels(compiled)
 
 
 def run_pipeline(args) -> dict:
@@ -217,17 +223,29 @@ def run_pipeline(args) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from tasks import training
+    from tasks.batches import collate_lm, pack, width_multiple
+
+    from tasks.training.fused_lora import fuse_lora_layers
+
+    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+
+    from tasks.training.lora import lora_config, model_for_training
+
+    from tasks.training.memory import _shape, estimate_memory, plan_memory
+
+    from tasks.training.optimizer import flatten_parameters
+
+    from tasks.training.step import forward_backward, train_context
 
     dev = torch.device("cuda")
     cfg = config_of(args.shape, args.seq)
     options = args.variant.split("+")[1:]  # pipeline+m2+offload+noliger+nofused+nocompile: a forced set-up
-    liger = training.use_liger("auto", cfg, dev) and not args.no_liger and "noliger" not in options
-    lora_params = LORA["r"] * sum(i + o for i, o in training._shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
+    liger = use_liger("auto", cfg, dev) and not args.no_liger and "noliger" not in options
+    lora_params = LORA["r"] * sum(i + o for i, o in _shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
 
     def estimate_parts(micro, gc, offload) -> dict:
-        return training.estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
+        return estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
                                         tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
                                         fused_ce=liger, causal=True)
 
@@ -239,7 +257,7 @@ def run_pipeline(args) -> dict:
         plan = {"micro_batch": forced_micro, "accumulation": args.batch // forced_micro, "gradient_checkpointing": True,
                 "offload_activations": "offload" in options}
     elif args.budget:
-        plan = training.plan_memory(args.budget, args.batch, estimate)
+        plan = plan_memory(args.budget, args.batch, estimate)
     else:
         plan = {"micro_batch": args.batch, "accumulation": 1, "gradient_checkpointing": True,
                 "offload_activations": False}
@@ -247,7 +265,7 @@ def run_pipeline(args) -> dict:
                                                 plan["offload_activations"]) / 2**30, 2)
     path = None if args.shape in BUILT_IN_MEMORY else build_on_disk(args.shape, args.seq)  # not part of the peak
     torch.cuda.reset_peak_memory_stats()
-    attention = training.attention_implementation("auto", dev)
+    attention = attention_implementation("auto", dev)
     if path is None:
         base = build_in_memory(args.shape, args.seq)
         base.config._attn_implementation = attention
@@ -256,26 +274,26 @@ def run_pipeline(args) -> dict:
     # The quantized base as loaded; the fused layers unnest its block scales later (counted in the
     # estimate's weights, in the measured training state).
     weights = torch.cuda.memory_allocated()
-    compiled = "compile" in options or ("nocompile" not in options and training.use_compile("auto", dev))
+    compiled = "compile" in options or ("nocompile" not in options and use_compile("auto", dev))
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
-        scope.enter_context(training.liger_kernels(base, liger_layers(options, compiled)))
+        scope.enter_context(liger_kernels(base, liger_layers(options, compiled)))
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
                                           if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
     from types import SimpleNamespace
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
-    model = training.model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
-    fused = 0 if args.no_fused or "nofused" in options else training.fuse_lora_layers(model)
-    compiled_layers = (training.compile_layers(model, dynamic=packed or None, emulate_casts="noemulate" not in options)
+    model = model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
+    fused = 0 if args.no_fused or "nofused" in options else fuse_lora_layers(model)
+    compiled_layers = (compile_layers(model, dynamic=packed or None, emulate_casts="noemulate" not in options)
                        if compiled else 0)  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else training.flatten_parameters(params), lr=2e-4)
+    opt = bnb.optim.PagedAdamW8bit(params if "noflat" in options else flatten_parameters(params), lr=2e-4)
     model.train()
-    micro, multiple_of = plan["micro_batch"], training.width_multiple(compiled)
+    micro, multiple_of = plan["micro_batch"], width_multiple(compiled)
     if packed:
         examples = _examples(example_lengths(args.seq, 20000, seed=1), cfg.vocab_size, seed=1)
-        rows = [[examples[i] for i in r] for r in training.pack([len(e["input_ids"]) for e in examples], args.seq, 0)]
+        rows = [[examples[i] for i in r] for r in pack([len(e["input_ids"]) for e in examples], args.seq, 0)]
     else:  # the tutorial's fixed rows: one random batch, trained on repeatedly (its loss must fall)
         gen = torch.Generator().manual_seed(0)
         fixed = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).tolist()
@@ -283,7 +301,7 @@ def run_pipeline(args) -> dict:
 
     def step(i):
         units = [rows[(i * args.batch + k) % len(rows)] for k in range(args.batch)]
-        batches = [training.collate_lm(units[k:k + micro], 0, dev, multiple_of=multiple_of)
+        batches = [collate_lm(units[k:k + micro], 0, dev, multiple_of=multiple_of)
                    for k in range(0, args.batch, micro)]
         if not packed:  # the tutorial trains on every position of its rows, the first one too
             for b in batches:
@@ -293,7 +311,7 @@ def run_pipeline(args) -> dict:
         for b in batches:
             share = b.pop("targets") / total
             real += b.pop("real_tokens")
-            loss_sum = loss_sum + training.forward_backward(model, b, dev, "bfloat16", plan["offload_activations"],
+            loss_sum = loss_sum + forward_backward(model, b, dev, "bfloat16", plan["offload_activations"],
                                                             share) * share
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -355,7 +373,19 @@ def optimizer_step(steps: int = 20) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from tasks import training
+    from tasks.batches import collate_lm, pack, width_multiple
+
+    from tasks.training.fused_lora import fuse_lora_layers
+
+    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+
+    from tasks.training.lora import lora_config, model_for_training
+
+    from tasks.training.memory import _shape, estimate_memory, plan_memory
+
+    from tasks.training.optimizer import flatten_parameters
+
+    from tasks.training.step import forward_backward, train_context
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(16, 4096), (4096, 16)] * 4 + [(16, 4096), (11008, 16)] * 2 + [(16, 11008), (4096, 16)]
@@ -365,7 +395,7 @@ def optimizer_step(steps: int = 20) -> dict:
     result = {}
     for name in ("per tensor", "flattened"):
         params = [torch.nn.Parameter(w.to(dev, copy=True)) for w in init]
-        stepped = training.flatten_parameters(params) if name == "flattened" else params
+        stepped = flatten_parameters(params) if name == "flattened" else params
         opt = bnb.optim.PagedAdamW8bit(stepped, lr=2e-4)
         times = []
         for i in range(steps + 3):
@@ -425,7 +455,19 @@ def check(trials: int = 3) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from types import SimpleNamespace
 
-    from tasks import training
+    from tasks.batches import collate_lm, pack, width_multiple
+
+    from tasks.training.fused_lora import fuse_lora_layers
+
+    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+
+    from tasks.training.lora import lora_config, model_for_training
+
+    from tasks.training.memory import _shape, estimate_memory, plan_memory
+
+    from tasks.training.optimizer import flatten_parameters
+
+    from tasks.training.step import forward_backward, train_context
 
     path = "/tmp/llama-check"
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -473,19 +515,19 @@ def check(trials: int = 3) -> dict:
             base = load_quantized(path, dtype="float32" if name == "float32" else "bfloat16")
             if opts is None:  # float32, and the tutorial's upcast: peft on prepare_model_for_kbit_training
                 model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=True),
-                                       training.lora_config(resolved, lora_cfg))
+                                       lora_config(resolved, lora_cfg))
             else:
-                compiled = "compile" in opts and training.use_compile("auto", dev)
+                compiled = "compile" in opts and use_compile("auto", dev)
                 wants_liger = any(o.split(":")[0] == "liger" for o in opts)
-                if wants_liger and training.use_liger("auto", base.config, dev):
+                if wants_liger and use_liger("auto", base.config, dev):
                     # Undone after this setup: Liger's module-level patches would reach every later model.
-                    scoped.enter_context(training.liger_kernels(base, liger_layers(opts, compiled)))
-                model = training.model_for_training(base, resolved, lora_cfg, True, True)
+                    scoped.enter_context(liger_kernels(base, liger_layers(opts, compiled)))
+                model = model_for_training(base, resolved, lora_cfg, True, True)
                 if "fused" in opts:
-                    training.fuse_lora_layers(model)
+                    fuse_lora_layers(model)
                 if compiled:
                     torch._dynamo.reset()  # a fresh compile per model: no cached graph, no recompile limit
-                    training.compile_layers(model, emulate_casts="noemulate" not in opts)
+                    compile_layers(model, emulate_casts="noemulate" not in opts)
             model.train()
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -497,7 +539,7 @@ def check(trials: int = 3) -> dict:
                 loss.backward()
             elif "chunks" in opts:
                 inner = model.get_base_model()
-                with training.train_context(dev, "bfloat16", False):
+                with train_context(dev, "bfloat16", False):
                     h = inner.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
                     y = x[:, 1:].flatten()
                     loss = sum(torch.nn.functional.cross_entropy(inner.lm_head(h[i:i + 64]).float(), y[i:i + 64],
@@ -505,7 +547,7 @@ def check(trials: int = 3) -> dict:
                 loss.backward()
             else:
                 rows = [x[i:i + 1] for i in range(len(x))] if "m1" in opts else [x]
-                loss = sum(training.forward_backward(model, {"input_ids": r, "labels": r, "use_cache": False}, dev,
+                loss = sum(forward_backward(model, {"input_ids": r, "labels": r, "use_cache": False}, dev,
                                                      "bfloat16", "offload" in opts, len(r) / len(x)) * len(r) / len(x)
                            for r in rows)
             results[name] = (float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n})

@@ -30,7 +30,15 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks import training
+    from tasks.training.fused_lora import fuse_lora_layers
+
+    from tasks.training.kernels import compile_layers
+
+    from tasks.training.lora import model_for_training
+
+    from tasks.training.optimizer import flatten_parameters
+
+    from tasks.training.step import forward_backward
 
     torch.manual_seed(0)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -43,21 +51,21 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
                            lora_dropout=0.05)
     resolved = {"task": "causal-lm", "modules_to_save": [],
                 "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
-    model = training.model_for_training(base, resolved, lora, True, True)
+    model = model_for_training(base, resolved, lora, True, True)
     if variant != "peft":
-        training.fuse_lora_layers(model)
+        fuse_lora_layers(model)
     if variant.startswith("fused+compiled"):
-        training.compile_layers(model)
+        compile_layers(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     flat = variant.endswith("+flat")
-    optimizer = bnb.optim.PagedAdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-4)
+    optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params) if flat else params, lr=1e-4)
     optimizer_seconds = []
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     cpu = torch.device("cpu")
 
     def step():
-        loss = float(training.forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False}, cpu,
+        loss = float(forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False}, cpu,
                                                "float32", False))
         started = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

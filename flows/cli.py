@@ -23,6 +23,7 @@ from flows.servers import free_port, wait_healthy
 from tasks import signals
 from tasks.secrets import redact, redact_text
 from tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
+from tasks.training.memory import OutOfMemory
 
 EXIT_USER_ERROR = 2
 
@@ -47,7 +48,7 @@ def _quiet_environment(recipe: Recipe) -> None:
 
 
 def _without_user_error_traceback(record: logging.LogRecord) -> bool:
-    if record.exc_info and isinstance(record.exc_info[1], RecipeError):
+    if record.exc_info and isinstance(record.exc_info[1], (RecipeError, OutOfMemory)):
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             e.file = args.recipe
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OutOfMemory as e:  # not a mistake in the recipe, but no traceback either: what to set
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nstopped by {signal.Signals(signals.received_signal()).name}: run the same command again to resume",
               file=sys.stderr)

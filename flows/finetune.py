@@ -18,7 +18,7 @@ from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
 from tasks.compare import comparison_table
 from tasks.merge import VARIANT_OF, merge
-from tasks.model import CAUSAL, attach_lora, convert_gguf, converted, quantize, resolve_model
+from tasks.model import CAUSAL, plan_lora, convert_gguf, converted, quantize, resolve_model
 from tasks.package import base_reference, package
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from tasks.stage import materializing
@@ -89,7 +89,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize, r.prompt if causal else None,
                     asset="tokenized", upstream=("dataset",))
     # LoRA targets are checked on the meta device (cheap) before the base is quantized.
-    lora = run(attach_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
+    lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)
     check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
                         r.model.trust_remote_code)
     # The recipe has passed every cheap check: open the tracking store (a new sqlite store creates its

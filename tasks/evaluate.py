@@ -13,7 +13,9 @@ import pandas as pd
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
 from tasks.stage import stage
-from tasks.train import PeakMemory, collate, pad_token_id, predict, weights_bytes
+from tasks.batches import collate, pad_token_id
+from tasks.inference import lm_loss, predict_logits
+from tasks.measure import PeakMemory, weights_bytes
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
@@ -215,7 +217,6 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 
     import torch
 
-    from tasks.train import lm_loss
 
     torch.manual_seed(0)  # sampled decoding: the same draws for every model evaluated
     loss = lm_loss(model, test, batch_size, pad_id, dev, desc="evaluate")
@@ -266,7 +267,7 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     with PeakMemory(dev) as memory:
         model = load_for_eval(variant, quantized, q, label_names)
         start = time.perf_counter()
-        logits, loss = predict(model, test, batch_size, pad_id, dev, desc="evaluate")
+        logits, loss = predict_logits(model, test, batch_size, pad_id, dev, desc="evaluate")
         seconds = time.perf_counter() - start
     preds = logits.argmax(-1)
     refs = np.asarray(test["labels"])

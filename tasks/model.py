@@ -1,9 +1,9 @@
-"""Model stages: quantize-and-load (the 4-bit base, saved once) and LoRA attach (target modules
-resolved and checked, trainable parameters counted), plus the loaders later stages share.
+"""Model stages: GGUF conversion, quantize-and-load (the 4-bit base, saved once) and the LoRA plan
+(target modules resolved and checked, trainable parameters counted), plus the loaders later stages
+share.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -14,16 +14,18 @@ from typing import TYPE_CHECKING
 from tasks import store
 from tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
 from tasks.stage import stage
-from tasks.training import keep_4bit_layers_trainable, lora_config, model_for_training, train_context  # noqa: F401
+from tasks.training.lora import lora_config
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
 
 log = logging.getLogger("qlora")
 
-# Task and output heads stay out of quantization (4-bit heads fail on CPU and lose accuracy; a causal
-# LM's lm_head is often tied to its input embeddings). Classification heads are trained fully.
-HEAD_MODULES = ["classifier", "pre_classifier", "score", "pooler", "lm_head"]
+# Output heads: never LoRA targets (a classification head is trained fully; a causal LM's lm_head is
+# often tied to its input embeddings). They, and an encoder's pooler, stay out of quantization (4-bit
+# heads fail on CPU and lose accuracy).
+OUTPUT_HEADS = ("classifier", "pre_classifier", "score", "lm_head")
+NOT_QUANTIZED = [*OUTPUT_HEADS, "pooler"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "spiece.model",
                    "chat_template.jinja", "chat_template.json"]  # transformers 5 keeps the chat template in its own file
@@ -198,7 +200,7 @@ def bnb_config(q: QuantizationSection, model_path: str, task: str, trust_remote_
     if q.mode == "none":
         return None
     # The output head (lm_head) of a causal LM is kept out by transformers itself.
-    skip = skip_module_names(model_path, q.llm_int8_skip_modules or HEAD_MODULES, task, trust_remote_code)
+    skip = skip_module_names(model_path, q.llm_int8_skip_modules or NOT_QUANTIZED, task, trust_remote_code)
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type, bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
@@ -283,8 +285,7 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
 
     base = skeleton(model_path, task, label_names, trust_remote_code)
     config = base.config
-    # The output layer is never a LoRA target: a classification head is trained fully instead.
-    head = [n for n, _ in base.named_children() if n in ("classifier", "score", "pre_classifier", "lm_head")]
+    head = [n for n, _ in base.named_children() if n in OUTPUT_HEADS]
     body = sorted(n for n in _linear_names(base) if n.split(".")[0] not in head)
     suffixes = sorted({n.split(".")[-1] for n in body})
     if cfg.target_modules == "all-linear":
@@ -328,12 +329,12 @@ def count_full_params(model_path: str, label_names: list[str], task: str, trust_
 
 
 @stage("lora")
-def attach_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str],
-                task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
+def plan_lora(out: Path, model: dict, cfg: LoraSection, label_names: list[str],
+              task: str = "sequence-classification", trust_remote_code: bool = False) -> dict:
+    """What LoRA will train, decided on the meta device before anything is loaded: the target modules
+    resolved against the architecture and checked, the heads trained fully, the parameters counted.
+    The adapters themselves are attached in the train stage (tasks/training/lora.py)."""
     if not cfg.enabled:
         return count_full_params(model["path"], label_names, task, trust_remote_code)
     return {"enabled": True, **resolve_lora_targets(model["path"], cfg, label_names, task, trust_remote_code)}
 
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -199,7 +199,7 @@ class QuantizationSection(Section):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: DType = "float32"
-    # Modules kept out of quantization; None means the task head (classifier, pooler, score).
+    # Modules kept out of quantization; None means the output heads and the pooler (tasks.model.NOT_QUANTIZED).
     llm_int8_skip_modules: Optional[list[str]] = None
 
     @model_validator(mode="after")

@@ -24,17 +24,17 @@ def _fingerprints(root: Path) -> tuple[str, str]:
 
 
 def test_editing_a_helper_two_imports_away_rebuilds_the_stage(tmp_path):
-    """evaluate imports tasks.train, which imports tasks.training (the LM collation that feeds the
+    """evaluate imports tasks.inference, which imports tasks.batches (the LM collation that feeds the
     loss): an edit there changes evaluate's key, and not the load stage's, which never runs it."""
     for package in ("tasks", "flows"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     before = _fingerprints(tmp_path)
-    training = tmp_path / "tasks" / "training.py"
-    source = training.read_text()
+    batches = tmp_path / "tasks" / "batches.py"
+    source = batches.read_text()
     assert "def collate_lm(" in source
-    training.write_text(source.replace("def collate_lm(", "def _added_helper():\n    return 1\n\n\ndef collate_lm(", 1))
+    batches.write_text(source.replace("def collate_lm(", "def _added_helper():\n    return 1\n\n\ndef collate_lm(", 1))
     after = _fingerprints(tmp_path)
-    assert after[0] != before[0], "evaluate's key ignored an edit of tasks/training.py"
+    assert after[0] != before[0], "evaluate's key ignored an edit of tasks/batches.py"
     assert after[1] == before[1], "the load stage's key changed for code it does not import"
     metric = tmp_path / "tasks" / "metrics" / "accuracy.py"  # loaded by path, named by the recipe
     metric.write_text(metric.read_text() + "\n# edited\n")
@@ -55,5 +55,7 @@ def test_a_library_upgrade_changes_the_key(monkeypatch):
 
 def test_the_modules_a_stage_runs_are_found_without_importing_them():
     found = store.project_modules("tasks.evaluate")
-    assert {"tasks.evaluate", "tasks.train", "tasks.training", "tasks.model", "tasks.store"} <= set(found)
-    assert "tasks.merge" not in found and "flows.cli" not in found
+    assert {"tasks.evaluate", "tasks.inference", "tasks.batches", "tasks.model", "tasks.store"} <= set(found)
+    assert "tasks.train" not in found and "tasks.merge" not in found and "qlora.cli" not in found
+    assert {"tasks.training.lora", "tasks.training.step", "tasks.training.checkpoint"} <= set(
+        store.project_modules("tasks.train"))

@@ -17,7 +17,7 @@ from conftest import serve_and_invoke, minilm_dir, write_recipe
 from tasks.data import _tokenize_causal, check_data, render_prompt
 from tasks.model import check_gguf, resolve_model
 from tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
-from tasks.train import collate_lm, pack
+from tasks.batches import collate_lm, pack
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from conftest import minilm_dir, small_recipe, write_recipe
-from tasks import training
+from tasks.batches import collate_lm
+from tasks.training.fused_lora import _dense_weight, fuse_lora_layers
+from tasks.training.kernels import attention_implementation, can_compile, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+from tasks.training.lora import model_for_training
+from tasks.training.memory import GIB, _shape, estimate_memory, plan_memory
+from tasks.training.optimizer import flatten_parameters
+from tasks.training.step import forward_backward
 
 LORA_TARGETS = {"task": "sequence-classification", "modules_to_save": ["classifier"],
                 "target_modules": ["query", "key", "value", "dense"]}  # "dense" includes the 16-bit pooler
@@ -61,7 +67,7 @@ def test_fused_lora_layers_compute_what_peft_computes(dropout):
     with gradient checkpointing, on fresh random inputs; with dropout the masks are the same draws."""
     from peft.tuners.lora import LoraLayer
 
-    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(dropout), True, True)
+    model = model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(dropout), True, True)
     _nonzero_b(model)
     model.train()
     seed = int(torch.randint(0, 2**31, ()))
@@ -72,7 +78,7 @@ def test_fused_lora_layers_compute_what_peft_computes(dropout):
         logits_peft = model(**batch).logits
     model.train()
 
-    fused = training.fuse_lora_layers(model)
+    fused = fuse_lora_layers(model)
     assert fused == sum(isinstance(m, LoraLayer) for m in model.modules()) > 20
     loss_fused, grads_fused = _loss_and_grads(model, batch, seed)
     model.eval()
@@ -89,9 +95,9 @@ def test_fused_lora_layers_compute_what_peft_computes(dropout):
 
 
 def test_fused_layers_fall_back_to_peft_when_adapters_are_disabled():
-    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    model = model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
     _nonzero_b(model)
-    training.fuse_lora_layers(model)
+    fuse_lora_layers(model)
     model.eval()
     batch = _batch(3)
     with torch.no_grad():
@@ -111,22 +117,22 @@ def test_dequantizing_with_unnested_block_scales_gives_the_same_weight():
     state = layer.weight.quant_state
     reference = bnb.functional.dequantize_4bit(layer.weight.data, state)
     layer._qlora_absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-    assert state.nested and torch.equal(training._dense_weight(layer, torch.float32), reference)
+    assert state.nested and torch.equal(_dense_weight(layer, torch.float32), reference)
 
 
 def test_micro_batches_accumulate_to_the_gradient_of_the_whole_step():
     """One optimizer step's rows as one micro-batch, or as four weighted by their share: same gradient."""
-    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    model = model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
     _nonzero_b(model)
     model.eval()  # no dropout: the two ways see the same function
     batch = _batch(11)
     dev = torch.device("cpu")
-    training.forward_backward(model, dict(batch), dev, "float32", False)
+    forward_backward(model, dict(batch), dev, "float32", False)
     whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     for i in range(4):
         part = {k: v[i:i + 1] for k, v in batch.items()}
-        training.forward_backward(model, part, dev, "float32", False, share=1 / 4)
+        forward_backward(model, part, dev, "float32", False, share=1 / 4)
     for name, g in whole.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-7)
 
@@ -135,13 +141,13 @@ def _train_steps(flat: bool, steps: int = 3):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
+    model = model_for_training(_minilm_4bit(), LORA_TARGETS, _lora_cfg(0.0), True, False)
     _nonzero_b(model)
     model.eval()  # no dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-3)
+    optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params) if flat else params, lr=1e-3)
     for step in range(steps):
-        training.forward_backward(model, _batch(step), torch.device("cpu"), "float32", False)
+        forward_backward(model, _batch(step), torch.device("cpu"), "float32", False)
         torch.nn.utils.clip_grad_norm_(params, 0.01)  # small: it scales every step
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -160,7 +166,7 @@ def test_flat_optimizer_state_blocks_start_at_each_weight():
     results = []
     for flat in (False, True):
         params = [torch.nn.Parameter(w.clone()) for w in init]
-        optimizer = bnb.optim.AdamW8bit(training.flatten_parameters(params) if flat else params, lr=1e-2)
+        optimizer = bnb.optim.AdamW8bit(flatten_parameters(params) if flat else params, lr=1e-2)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 if p.grad is None:
@@ -181,7 +187,7 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     weights and optimizer state into the flattened model."""
     from peft import PeftModel
 
-    from tasks.train import _apply_checkpoint, _read_checkpoint, _save_checkpoint, trainable_state
+    from tasks.training.checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint, trainable_state
 
     per_weight, _ = _train_steps(flat=False)
     model, optimizer = _train_steps(flat=True)
@@ -200,9 +206,9 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
         torch.testing.assert_close(trainable_state(reloaded)[name], value, rtol=0, atol=0)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    _save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
     fresh, fresh_optimizer = _train_steps(flat=True, steps=1)
-    _apply_checkpoint(_read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,
+    apply_checkpoint(read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,
                       torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
     for name, p in fresh.named_parameters():
         if p.requires_grad:
@@ -215,7 +221,7 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
                 assert torch.equal(restored[k][key], value), (k, key)
     # The restored weights are still the optimizer's: a step moves the model.
     before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
-    training.forward_backward(fresh, _batch(9), torch.device("cpu"), "float32", False)
+    forward_backward(fresh, _batch(9), torch.device("cpu"), "float32", False)
     fresh_optimizer.step()
     assert any(not torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters() if p.requires_grad)
 
@@ -227,22 +233,23 @@ def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, mo
     from safetensors.torch import load_file
 
     from tasks.data import describe_source, load, split, tokenize
-    from tasks.model import attach_lora, quantize, resolve_model
+    from tasks.model import plan_lora, quantize, resolve_model
     from tasks.recipe import load_recipe
     from tasks.train import train
+    from tasks.training import optimizer
 
     recipe = small_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
                                  train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
     adapters = {}
     for flat in (False, True):
-        monkeypatch.setattr(training, "use_flat_optimizer", lambda dev, flat=flat: flat)
+        monkeypatch.setattr(optimizer, "use_flat_optimizer", lambda dev, flat=flat: flat)
         r = load_recipe(str(write_recipe(project / "r.yaml", recipe)), [f"work_dir={project / f'work-{flat}'}"])
         w, model = r.work_dir, resolve_model(r.model)
         loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=w)
         tokenized = tokenize.fn(split.fn(loaded, r.split, r.data.sample, work_dir=w), model["tokenizer"], r.tokenize,
                                 work_dir=w)
         quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=w)
-        lora = attach_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
+        lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
         trained = train.fn(tokenized, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
         assert trained["steps"] == 6
         adapters[flat] = load_file(Path(trained["dir"], trained["adapter"], "adapter_model.safetensors"))
@@ -266,11 +273,11 @@ def _llama(shape: str):
 
 
 def _estimate(config, micro, gc, offload, seq=2048):
-    s = training._shape(config)
+    s = _shape(config)
     lora = 16 * sum(i + o for i, o in s["per_layer"].values()) * s["layers"]
-    return training.estimate_memory(config, weight_bits=4, trainable_params=lora, optim="paged_adamw_8bit",
+    return estimate_memory(config, weight_bits=4, trainable_params=lora, optim="paged_adamw_8bit",
                                     tokens=micro * seq, gradient_checkpointing=gc, offload=offload, fused_ce=True,
-                                    causal=True)["peak"] / training.GIB
+                                    causal=True)["peak"] / GIB
 
 
 @pytest.mark.parametrize("shape, micro, offload, measured", [
@@ -288,18 +295,18 @@ def test_memory_plan_takes_the_fastest_set_up_that_fits():
     config = _llama("7b")
 
     def estimate(micro, gc, offload):
-        return _estimate(config, micro, gc, offload) * training.GIB
+        return _estimate(config, micro, gc, offload) * GIB
 
-    assert training.plan_memory(100, 2, estimate)["gradient_checkpointing"] is False
-    roomy = training.plan_memory(7, 2, estimate)
+    assert plan_memory(100, 2, estimate)["gradient_checkpointing"] is False
+    roomy = plan_memory(7, 2, estimate)
     assert (roomy["micro_batch"], roomy["gradient_checkpointing"], roomy["offload_activations"]) == (2, True, False)
-    tight = training.plan_memory(5.65, 2, estimate)
+    tight = plan_memory(5.65, 2, estimate)
     assert (tight["micro_batch"], tight["accumulation"], tight["offload_activations"]) == (2, 1, True)
     assert tight["estimated_peak_gib"] <= 5.65
-    tighter = training.plan_memory(5.45, 4, estimate)
+    tighter = plan_memory(5.45, 4, estimate)
     assert tighter["micro_batch"] * tighter["accumulation"] == 4 and tighter["micro_batch"] < 4
     with pytest.raises(ValueError, match=r"3 GiB is too small: training needs about \d\.\d GiB"):
-        training.plan_memory(3, 2, estimate)
+        plan_memory(3, 2, estimate)
 
 
 @pytest.mark.slow
@@ -333,18 +340,18 @@ def test_missing_fast_paths_warn_and_fall_back_or_fail_when_required():
 
     cpu = torch.device("cpu")
     config = LlamaConfig(architectures=["LlamaForCausalLM"])
-    assert training.use_liger("auto", config, cpu) is False  # auto: silently where it applies
+    assert use_liger("auto", config, cpu) is False  # auto: silently where it applies
     with pytest.warns(UserWarning, match="train.kernels: liger requested, but Liger kernels need CUDA"):
-        assert training.use_liger("liger", config, cpu) is False
+        assert use_liger("liger", config, cpu) is False
     with pytest.raises(RuntimeError, match="train.kernels: liger is required, but"):
-        training.use_liger("liger", config, cpu, required=True)
+        use_liger("liger", config, cpu, required=True)
     with pytest.warns(UserWarning, match="flash_attention_2 requested, but flash-attn needs CUDA; using sdpa"):
-        assert training.attention_implementation("flash_attention_2", cpu) == "sdpa"
+        assert attention_implementation("flash_attention_2", cpu) == "sdpa"
     with pytest.raises(RuntimeError, match="train.attention: flash_attention_2 required"):
-        training.attention_implementation("flash_attention_2", cpu, required=True)
+        attention_implementation("flash_attention_2", cpu, required=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert training.attention_implementation("auto", cpu) == "sdpa"
+        assert attention_implementation("auto", cpu) == "sdpa"
 
 
 def test_compile_without_a_compiler_warns_or_fails_when_required(monkeypatch):
@@ -353,9 +360,9 @@ def test_compile_without_a_compiler_warns_or_fails_when_required(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     cpu = torch.device("cpu")
     with pytest.warns(UserWarning, match="train.compile: no C.. compiler on PATH; training with eager layers"):
-        assert training.can_compile(cpu) is False
+        assert can_compile(cpu) is False
     with pytest.raises(RuntimeError, match="train.compile: required, but no C.. compiler"):
-        training.can_compile(cpu, required=True)
+        can_compile(cpu, required=True)
 
 
 def test_compile_auto_takes_cuda_with_triton_only(monkeypatch):
@@ -369,18 +376,18 @@ def test_compile_auto_takes_cuda_with_triton_only(monkeypatch):
                         lambda name, *a: object() if name == "triton" and triton["installed"]
                         else None if name == "triton" else real_find_spec(name, *a))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert training.use_compile("auto", cuda) is True
-    assert training.use_compile("auto", cpu) is False
-    assert training.use_compile(False, cuda) is False
-    assert training.use_compile(True, cuda) is True
+    assert use_compile("auto", cuda) is True
+    assert use_compile("auto", cpu) is False
+    assert use_compile(False, cuda) is False
+    assert use_compile(True, cuda) is True
     triton["installed"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert training.use_compile("auto", cuda) is False
+        assert use_compile("auto", cuda) is False
     with pytest.warns(UserWarning, match="train.compile: Triton is not installed; training with eager layers"):
-        assert training.use_compile(True, cuda) is False
+        assert use_compile(True, cuda) is False
     with pytest.raises(RuntimeError, match="train.compile: required, but Triton is not installed"):
-        training.use_compile(True, cuda, required=True)
+        use_compile(True, cuda, required=True)
 
 
 def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatch):
@@ -421,17 +428,17 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
     before = dict(vars(modeling_llama))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    with training.liger_kernels(model, {"rope", "rms_norm", "swiglu"}):
+    with liger_kernels(model, {"rope", "rms_norm", "swiglu"}):
         assert modeling_llama.apply_rotary_pos_emb is liger_rope  # in effect while the block runs
     assert vars(modeling_llama).keys() == before.keys()
     assert all(vars(modeling_llama)[k] is v for k, v in before.items())
     assert isinstance(model.model.norm, LigerNorm) and model.forward() == "liger forward"  # the model keeps them
-    with pytest.raises(RuntimeError), training.liger_kernels(model, layer_kernels={"rms_norm"}):
+    with pytest.raises(RuntimeError), liger_kernels(model, layer_kernels={"rms_norm"}):
         raise RuntimeError("out of memory")
     assert all(vars(modeling_llama)[k] is v for k, v in before.items())
-    with training.liger_kernels(model, training.liger_layer_kernels(compiled=True)):  # the cross-entropy alone
+    with liger_kernels(model, liger_layer_kernels(compiled=True)):  # the cross-entropy alone
         pass
-    with training.liger_kernels(model, training.liger_layer_kernels(compiled=False)):  # not Liger's RoPE
+    with liger_kernels(model, liger_layer_kernels(compiled=False)):  # not Liger's RoPE
         pass
     assert asked == [{"rope": True, "rms_norm": True, "swiglu": True, "flce": True},
                      {"rope": False, "rms_norm": True, "swiglu": False, "flce": True},
@@ -469,7 +476,7 @@ def _tiny_4bit_llama(path):
                                                 attn_implementation="sdpa")
 
 
-@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 @pytest.mark.parametrize("layers", ["fused", "peft", "fused, scales unnested"])
 def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
     """4-bit base, LoRA on every linear layer, gradient checkpointing: the compiled layers give the
@@ -484,9 +491,9 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
     torch._dynamo.reset()
     results = {}
     for compiled in (False, True):
-        model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
+        model = model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
         if layers != "peft":
-            training.fuse_lora_layers(model)
+            fuse_lora_layers(model)
         if layers == "fused, scales unnested":
             for module in model.modules():
                 if isinstance(module, bnb.nn.Linear4bit):
@@ -495,12 +502,12 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
                                             + state.offset).float()
         _seed_lora_weights(model, 0.05)
         if compiled:
-            assert training.compile_layers(model) == 3
+            assert compile_layers(model) == 3
         model.train()
         for width in (12, 20):
             ids = torch.randint(0, 256, (2, width), generator=torch.Generator().manual_seed(width))
             model.zero_grad()
-            loss = training.forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False},
+            loss = forward_backward(model, {"input_ids": ids, "labels": ids, "use_cache": False},
                                              torch.device("cpu"), "float32", False)
             results[compiled, width] = float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
                                                      if p.grad is not None}
@@ -513,7 +520,7 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
             assert torch.allclose(grads[name], eager[name], rtol=1e-4, atol=1e-7), name
 
 
-@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     """bf16 compute: Inductor would keep float32 inside its fused kernels where the eager layers round
     to bf16 (RMSNorm, SwiGLU); the compiled layers emulate those casts, so they stay at the eager
@@ -533,13 +540,13 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
         torch._dynamo.reset()
         base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16,
                                                     device_map="cpu", attn_implementation="sdpa")
-        model = training.model_for_training(base, resolved, cfg, True, True)
-        training.fuse_lora_layers(model)
+        model = model_for_training(base, resolved, cfg, True, True)
+        fuse_lora_layers(model)
         _seed_lora_weights(model, 0.02)
         if compiled:
-            training.compile_layers(model)
+            compile_layers(model)
         model.train()
-        loss = training.forward_backward(model, {"input_ids": x, "labels": x, "use_cache": False},
+        loss = forward_backward(model, {"input_ids": x, "labels": x, "use_cache": False},
                                          torch.device("cpu"), "bfloat16", False)
         results[compiled] = float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n}
     (eager_loss, eager), (loss, grads) = results[False], results[True]
@@ -548,7 +555,7 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     assert diff / sum(float(g.norm()) ** 2 for g in eager.values()) ** 0.5 < 6e-3
 
 
-@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_layers_compute(tmp_path):
     """Packed rows (several examples a row, positions restarting, no attention mask) change width every
     step: compiled with dynamic shapes from the first step and widths rounded up to a multiple of 8,
@@ -570,18 +577,18 @@ def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_laye
     torch._dynamo.reset()
     results, graphs = {}, []
     for compiled in (False, True):
-        model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
-        training.fuse_lora_layers(model)
+        model = model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, True)
+        fuse_lora_layers(model)
         _seed_lora_weights(model, 0.05)
         if compiled:
-            assert training.compile_layers(model, dynamic=True) == 3
+            assert compile_layers(model, dynamic=True) == 3
         model.train()
         for i, units in enumerate(steps):
-            batch = training.collate_lm(units, 0, torch.device("cpu"), multiple_of=8)
+            batch = collate_lm(units, 0, torch.device("cpu"), multiple_of=8)
             assert "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[1] % 8 == 0
             del batch["real_tokens"], batch["targets"]
             model.zero_grad()
-            loss = training.forward_backward(model, batch, torch.device("cpu"), "float32", False)
+            loss = forward_backward(model, batch, torch.device("cpu"), "float32", False)
             results[compiled, i] = float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
                                                  if p.grad is not None}
             if compiled:
@@ -595,7 +602,7 @@ def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_laye
             assert torch.allclose(grads[name], eager[name], rtol=1e-4, atol=1e-7), name
 
 
-@pytest.mark.skipif(not training.can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_keep_no_dequantized_weight_for_backward(tmp_path):
     """The fused layer dequantizes in forward and again in backward; a compiler that merged the two
     would keep every dense weight alive until backward (on a 7B model, 0.36 GiB a layer)."""
@@ -605,10 +612,10 @@ def test_compiled_layers_keep_no_dequantized_weight_for_backward(tmp_path):
 
     torch._dynamo.reset()
     cfg, resolved = _LORA_R8, _ALL_LINEAR
-    model = training.model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, False)
-    training.fuse_lora_layers(model)
+    model = model_for_training(_tiny_4bit_llama(tmp_path), resolved, cfg, True, False)
+    fuse_lora_layers(model)
     weight_shapes = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert training.compile_layers(model) == 3
+    assert compile_layers(model) == 3
     model.train()
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))  # 80 tokens: no weight's size
     saved = []
@@ -677,9 +684,9 @@ def test_a_trained_base_bias_keeps_peft_s_own_forward():
     keep peft's forward, and the biases get gradients."""
     from tasks.recipe import LoraSection
 
-    model = training.model_for_training(_minilm_4bit(), LORA_TARGETS, LoraSection(r=8, lora_alpha=16, bias="all"),
+    model = model_for_training(_minilm_4bit(), LORA_TARGETS, LoraSection(r=8, lora_alpha=16, bias="all"),
                                         True, False)
-    training.fuse_lora_layers(model)
+    fuse_lora_layers(model)
     model.train()
     model(**_batch(5)).loss.backward()
     biases = [p for n, p in model.named_parameters() if n.endswith("base_layer.bias") and p.requires_grad]

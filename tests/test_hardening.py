@@ -237,7 +237,7 @@ class Payload:
 def test_planted_checkpoint_is_never_unpickled(tmp_path):
     import torch
 
-    from tasks.train import newest_readable_checkpoint
+    from tasks.training.checkpoint import newest_readable_checkpoint
 
     good, bad = tmp_path / "checkpoint-0000002", tmp_path / "checkpoint-0000004"
     for path in (good, bad):

@@ -122,7 +122,7 @@ def test_run_rerun_and_edit(project):
 def test_compiled_layers_train_through_the_pipeline(project):
     """train.compile: every encoder layer compiled (sequence lengths vary from batch to batch: the
     second length compiles with dynamic shapes), the run completes and records the fast path."""
-    from tasks.training import can_compile
+    from tasks.training.kernels import can_compile
 
     if not can_compile(torch.device("cpu")):
         pytest.skip("torch.compile needs a C++ compiler")

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tasks.train as train_module
 from conftest import small_recipe
 from tasks.data import describe_source, load, split, tokenize
 from tasks.merge import merge
-from tasks.model import attach_lora, load_base, quantize, resolve_model
+from tasks.model import plan_lora, load_base, quantize, resolve_model
 from tasks.recipe import LoraSection, RecipeError, recipe_from_dict
-from tasks.train import batch_order, train
+from tasks.batches import batch_order
+from tasks.train import train
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def prepared(tmp_path_factory):
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
     tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
     quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
-    lora = attach_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
+    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
     return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
 
 
-def _train(p, work_dir, **train_overrides):
+def _train(p, work_dir, on_checkpoint=None, **train_overrides):
     cfg = p["recipe"].train.model_copy(update=train_overrides)
     return train.fn(p["tokenized"], p["quantized"], p["lora"], p["recipe"].lora, p["recipe"].quantization, cfg,
-                    work_dir=str(work_dir))
+                    on_checkpoint=on_checkpoint, work_dir=str(work_dir))
 
 
 def _adapter(result) -> dict[str, torch.Tensor]:
@@ -60,11 +60,11 @@ def test_lora_targets_resolved_and_counted(prepared):
     assert lora["target_modules"] == ["query", "value"] and lora["modules_to_save"] == ["classifier"]
     # 6 layers x 2 targets x r*(384+384), plus the 3-class head (384*3 + 3)
     assert lora["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 3 + 3
-    all_linear = attach_lora.fn(prepared["model"], LoraSection(target_modules="all-linear"), ["a", "b"],
+    all_linear = plan_lora.fn(prepared["model"], LoraSection(target_modules="all-linear"), ["a", "b"],
                                 work_dir=prepared["work"])
     assert all_linear["target_modules"] == ["dense", "key", "query", "value"]
     with pytest.raises(RecipeError, match=r"\['q_proj'\] match no linear layer") as e:
-        attach_lora.fn(prepared["model"], LoraSection(target_modules=["query", "q_proj"]), ["a", "b"],
+        plan_lora.fn(prepared["model"], LoraSection(target_modules=["query", "q_proj"]), ["a", "b"],
                        work_dir=prepared["work"])
     assert e.value.field == "lora.target_modules" and "query" in e.value.hint
 
@@ -91,7 +91,7 @@ def test_two_seeded_runs_are_identical(prepared, tmp_path):
     assert a["steps"] == 8 and _history(a)[-1]["step"] == 8
 
 
-def test_interrupted_training_resumes_exactly(prepared, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_exactly(prepared, tmp_path):
     """Stop after the step-4 checkpoint; the re-run resumes at step 4 with optimizer, scheduler,
     RNG and data order restored, and ends where an uninterrupted run ends (no loss jump, no
     restarted schedule)."""
@@ -101,14 +101,12 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path, monkeypatch):
         if step == 4:
             raise RuntimeError("killed")
 
-    monkeypatch.setattr(train_module, "on_checkpoint", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        _train(prepared, tmp_path / "resumed")
+        _train(prepared, tmp_path / "resumed", on_checkpoint=crash)
     partial = list((tmp_path / "resumed" / "train").glob("*.partial"))
     assert len(partial) == 1 and (partial[0] / "checkpoint-0000004").is_dir()
     assert not [p for p in (tmp_path / "resumed" / "train").iterdir() if not p.name.endswith(".partial")], \
         "no completed-looking directory after a crash"
-    monkeypatch.setattr(train_module, "on_checkpoint", lambda step: None)
     resumed = _train(prepared, tmp_path / "resumed")
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
     h_straight, h_resumed = _history(straight), _history(resumed)
@@ -126,9 +124,9 @@ def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared,
     """CUDA running out of memory in step 3 (simulated): a checkpoint of step 2 is written though the
     recipe's save_steps is far off, the error names train.max_memory_gib with a value, and the next
     run, under a memory budget (not part of the stage's cache key), resumes at step 2."""
-    from tasks import training
+    from tasks.training import memory, step
 
-    real = training.forward_backward
+    real = step.forward_backward
     calls = []
 
     def out_of_memory_in_step_3(*args, **kwargs):
@@ -137,13 +135,13 @@ def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared,
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "forward_backward", out_of_memory_in_step_3)
-    with pytest.raises(RecipeError, match=r"CUDA ran out of memory in step 3 .*the checkpoint at step 2 is kept") as e:
+    monkeypatch.setattr(step, "forward_backward", out_of_memory_in_step_3)
+    with pytest.raises(memory.OutOfMemory, match=r"CUDA ran out of memory in step 3 .*the checkpoint at step 2 is kept") as e:
         _train(prepared, tmp_path, save_steps=1000)
     assert e.value.field == "train.max_memory_gib" and "set train.max_memory_gib: " in str(e.value)
     partial = list((tmp_path / "train").glob("*.partial"))
     assert len(partial) == 1 and (partial[0] / "checkpoint-0000002").is_dir()
-    monkeypatch.setattr(training, "forward_backward", real)
+    monkeypatch.setattr(step, "forward_backward", real)
     resumed = _train(prepared, tmp_path, save_steps=1000, max_memory_gib=4.0)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 8
     assert resumed["memory_plan"]["micro_batch"] * resumed["memory_plan"]["accumulation"] == 16
@@ -192,8 +190,8 @@ def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_pa
 def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
     """A mid-training evaluation (eval mode, no grad) must not switch 4-bit layers to an inference
     kernel: afterwards the first layer's LoRA weights still get gradients."""
-    from tasks.model import model_for_training
-    from tasks.train import collate
+    from tasks.training.lora import model_for_training
+    from tasks.batches import collate
 
     r = prepared["recipe"]
     model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization),
@@ -216,7 +214,7 @@ def test_encoder_rows_rounded_up_to_a_multiple_of_8_give_the_same_logits(prepare
     the logits and the loss are those of the unrounded batch."""
     from datasets import load_from_disk
 
-    from tasks.train import collate
+    from tasks.batches import collate
 
     r = prepared["recipe"]
     model = load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization).eval()
@@ -238,7 +236,7 @@ def test_training_path_matches_the_plain_peft_path(prepared):
     reentrant checkpointing), on fresh random inputs; the trainable weights are float32."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.model import keep_4bit_layers_trainable, lora_config, model_for_training
+    from tasks.training.lora import keep_4bit_layers_trainable, lora_config, model_for_training
 
     r = prepared["recipe"]
     labels = prepared["tokenized"]["label_names"]

@@ -1,0 +1,97 @@
+"""The memory a training step needs, estimated from the model's config before anything is loaded, and
+the fastest plan (micro-batch, checkpointing, offload) that fits a budget.
+"""
+from __future__ import annotations
+
+
+GIB = 2**30
+
+
+class OutOfMemory(Exception):
+    """CUDA ran out of memory during training: not a mistake in the recipe, but the message says what
+    was kept and which setting makes the run fit (train.max_memory_gib, with a value)."""
+
+    field = "train.max_memory_gib"
+
+    def __init__(self, step: int, plan: dict, peak_gib: float, free_gib: float, budget_gib: float | None,
+                 resumable: bool):
+        suggested = round(min(0.9 * free_gib, peak_gib * 0.8) if budget_gib is None else 0.8 * budget_gib, 1)
+        kept = (f"the checkpoint at step {step} is kept; rerun to resume from it" if resumable
+                else "no step had completed, nothing to keep")
+        super().__init__(
+            f"CUDA ran out of memory in step {step + 1} (micro-batch {plan['micro_batch']}, checkpointing "
+            f"{plan['gradient_checkpointing']}, offload {plan['offload_activations']}; peak {peak_gib:.1f} GiB, "
+            f"{free_gib:.1f} GiB were free at the start); {kept}; set {self.field}: {max(suggested, 1.0)} (the "
+            f"train stage then picks a micro-batch and checkpointing that fit), or free the GPU of other processes")
+
+
+def _shape(config) -> dict:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, layers = text.hidden_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    inter = getattr(text, "intermediate_size", None) or 4 * h
+    gated = getattr(text, "hidden_act", "silu") in ("silu", "swiglu") or "llama" in text.model_type
+    per_layer = {"q": (h, heads * head_dim), "k": (h, kv * head_dim), "v": (h, kv * head_dim),
+                 "o": (heads * head_dim, h), "down": (inter, h), "up": (h, inter)}
+    if gated:
+        per_layer["gate"] = (h, inter)
+    tied = getattr(config, "tie_word_embeddings", True)
+    return {"h": h, "inter": inter, "layers": layers, "vocab": text.vocab_size, "per_layer": per_layer,
+            "embedding_params": text.vocab_size * h * (1 if tied else 2)}
+
+
+def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: str, tokens: int,
+                    gradient_checkpointing: bool, offload: bool, fused_ce: bool, causal: bool) -> dict:
+    """Bytes a training step needs at its peak, from the model's config alone (before loading):
+    weights (NF4 0.5625 bytes a parameter with its float32 block scales, 8-bit 1.03, else 16-bit;
+    embeddings and norms at least 16-bit, never quantized), trainable weights in float32 with their
+    gradients and optimizer state, and activations for `tokens` tokens per micro-batch. Each part is
+    checked against the part measured on an H100 (benchmarks/gpu_train.py, measured_vs_estimated_gib;
+    benchmarks/RESULTS.md): the estimate stays at or above the measured peak, by at most about 3%,
+    so a budget holds."""
+    s = _shape(config)
+    linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
+    # 4-bit: half a byte, plus a float32 scale per 64 weights: fused LoRA layers unnest the double
+    # quantization's 8-bit scales on CUDA (the load's 0.516 bytes grows to this).
+    per_param = {4: 0.5 + 4 / 64, 8: 1.03}.get(weight_bits, weight_bits / 8)
+    weights = linear * per_param + (s["embedding_params"] + 4 * s["h"] * s["layers"]) * max(2, weight_bits / 8)  # never quantized
+    state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
+    # float32 weight, gradient, state; and 2.5 bytes more than that count, as measured (12.3-12.8 bytes a
+    # LoRA parameter with paged 8-bit AdamW on the 7B, 8B and 33B shapes)
+    training_state = trainable_params * (4 + 4 + state_per_param + 2.5)
+    layer = tokens * 2 * (18 * s["h"] + 6 * s["inter"])  # what one layer keeps for its backward
+    checkpoints = 0 if offload else tokens * 2 * s["h"] * s["layers"]
+    logits = tokens * s["vocab"] * 10 if causal and not fused_ce else 0  # 16-bit logits, float32 copy and gradient
+    # Fitted to the H100 peaks of compiled layers, which keep more for their backward than eager ones
+    # (0.88-0.95 of this count measured, eager about 0.82): 0.97 of the count plus 0.22 GiB (allocator
+    # slack, cuBLAS workspace).
+    if gradient_checkpointing:  # the checkpoints, plus one layer recomputed or the loss, whichever is larger
+        activations = max(0.97 * (checkpoints + layer), checkpoints + logits)
+    else:
+        activations = 0.97 * layer * s["layers"] + logits
+    overhead = 0.22 * GIB
+    peak = weights + training_state + activations + overhead
+    return {"peak": int(peak), "weights": int(weights), "training_state": int(training_state),
+            "activations": int(activations)}
+
+
+def plan_memory(budget_gib: float, examples_per_step: int, estimate, allow_offload: bool = True) -> dict:
+    """The fastest set-up whose estimated peak fits the budget: the largest micro-batch (dividing the
+    examples per optimizer step, the rest accumulated), first without, then with gradient
+    checkpointing, then with the checkpoints offloaded to CPU. estimate(micro, gc, offload) -> bytes.
+    Raises ValueError (with the smallest estimate) when nothing fits."""
+    micro_batches = [m for m in range(examples_per_step, 0, -1) if examples_per_step % m == 0]
+    # Largest micro-batch first: on an H100 a 7B step is bound by per-call CPU work (hundreds of
+    # kernel launches per layer), so halving the micro-batch halves tokens/s (measured), while
+    # offloading the checkpoints costs a few percent.
+    for m in micro_batches:
+        for gc, offload in ((False, False), (True, False)) + (((True, True),) if allow_offload else ()):
+            peak = estimate(m, gc, offload)
+            if peak <= budget_gib * GIB:
+                return {"micro_batch": m, "accumulation": examples_per_step // m, "gradient_checkpointing": gc,
+                        "offload_activations": offload, "estimated_peak_gib": round(peak / GIB, 2)}
+    smallest = estimate(1, True, allow_offload)
+    raise ValueError(f"{budget_gib:g} GiB is too small: training needs about {smallest / GIB:.1f} GiB even at "
+                     f"micro-batch 1 with gradient checkpointing" + (" and activations offloaded to CPU" if allow_offload else ""))
