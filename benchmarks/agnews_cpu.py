@@ -38,7 +38,7 @@ def sh(args: list[str], cwd: Path, env: dict | None = None) -> tuple[str, float]
 
 
 def qlora_run(project: Path, data: Path, *overrides: str) -> tuple[dict, float]:
-    args = [sys.executable, "-m", "flows.cli", "run", str(REPO / "recipes" / "agnews-minilm.yaml"),
+    args = [sys.executable, "-m", "qlora.cli", "run", str(REPO / "recipes" / "agnews-minilm.yaml"),
             "--set", f"data.path={data}", "--json", str(project / "summary.json")]
     args += [a for o in overrides for a in ("--set", o)]
     _, seconds = sh(args, project, {"PYTHONPATH": str(REPO), "QLORA_PROGRESS": "0",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run(project: Path, *overrides: str) -> dict:
-    args = [sys.executable, "-m", "flows.cli", "run", str(REPO / "recipes" / "chat-smollm2.yaml"), "--json",
+    args = [sys.executable, "-m", "qlora.cli", "run", str(REPO / "recipes" / "chat-smollm2.yaml"), "--json",
             str(project / "summary.json")] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PROGRESS": "0", "PREFECT_HOME": str(project / ".prefect")}
     done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
@@ -65,7 +65,7 @@ def main() -> None:
     if packed.get("comparison"):
         import pandas as pd
 
-        from tasks.compare import format_table
+        from tasks.comparison import format_table
 
         print("\nmerge variants of the packed run (same held-out prompts, greedy decoding)")
         print(format_table(pd.DataFrame(packed["comparison"])))

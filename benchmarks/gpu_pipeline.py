@@ -135,7 +135,7 @@ def main() -> None:
     recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=REPO, env=env)
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", str(recipe)], cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"qlora run exited {done.returncode}")

@@ -32,7 +32,7 @@ def main() -> None:
         project = Path(args.project or tmp)
         project.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), "QLORA_PROGRESS": "0", "PREFECT_HOME": str(project / ".prefect")}
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "methods", str(REPO / "recipes" / "agnews-minilm.yaml"),
+        done = subprocess.run([sys.executable, "-m", "qlora.cli", "methods", str(REPO / "recipes" / "agnews-minilm.yaml"),
                                "--set", f"data.path={Path(args.data).resolve()}",
                                *[a for o in args.overrides for a in ("--set", o)]], cwd=project, env=env,
                               capture_output=True, text=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flows.servers import free_port, wait_healthy  # noqa: E402
+from qlora.servers import free_port, wait_healthy  # noqa: E402
 
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -40,7 +40,7 @@ STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| \w+\s+\| Flow run '[^']+' - (Be
 def qlora_run(project: Path, env: dict) -> dict:
     """One `qlora run` as a user types it; wall time and the flow's own start and end."""
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--json", "summary.json"],
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", str(RECIPE), "--json", "summary.json"],
                           cwd=project, env=env, capture_output=True, text=True)
     ended = time.time()
     if done.returncode != 0:

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ag_news"))
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
-    from flows.servers import free_port, start_mlflow_ui, start_prefect_server, stop, wait_healthy
+    from qlora.servers import free_port, start_mlflow_ui, start_prefect_server, stop, wait_healthy
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -55,7 +55,7 @@ def main() -> None:
             recipe["tracking"].update(experiment_name="scheduled", tracking_uri=tracking)
             (tmp / "r.yaml").write_text(yaml.safe_dump(recipe))
             serve_log = open(tmp / "serve.log", "wb")  # a pipe nobody reads would block it when full
-            serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "r.yaml", "--interval", "86400",
+            serve = subprocess.Popen([sys.executable, "-m", "qlora.cli", "deploy", "r.yaml", "--interval", "86400",
                                       "--name", "bench"], cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)},
                                      stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
             from prefect.client.orchestration import get_client

@@ -3,10 +3,12 @@ thread, and Prefect may run tasks in other threads), resumed rather than orphane
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -106,6 +108,18 @@ def store_exists(uri: str) -> bool:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).is_file()
     return True
+
+
+@contextlib.contextmanager
+def opening_store(uri: str):
+    """The tracking store opened in a background thread while the block runs (a stage that takes
+    seconds anyway), ready when it ends."""
+    opened = threading.Thread(target=prepare_store, args=(uri,), daemon=True)
+    opened.start()
+    try:
+        yield
+    finally:
+        opened.join()
 
 
 def prepare_store(uri: str) -> None:
@@ -362,32 +376,9 @@ def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> No
     _client(uri).log_table(run_id, data=df, artifact_file=artifact_file)
 
 
-def register(uri: str, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
-    """A model version for the logged artifact, unless one of the same content exists already."""
-    with store_lock(uri):  # one version per content, also when two runs register at once
-        return _register(_client(uri), run_id, artifact_path, name, content_hash)
-
-
-def _register(client, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name)
-    except MlflowException:
-        pass  # exists
-    for v in client.search_model_versions(f"name = '{name}'"):
-        if v.tags.get("qlora.content_hash") == content_hash:
-            return v.version
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"qlora.content_hash": content_hash})
-    # Every new version is the candidate; `qlora promote` decides whether it becomes the champion.
-    client.set_registered_model_alias(name, "candidate", version.version)
-    return version.version
-
-
 def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> None:
     """The variant table (MLflow table + CSV), its chart, and one nested run per variant."""
-    from tasks.compare import TABLE_FILE, comparison_chart
+    from tasks.comparison import TABLE_FILE, comparison_chart
 
     client = _client(uri)
     client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
@@ -405,3 +396,140 @@ def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> No
                                                 "qlora.dtype": str(row.get("dtype"))}).info.run_id
         Tracker(uri, child).log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
         client.set_terminated(child, "FINISHED")
+
+
+# --- the recorder a pipeline run talks to -------------------------------------------------------
+
+class RunRecorder:
+    """Everything a pipeline run records outside its stages, behind one object: the MLflow run
+    (parameters, data, metrics, artifacts, registered versions, promotion), the Prefect artifacts a
+    person browsing the UI reads (metrics tables, links, the lineage, the outcome), and the summary
+    the CLI prints. The flow calls it after each stage; it never decides what runs."""
+
+    def __init__(self, recipe: Recipe, uri: str, run_id: str, resumed: bool, flow_run_id: str | None):
+        self.r, self.uri, self.run_id, self.flow_run_id = recipe, uri, run_id, flow_run_id
+        self.tracker = Tracker(uri, run_id)
+        self.registered = recipe.tracking.registered_model_name or recipe.name
+        self.summary: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
+                                        "method": recipe.method}
+
+    def inputs(self, recipe_file: str | None, loaded: dict, splits: dict, tokenized: dict, lora: dict,
+               source_uri: str) -> None:
+        """The recipe, its data (datasets, counts) and what LoRA will train; links between the runs."""
+        from tasks import lineage
+
+        page = lineage.prefect_ui_url(self.flow_run_id)
+        if page:
+            self.tracker.set_tags({"prefect.flow_run_url": page})
+        lineage.link_or_note(lineage.mlflow_run_url(self.uri, experiment_of(self.uri, self.run_id), self.run_id),
+                             f"MLflow run {self.run_id}", f"{self.r.name}-mlflow-run",
+                             "the MLflow run of this flow run", self.uri)
+        self.tracker.set_tags({"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
+        log_recipe(self.uri, self.run_id, self.r, recipe_file)
+        if not self.summary["resumed_run"]:
+            log_datasets(self.uri, self.run_id, splits, source_uri)
+        counts = {f"data_{split}_{k}": v for split, stats in loaded["stats"].items() for k, v in stats.items()}
+        counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized["stats"].items() for k, v in stats.items()})
+        log_summary(self.uri, self.run_id, counts)
+        log_summary(self.uri, self.run_id, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
+        self.summary.update(lora=lora, data=loaded["stats"], tokenize=tokenized["stats"])
+
+    def training(self, trained: dict) -> None:
+        log_history(self.uri, self.run_id, Path(trained["dir"]) / trained["history"])
+        log_summary(self.uri, self.run_id, {k: trained[k] for k in (
+            "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
+            "gradient_bytes", "optimizer_state_bytes") if k in trained})
+        artifact = "adapter" if self.r.lora.enabled else "model"
+        self.summary.update(train=trained, adapter_dir=str(Path(trained["dir"]) / trained[artifact]))
+
+    def evaluation(self, evaluated: dict, variant: str) -> None:
+        """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
+        reference and generated text) as an MLflow table; the metrics as a Prefect table artifact too.
+        variant: base (the untrained causal LM), adapter or merged."""
+        from tasks import lineage
+
+        prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "adapter": ("test_", "eval"),
+                                "merged": ("merged_test_", "eval_merged")}[variant]
+        directory = Path(evaluated["dir"])
+        log_summary(self.uri, self.run_id, evaluated["metrics"], prefix)
+        lineage.metrics_table(evaluated["metrics"], f"{self.r.name}-{artifact_dir}",
+                              f"{prefix}metrics of MLflow run {self.run_id}")
+        log_artifacts(self.uri, self.run_id, directory, artifact_dir)
+        log_table(self.uri, self.run_id, pd.read_parquet(directory / evaluated["predictions"]),
+                  f"{artifact_dir}/predictions_table.json")
+        self.summary[f"{prefix}metrics"] = evaluated["metrics"]
+
+    def merged(self, merged: dict) -> None:
+        self.summary["merged_dir"] = str(Path(merged["dir"]) / merged["model"])
+
+    def packages(self, packaged: dict, merged: bool) -> None:
+        """What users take away, logged where the registry's versions point: the portable adapter, and
+        the merged (or fully fine-tuned) model as an MLflow model."""
+        for name, logged_as in (("adapter", "adapter"), ("mlflow_model", "merged_model" if merged else "model")):
+            if name in packaged:
+                log_artifacts(self.uri, self.run_id, Path(packaged["dir"]) / packaged[name], logged_as)
+                self.summary[f"{logged_as}_package"] = str(Path(packaged["dir"]) / packaged[name])
+
+    def register(self, trained: dict, merged: dict | None) -> None:
+        """One registry version per content: the adapter (or fully fine-tuned model), the merged model."""
+        from tasks import lineage
+        from tasks.promotion import register
+
+        artifact = "adapter" if self.r.lora.enabled else "model"
+        versions = [(artifact, artifact, trained["hash"], f"{artifact}_version")]
+        if merged is not None:
+            versions.append(("merged_model", "merged", merged["hash"], "merged_version"))
+        for logged_as, suffix, content_hash, key in versions:
+            name = f"{self.registered}-{suffix}"
+            self.summary[key] = version = register(self.uri, self.run_id, logged_as, name, content_hash)
+            lineage.link_or_note(lineage.mlflow_model_url(self.uri, name, version), f"registered model {name} v{version}",
+                                 f"{name}-version", f"registered model {name}, version {version}", self.uri)
+
+    def comparison(self, table: pd.DataFrame, work: Path) -> None:
+        log_comparison(self.uri, self.run_id, table, work)
+        self.summary["comparison"] = table.to_dict(orient="records")
+
+    def promote(self) -> None:
+        """Champion or not, by the recipe's metric and margin; the decision and its reason recorded in
+        MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
+        from tasks import lineage
+        from tasks.promotion import promote
+        from tasks.stage import run_logger
+
+        p, r = self.r.tracking.promotion, self.r
+        merges = r.merge.enabled and r.lora.enabled
+        suffix = "merged" if p.model_for(merges) == "merged" else ("adapter" if r.lora.enabled else "model")
+        name = f"{self.registered}-{suffix}"
+        decision = promote(self.uri, name, p.metric_for(merges, r.model.task), p.margin, p.mode_for(merges, r.model.task))
+        self.tracker.set_tags({"qlora.promotion.promoted": decision["promoted"],
+                               "qlora.promotion.reason": decision["reason"]})
+        log_dict(self.uri, self.run_id, decision, "promotion.json")
+        lineage.markdown(f"### promotion: {'promoted' if decision['promoted'] else 'not promoted'}\n\n"
+                         f"{decision['reason']}\n\nMLflow run `{self.run_id}`, registered model `{name}`",
+                         f"{r.name}-promotion", f"promotion decision for {name}")
+        run_logger().info("promotion: %s", decision["reason"])
+        self.summary["promotion"] = decision
+
+    def finish(self, stages: list[dict], seconds: dict[str, float], recipe_key: str) -> dict:
+        """The outcome (above all: was anything retrained?) in the log, as Prefect artifacts (summary
+        and lineage) and as MLflow tags; returns the run's summary."""
+        from tasks import lineage
+        from tasks.stage import run_logger
+
+        cached = {s["stage"]: s["cached"] for s in stages}
+        self.summary.update(cached=cached, stage_seconds=seconds, all_cached=all(cached.values()))
+        if self.summary["all_cached"]:
+            text = "unchanged data and recipe: every stage was a cache hit, nothing retrained"
+        else:
+            text = (f"built: {', '.join(k for k, v in cached.items() if not v)}; "
+                    f"cached: {', '.join(k for k, v in cached.items() if v) or 'none'}")
+        run_logger().info(text)
+        lines = [f"### {self.r.name}: {text}", "", f"MLflow run `{self.run_id}` ({self.uri})"]
+        if "promotion" in self.summary:
+            lines.append(f"\npromotion: {self.summary['promotion']['reason']}")
+        lineage.markdown("\n".join(lines), f"{self.r.name}-run-summary", "what this run built")
+        lineage.run_lineage(self.r.name, stages, self.flow_run_id)
+        self.tracker.set_tags({"qlora.cached_stages": ",".join(k for k, v in cached.items() if v)})
+        if self.summary["all_cached"]:
+            mark_all_cached(self.uri, self.run_id, self.r.name, recipe_key)
+        return self.summary

@@ -115,7 +115,7 @@ def serve_and_invoke(model_uri: str, payload: dict, env: dict, cwd: Path, timeou
     import time
     import urllib.request
 
-    from flows.servers import free_port
+    from qlora.servers import free_port
 
     port = free_port()
     log = open(cwd / f"serve-{port}.log", "w")

@@ -177,7 +177,7 @@ def test_chat_smollm2_short_run(project):
     yaml_recipe["merge"]["compare"] = True  # all four variants: greedy continuations and logits compared
     write_recipe(project / "r.yaml", yaml_recipe)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((project / "s.json").read_text())
@@ -207,7 +207,7 @@ def test_chat_smollm2_short_run(project):
     # The adapter names its original base, the GGUF file, not the stage cache's converted copy.
     adapter_config = json.loads((Path(summary["adapter_package"]) / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", "--run", summary["run_id"], "--variant",
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "predict", "--run", summary["run_id"], "--variant",
                            "adapter", "What is your name?"], cwd=project, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "response" in done.stdout, done.stderr[-3000:]
@@ -221,7 +221,7 @@ def _gguf_export_matches_the_merged_model(project: Path, env: dict, summary: dic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "export", summary["run_id"], "--format", "gguf",
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "export", summary["run_id"], "--format", "gguf",
                            "--out", str(project / "export" / "model.gguf")], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -258,7 +258,7 @@ def _chat_in_a_terminal(project: Path, env: dict, run_id: str) -> None:
     import time
 
     primary, secondary = pty.openpty()
-    chat = subprocess.Popen([sys.executable, "-m", "flows.cli", "chat", run_id, "--max-new-tokens", "12"], cwd=project,
+    chat = subprocess.Popen([sys.executable, "-m", "qlora.cli", "chat", run_id, "--max-new-tokens", "12"], cwd=project,
                             env={**env, "QLORA_PROGRESS": "0"}, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)
     seen = b""

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import small_recipe, write_recipe
-from flows.cli import EXIT_USER_ERROR, main
+from qlora.cli import EXIT_USER_ERROR, main
 from tasks.recipe import QuantizationSection, RecipeError
 
 
@@ -93,7 +93,7 @@ def test_4bit_that_bitsandbytes_cannot_run(monkeypatch):
 
 def _run_cli(project: Path, recipe: dict, *overrides: str) -> subprocess.CompletedProcess:
     path = write_recipe(project / "r.yaml", recipe)
-    args = [sys.executable, "-m", "flows.cli", "run", str(path)] + [a for o in overrides for a in ("--set", o)]
+    args = [sys.executable, "-m", "qlora.cli", "run", str(path)] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "PREFECT_HOME": str(project / ".prefect")}
     return subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=env)

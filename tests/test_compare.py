@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.compare import agreement, check_comparable, comparison_table
+from tasks.comparison import agreement, check_comparable, comparison_table
 from tasks.recipe import RecipeError
 
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
 
 
@@ -50,7 +50,7 @@ def test_unknown_promotion_metric_is_refused(project):
 
 
 def test_server_that_does_not_answer(project):
-    from flows.servers import free_port
+    from qlora.servers import free_port
 
     write_recipe(project / "r.yaml", small_recipe())
     start = time.monotonic()
@@ -66,7 +66,7 @@ def test_server_that_does_not_answer(project):
 def running_servers(home: Path, prefect_database: str | None = None, mlflow_store: str | None = None):
     """A Prefect server and an MLflow tracking server on free ports (sqlite stores under `home`
     unless database URLs are given), stopped at the end."""
-    from flows.servers import free_port, start_mlflow_ui, start_prefect_server, stop, wait_healthy
+    from qlora.servers import free_port, start_mlflow_ui, start_prefect_server, stop, wait_healthy
 
     prefect_port, mlflow_port = free_port(), free_port()
     prefect_env = {"PREFECT_HOME": str(home / ".prefect")}
@@ -186,7 +186,7 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
                                  tracking={"experiment_name": "scheduled", "tracking_uri": servers["mlflow"],
                                            "promotion": {"model": "adapter", "metric": "test_accuracy"}})
     write_recipe(project / "r.yaml", recipe)
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "r.yaml", "--cron", "0 3 * * 1",
+    serve = subprocess.Popen([sys.executable, "-m", "qlora.cli", "deploy", "r.yaml", "--cron", "0 3 * * 1",
                               "--name", "weekly"], cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -279,10 +279,10 @@ def test_work_pool_deployment_runs_on_a_worker(project, against_servers):
 
 @pytest.mark.slow
 def test_ui_starts_both_servers_and_stops_them_on_ctrl_c(project):
-    from flows.servers import free_port, port_free
+    from qlora.servers import free_port, port_free
 
     prefect_port, mlflow_port = free_port(), free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(prefect_port),
+    ui = subprocess.Popen([sys.executable, "-m", "qlora.cli", "ui", "--prefect-port", str(prefect_port),
                            "--mlflow-port", str(mlflow_port)], cwd=project,
                           env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

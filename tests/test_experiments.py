@@ -40,7 +40,7 @@ def test_grid_expands_and_validates_every_trial_first():
 
 
 def test_sweep_cli_refuses_bad_grids_before_running(project, capsys):
-    from flows.cli import main
+    from qlora.cli import main
 
     path = write_recipe(project / "r.yaml", small_recipe())
     assert main(["sweep", str(path), "--grid", "lora.r=[]"]) == 2
@@ -56,7 +56,7 @@ def _cli(project, *args):
 
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo), "PREFECT_HOME": str(project / ".prefect")}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=project, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout

@@ -322,7 +322,7 @@ def test_a_budget_too_small_fails_before_anything_is_loaded(project):
 
 
 def test_validate_reports_the_memory_plan_or_refuses_the_budget(project, capsys):
-    from flows.cli import main
+    from qlora.cli import main
 
     path = write_recipe(project / "r.yaml", small_recipe(train={"max_memory_gib": 2}))
     assert main(["validate", str(path)]) == 0

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import MINILM, write_recipe
-from flows.cli import EXIT_USER_ERROR, main
+from qlora.cli import EXIT_USER_ERROR, main
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_" + "Q" * 30  # shaped like a Hugging Face token
@@ -323,7 +323,7 @@ def _env(project: Path, **extra) -> dict:
 
 
 def _start(project: Path, *overrides: str, summary: str = "summary.json", **env) -> subprocess.Popen:
-    args = [sys.executable, "-m", "flows.cli", "run", str(project / "r.yaml"), "--json", str(project / summary)]
+    args = [sys.executable, "-m", "qlora.cli", "run", str(project / "r.yaml"), "--json", str(project / summary)]
     return subprocess.Popen(args + [a for o in overrides for a in ("--set", o)], cwd=project, env=_env(project, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -498,10 +498,10 @@ def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
 
 @pytest.mark.slow
 def test_sigterm_to_qlora_ui_stops_both_servers(project):
-    from flows.servers import free_port, port_free
+    from qlora.servers import free_port, port_free
 
     ports = [free_port(), free_port()]
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(ports[0]),
+    process = subprocess.Popen([sys.executable, "-m", "qlora.cli", "ui", "--prefect-port", str(ports[0]),
                                 "--mlflow-port", str(ports[1])], cwd=project, env=_env(project),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []

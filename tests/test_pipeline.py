@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _command(project: Path, *overrides: str) -> list[str]:
-    args = [sys.executable, "-m", "flows.cli", "run", str(project / "r.yaml"), "--json", str(project / "summary.json")]
+    args = [sys.executable, "-m", "qlora.cli", "run", str(project / "r.yaml"), "--json", str(project / "summary.json")]
     return args + [a for o in overrides for a in ("--set", o)]
 
 
@@ -171,7 +171,7 @@ def test_killed_run_resumes_training_and_its_mlflow_run(project):
 
 
 def _cli(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=_env(project),
+    return subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=project, env=_env(project),
                           capture_output=True, text=True, timeout=300)
 
 

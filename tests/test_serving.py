@@ -24,7 +24,7 @@ def _env(project: Path) -> dict:
 
 
 def _qlora(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=_env(project),
+    return subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=project, env=_env(project),
                           capture_output=True, text=True, timeout=900)
 
 

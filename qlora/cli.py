@@ -19,7 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from flows.servers import free_port, wait_healthy
+from qlora.servers import free_port, wait_healthy
 from tasks import signals
 from tasks.secrets import redact, redact_text
 from tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
@@ -219,7 +219,7 @@ def _summary(result: dict) -> str:
     if "comparison" in result:
         import pandas as pd
 
-        from tasks.compare import format_table
+        from tasks.comparison import format_table
 
         lines += ["merge variants against the adapter:", format_table(pd.DataFrame(result["comparison"]))]
     t = result["train"]
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("compare", "predict", "promote", "export", "merge", "chat"):
             return _registry_command(args)
         if args.command == "ui":
-            from flows.servers import ui
+            from qlora.servers import ui
 
             return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri))
         if args.command == "recipes":
@@ -500,8 +500,8 @@ def _registry_command(args) -> int:
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1"),
                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):  # a bar per download is noise here
         os.environ.setdefault(key, value)
-    from flows import registry
-    from tasks.compare import format_table
+    from qlora import registry
+    from tasks.comparison import format_table
 
     if args.command == "merge":
         print(f"merged model: {registry.merge_adapter(Path(args.adapter), Path(args.out), args.dtype)}")
@@ -512,9 +512,9 @@ def _registry_command(args) -> int:
     elif args.command == "chat":
         registry.chat(uri, args.source, args.max_new_tokens)
     elif args.command == "compare":
-        print(format_table(registry.compare(uri, args.run_ids)))
+        print(format_table(registry.compare_runs(uri, args.run_ids)))
     elif args.command == "predict":
-        table = registry.predict(uri, _read_texts(args), args.run_id, args.variant, args.model)
+        table = registry.predict_texts(uri, _read_texts(args), args.run_id, args.variant, args.model)
         with pd_options():
             formats = {"confidence": "{:.3f}".format} if "confidence" in table else {}
             print(table.to_string(index=False, formatters=formats))

@@ -1,5 +1,6 @@
-"""What the CLI does with finished runs: compare their variants, predict with a trained model from a
-run or the model registry, and promote a registry candidate to champion."""
+"""Registered models and finished runs, as the CLI uses them: compare runs' variants, download a
+run's model or a registry version, predict or chat with it, promote a candidate to champion, export
+to another format, merge an exported adapter."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pandas as pd
 
 from tasks.recipe import RecipeError
 
-CANDIDATE, CHAMPION = "candidate", "champion"
+from tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
 
 
 def client(uri: str):
@@ -19,8 +20,8 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def compare(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    from tasks.compare import check_comparable, load_comparison
+def compare_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
+    from tasks.comparison import check_comparable, load_comparison
 
     c = client(uri)
     tables = [load_comparison(c, run_id) for run_id in run_ids]
@@ -34,7 +35,7 @@ def _download(uri: str, artifact_uri: str, into: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=into, tracking_uri=uri))
 
 
-def resolve_model(uri: str, into: str, run_id: str | None, variant: str, model: str | None) -> Path:
+def download_model(uri: str, into: str, run_id: str | None, variant: str, model: str | None) -> Path:
     """A local directory holding the chosen model: a run's merged model or adapter, or a registry
     version given as NAME/VERSION or NAME@ALIAS."""
     from mlflow.exceptions import MlflowException
@@ -114,8 +115,6 @@ def load_predictor(directory: Path):
         names = [labels[k] for k in sorted(labels, key=int)]
         task = "causal-lm" if config.get("task_type") == "CAUSAL_LM" else "sequence-classification"
         if base.endswith(".gguf"):  # a GGUF base (chat-smollm2): transformers dequantizes it as it loads
-            from transformers import AutoModelForCausalLM
-
             base_model = AutoModelForCausalLM.from_pretrained(str(Path(base).parent), gguf_file=Path(base).name)
         else:
             base_model = load_model(base, task, names, _compute_dtype(base))
@@ -152,12 +151,12 @@ def _compute_dtype(base: str):
     return getattr(torch, q.get("bnb_4bit_compute_dtype", "float32"))
 
 
-def predict(uri: str, texts: list[str], run_id: str | None, variant: str, model: str | None,
+def predict_texts(uri: str, texts: list[str], run_id: str | None, variant: str, model: str | None,
             batch_size: int = 32) -> pd.DataFrame:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        directory = resolve_model(uri, tmp, run_id, variant, model)
+        directory = download_model(uri, tmp, run_id, variant, model)
         net, tok = load_predictor(directory)
         if _is_causal(directory):
             return pd.DataFrame(_respond(net, tok, texts))
@@ -173,51 +172,6 @@ def predict(uri: str, texts: list[str], run_id: str | None, variant: str, model:
                 rows += [{"label": id2label[int(j)], "confidence": float(p), "text": t}
                          for t, j, p in zip(chunk, ids, conf)]
     return pd.DataFrame(rows)
-
-
-def promote(uri: str, name: str, metric: str | None = None, min_delta: float = 0.0, mode: str | None = None) -> dict:
-    """Point `champion` at the `candidate` version if it beats the champion on the metric (higher is
-    better with mode max, lower with min) by more than min_delta. Without a metric: the model's own
-    test figure (merged_test_* for a merged model). Returns the decision and its reason."""
-    from mlflow.exceptions import MlflowException
-
-    from tasks.recipe import default_promotion_metric, lower_is_better
-
-    c = client(uri)
-    try:
-        candidate = c.get_model_version_by_alias(name, CANDIDATE)
-    except MlflowException:
-        raise RecipeError(f"registered model '{name}' has no '{CANDIDATE}' version", "NAME") from None
-    run = c.get_run(candidate.run_id)
-    cand_metrics = run.data.metrics
-    if metric is None:
-        merged = candidate.source.rstrip("/").endswith("merged_model")
-        metric = default_promotion_metric(merged, run.data.tags.get("qlora.task", "sequence-classification"))
-    mode = mode or lower_is_better(metric)
-    if metric not in cand_metrics:
-        raise RecipeError(f"metric '{metric}' was not logged by the candidate's run", "--metric",
-                          hint=f"logged: {', '.join(sorted(k for k in cand_metrics if k.startswith(('test_', 'merged_test_'))))}")
-    try:
-        champion = c.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    value = cand_metrics[metric]
-    decision = {"model": name, "metric": metric, "candidate_version": candidate.version, "candidate_value": value,
-                "champion_version": champion.version if champion else None, "promoted": False}
-    if champion is not None and champion.version == candidate.version:
-        return {**decision, "champion_value": value, "reason": f"version {candidate.version} is already the champion"}
-    if champion is not None:
-        sign = 1 if mode == "max" else -1
-        best = c.get_run(champion.run_id).data.metrics.get(metric, -sign * float("inf"))
-        decision["champion_value"] = best
-        if sign * (value - best) <= min_delta:
-            return {**decision, "reason": f"kept champion v{champion.version}: candidate v{candidate.version} "
-                                          f"{metric}={value:.4f} does not beat {best:.4f} by more than {min_delta}"}
-    c.set_registered_model_alias(name, CHAMPION, candidate.version)
-    return {**decision, "promoted": True,
-            "reason": f"promoted v{candidate.version} to {CHAMPION} ({metric}={value:.4f}, {mode}imized"
-                      + (f", champion v{champion.version} had {decision['champion_value']:.4f})" if champion else
-                         ", no champion before)")}
 
 
 def _source_args(source: str) -> tuple[str | None, str | None]:
@@ -238,7 +192,7 @@ def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Pa
     run_id, model = _source_args(source)
     _refuse_to_overwrite(out)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = resolve_model(uri, tmp, run_id, "merged", model)
+        directory = download_model(uri, tmp, run_id, "merged", model)
         weights, tokenizer = checkpoint_of(directory)
         if (weights / "adapter_config.json").is_file():
             raise RecipeError(f"{source} is an adapter, not a merged model", "SOURCE",
@@ -276,7 +230,7 @@ def chat(uri: str, source: str, max_new_tokens: int = 256, read=input, write=pri
 
     run_id, model = _source_args(source)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = resolve_model(uri, tmp, run_id, "merged", model)
+        directory = download_model(uri, tmp, run_id, "merged", model)
         if not _is_causal(directory):
             raise RecipeError("chat needs a causal language model; this is a classifier", "SOURCE",
                               hint="classify texts with: qlora predict --model NAME@ALIAS TEXT ...")
