@@ -1,7 +1,11 @@
 """Data stages: load (read and clean the source), split, tokenize.
 
-Loaded and split data are parquet files of two columns, `text` (str) and `label` (class id);
-tokenized data is a datasets DatasetDict on disk. Every dropped row is counted, never silent.
+Sources: local files (csv, tsv, json, jsonl, parquet, yaml, optionally .gz/.bz2; a directory of
+split-named files) read with pandas, which also reports the line of an undecodable byte and reads the
+first rows only for `qlora validate`; or a Hub dataset through `datasets`. Loaded and split data are
+parquet files: for a classifier `text` (str) and `label` (class id); for a causal LM the prompt
+template's columns and the response, as text. Tokenized data is a datasets DatasetDict on disk.
+Every dropped row is counted, never silent.
 """
 from __future__ import annotations
 
