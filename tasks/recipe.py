@@ -41,48 +41,59 @@ def shorten(text: str, limit: int = 300) -> str:
 
 class Section(BaseModel):
     # allow_inf_nan: a learning rate of inf or nan is a mistake, never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 Seed = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
 
 
 class ModelSection(Section):
-    # A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package);
-    # or a GGUF file (dequantized once into a cached 16-bit model directory).
     name_or_path: str
+    """A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package); or a
+    GGUF file (dequantized once into a cached 16-bit model directory)."""
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
-    # Class names in label order; taken from the data (sorted) when not given.
+    """sequence-classification (a task head over the text) or causal-lm (a decoder learning responses to
+    prompts)."""
     labels: Optional[list[str]] = None
+    """Class names in label order; taken from the data (sorted) when not given."""
     revision: Optional[str] = None
+    """The Hub revision (branch, tag or commit) of name_or_path."""
     trust_remote_code: bool = False
+    """Let transformers run the model repository's own Python code (only for repositories you trust)."""
 
 
 class DataSection(Section):
-    # A local file or directory (csv, json, jsonl, parquet; .gz and .bz2 too), or `package:NAME/file`.
     path: Optional[str] = None
-    # Or a Hugging Face Hub dataset id, with its config and revision.
+    """A local file or directory (csv, tsv, json, jsonl, parquet, yaml; each optionally .gz or .bz2), or
+    `package:NAME/file`. A directory holds train.*, dev.* or validation.*, test.* (else all its files are
+    the train split); a YAML conversation corpus gives prompt/response rows."""
     hub: Optional[str] = None
+    """Or a Hugging Face Hub dataset id, with its config and revision."""
     config: Optional[str] = None
+    """The Hub dataset's configuration name, where it has several."""
     revision: Optional[str] = None
-    # Or a file (or list of files) for each split, e.g. {train: a.csv, validation: b.csv, test: c.csv}:
-    # a test set kept apart. Splits not given are carved out of train (see split).
+    """The Hub dataset's revision (branch, tag or commit)."""
     files: Optional[dict[Literal["train", "validation", "test"], Union[str, list[str]]]] = None
-    # Source split (or file stem) for each of train / validation / test, where the names differ.
+    """Or a file (or list of files) for each split, e.g. {train: a.csv, validation: b.csv, test: c.csv}: a test
+    set kept apart. Splits not given are carved out of train (see split)."""
     splits: Optional[dict[Literal["train", "validation", "test"], str]] = None
-    # Text encoding of csv/json/yaml files (e.g. latin-1, cp1252); Python codec names.
+    """Source split (or file stem) for each of train / validation / test, where the names differ."""
     encoding: str = "utf-8"
-    # Column names of CSV/TSV files that have no header row (the first row is then data).
+    """Text encoding of csv/json/yaml files (e.g. latin-1, cp1252); Python codec names."""
     column_names: Optional[list[str]] = None
+    """Column names of CSV/TSV files that have no header row (the first row is then data)."""
     text_column: str = "text"
+    """The column holding the text to classify."""
     label_column: str = "label"
-    # Raw label value -> label name (e.g. {1: positive}); applied before keep_labels.
+    """The column holding the label (a class name, or a class id in label order)."""
     label_map: Optional[dict[Union[int, str], str]] = None
-    # Keep only rows of these classes; the others are dropped and counted.
+    """Raw label value -> label name (e.g. {1: positive}); applied before keep_labels."""
     keep_labels: Optional[list[str]] = None
+    """Keep only rows of these classes; the others are dropped and counted."""
     drop_duplicates: bool = False
-    # Seeded random sample of at most N rows per split (after cleaning), e.g. {train: 2000}.
+    """Drop rows whose text repeats an earlier row's (counted)."""
     sample: Optional[dict[Literal["train", "validation", "test"], int]] = None
+    """Seeded random sample of at most N rows per split (after cleaning), e.g. {train: 2000}."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -128,34 +139,42 @@ class DataSection(Section):
 
 
 class SplitSection(Section):
-    # Used only for the splits the source lacks: carved out of train, stratified by label.
     validation_size: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the source's training rows carved out as the validation split, when the source has none."""
     test_size: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the source's training rows carved out as the test split, when the source has none."""
     stratify: bool = True
+    """Carve splits keeping each class's share (where every class has at least two rows)."""
     seed: int = Seed
+    """Seed of the split and of data.sample."""
 
 
 class TokenizeSection(Section):
     max_length: int = Field(128, gt=0)
+    """Longest row in tokens (prompt and response together for a causal LM); the row width for packing."""
     truncation: bool = True
-    # dynamic: pad each batch to its longest row; max_length: pad every row (the slow tutorial way).
+    """Cut longer rows to max_length; false drops them instead. Either way they are counted."""
     padding: Literal["dynamic", "max_length"] = "dynamic"
-    # causal-lm: pack short examples into rows of max_length without padding (positions restart
-    # and attention stays within each example).
+    """dynamic: pad each batch to its longest row; max_length: pad every row (the slow tutorial way)."""
     packing: bool = False
+    """causal-lm: pack short examples into rows of max_length without padding (positions restart and attention
+    stays within each example)."""
 
 
 class PromptSection(Section):
     """causal-lm: how a data row becomes a prompt and a response to learn."""
-    # Python format string over data columns, e.g. "### Instruction:\n{instruction}\n\n### Response:\n".
     template: Optional[str] = None
-    # Or the tokenizer's chat template, the user turn being `template` rendered or the prompt column.
+    """Python format string over data columns, e.g. "### Instruction:\n{instruction}\n\n### Response:\n"."""
     chat_template: bool = False
+    """Or the tokenizer's chat template, the user turn being `template` rendered or the prompt column."""
     prompt_column: str = "prompt"
+    """The column holding the user turn, when there is no template."""
     response_column: str = "response"
+    """The column holding the response the model learns."""
     system_prompt: Optional[str] = None
-    # false: loss on the response tokens only (the prompt is masked).
+    """A system turn put before each prompt (with chat_template)."""
     train_on_prompt: bool = False
+    """false: loss on the response tokens only (the prompt is masked)."""
 
     @field_validator("template")
     @classmethod
@@ -184,10 +203,13 @@ class PromptSection(Section):
 class GenerationSection(Section):
     """causal-lm evaluation: continuations generated for held-out prompts."""
     num_examples: int = Field(32, gt=0)
+    """How many held-out prompts get generated answers (scored with ROUGE, logged as a table)."""
     max_new_tokens: int = Field(64, gt=0)
-    # Greedy always; sampled too when a temperature is given.
+    """Longest generated answer, in tokens."""
     temperature: Optional[float] = Field(None, gt=0)
+    """Greedy always; sampled too when a temperature is given."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold of the sampled generations."""
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -195,12 +217,18 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 class QuantizationSection(Section):
     load_in_4bit: bool = True
+    """Load the base in 4-bit (QLoRA); with load_in_8bit also false, plain LoRA on a 16/32-bit base."""
     load_in_8bit: bool = False
+    """Load the base in 8-bit (LLM.int8) instead."""
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """nf4 (NormalFloat, QLoRA's) or fp4."""
     bnb_4bit_use_double_quant: bool = True
+    """Quantize the block scales too (about 0.4 bits a weight saved)."""
     bnb_4bit_compute_dtype: DType = "float32"
-    # Modules kept out of quantization; None means the output heads and the pooler (tasks.model.NOT_QUANTIZED).
+    """The dtype 4-bit weights are dequantized to for each matmul: bfloat16 on GPUs, float32 on CPUs."""
     llm_int8_skip_modules: Optional[list[str]] = None
+    """Modules kept out of quantization. Default: the output heads and the pooler (classifier,
+    pre_classifier, score, lm_head, pooler)."""
 
     @model_validator(mode="after")
     def _one_mode(self):
@@ -214,17 +242,25 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
-    # false: full fine-tuning (every weight trained; needs an unquantized base), for comparisons.
     enabled: bool = True
+    """false: full fine-tuning (every weight trained; needs an unquantized base), for comparisons."""
     r: int = Field(8, gt=0)
+    """The adapters' rank."""
     lora_alpha: float = Field(16, gt=0)
+    """Scaling of the adapters' output (alpha / r, or alpha / sqrt(r) with use_rslora)."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapters' input."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """Linear layers that get adapters: names or suffixes (e.g. [q_proj, v_proj]), or all-linear (every linear
+    layer but the output heads)."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all, or lora_only."""
     use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
     use_rslora: bool = False
-    # Extra fully trained modules; the task head is always trained.
+    """Rank-stabilized scaling: alpha / sqrt(r)."""
     modules_to_save: Optional[list[str]] = None
+    """Extra fully trained modules; the task head is always trained."""
 
     @field_validator("target_modules")
     @classmethod
@@ -236,43 +272,67 @@ class LoraSection(Section):
 
 class TrainSection(Section):
     num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides num_train_epochs
+    """Passes over the training data (fractions allowed); see max_steps."""
+    max_steps: int = -1
+    """Optimizer steps to train; when above 0 it overrides num_train_epochs."""
     learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
                                "cosine_with_restarts", "polynomial"] = "linear"
+    """The learning-rate schedule after warm-up (transformers' schedulers)."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
     per_device_train_batch_size: int = Field(16, gt=0)
+    """Examples (packed rows with packing) per micro-batch; times gradient_accumulation_steps, the examples per
+    optimizer step."""
     per_device_eval_batch_size: int = Field(64, gt=0)
+    """Rows per batch in validation and evaluation."""
     gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step."""
     gradient_checkpointing: bool = False
-    # Keep the tensors saved for backward (checkpointed layer inputs, logits) in pinned CPU memory
-    # (CUDA only): about a GiB less GPU memory on a 7B model at sequence 2048, for some speed.
+    """Recompute each layer in backward instead of keeping its activations (non-reentrant): less memory, about
+    a third more compute."""
     offload_activations: bool = False
-    # A GPU memory budget: the fastest set-up whose estimated peak fits it is chosen (largest
-    # micro-batch, the rest of per_device_train_batch_size x gradient_accumulation_steps accumulated;
-    # then checkpointing; then offload). The examples per optimizer step never change.
+    """Keep the tensors saved for backward (checkpointed layer inputs, logits) in pinned CPU memory (CUDA
+    only): about a GiB less GPU memory on a 7B model at sequence 2048, for some speed."""
     max_memory_gib: Optional[float] = Field(None, gt=0)
-    # Fast paths. fused_lora: each LoRA layer as one autograd function (same arithmetic as peft's).
-    # kernels: Liger's Triton kernels on CUDA (auto: where supported). attention: auto picks
-    # flash-attn where installed, else PyTorch SDPA. A fast path the machine lacks warns and falls
-    # back, or fails when require_fast_paths.
+    """A GPU memory budget: the fastest set-up whose estimated peak fits it is chosen (largest micro-batch, the
+    rest of per_device_train_batch_size x gradient_accumulation_steps accumulated; then checkpointing; then
+    offload). The examples per optimizer step never change."""
     fused_lora: bool = True
-    # compile: torch.compile each transformer layer (the first steps pay the compile, tens of
-    # seconds); auto: on CUDA where Triton is installed; not on the CPU.
+    """Each LoRA layer as one autograd function: the same arithmetic as peft's, fewer kernels and saved
+    tensors."""
     compile: Literal["auto", True, False] = "auto"
+    """torch.compile each transformer layer (the first steps pay the compile, tens of seconds). auto: on CUDA
+    where Triton is installed, not on the CPU; true: also on the CPU (needs a C++ compiler)."""
     kernels: Literal["auto", "liger", "none"] = "auto"
+    """Liger's Triton kernels on CUDA (its fused linear cross-entropy; RMSNorm and SwiGLU where layers are not
+    compiled). auto: where installed and supported; liger: wanted (warns, or fails with require_fast_paths,
+    where missing); none."""
     attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    """The attention kernel. auto: flash-attn where installed on CUDA, else PyTorch SDPA."""
     require_fast_paths: bool = False
+    """A fast path asked for (kernels: liger, attention: flash_attention_2, compile: true) that the machine
+    lacks fails the run instead of warning and falling back."""
     optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
+    """The optimizer: torch's AdamW or SGD, or bitsandbytes' 8-bit and paged AdamW (paged: optimizer state can
+    spill to CPU memory instead of failing on a spike)."""
     weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay of the trained weights."""
     max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the gradient norm to this; 0: no clipping."""
     seed: int = Seed
-    # Batches of rows of similar length: far less padding with dynamic padding.
+    """Seed of the adapters' initialisation, data order, dropout and packing."""
     group_by_length: bool = True
+    """Batches of rows of similar length: far less padding with dynamic padding."""
     logging_steps: int = Field(10, gt=0)
-    eval_steps: Optional[int] = Field(None, gt=0)  # None: at the end of each epoch
+    """Log train loss, learning rate, gradient norm and speed every this many optimizer steps."""
+    eval_steps: Optional[int] = Field(None, gt=0)
+    """Validate every this many optimizer steps; default: at the end of each epoch."""
     save_steps: int = Field(100, gt=0)
+    """Checkpoint every this many optimizer steps (resumable after a crash or a signal)."""
     save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted."""
 
     # How fast and in how much memory, not what is computed: left out of the train stage's cache key,
     # so a run stopped (say, out of memory) resumes under a new budget.
@@ -282,10 +342,12 @@ class TrainSection(Section):
 
 
 class EvaluateSection(Section):
-    # Metric modules under tasks/metrics/ by name, or paths to evaluate-compatible metric scripts.
-    # Default: accuracy, f1, precision, recall (classification); rouge (causal-lm, on generations).
     metrics: Optional[list[str]] = None
+    """Metric modules under tasks/metrics/ by name (accuracy, f1, precision, recall, rouge; f1, precision and
+    recall macro and per class), or paths to evaluate-compatible metric scripts. Default: accuracy, f1,
+    precision, recall (classification); rouge (causal-lm, on generations)."""
     generation: GenerationSection = GenerationSection()
+    """causal-lm: generated answers for held-out prompts."""
 
     def metric_names(self, task: str) -> list[str]:
         if self.metrics is not None:
@@ -298,28 +360,31 @@ MergeBase = Literal["dequantized", "original"]
 
 class MergeSection(Section):
     enabled: bool = True
-    # The merged model to ship (logged and registered):
-    # dequantized: the 4-bit base dequantized, then merged (exactly what training saw);
-    # original: the original 16-bit base reloaded, then merged.
+    """Merge the adapter into a 16-bit model, evaluated and registered beside the adapter."""
     base: MergeBase = "dequantized"
-    dtype: DType = "bfloat16"  # the dtype the merged model is saved in
-    # Also build and measure every variant side by side: adapter, merged-dequant, merged-original
-    # and merged-4bit (the merge re-quantized to NF4, as peft's merge into a 4-bit model gives).
+    """The merged model to ship (logged and registered): dequantized: the 4-bit base dequantized, then merged
+    (exactly what training saw); original: the original 16-bit base reloaded, then merged."""
+    dtype: DType = "bfloat16"
+    """the dtype the merged model is saved in"""
     compare: bool = False
+    """Also build and measure every variant side by side: adapter, merged-dequant, merged-original and
+    merged-4bit (the merge re-quantized to NF4, as peft's merge into a 4-bit model gives)."""
 
 
 class PromotionSection(Section):
-    # After each run, point the registry's `champion` alias at the new candidate only if it beats
-    # the champion's run on `metric` by more than `margin` (scheduled retraining turns this on).
     enabled: bool = False
-    # A metric the run logs (test_*, merged_test_*). Default: the promoted model's own figure,
-    # accuracy for a classifier and loss (mode min) for a causal LM, of the merged model
-    # (merged_test_*) when that is what is promoted.
+    """After each run, point the registry's `champion` alias at the new candidate only if it beats the
+    champion's run on `metric` by more than `margin` (scheduled retraining turns this on)."""
     metric: Optional[str] = None
-    mode: Optional[Literal["max", "min"]] = None  # default: min for losses and perplexity, else max
+    """A metric the run logs (test_*, merged_test_*). Default: the promoted model's own figure, accuracy for a
+    classifier and loss (mode min) for a causal LM, of the merged model (merged_test_*) when that is what is
+    promoted."""
+    mode: Optional[Literal["max", "min"]] = None
+    """Which way is better; default: min for losses and perplexity, else max."""
     margin: float = Field(default=0.0, ge=0)
-    # Which registered model is promoted; default: the merged model when the recipe merges.
+    """How much the candidate must beat the champion by."""
     model: Optional[Literal["merged", "adapter"]] = None
+    """Which registered model is promoted; default: the merged model when the recipe merges."""
 
     def model_for(self, merges: bool) -> str:
         return self.model or ("merged" if merges else "adapter")
@@ -358,11 +423,16 @@ def registry_name(value: str | None) -> str | None:
 
 class TrackingSection(Section):
     experiment_name: str = "qlora"
-    # Default: the local sqlite store under mlflow/ in the current directory.
+    """The MLflow experiment the runs go to."""
     tracking_uri: Optional[str] = None
+    """Default: the local sqlite store under mlflow/ in the current directory."""
     register_models: bool = True
-    registered_model_name: Optional[str] = None  # default: the recipe name
+    """Register the adapter and the merged model in the MLflow model registry (each new version gets the alias
+    candidate)."""
+    registered_model_name: Optional[str] = None
+    """The registry names are NAME-adapter and NAME-merged; default: the recipe name."""
     promotion: PromotionSection = PromotionSection()
+    """Champion promotion after each run."""
 
     @field_validator("experiment_name")
     @classmethod
@@ -375,21 +445,34 @@ class TrackingSection(Section):
 
 
 class Recipe(Section):
-    name: str  # default: the recipe file's stem; names the MLflow run and registered models
+    name: str
+    """Names the MLflow runs and registered models; default: the recipe file's stem."""
     description: Optional[str] = None
+    """Free text, logged with the run."""
     model: ModelSection
+    """The base model."""
     data: DataSection
+    """The dataset and how to read and clean it."""
     split: SplitSection = SplitSection()
+    """Train/validation/test splits the source lacks."""
     tokenize: TokenizeSection = TokenizeSection()
+    """How rows become tokens."""
     prompt: PromptSection = PromptSection()
+    """causal-lm: how a row becomes a prompt and a response."""
     quantization: QuantizationSection = QuantizationSection()
+    """How the base is loaded (bitsandbytes' BitsAndBytesConfig fields)."""
     lora: LoraSection = LoraSection()
+    """The adapters (peft's LoraConfig fields)."""
     train: TrainSection = TrainSection()
+    """The training loop (transformers' TrainingArguments names)."""
     evaluate: EvaluateSection = EvaluateSection()
+    """Test-split metrics."""
     merge: MergeSection = MergeSection()
+    """The merged model."""
     tracking: TrackingSection = TrackingSection()
-    # Where stage artifacts live (content-addressed), relative to the current directory.
+    """MLflow tracking, registry and promotion."""
     work_dir: str = ".qlora"
+    """Where stage artifacts live (content-addressed), relative to the current directory."""
 
     _name = field_validator("name")(registry_name)
 

@@ -95,3 +95,27 @@ def test_flatten_is_dotted_and_complete():
     flat = flatten(recipe_from_dict({**MINIMAL, "description": "x" * 10_000}))
     assert flat["lora.r"] == "8" and flat["model.name_or_path"] == "m" and flat["data.hub"] == "null"
     assert len(flat["description"]) == 10_000  # truncation for MLflow happens where it is logged
+
+
+def test_the_readme_recipe_reference_is_the_generated_one():
+    """The README's recipe reference is generated from the schema: every field, its type, default and
+    description. A field added or changed without `python scripts/recipe_reference.py --write` fails."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "recipe_reference.py"
+    spec = importlib.util.spec_from_file_location("recipe_reference", path)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    copy = reference.readme_copy(reference.README.read_text())
+    assert copy is not None, "the README lost its recipe reference markers"
+    assert copy == reference.reference(), "README recipe reference is stale: python scripts/recipe_reference.py --write"
+    for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
+                  "tracking.promotion.metric"):
+        assert f"| `{field}` |" in copy
+    from tasks.model import NOT_QUANTIZED
+    from tasks.recipe import QuantizationSection
+
+    skip = QuantizationSection.model_fields["llm_int8_skip_modules"].description
+    assert all(name in skip for name in NOT_QUANTIZED), skip
+    documented = copy.count("\n| `")
+    assert documented >= 80, documented
