@@ -21,7 +21,7 @@ from tasks.package import base_reference, package
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from tasks.stage import materializing
 from tasks.store import dir_size, hash_value
-from tasks.train import check_memory_budget, train
+from tasks.train import check_memory_budget, train, training_processes
 
 
 @flow(name="qlora-finetune", persist_result=False)
@@ -48,7 +48,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                     asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
-                        r.model.trust_remote_code)
+                        r.model.trust_remote_code, training_processes(r.distributed))
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)
@@ -71,7 +71,8 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, lora_cfg=r.lora, q=r.quantization,
                       cfg=r.train, packing=r.tokenize.packing, max_length=r.tokenize.max_length,
                       pad_to_max_length=causal and r.tokenize.padding == "max_length", run_id=run_id,
-                      tracking_uri=uri, asset="adapter" if r.lora.enabled else "model", upstream=("tokenized",))
+                      tracking_uri=uri, launch=r.distributed, asset="adapter" if r.lora.enabled else "model",
+                      upstream=("tokenized",))
         record.training(trained)
         evaluated = run(evaluate_model, trained, **evaluate)
         record.evaluation(evaluated, "adapter")
@@ -116,7 +117,7 @@ def _recipe(recipe: dict | None, recipe_file: str | None, overrides: list[str] |
 def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
     fields = recipe.model_dump(mode="json", exclude={"tracking": True, "work_dir": True, "description": True,
-                                                     "train": set(recipe.train.NOT_IN_CACHE_KEY)})
+                                                     "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
     return hash_value({"recipe": fields, "data": source["hash"], "model": model["hash"]})
 
 

@@ -357,6 +357,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", help="MLflow run id, or registered model NAME@ALIAS / NAME/VERSION")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
+    p = sub.add_parser("join", help="on another machine: join a multi-node training (distributed.nnodes) that "
+                                    "`qlora run` started, with this machine's GPUs")
+    p.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT", help="the recipe's distributed.rdzv_endpoint")
+    p.add_argument("--work-dir", default=".qlora", help="the run's work_dir, on storage every node shares")
+    p.add_argument("--nproc-per-node", default="auto", help="processes here (default auto: one per visible GPU)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the training to start")
     p = sub.add_parser("promote", help="make the registry's candidate the champion if it beats it")
     p.add_argument("name", metavar="NAME", help="registered model name, e.g. agnews-minilm-merged")
     p.add_argument("--metric", help="run metric to compare (default: merged_test_accuracy for a *-merged model, "
@@ -380,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri))
         if args.command == "recipes":
             return _recipes(args)
+        if args.command == "join":
+            return _join(args)
         args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
         recipe = load_recipe(args.recipe, args.overrides)
         _quiet_environment(recipe)
@@ -521,6 +529,23 @@ def _registry_command(args) -> int:
     else:
         print(registry.promote(uri, args.name, args.metric, args.min_delta, args.mode)["reason"])
     return 0
+
+
+def _join(args) -> int:
+    from tasks.recipe import DistributedSection
+    from tasks.training.distributed import join
+
+    try:
+        DistributedSection(nnodes=2, rdzv_endpoint=args.rdzv_endpoint,
+                           nproc_per_node=args.nproc_per_node if args.nproc_per_node == "auto"
+                           else int(args.nproc_per_node))
+    except (ValueError, TypeError) as e:
+        raise RecipeError(str(e).splitlines()[-1] if "\n" in str(e) else str(e), "--rdzv-endpoint/--nproc-per-node") from None
+    try:
+        return join(args.work_dir, args.rdzv_endpoint, args.nproc_per_node, args.timeout)
+    except TimeoutError as e:
+        raise RecipeError(str(e), "--rdzv-endpoint", hint="start `qlora run` with distributed.nnodes on the "
+                                                          "first machine, with the same work_dir") from None
 
 
 def pd_options():

@@ -7,6 +7,6 @@ import os
 from tqdm.auto import tqdm
 
 
-def bar(total: int, desc: str, unit: str, initial: int = 0, leave: bool = True) -> tqdm:
+def bar(total: int, desc: str, unit: str, initial: int = 0, leave: bool = True, disable: bool = False) -> tqdm:
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
-                disable=os.environ.get("QLORA_PROGRESS", "1") == "0")
+                disable=disable or os.environ.get("QLORA_PROGRESS", "1") == "0")

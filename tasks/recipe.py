@@ -341,6 +341,45 @@ class TrainSection(Section):
         "require_fast_paths", "save_steps", "save_total_limit")
 
 
+
+class DistributedSection(Section):
+    """How many processes train (torchrun). Not part of any cache key or of the MLflow run's identity:
+    the same recipe on 1, 2 or 8 GPUs is the same experiment."""
+    strategy: Literal["auto", "ddp", "none"] = "auto"
+    """ddp: every process holds the model and trains on its share of each optimizer step's examples,
+    gradients averaged (DistributedDataParallel); none: one process; auto: ddp when more than one
+    process is asked for (or, with nproc_per_node auto, when more than one GPU is visible)."""
+    nproc_per_node: Union[Literal["auto"], int] = "auto"
+    """Processes on each node; auto: one per visible GPU (one on a CPU machine)."""
+    nnodes: int = Field(1, gt=0)
+    """Machines taking part; each runs the same command (see the README's "More than one machine")."""
+    rdzv_endpoint: Optional[str] = None
+    """HOST:PORT where the nodes' torchrun agents meet (c10d rendezvous); needed with nnodes above 1."""
+    max_restarts: int = Field(0, ge=0)
+    """Times torchrun restarts the workers after one fails (each restart resumes from the last
+    checkpoint)."""
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be auto or at least 1")
+        return v
+
+    @model_validator(mode="after")
+    def _rendezvous(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("distributed.nnodes above 1 needs distributed.rdzv_endpoint (HOST:PORT of the "
+                             "rendezvous every node's agent reaches)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"distributed.rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.strategy == "none" and (self.nnodes > 1 or self.nproc_per_node not in ("auto", 1)):
+            raise ValueError("distributed.strategy none trains in one process: set nproc_per_node: 1 and "
+                             "nnodes: 1, or strategy ddp")
+        return self
+
 class EvaluateSection(Section):
     metrics: Optional[list[str]] = None
     """Metric modules under tasks/metrics/ by name (accuracy, f1, precision, recall, rouge; f1, precision and
@@ -465,6 +504,8 @@ class Recipe(Section):
     """The adapters (peft's LoraConfig fields)."""
     train: TrainSection = TrainSection()
     """The training loop (transformers' TrainingArguments names)."""
+    distributed: DistributedSection = DistributedSection()
+    """Training on several GPUs or machines."""
     evaluate: EvaluateSection = EvaluateSection()
     """Test-split metrics."""
     merge: MergeSection = MergeSection()

@@ -1,387 +1,109 @@
-"""Train: the quantized base loaded, LoRA attached, a plain training loop with resumable checkpoints.
+"""Train stage: the quantized base loaded, LoRA attached, trained with resumable checkpoints
+(tasks/trainer.py), in this process or, when the recipe's `distributed` section asks for several
+processes, in torchrun workers that this stage launches and waits for.
 
-Read top to bottom as torchtune's recipes read: `train` (the stage) sets up the data and the model,
-makes the memory plan, resumes from the newest checkpoint, runs the loop and saves. One process holds
-the model from load to save; what leaves the stage is the adapter directory. Checkpoints go to
+What leaves the stage is the adapter directory and the run's figures. Checkpoints go to
 `<work_dir>/train/<key>.partial/` and survive a crash: the same command resumes from the newest one,
-with the same data order.
+with the same data order, on any number of processes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import random
-import shutil
-import time
-import traceback
+import os
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from tasks import model as models
-from tasks import signals
-from tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
-from tasks.inference import accuracy, lm_loss, predict_logits
-from tasks.measure import PeakMemory, training_state_bytes
-from tasks.progress import bar as progress_bar
-from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
+from tasks import trainer
+from tasks.secrets import redact_text
+from tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.stage import run_logger, stage
-from tasks.tracking import Tracker
-from tasks.training import checkpoint, kernels, memory, optimizer as optimizers, step as steps
-from tasks.training.lora import model_for_training
-
-# torch is imported where it is used: a cached run never needs it.
-# What the loop logs per step (MLflow metric names).
-TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
-                    "eval_loss", "eval_accuracy"]
+from tasks.training import distributed, kernels, memory
 
 
-@stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint"))
+@stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint", "launch"))
 def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
           pad_to_max_length: bool = False, run_id: str | None = None, tracking_uri: str | None = None,
-          on_checkpoint: Callable[[int], None] | None = None, *, scratch: Path) -> dict:
-    """The train stage. on_checkpoint(step) is called after each periodic checkpoint is saved (tests
-    interrupt a run there); it is not part of the stage's cache key."""
-    import torch
-    from transformers import AutoConfig
+          on_checkpoint: Callable[[int], None] | None = None, launch: DistributedSection | None = None,
+          *, scratch: Path) -> dict:
+    """The train stage. on_checkpoint(step) is called after each periodic checkpoint (tests interrupt
+    a run there). launch: how many processes train (the recipe's `distributed` section). Neither is
+    part of the cache key: the same recipe on 1, 2 or 8 GPUs builds the same adapter."""
+    spec = {"tokenized": tokenized, "quantized": quantized, "lora": lora, "lora_cfg": lora_cfg.model_dump(mode="json"),
+            "q": q.model_dump(mode="json"), "cfg": cfg.model_dump(mode="json"), "packing": packing,
+            "max_length": max_length, "pad_to_max_length": pad_to_max_length, "run_id": run_id,
+            "tracking_uri": tracking_uri}
+    launch = launch or DistributedSection()
+    processes = training_processes(launch) // launch.nnodes
+    if processes * launch.nnodes == 1:
+        return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)
+    return train_with_torchrun(spec, out, scratch, launch, processes)
 
-    run = TrainingRun(tokenized, quantized, lora, lora_cfg, q, cfg, packing, max_length, pad_to_max_length,
-                      Tracker(tracking_uri, run_id), scratch)
-    config = AutoConfig.from_pretrained(models.quantized_path(quantized))
-    fast = choose_fast_paths(cfg, config, run.dev)
-    run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev)
-    free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
 
-    set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed
-    # PeakMemory: this stage's own peak, not the process's high-water mark; scoped: what the stage
-    # patches (Liger's kernels) is undone when it ends.
-    with PeakMemory(run.dev) as peak, contextlib.ExitStack() as scoped:
-        run.setup_model(fast, scoped)
-        run.resume(run_logger().warning)
-        scoped.enter_context(signals.deferred())  # a signal now waits for a step boundary
+def training_processes(launch: DistributedSection) -> int:
+    """How many processes train in all (the world size)."""
+    if launch.strategy == "none":
+        return 1
+    return distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
+
+
+def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: DistributedSection, processes: int) -> dict:
+    """Workers started by torchrun on this node (and, with several nodes, by `qlora join` on the others,
+    meeting at the rendezvous); rank 0's lines go to the Prefect log as they come."""
+    log = run_logger()
+    for stale in [*scratch.glob("worker-error-*.json"), scratch / trainer.RESULT_FILE]:
+        stale.unlink(missing_ok=True)
+    spec_path = scratch / "worker-spec.json"
+    # A tracking URI with a password in it travels only through this node's environment.
+    uri = spec["tracking_uri"]
+    spec_path.write_text(json.dumps({**spec, "tracking_uri": uri if uri == redact_text(uri or "") else None,
+                                     "scratch": str(scratch), "out": str(out)}))
+    rdzv_id = scratch.name.split(".")[0]
+    command = distributed.torchrun_command("tasks.trainer", str(spec_path), processes, launch.nnodes,
+                                           launch.rdzv_endpoint, launch.max_restarts, rdzv_id)
+    pointer = None
+    if launch.nnodes > 1:  # what `qlora join` on the other nodes reads (the work_dir is shared storage)
+        pointer = distributed.join_pointer(scratch.parent.parent, launch.rdzv_endpoint)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps({"spec": str(spec_path), "nnodes": launch.nnodes, "rdzv_id": rdzv_id,
+                                       "max_restarts": launch.max_restarts}))
+    log.info("train: %d process(es) on each of %d node(s): %s", processes, launch.nnodes, " ".join(command[2:]))
+    env = {"QLORA_WORKER_TRACKING_URI": uri or "", "QLORA_PROGRESS": "0", "PYTHONPATH": _project_root()}
+    try:
+        code = distributed.launch(command, log.info, env)
+    finally:
+        if pointer is not None:
+            pointer.unlink(missing_ok=True)
+    _raise_worker_error(scratch, code)
+    return json.loads((scratch / trainer.RESULT_FILE).read_text())
+
+
+def _project_root() -> str:
+    """The workers import this project's modules (tasks.trainer) whatever their working directory."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join([root, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else root
+
+
+def _raise_worker_error(scratch: Path, code: int) -> None:
+    """A worker's own error (one line, as in one process), else a stop by signal, else the exit code."""
+    from tasks import signals
+
+    for path in sorted(scratch.glob("worker-error-*.json")):
+        error = json.loads(path.read_text())
+        if error["kind"] == "out_of_memory":
+            raise memory.OutOfMemory(f"rank {error['rank']}: {error['message']}")
+        raise RecipeError(error["message"], error["field"], hint=error["hint"])
+    if signals.stop_requested():
         signals.raise_if_requested()
-        try:
-            run.loop(on_checkpoint or (lambda step: None))
-        except torch.OutOfMemoryError as e:
-            traceback.clear_frames(e.__traceback__)  # the failed step's tensors go before the checkpoint
-            raise run.out_of_memory(free_at_start) from None
-    return run.save(out, peak.peak)
-
-
-def choose_fast_paths(cfg: TrainSection, config, dev) -> dict:
-    """Which kernels this run uses (each decided by tasks.training.kernels); a kernel the recipe
-    requires and the machine lacks is a recipe error naming its field."""
-    try:
-        return {"liger": kernels.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths),
-                "attention": kernels.attention_implementation(cfg.attention, dev, cfg.require_fast_paths),
-                "compiled": kernels.use_compile(cfg.compile, dev, cfg.require_fast_paths)}
-    except kernels.KernelUnavailable as e:
-        raise RecipeError(e.reason, e.field, hint="set train.require_fast_paths: false to fall back instead") from None
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved with each checkpoint, so a resumed run continues its counts."""
-    step: int = 0
-    elapsed_s: float = 0.0  # training time only: validation and checkpoints are counted apart
-    samples: int = 0
-    tokens: int = 0
-
-
-class TrainingRun:
-    """One training run's state: its data, model, optimizer and progress, and the steps of the stage
-    as methods (setup_model, resume, loop, save), so no closure shares mutable state."""
-
-    def __init__(self, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection, q: QuantizationSection,
-                 cfg: TrainSection, packing: bool, max_length: int | None, pad_to_max_length: bool,
-                 tracker: Tracker, scratch: Path):
-        from datasets import load_from_disk
-        from transformers import AutoTokenizer
-
-        self.quantized, self.lora, self.lora_cfg, self.q, self.cfg = quantized, lora, lora_cfg, q, cfg
-        self.tracker, self.scratch, self.dev = tracker, scratch, models.device()
-        self.label_names = tokenized["label_names"]
-        data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
-        self.train_ds, self.val_ds = data["train"], data["validation"]
-        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(quantized["original_path"]))
-        self.causal = quantized["task"] == models.CAUSAL
-        self.width = max_length if pad_to_max_length else None
-        # Units of data: examples, or (packing) rows of several examples each.
-        lengths = self.train_ds["length"]
-        self.units = pack(lengths, max_length, cfg.seed) if packing else [[i] for i in range(len(self.train_ds))]
-        self.unit_lengths = [sum(lengths[i] for i in u) for u in self.units] if packing else lengths
-        # An optimizer step takes examples_per_step units whatever the micro-batch: the data of each
-        # step, and so the result, do not depend on the memory plan.
-        self.examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        self.per_epoch = math.ceil(len(self.units) / self.examples_per_step)
-        self.total = training_steps(self.per_epoch, cfg)
-        self.packing, self.progress, self.plan = packing, Progress(), {}
-        self.history = scratch / "history.jsonl"
-
-    def setup_model(self, fast: dict, scoped: contextlib.ExitStack) -> None:
-        """The base loaded with the chosen kernels, LoRA attached (or every weight trainable), the
-        optimizer and the learning-rate schedule; the fast paths taken are tagged on the MLflow run."""
-        from transformers import get_scheduler
-
-        cfg, plan = self.cfg, self.plan
-        base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"])
-        fast_paths = [f"attention:{base.config._attn_implementation}"]
-        if fast["liger"]:
-            layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
-            scoped.enter_context(kernels.liger_kernels(base, layer_kernels))
-            fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
-        model = model_for_training(base, self.lora, self.lora_cfg, self.quantized["quantized"],
-                                   plan["gradient_checkpointing"])
-        if cfg.fused_lora and self.lora_cfg.enabled:
-            from tasks.training.fused_lora import fuse_lora_layers
-            fast_paths.append(f"fused_lora:{fuse_lora_layers(model)}")
-        if fast["compiled"]:  # packed rows change width every step: dynamic shapes from the first
-            fast_paths.append(f"compiled_layers:{kernels.compile_layers(model, dynamic=self.packing or None)}")
-        self.multiple_of = width_multiple(fast["compiled"])
-        model.train()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        # Flat gradients are views into one buffer: zeroed in place, never set to None.
-        self.flat = optimizers.use_flat_optimizer(self.dev)
-        weights = optimizers.flatten_parameters(self.params) if self.flat else self.params
-        self.optimizer = optimizers.build_optimizer(weights, cfg.optim, cfg.learning_rate, cfg.weight_decay)
-        if self.flat:  # how many weights the flat tensor holds
-            fast_paths.append(f"flat_optimizer:{len(self.params) + 1 - len(self.optimizer.param_groups[0]['params'])}")
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total),
-                                       num_training_steps=self.total)
-        self.model, self.fast_paths = model, fast_paths
-        self.tracker.set_tags({"train.fast_paths": ",".join(fast_paths),
-                               **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
-
-    def resume(self, warn: Callable[[str], None]) -> None:
-        """Continue from the newest readable checkpoint, if any: weights, optimizer, schedule, RNG and
-        progress restored; history past it dropped; metrics MLflow already has are not logged twice."""
-        found = checkpoint.newest_readable_checkpoint(self.scratch, warn)
-        if found:
-            saved = checkpoint.apply_checkpoint(found[1], self.model, self.optimizer, self.scheduler)
-            self.progress = Progress(**saved)
-            self.tracker.log_text(f"resumed from {found[0].name} at step {self.progress.step}")
-        if self.history.exists():
-            kept = [line for line in self.history.read_text().splitlines()
-                    if json.loads(line)["step"] <= self.progress.step]
-            self.history.write_text("".join(line + "\n" for line in kept))
-        self.resumed_at = self.progress.step
-        self.tracker.skip_logged(TRAINING_METRICS)
-
-    def loop(self, on_checkpoint: Callable[[int], None]) -> None:
-        """The training loop: optimizer steps of examples_per_step units, accumulated over the
-        plan's micro-batches; logging, validation and checkpoints at their intervals; a signal stops
-        it at a step boundary with a checkpoint."""
-        import torch
-
-        cfg, p = self.cfg, self.progress
-        eval_every = cfg.eval_steps or self.per_epoch
-        window_loss, window_n = 0.0, 0
-        self.clock = Clock(p.elapsed_s)
-        bar = progress_bar(self.total, "train", "step", initial=p.step)
-        self.zero_grad()
-        epoch = p.step // self.per_epoch
-        while p.step < self.total:
-            step_batches = batch_order(self.unit_lengths, self.examples_per_step, cfg.seed, epoch, cfg.group_by_length)
-            for rows in step_batches[p.step - epoch * self.per_epoch:]:
-                step_loss, step_tokens = self.forward_backward(rows)
-                window_loss, window_n = window_loss + step_loss, window_n + 1
-                p.tokens += step_tokens
-                p.samples += sum(len(self.units[u]) for u in rows)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-                self.optimizer.step()
-                self.scheduler.step()
-                self.zero_grad()
-                p.step += 1
-                bar.update(1)
-                if p.step % cfg.logging_steps == 0 or p.step == self.total:
-                    elapsed = self.clock.seconds()
-                    metrics = {"train_loss": window_loss / window_n, "learning_rate": self.scheduler.get_last_lr()[0],
-                               "epoch": p.step / self.per_epoch, "samples_per_s": p.samples / elapsed,
-                               "tokens_per_s": p.tokens / elapsed}
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm)
-                    self.record(metrics)
-                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-                    window_loss, window_n = 0.0, 0
-                with self.clock.paused():
-                    if p.step % eval_every == 0 or p.step == self.total:
-                        self.record(self.validate())
-                    if p.step % cfg.save_steps == 0 and p.step < self.total:
-                        self.checkpoint()
-                        on_checkpoint(p.step)
-                if p.step >= self.total:
-                    break
-                if signals.stop_requested():
-                    self.stop()
-            epoch += 1
-        bar.close()
-        p.elapsed_s = self.clock.seconds()
-
-    def forward_backward(self, rows: list[int]) -> tuple[float, int]:
-        """One optimizer step's gradient, accumulated over micro-batches, each weighted by its share of
-        the step's targets; returns the step's loss and its non-pad tokens."""
-        micro = self.plan["micro_batch"]
-        micro_batches = [self.batch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
-        step_targets = sum(mb["targets"] for mb in micro_batches)
-        step_loss, step_tokens = 0.0, 0
-        for mb in micro_batches:
-            if signals.stop_requested():
-                self.stop()
-            share = mb.pop("targets") / max(step_targets, 1)
-            step_tokens += mb.pop("real_tokens")
-            loss = steps.forward_backward(self.model, mb, self.dev, self.q.bnb_4bit_compute_dtype,
-                                          self.plan["offload_activations"], share)
-            step_loss = step_loss + loss * share
-        step_loss = float(step_loss)
-        if not math.isfinite(step_loss):
-            raise RecipeError(f"the training loss is {step_loss} at step {self.progress.step + 1}: training "
-                              f"diverged, nothing is saved or registered", "train.learning_rate",
-                              hint="lower the learning rate, or set train.max_grad_norm")
-        return step_loss, step_tokens
-
-    def batch(self, unit_ids: list[int]) -> dict:
-        if self.causal:
-            return collate_lm([[self.train_ds[i] for i in self.units[u]] for u in unit_ids], self.pad_id, self.dev,
-                              self.width, self.multiple_of)
-        batch = collate([self.train_ds[self.units[u][0]] for u in unit_ids], self.pad_id, self.dev, self.multiple_of)
-        batch["real_tokens"] = int(batch["attention_mask"].sum())
-        batch["targets"] = len(unit_ids)
-        return batch
-
-    def validate(self) -> dict:
-        size = self.cfg.per_device_eval_batch_size
-        if self.causal:
-            return {"eval_loss": lm_loss(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)}
-        logits, loss = predict_logits(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)
-        return {"eval_loss": loss, "eval_accuracy": accuracy(logits, self.val_ds["labels"])}
-
-    def record(self, metrics: dict) -> None:
-        with self.history.open("a") as f:
-            f.write(json.dumps({"step": self.progress.step, **metrics}) + "\n")
-        self.tracker.log_metrics(metrics, self.progress.step)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=not self.flat)
-
-    def checkpoint(self) -> None:
-        step = self.progress.step
-        if (self.scratch / f"checkpoint-{step:07d}").exists():
-            return
-        saved = asdict(self.progress) | {"elapsed_s": self.clock.seconds()}
-        checkpoint.save_checkpoint(self.scratch, step, self.model, self.optimizer, self.scheduler, saved,
-                                   self.cfg.save_total_limit)
-
-    def stop(self) -> None:
-        """SIGTERM/SIGINT: the step in flight is dropped; the last finished one is checkpointed."""
-        self.zero_grad()
-        if self.progress.step > self.resumed_at:
-            self.checkpoint()
-        self.tracker.log_text(f"stopped by {signals.received_signal()} at step {self.progress.step}; rerun to resume")
-        raise signals.Interrupted(signals.received_signal())
-
-    def out_of_memory(self, free_at_start: int | None) -> memory.OutOfMemory:
-        """After CUDA ran out of memory: the last finished step checkpointed, and the error that says
-        where it happened, what was kept and what to set."""
-        import torch
-
-        step = self.progress.step
-        self.zero_grad()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if step > 0:
-            self.checkpoint()
-        peak = torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else 0.0
-        return memory.OutOfMemory(step, self.plan, peak, (free_at_start or 0) / memory.GIB, self.cfg.max_memory_gib,
-                                  resumable=step > 0)
-
-    def save(self, out: Path, peak_bytes: int) -> dict:
-        """LoRA: the adapter (small, needs the base); full fine-tuning: the whole model. And the
-        stage's result: counts, speed, memory and the plan."""
-        p = self.progress
-        artifact = "adapter" if self.lora_cfg.enabled else "model"
-        self.model.save_pretrained(out / artifact)
-        models.copy_tokenizer(self.quantized["original_path"], out / artifact)
-        shutil.copy2(self.history, out / "history.jsonl")
-        history = [json.loads(line) for line in self.history.read_text().splitlines()]
-        train_losses = [h["train_loss"] for h in history if "train_loss" in h]
-        return {
-            artifact: artifact, "history": "history.jsonl", "steps": p.step, "resumed_from_step": self.resumed_at,
-            "train_runtime_s": round(p.elapsed_s, 3), "train_samples": p.samples, "train_tokens": p.tokens,
-            "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
-            "peak_memory_bytes": peak_bytes, "device": str(self.dev),
-            **training_state_bytes(self.model, self.optimizer),
-            "final_train_loss": train_losses[-1] if train_losses else None,
-            "trainable_params": self.lora["trainable_params"], "trainable_percent": self.lora["trainable_percent"],
-            "label_names": self.label_names, "fast_paths": self.fast_paths, "memory_plan": self.plan,
-        }
-
-
-class Clock:
-    """Training time: wall time since start, less the time spent in `paused()` blocks, plus what an
-    interrupted run had already counted."""
-
-    def __init__(self, already: float = 0.0):
-        self.already, self.started, self.pauses, self.pause_start = already, time.perf_counter(), 0.0, None
-
-    def seconds(self) -> float:
-        now = time.perf_counter()
-        ongoing = now - self.pause_start if self.pause_start is not None else 0.0
-        return self.already + now - self.started - self.pauses - ongoing
-
-    @contextlib.contextmanager
-    def paused(self):
-        self.pause_start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.pauses += time.perf_counter() - self.pause_start
-            self.pause_start = None
-
-
-def set_seed(seed: int) -> None:
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
-
-
-def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
-                fused_ce: bool, dev) -> dict:
-    """Micro-batch, accumulation, checkpointing and offload for this run: the recipe's own, or, with
-    train.max_memory_gib, the fastest that fits the budget (checked before the model is loaded)."""
-    recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-                   "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
-    if cfg.max_memory_gib is None:
-        return recipe_plan
-    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
-    seq = max_length or getattr(config, "max_position_embeddings", 512)
-
-    def estimate(micro: int, gc: bool, offload: bool) -> int:
-        return memory.estimate_memory(config, weight_bits=bits, trainable_params=lora["trainable_params"],
-                                      optim=cfg.optim, tokens=micro * seq, gradient_checkpointing=gc,
-                                      offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
-    try:
-        return memory.plan_memory(cfg.max_memory_gib, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                                  estimate, allow_offload=dev.type == "cuda")
-    except ValueError as e:
-        raise RecipeError(str(e), "train.max_memory_gib",
-                          hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
+    if code != 0 or not (scratch / trainer.RESULT_FILE).is_file():
+        raise RuntimeError(f"torchrun exited with code {code} and no result: see the worker output above")
 
 
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
-                        max_length: int | None, causal: bool, trust_remote_code: bool = False) -> dict | None:
+                        max_length: int | None, causal: bool, trust_remote_code: bool = False,
+                        processes: int = 1) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
     small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage."""
     if cfg.max_memory_gib is None:
@@ -393,4 +115,5 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
         liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
-    return memory_plan(config, cfg, q, lora, max_length, causal, liger, dev)
+    return trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes)
+

@@ -117,6 +117,9 @@ def serve_and_invoke(model_uri: str, payload: dict, env: dict, cwd: Path, timeou
 
     from qlora.servers import free_port
 
+    # mlflow execs uvicorn by name: the environment's scripts first, as in an activated environment.
+    env = {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.environ["PATH"])])}
+
     port = free_port()
     log = open(cwd / f"serve-{port}.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",

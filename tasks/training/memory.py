@@ -13,16 +13,17 @@ class OutOfMemory(Exception):
 
     field = "train.max_memory_gib"
 
-    def __init__(self, step: int, plan: dict, peak_gib: float, free_gib: float, budget_gib: float | None,
-                 resumable: bool):
+    @classmethod
+    def at_step(cls, step: int, plan: dict, peak_gib: float, free_gib: float, budget_gib: float | None,
+                resumable: bool) -> OutOfMemory:
         suggested = round(min(0.9 * free_gib, peak_gib * 0.8) if budget_gib is None else 0.8 * budget_gib, 1)
         kept = (f"the checkpoint at step {step} is kept; rerun to resume from it" if resumable
                 else "no step had completed, nothing to keep")
-        super().__init__(
-            f"CUDA ran out of memory in step {step + 1} (micro-batch {plan['micro_batch']}, checkpointing "
-            f"{plan['gradient_checkpointing']}, offload {plan['offload_activations']}; peak {peak_gib:.1f} GiB, "
-            f"{free_gib:.1f} GiB were free at the start); {kept}; set {self.field}: {max(suggested, 1.0)} (the "
-            f"train stage then picks a micro-batch and checkpointing that fit), or free the GPU of other processes")
+        return cls(f"CUDA ran out of memory in step {step + 1} (micro-batch {plan['micro_batch']}, checkpointing "
+                   f"{plan['gradient_checkpointing']}, offload {plan['offload_activations']}; peak {peak_gib:.1f} GiB, "
+                   f"{free_gib:.1f} GiB were free at the start); {kept}; set {cls.field}: {max(suggested, 1.0)} (the "
+                   f"train stage then picks a micro-batch and checkpointing that fit), or free the GPU of other "
+                   f"processes")
 
 
 def _shape(config) -> dict:

@@ -1,0 +1,452 @@
+"""The training run, as torchtune's recipes read: setup (data, model, optimizer), resume, the loop,
+save. Prefect-free: the train stage runs it in its own process, or torchrun runs it in every worker
+(`python -m tasks.trainer SPEC.json`), where each rank trains on its share of every optimizer step's
+rows and rank 0 alone logs, checkpoints and saves. Checkpoints hold the adapter, optimizer, schedule,
+RNG and the step: the same on any number of processes, so a run resumes on 1 GPU or on 8.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tasks import model as models
+from tasks import signals
+from tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
+from tasks.inference import accuracy, lm_loss, predict_logits
+from tasks.measure import training_state_bytes
+from tasks.progress import bar as progress_bar
+from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
+from tasks.tracking import Tracker
+from tasks.training import checkpoint, distributed, kernels, memory, optimizer as optimizers, step as steps
+from tasks.training.distributed import World
+from tasks.training.lora import model_for_training
+
+# torch is imported where it is used: a cached run never needs it.
+
+# torch is imported where it is used: a cached run never needs it.
+# What the loop logs per step (MLflow metric names).
+TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
+                    "eval_loss", "eval_accuracy"]
+
+
+def choose_fast_paths(cfg: TrainSection, config, dev) -> dict:
+    """Which kernels this run uses (each decided by tasks.training.kernels); a kernel the recipe
+    requires and the machine lacks is a recipe error naming its field."""
+    try:
+        return {"liger": kernels.use_liger(cfg.kernels, config, dev, cfg.require_fast_paths),
+                "attention": kernels.attention_implementation(cfg.attention, dev, cfg.require_fast_paths),
+                "compiled": kernels.use_compile(cfg.compile, dev, cfg.require_fast_paths)}
+    except kernels.KernelUnavailable as e:
+        raise RecipeError(e.reason, e.field, hint="set train.require_fast_paths: false to fall back instead") from None
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved with each checkpoint, so a resumed run continues its counts."""
+    step: int = 0
+    elapsed_s: float = 0.0  # training time only: validation and checkpoints are counted apart
+    samples: int = 0
+    tokens: int = 0
+
+
+class TrainingRun:
+    """One training run's state: its data, model, optimizer and progress, and the steps of the stage
+    as methods (setup_model, resume, loop, save), so no closure shares mutable state."""
+
+    def __init__(self, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection, q: QuantizationSection,
+                 cfg: TrainSection, packing: bool, max_length: int | None, pad_to_max_length: bool,
+                 tracker: Tracker, scratch: Path, world: World = World()):
+        from datasets import load_from_disk
+        from transformers import AutoTokenizer
+
+        self.quantized, self.lora, self.lora_cfg, self.q, self.cfg = quantized, lora, lora_cfg, q, cfg
+        self.scratch, self.dev, self.world = scratch, models.device(), world
+        self.tracker = tracker if world.main else Tracker(None, None)  # rank 0 alone talks to MLflow
+        self.label_names = tokenized["label_names"]
+        data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
+        self.train_ds, self.val_ds = data["train"], data["validation"]
+        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(quantized["original_path"]))
+        self.causal = quantized["task"] == models.CAUSAL
+        self.width = max_length if pad_to_max_length else None
+        # Units of data: examples, or (packing) rows of several examples each.
+        lengths = self.train_ds["length"]
+        self.units = pack(lengths, max_length, cfg.seed) if packing else [[i] for i in range(len(self.train_ds))]
+        self.unit_lengths = [sum(lengths[i] for i in u) for u in self.units] if packing else lengths
+        # An optimizer step takes examples_per_step units whatever the micro-batch: the data of each
+        # step, and so the result, do not depend on the memory plan.
+        self.examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        self.per_epoch = math.ceil(len(self.units) / self.examples_per_step)
+        self.total = training_steps(self.per_epoch, cfg)
+        self.packing, self.progress, self.plan = packing, Progress(), {}
+        self.history = scratch / "history.jsonl"
+
+    def setup_model(self, fast: dict, scoped: contextlib.ExitStack) -> None:
+        """The base loaded with the chosen kernels, LoRA attached (or every weight trainable), the
+        optimizer and the learning-rate schedule; the fast paths taken are tagged on the MLflow run."""
+        from transformers import get_scheduler
+
+        cfg, plan = self.cfg, self.plan
+        base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"])
+        fast_paths = [f"attention:{base.config._attn_implementation}"]
+        if fast["liger"]:
+            layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
+            scoped.enter_context(kernels.liger_kernels(base, layer_kernels))
+            fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
+        model = model_for_training(base, self.lora, self.lora_cfg, self.quantized["quantized"],
+                                   plan["gradient_checkpointing"])
+        if cfg.fused_lora and self.lora_cfg.enabled:
+            from tasks.training.fused_lora import fuse_lora_layers
+            fast_paths.append(f"fused_lora:{fuse_lora_layers(model)}")
+        if fast["compiled"]:  # packed rows change width every step: dynamic shapes from the first
+            fast_paths.append(f"compiled_layers:{kernels.compile_layers(model, dynamic=self.packing or None)}")
+        self.multiple_of = width_multiple(fast["compiled"])
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Flat gradients are views into one buffer: zeroed in place, never set to None.
+        self.flat = optimizers.use_flat_optimizer(self.dev)
+        weights = optimizers.flatten_parameters(self.params) if self.flat else self.params
+        self.optimizer = optimizers.build_optimizer(weights, cfg.optim, cfg.learning_rate, cfg.weight_decay)
+        if self.flat:  # how many weights the flat tensor holds
+            fast_paths.append(f"flat_optimizer:{len(self.params) + 1 - len(self.optimizer.param_groups[0]['params'])}")
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total),
+                                       num_training_steps=self.total)
+        self.model, self.fast_paths = model, fast_paths
+        # What the loop runs forward through: the model itself, or under DDP (gradients averaged).
+        self.trained = distributed.wrap_ddp(model, self.world, self.dev) if self.world.distributed else model
+        if self.world.distributed:
+            fast_paths.append(f"ddp:{self.world.size}")
+        self.tracker.set_tags({"train.fast_paths": ",".join(fast_paths),
+                               **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
+
+    def resume(self, warn: Callable[[str], None]) -> None:
+        """Continue from the newest readable checkpoint, if any: weights, optimizer, schedule, RNG and
+        progress restored; history past it dropped; metrics MLflow already has are not logged twice."""
+        found = checkpoint.newest_readable_checkpoint(self.scratch, warn)
+        if found:
+            saved = checkpoint.apply_checkpoint(found[1], self.model, self.optimizer, self.scheduler)
+            self.progress = Progress(**saved)
+            self.tracker.log_text(f"resumed from {found[0].name} at step {self.progress.step}")
+        if self.history.exists() and self.world.main:
+            kept = [line for line in self.history.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.progress.step]
+            self.history.write_text("".join(line + "\n" for line in kept))
+        self.resumed_at = self.progress.step
+        self.tracker.skip_logged(TRAINING_METRICS)
+
+    def loop(self, on_checkpoint: Callable[[int], None]) -> None:
+        """The training loop: optimizer steps of examples_per_step units, accumulated over the
+        plan's micro-batches; logging, validation and checkpoints at their intervals; a signal stops
+        it at a step boundary with a checkpoint."""
+        import torch
+
+        cfg, p = self.cfg, self.progress
+        eval_every = cfg.eval_steps or self.per_epoch
+        window_loss, window_n = 0.0, 0
+        self.clock = Clock(p.elapsed_s)
+        bar = progress_bar(self.total, "train", "step", initial=p.step, disable=not self.world.main)
+        self.zero_grad()
+        epoch = p.step // self.per_epoch
+        while p.step < self.total:
+            step_batches = batch_order(self.unit_lengths, self.examples_per_step, cfg.seed, epoch, cfg.group_by_length)
+            for rows in step_batches[p.step - epoch * self.per_epoch:]:
+                step_loss, step_tokens, stop = self.forward_backward(rows)
+                if stop:
+                    self.stop()
+                window_loss, window_n = window_loss + step_loss, window_n + 1
+                p.tokens += step_tokens
+                p.samples += sum(len(self.units[u]) for u in rows)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                self.optimizer.step()
+                self.scheduler.step()
+                self.zero_grad()
+                p.step += 1
+                bar.update(1)
+                if p.step % cfg.logging_steps == 0 or p.step == self.total:
+                    elapsed = self.clock.seconds()
+                    metrics = {"train_loss": window_loss / window_n, "learning_rate": self.scheduler.get_last_lr()[0],
+                               "epoch": p.step / self.per_epoch, "samples_per_s": p.samples / elapsed,
+                               "tokens_per_s": p.tokens / elapsed}
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    self.record(metrics)
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                    window_loss, window_n = 0.0, 0
+                with self.clock.paused():  # rank 0 validates and checkpoints; the others wait at the next step
+                    if (p.step % eval_every == 0 or p.step == self.total) and self.world.main:
+                        self.record(self.validate())
+                    if p.step % cfg.save_steps == 0 and p.step < self.total and self.world.main:
+                        self.checkpoint()
+                        on_checkpoint(p.step)
+                if p.step >= self.total:
+                    break
+                if signals.stop_requested() and not self.world.distributed:  # several ranks: agreed in the step
+                    self.stop()
+            epoch += 1
+        bar.close()
+        p.elapsed_s = self.clock.seconds()
+
+    def forward_backward(self, rows: list[int]) -> tuple[float, int, bool]:
+        """One optimizer step's gradient, accumulated over micro-batches, each weighted by its share of
+        the step's targets (over every rank's rows): the gradient of the whole step, whatever the
+        micro-batch and the number of processes. Returns the step's loss, its non-pad tokens and
+        whether a signal asks every rank to stop here."""
+        world, micro = self.world, self.plan["micro_batch"]
+        mine = rows[world.rank::world.size]  # this rank's share of the step (all of it in one process)
+        # A rank left without rows (a last step smaller than the world) runs one at zero weight: DDP
+        # needs every rank's backward.
+        micro_batches = [self.batch((mine or rows[:1])[i:i + micro]) for i in range(0, len(mine or rows[:1]), micro)]
+        local_targets = sum(mb["targets"] for mb in micro_batches) if mine else 0
+        step_targets = distributed.all_reduce_sum([local_targets], self.dev)[0]
+        step_loss, step_tokens = 0.0, 0
+        for i, mb in enumerate(micro_batches):
+            if signals.stop_requested() and not world.distributed:
+                self.stop()
+            # DDP averages gradients over ranks: each rank's share is scaled up by the world size.
+            share = (mb.pop("targets") if mine else 0) / max(step_targets, 1) * world.size
+            step_tokens += mb.pop("real_tokens") if mine else 0
+            sync = i == len(micro_batches) - 1 or not world.distributed
+            with contextlib.nullcontext() if sync else self.trained.no_sync():  # all-reduce once per step
+                loss = steps.forward_backward(self.trained, mb, self.dev, self.q.bnb_4bit_compute_dtype,
+                                              self.plan["offload_activations"], share)
+            step_loss = step_loss + loss * share / world.size
+        stop = signals.stop_requested()
+        if world.distributed:  # the step's loss and tokens over all ranks, and one decision to stop
+            step_loss, step_tokens, stops = distributed.all_reduce_sum([float(step_loss), step_tokens, stop], self.dev)
+            step_tokens, stop = int(step_tokens), stops > 0
+        step_loss = float(step_loss)
+        if not math.isfinite(step_loss):
+            raise RecipeError(f"the training loss is {step_loss} at step {self.progress.step + 1}: training "
+                              f"diverged, nothing is saved or registered", "train.learning_rate",
+                              hint="lower the learning rate, or set train.max_grad_norm")
+        return step_loss, step_tokens, stop
+
+    def batch(self, unit_ids: list[int]) -> dict:
+        if self.causal:
+            return collate_lm([[self.train_ds[i] for i in self.units[u]] for u in unit_ids], self.pad_id, self.dev,
+                              self.width, self.multiple_of)
+        batch = collate([self.train_ds[self.units[u][0]] for u in unit_ids], self.pad_id, self.dev, self.multiple_of)
+        batch["real_tokens"] = int(batch["attention_mask"].sum())
+        batch["targets"] = len(unit_ids)
+        return batch
+
+    def validate(self) -> dict:
+        size = self.cfg.per_device_eval_batch_size
+        if self.causal:
+            return {"eval_loss": lm_loss(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)}
+        logits, loss = predict_logits(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)
+        return {"eval_loss": loss, "eval_accuracy": accuracy(logits, self.val_ds["labels"])}
+
+    def record(self, metrics: dict) -> None:
+        if not self.world.main:
+            return
+        if self.world.distributed:  # the agent passes rank 0's output on to the Prefect log
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"step {self.progress.step}/{self.total}: {shown}", flush=True)
+        with self.history.open("a") as f:
+            f.write(json.dumps({"step": self.progress.step, **metrics}) + "\n")
+        self.tracker.log_metrics(metrics, self.progress.step)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=not self.flat)
+
+    def checkpoint(self) -> None:
+        step = self.progress.step
+        if not self.world.main or (self.scratch / f"checkpoint-{step:07d}").exists():
+            return
+        saved = asdict(self.progress) | {"elapsed_s": self.clock.seconds()}
+        checkpoint.save_checkpoint(self.scratch, step, self.model, self.optimizer, self.scheduler, saved,
+                                   self.cfg.save_total_limit)
+
+    def stop(self) -> None:
+        """SIGTERM/SIGINT: the step in flight is dropped; the last finished one is checkpointed."""
+        self.zero_grad()
+        if self.progress.step > self.resumed_at:
+            self.checkpoint()
+        self.tracker.log_text(f"stopped by {signals.received_signal()} at step {self.progress.step}; rerun to resume")
+        raise signals.Interrupted(signals.received_signal())
+
+    def out_of_memory(self, free_at_start: int | None) -> memory.OutOfMemory:
+        """After CUDA ran out of memory: the last finished step checkpointed, and the error that says
+        where it happened, what was kept and what to set."""
+        import torch
+
+        step = self.progress.step
+        self.zero_grad()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if step > 0:
+            self.checkpoint()
+        peak = torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else 0.0
+        return memory.OutOfMemory.at_step(step, self.plan, peak, (free_at_start or 0) / memory.GIB, self.cfg.max_memory_gib,
+                                  resumable=step > 0)
+
+    def save(self, out: Path, peak_bytes: int) -> dict:
+        """LoRA: the adapter (small, needs the base); full fine-tuning: the whole model. And the
+        stage's result: counts, speed, memory and the plan. Rank 0 only (the others return {})."""
+        if not self.world.main:
+            return {}
+        p = self.progress
+        artifact = "adapter" if self.lora_cfg.enabled else "model"
+        self.model.save_pretrained(out / artifact)
+        models.copy_tokenizer(self.quantized["original_path"], out / artifact)
+        shutil.copy2(self.history, out / "history.jsonl")
+        history = [json.loads(line) for line in self.history.read_text().splitlines()]
+        train_losses = [h["train_loss"] for h in history if "train_loss" in h]
+        return {
+            artifact: artifact, "history": "history.jsonl", "steps": p.step, "resumed_from_step": self.resumed_at,
+            "train_runtime_s": round(p.elapsed_s, 3), "train_samples": p.samples, "train_tokens": p.tokens,
+            "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
+            "peak_memory_bytes": peak_bytes, "device": str(self.dev), "processes": self.world.size,
+            **training_state_bytes(self.model, self.optimizer),
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "trainable_params": self.lora["trainable_params"], "trainable_percent": self.lora["trainable_percent"],
+            "label_names": self.label_names, "fast_paths": self.fast_paths, "memory_plan": self.plan,
+        }
+
+
+class Clock:
+    """Training time: wall time since start, less the time spent in `paused()` blocks, plus what an
+    interrupted run had already counted."""
+
+    def __init__(self, already: float = 0.0):
+        self.already, self.started, self.pauses, self.pause_start = already, time.perf_counter(), 0.0, None
+
+    def seconds(self) -> float:
+        now = time.perf_counter()
+        ongoing = now - self.pause_start if self.pause_start is not None else 0.0
+        return self.already + now - self.started - self.pauses - ongoing
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.pause_start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pauses += time.perf_counter() - self.pause_start
+            self.pause_start = None
+
+
+def set_seed(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+
+
+def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
+                fused_ce: bool, dev, processes: int = 1) -> dict:
+    """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
+    own, or, with train.max_memory_gib, the fastest that fits the budget of each GPU (checked before
+    the model is loaded). Under DDP every process holds the whole model and its share of each step's
+    examples, plus a bucket of gradients being averaged."""
+    recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+                   "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
+    if cfg.max_memory_gib is None:
+        return recipe_plan
+    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+    seq = max_length or getattr(config, "max_position_embeddings", 512)
+    buckets = 4 * lora["trainable_params"] if processes > 1 else 0  # DDP's float32 gradient buckets
+
+    def estimate(micro: int, gc: bool, offload: bool) -> int:
+        return buckets + memory.estimate_memory(
+            config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
+            gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
+    examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    try:
+        return memory.plan_memory(cfg.max_memory_gib, math.ceil(examples_per_step / processes), estimate,
+                                  allow_offload=dev.type == "cuda")
+    except ValueError as e:
+        raise RecipeError(str(e), "train.max_memory_gib",
+                          hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
+
+
+def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
+                 on_checkpoint: Callable[[int], None] | None = None, warn: Callable[[str], None] = print) -> dict:
+    """One training run from its spec (the train stage's inputs, as JSON-able values): in the stage's
+    own process, or in each torchrun worker. Returns rank 0's result ({} on the other ranks)."""
+    import torch
+    from transformers import AutoConfig
+
+    from tasks.measure import PeakMemory
+
+    q = QuantizationSection.model_validate(spec["q"])
+    cfg, lora_cfg = TrainSection.model_validate(spec["cfg"]), LoraSection.model_validate(spec["lora_cfg"])
+    quantized, lora, max_length = spec["quantized"], spec["lora"], spec["max_length"]
+    run = TrainingRun(spec["tokenized"], quantized, lora, lora_cfg, q, cfg, spec["packing"], max_length,
+                      spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"]), scratch, world)
+    config = AutoConfig.from_pretrained(models.quantized_path(quantized))
+    fast = choose_fast_paths(cfg, config, run.dev)
+    run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size)
+    free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
+
+    set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed, alike on every rank
+    # PeakMemory: this run's own peak, not the process's high-water mark; scoped: what the run
+    # patches (Liger's kernels) is undone when it ends.
+    with PeakMemory(run.dev) as peak, contextlib.ExitStack() as scoped:
+        run.setup_model(fast, scoped)
+        run.resume(warn)
+        if world.rank > 0:  # dropout masks of their own on the other ranks
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + run.progress.step)
+        scoped.enter_context(signals.deferred())  # a signal now waits for a step boundary
+        signals.raise_if_requested()
+        try:
+            run.loop(on_checkpoint or (lambda step: None))
+        except torch.OutOfMemoryError as e:
+            traceback.clear_frames(e.__traceback__)  # the failed step's tensors go before the checkpoint
+            raise run.out_of_memory(free_at_start) from None
+    return run.save(out, peak.peak)
+
+
+# --- a torchrun worker ---------------------------------------------------------------------------
+# The train stage writes the spec, starts torchrun, and reads back what rank 0 wrote: the result, or
+# the error of whichever rank failed (as JSON: a user's mistake or an out-of-memory is one line there
+# too, never a traceback).
+
+RESULT_FILE, ERROR_FILE = "worker-result.json", "worker-error-{rank}.json"
+
+
+def worker_main(spec_path: str) -> int:
+    signals.install()  # SIGTERM from the agent: checkpoint at the step boundary, then exit
+    spec = json.loads(Path(spec_path).read_text())
+    # A URI with credentials comes from the launching node's environment, never from the spec on disk.
+    spec["tracking_uri"] = os.environ.get("QLORA_WORKER_TRACKING_URI") or spec.get("tracking_uri")
+    scratch, out = Path(spec["scratch"]), Path(spec["out"])
+    world = distributed.init_from_env()
+    try:
+        result = run_training(spec, out, scratch, world, warn=lambda text: print(text, file=sys.stderr, flush=True))
+        if world.main:
+            (scratch / RESULT_FILE).write_text(json.dumps(result))
+        return 0
+    except (RecipeError, memory.OutOfMemory) as e:
+        kind = "out_of_memory" if isinstance(e, memory.OutOfMemory) else "recipe"
+        details = {"kind": kind, "message": getattr(e, "message", str(e)), "field": getattr(e, "field", None),
+                   "hint": getattr(e, "hint", None), "rank": world.rank}
+        (scratch / ERROR_FILE.format(rank=world.rank)).write_text(json.dumps(details))
+        return 1
+    except KeyboardInterrupt:
+        return signals.exit_code()
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))

@@ -1,0 +1,148 @@
+"""Training on several processes: torch.distributed, launched by torchrun (its elastic agent and c10d
+rendezvous), never a process manager of our own. The train stage starts one torchrun agent per node;
+each worker it starts runs the same training code as a single process does, on its share of every
+optimizer step's rows, and DDP averages the gradients. Rank 0 alone logs and saves.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_from_env() -> World:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment): NCCL on CUDA, gloo on the CPU. Without torchrun: one process, no group."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], dev) -> list[float]:
+    """The sum over ranks of a few numbers (one collective); the numbers themselves in one process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def wrap_ddp(model, world: World, dev):
+    """The model under DistributedDataParallel: gradients of the trained weights averaged over ranks
+    in buckets while backward runs. Every rank loaded the same base and initialised the same adapters
+    under the same seed, so nothing is broadcast at the start (a 4-bit 70B base would be gigabytes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.local_rank] if dev.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
+
+
+def processes_per_node(requested: int | str) -> int:
+    """auto: one process per visible GPU (one on a CPU machine)."""
+    if requested != "auto":
+        return int(requested)
+    import torch
+
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def torchrun_command(module: str, argument: str, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     max_restarts: int = 0, run_id: str = "qlora") -> list[str]:
+    """The torchrun invocation of `python -m module argument` on this node. One node: a standalone
+    rendezvous on a free local port. Several: c10d rendezvous at rdzv_endpoint, where every node's
+    agent (the same command) meets. Only rank 0's output is shown."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--max-restarts={max_restarts}", "--local-ranks-filter=0"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                    f"--rdzv-id={run_id}"]
+    return command + ["-m", module, argument]
+
+
+def join_pointer(work_dir, rdzv_endpoint: str):
+    """Where the node that runs the flow says which training the other nodes join (`qlora join`)."""
+    from pathlib import Path
+
+    return Path(work_dir) / "train" / "rendezvous" / (rdzv_endpoint.replace(":", "_").replace("/", "_") + ".json")
+
+
+def join(work_dir: str, rdzv_endpoint: str, nproc: int | str = "auto", timeout_s: float = 3600,
+         log: Callable[[str], None] = print) -> int:
+    """This node's torchrun agent for the training the flow's node started: waits (up to timeout_s)
+    for its pointer under the shared work_dir, then joins the rendezvous. Returns the agent's exit code."""
+    import json
+    import time
+
+    pointer = join_pointer(work_dir, rdzv_endpoint)
+    deadline = time.monotonic() + timeout_s
+    while not pointer.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no training to join at {rdzv_endpoint} under {work_dir} after {timeout_s:g} s")
+        time.sleep(1)
+    plan = json.loads(pointer.read_text())
+    command = torchrun_command("tasks.trainer", plan["spec"], processes_per_node(nproc), plan["nnodes"],
+                               rdzv_endpoint, plan["max_restarts"], plan["rdzv_id"])
+    log(f"joining {rdzv_endpoint}: {' '.join(command[2:])}")
+    # Rank 0 may land on this node: it logs to MLflow where the spec or this node's environment says.
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return launch(command, log, {"QLORA_PROGRESS": "0", **({"QLORA_WORKER_TRACKING_URI": uri} if uri else {})})
+
+
+# NVLink multicast (NVLS) off: on shared hosts it can take GPUs out of service, and DDP's all-reduce
+# of adapter gradients gains nothing from it.
+SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def launch(command: list[str], log: Callable[[str], None], env: dict[str, str] | None = None) -> int:
+    """Run a torchrun agent, each line of rank 0's output passed to log as it comes (the Prefect log);
+    returns the agent's exit code. SIGTERM/SIGINT reach the agent, which passes them to its workers:
+    they checkpoint at the next step boundary and exit."""
+    environment = {**os.environ, **SAFE_NCCL_ENV, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=environment, start_new_session=False) as agent:
+        try:
+            for line in agent.stdout:
+                log(line.rstrip("\n"))
+        except BaseException:
+            agent.terminate()
+            agent.wait()
+            raise
+        return agent.wait()

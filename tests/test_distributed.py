@@ -1,0 +1,161 @@
+"""Training on several processes, on the CPU with gloo (CI has no GPU): torchrun workers launched by
+the train stage train what one process trains for the same global batch; a run stopped on two
+processes resumes on one; two torchrun agents joined through a c10d rendezvous on 127.0.0.1 (two
+"nodes" on one host) train as one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import minilm_dir, small_recipe
+from tasks.data import describe_source, load, split, tokenize
+from tasks.model import plan_lora, quantize, resolve_model
+from tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
+from tasks.train import train
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """MiniLM without dropout (its own and the adapters'): one process and two then draw no random
+    masks, so their losses and adapters compare exactly."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("minilm") / "model"
+    shutil.copytree(minilm_dir(), base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (base / "config.json").write_text(json.dumps(config))
+    work = str(tmp_path_factory.mktemp("work"))
+    r = recipe_from_dict(small_recipe(model={"name_or_path": str(base)}, lora={"lora_dropout": 0.0}, train={"max_steps": STEPS, "save_steps": 2, "eval_steps": 3,
+                                             "logging_steps": 1, "per_device_train_batch_size": 8,
+                                             "gradient_accumulation_steps": 2}))
+    model = resolve_model(r.model)
+    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
+    splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
+    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
+    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
+    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
+    return {"recipe": r, "tokenized": tokenized, "quantized": quantized, "lora": lora}
+
+
+def _train(p, work_dir, launch=None, **overrides):
+    r = p["recipe"]
+    return train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization,
+                    r.train.model_copy(update=overrides), launch=launch, work_dir=str(work_dir))
+
+
+def _losses(result) -> list[float]:
+    lines = (Path(result["dir"]) / result["history"]).read_text().splitlines()
+    return [json.loads(line)["train_loss"] for line in lines if "train_loss" in json.loads(line)]
+
+
+def _adapter(result) -> dict:
+    return load_file(Path(result["dir"]) / result["adapter"] / "adapter_model.safetensors")
+
+
+def _close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-5, msg=k)
+
+
+def test_two_processes_train_what_one_trains(prepared, tmp_path):
+    """DDP over two gloo processes, each on half of every step's 16 examples: the same losses per step
+    and the same adapter as one process (float reductions in another order aside)."""
+    one = _train(prepared, tmp_path / "one")
+    two = _train(prepared, tmp_path / "two", DistributedSection(strategy="ddp", nproc_per_node=2))
+    assert one["processes"] == 1 and two["processes"] == 2 and "ddp:2" in two["fast_paths"]
+    assert two["steps"] == STEPS and two["train_samples"] == one["train_samples"] == STEPS * 16
+    assert two["train_tokens"] == one["train_tokens"]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
+    assert not list((tmp_path / "two" / "train").glob("*.partial")), "scratch cleared after success"
+
+
+def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path):
+    """SIGTERM to the stage while two workers train: they checkpoint at a step boundary and exit;
+    the same stage on one process resumes there and ends with the adapter of an uninterrupted run."""
+    straight = _train(prepared, tmp_path / "straight")
+    work = tmp_path / "stopped"
+    script = (
+        "import json, sys\n"
+        "from tasks import signals\n"
+        "from tasks.recipe import DistributedSection, LoraSection, QuantizationSection, TrainSection\n"
+        "from tasks.train import train\n"
+        "signals.install()\n"
+        "a = json.loads(open(sys.argv[1]).read())\n"
+        "try:\n"
+        "    train.fn(a['tokenized'], a['quantized'], a['lora'], LoraSection(**a['lora_cfg']),\n"
+        "             QuantizationSection(**a['q']), TrainSection(**a['cfg']),\n"
+        "             launch=DistributedSection(strategy='ddp', nproc_per_node=2), work_dir=sys.argv[2])\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(143)\n")
+    r = prepared["recipe"]
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"tokenized": prepared["tokenized"], "quantized": prepared["quantized"],
+                                "lora": prepared["lora"], "lora_cfg": r.lora.model_dump(mode="json"),
+                                "q": r.quantization.model_dump(mode="json"), "cfg": r.train.model_dump(mode="json")}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(args), str(work)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(work.glob("train/*.partial/checkpoint-0000002")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    partial = next(work.glob("train/*.partial"))
+    saved = sorted(p.name for p in partial.glob("checkpoint-*"))
+    assert saved and saved[-1] < f"checkpoint-{STEPS:07d}", saved
+    resumed = _train(prepared, work, DistributedSection(strategy="none"))
+    assert resumed["resumed_from_step"] == int(saved[-1].split("-")[1]) and resumed["steps"] == STEPS
+    _close(_adapter(resumed), _adapter(straight))
+
+
+def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
+    """Multi-node as a cluster runs it, on one host: the stage starts one torchrun agent (node A), a
+    second agent joins through `qlora join` (node B) at the same rendezvous on 127.0.0.1; the two
+    processes train what one does."""
+    from qlora.servers import free_port
+
+    one = _train(prepared, tmp_path / "one")
+    endpoint = f"127.0.0.1:{free_port()}"
+    work = tmp_path / "nodes"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    joiner = subprocess.Popen([sys.executable, "-m", "qlora.cli", "join", "--work-dir", str(work),
+                               "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", "--timeout", "600"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        two = _train(prepared, work, DistributedSection(strategy="ddp", nproc_per_node=1, nnodes=2,
+                                                        rdzv_endpoint=endpoint))
+        assert joiner.wait(timeout=120) == 0, joiner.stdout.read()[-3000:]
+    finally:
+        joiner.kill()
+    assert two["processes"] == 2
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"nnodes": 2}, "distributed.nnodes above 1 needs distributed.rdzv_endpoint"),
+    ({"nnodes": 2, "rdzv_endpoint": "head-node"}, "must be HOST:PORT"),
+    ({"nproc_per_node": 0}, "must be auto or at least 1"),
+    ({"strategy": "none", "nproc_per_node": 2}, "strategy none trains in one process"),
+    ({"strategy": "fsdp"}, "distributed.strategy"),
+])
+def test_bad_distributed_sections_are_refused(section, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(small_recipe(distributed=section))
