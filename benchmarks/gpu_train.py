@@ -1,5 +1,5 @@
 """QLoRA training speed and memory on a GPU: the tutorial recipe against the pipeline's own training
-code (tasks/training.py, the functions the train stage calls), side by side in one invocation, on
+code (tasks/training/, the functions the train stage calls), side by side in one invocation, on
 Llama-shaped models with random weights (nothing is downloaded).
 
     python benchmarks/gpu_train.py --shape llama2-7b [--seq 2048] [--steps 10] [--budget 5.65]
@@ -14,7 +14,7 @@ Variants, each in its own process (a clean peak-memory count):
                  reentrant checkpointing, LoRA dropout 0.05, fused AdamW), fixed-length rows
     tutorial-pad the same set-up on variable-length examples, each padded to --seq as the tutorial
                  recipe's tokenizer call does (padding="max_length")
-    pipeline     tasks/training.py as the train stage runs it by default on CUDA: fused LoRA layers,
+    pipeline     tasks/training/ as the train stage runs it by default on CUDA: fused LoRA layers,
                  compiled decoder layers, Liger's fused cross-entropy, SDPA, no float32 upcast,
                  non-reentrant checkpointing, paged 8-bit AdamW, LoRA dropout 0.05, the memory plan
                  for --budget GiB (micro-batch, checkpointing, offload); variable-length examples
@@ -206,13 +206,7 @@ def run_tutorial_padded(args) -> dict:
 def liger_layers(options, compiled: bool) -> frozenset:
     """The Liger layer kernels a set-up names (option liger:rms_norm:swiglu; "liger:" for none), else
     those the train stage takes."""
-    from tasks.batches import collate_lm, pack, width_multiple
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
-    from tasks.training.lora import lora_config, model_for_training
-    from tasks.training.memory import _shape, estimate_memory, plan_memory
-    from tasks.training.optimizer import flatten_parameters
-    from tasks.training.step import forward_backward, train_context
+    from tasks.training.kernels import liger_layer_kernels
 
     named = [o.split(":")[1:] for o in options if o.startswith("liger:")]
     return frozenset(k for k in named[0] if k) if named else liger_layer_kernels(compiled)
@@ -224,18 +218,12 @@ def run_pipeline(args) -> dict:
     import torch
 
     from tasks.batches import collate_lm, pack, width_multiple
-
     from tasks.training.fused_lora import fuse_lora_layers
-
-    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
-
-    from tasks.training.lora import lora_config, model_for_training
-
+    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, use_compile, use_liger
+    from tasks.training.lora import model_for_training
     from tasks.training.memory import _shape, estimate_memory, plan_memory
-
     from tasks.training.optimizer import flatten_parameters
-
-    from tasks.training.step import forward_backward, train_context
+    from tasks.training.step import forward_backward
 
     dev = torch.device("cuda")
     cfg = config_of(args.shape, args.seq)
@@ -246,8 +234,8 @@ def run_pipeline(args) -> dict:
 
     def estimate_parts(micro, gc, offload) -> dict:
         return estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
-                                        tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
-                                        fused_ce=liger, causal=True)
+                               tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
+                               fused_ce=liger, causal=True)
 
     def estimate(micro, gc, offload):
         return estimate_parts(micro, gc, offload)["peak"]
@@ -312,7 +300,7 @@ def run_pipeline(args) -> dict:
             share = b.pop("targets") / total
             real += b.pop("real_tokens")
             loss_sum = loss_sum + forward_backward(model, b, dev, "bfloat16", plan["offload_activations"],
-                                                            share) * share
+                                                   share) * share
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -368,24 +356,12 @@ def run_tutorial(args) -> dict:
 def optimizer_step(steps: int = 20) -> dict:
     """The optimizer's share of a step alone: paged 8-bit AdamW, gradient clipping and zeroing over the
     Llama-2-7B LoRA weights (r=16, all linear layers: 448 tensors, 40M parameters), each weight its own
-    tensor vs flattened into one (tasks/training.py: flatten_parameters); ms per step, and whether
+    tensor vs flattened into one (tasks/training/optimizer.py: flatten_parameters); ms per step, and whether
     both give the same weights after the steps."""
     import bitsandbytes as bnb
     import torch
 
-    from tasks.batches import collate_lm, pack, width_multiple
-
-    from tasks.training.fused_lora import fuse_lora_layers
-
-    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
-
-    from tasks.training.lora import lora_config, model_for_training
-
-    from tasks.training.memory import _shape, estimate_memory, plan_memory
-
     from tasks.training.optimizer import flatten_parameters
-
-    from tasks.training.step import forward_backward, train_context
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(16, 4096), (4096, 16)] * 4 + [(16, 4096), (11008, 16)] * 2 + [(16, 11008), (4096, 16)]
@@ -455,18 +431,9 @@ def check(trials: int = 3) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from types import SimpleNamespace
 
-    from tasks.batches import collate_lm, pack, width_multiple
-
     from tasks.training.fused_lora import fuse_lora_layers
-
-    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
-
+    from tasks.training.kernels import compile_layers, liger_kernels, use_compile, use_liger
     from tasks.training.lora import lora_config, model_for_training
-
-    from tasks.training.memory import _shape, estimate_memory, plan_memory
-
-    from tasks.training.optimizer import flatten_parameters
-
     from tasks.training.step import forward_backward, train_context
 
     path = "/tmp/llama-check"

@@ -31,13 +31,9 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tasks.training.fused_lora import fuse_lora_layers
-
     from tasks.training.kernels import compile_layers
-
     from tasks.training.lora import model_for_training
-
     from tasks.training.optimizer import flatten_parameters
-
     from tasks.training.step import forward_backward
 
     torch.manual_seed(0)

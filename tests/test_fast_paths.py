@@ -276,8 +276,8 @@ def _estimate(config, micro, gc, offload, seq=2048):
     s = _shape(config)
     lora = 16 * sum(i + o for i, o in s["per_layer"].values()) * s["layers"]
     return estimate_memory(config, weight_bits=4, trainable_params=lora, optim="paged_adamw_8bit",
-                                    tokens=micro * seq, gradient_checkpointing=gc, offload=offload, fused_ce=True,
-                                    causal=True)["peak"] / GIB
+                           tokens=micro * seq, gradient_checkpointing=gc, offload=offload, fused_ce=True,
+                           causal=True)["peak"] / GIB
 
 
 @pytest.mark.parametrize("shape, micro, offload, measured", [
