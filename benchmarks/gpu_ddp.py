@@ -1,0 +1,190 @@
+"""Data-parallel QLoRA on several GPUs: the train stage's code (tasks/training/: fused LoRA layers,
+compiled layers, Liger, flat paged 8-bit AdamW, checkpointing; tasks/training/distributed.py: DDP
+under torchrun, NCCL) on 1 GPU and on N GPUs, side by side in one invocation, on a Llama shape with
+random weights (nothing is downloaded).
+
+    python benchmarks/gpu_ddp.py --shape llama2-7b --seq 2048 --micro 1 --steps 10 --gpus 2
+
+Both runs take the same global batch (N x --micro rows of --seq tokens per optimizer step) and the
+same per-GPU micro-batch: 1 GPU accumulates N micro-batches, N GPUs take one each. Printed: tokens/s
+of each and their ratio (the scaling), the per-GPU peak, the loss of every step side by side, and
+the check: the loss and every LoRA gradient of the first step on N GPUs against 1 GPU (relative
+error of all gradients together; the single-GPU fast paths are held to 1e-2 against the plain path).
+Writes gpu_ddp.json under $OUT when set. Needs bitsandbytes, peft (and liger-kernel for Liger).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def worker(args) -> None:
+    """One rank: the model built identically on every rank and in every run (same seeds), trained for
+    warm-up + --steps steps on the global batch's share of this rank."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as dist
+
+    from gpu_train import SHAPES, build_in_memory, config_of  # the single-GPU benchmark's random-weight models
+    from tasks.batches import collate_lm
+    from tasks.training import distributed
+    from tasks.training.fused_lora import fuse_lora_layers
+    from tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
+                                        use_compile, use_liger)
+    from tasks.training.lora import model_for_training
+    from tasks.training.optimizer import flatten_parameters
+    from tasks.training.step import forward_backward
+
+    world = distributed.init_from_env()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = config_of(args.shape, args.seq)
+    assert args.shape in SHAPES
+    base = build_in_memory(args.shape, args.seq)
+    base.config._attn_implementation = attention_implementation("auto", dev)
+    liger, compiled = use_liger("auto", cfg, dev), use_compile("auto", dev)
+    scope = contextlib.ExitStack()
+    if liger:
+        scope.enter_context(liger_kernels(base, liger_layer_kernels(compiled)))
+    from types import SimpleNamespace
+
+    resolved = {"task": "causal-lm", "modules_to_save": [],
+                "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
+                                          if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
+                               lora_dropout=0.0)  # no dropout: the runs draw no masks and compare step by step
+    torch.manual_seed(0)
+    model = model_for_training(base, resolved, lora_cfg, True, gradient_checkpointing=True)
+    with torch.no_grad():  # B away from zero, so the first step's gradients reach A too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    fuse_lora_layers(model)
+    if compiled:
+        compile_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=2e-4)
+    trained = distributed.wrap_ddp(model, world, dev) if world.distributed else model
+    model.train()
+    batch = args.global_batch
+    gen = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": r, "labels": r}] for r in
+            torch.randint(0, cfg.vocab_size, (4 * batch, args.seq), generator=gen).tolist()]
+    grads_file = Path(args.out) / f"grads-{world.size}.pt"
+
+    def step(i: int) -> tuple[float, int]:
+        units = [rows[(i * batch + k) % len(rows)] for k in range(batch)]
+        mine = units[world.rank::world.size]
+        micro_batches = [collate_lm(mine[k:k + args.micro], 0, dev) for k in range(0, len(mine), args.micro)]
+        for b in micro_batches:
+            b["labels"] = b["input_ids"]  # every position, as the tutorial trains
+        total = distributed.all_reduce_sum([sum(b["targets"] for b in micro_batches)], dev)[0]
+        loss_sum, tokens = 0.0, 0
+        for k, b in enumerate(micro_batches):
+            share = b.pop("targets") / total * world.size  # DDP averages over ranks
+            tokens += b.pop("real_tokens")
+            last = k == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or not world.distributed else trained.no_sync():
+                loss = forward_backward(trained, b, dev, "bfloat16", False, share)
+            loss_sum = loss_sum + loss * share / world.size
+        loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)
+        if i == 0 and world.main:  # the first step's gradients, after DDP's average
+            torch.save({n: p.grad.float().cpu() for n, p in zip(names, params)}, grads_file)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        return loss_sum, int(tokens)
+
+    losses = []
+    for i in range(args.warmup):  # compiling happens here
+        losses.append(step(i)[0])
+    torch.cuda.synchronize()
+    dist.barrier() if world.distributed else None
+    start, tokens = time.perf_counter(), 0
+    for i in range(args.warmup, args.warmup + args.steps):
+        loss, n = step(i)
+        losses.append(loss)
+        tokens += n
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
+    if world.main:
+        result = {"gpus": world.size, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
+                  "mean_peak_gib": peak, "peak_gib_rank0": torch.cuda.max_memory_allocated() / 2**30,
+                  "losses": losses, "liger": liger, "compiled": compiled}
+        Path(args.out, f"result-{world.size}.json").write_text(json.dumps(result))
+    scope.close()
+    distributed.shutdown()
+
+
+def relative(got: dict, want: dict) -> float:
+    """|got - want| / |want| over all tensors together."""
+    diff = sum(float((got[n] - want[n]).norm()) ** 2 for n in want) ** 0.5
+    return diff / sum(float(want[n].norm()) ** 2 for n in want) ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama2-7b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro", type=int, default=1, help="rows per GPU per micro-batch")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    import torch
+
+    from tasks.training.distributed import SAFE_NCCL_ENV, torchrun_command
+
+    out = Path(tempfile.mkdtemp(prefix="gpu_ddp-"))
+    results = {}
+    for gpus in (1, args.gpus):
+        command = torchrun_command("gpu_ddp", "--worker", gpus)[:-3] + [
+            __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq), "--micro", str(args.micro),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
+            "--out", str(out)]
+        done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
+        if done.returncode or not (out / f"result-{gpus}.json").is_file():
+            print(f"{gpus} GPU(s): failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}", flush=True)
+            sys.exit(1)
+        results[gpus] = json.loads((out / f"result-{gpus}.json").read_text())
+    one, many = results[1], results[args.gpus]
+    grads_one = torch.load(out / "grads-1.pt", weights_only=True)
+    grads_many = torch.load(out / f"grads-{args.gpus}.pt", weights_only=True)
+    summary = {
+        "shape": args.shape, "seq": args.seq, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "tok_s": {1: round(one["tok_s"]), args.gpus: round(many["tok_s"])},
+        "scaling": round(many["tok_s"] / one["tok_s"], 3),
+        "efficiency": round(many["tok_s"] / one["tok_s"] / args.gpus, 3),
+        "mean_peak_gib_per_gpu": {1: round(one["mean_peak_gib"], 2), args.gpus: round(many["mean_peak_gib"], 2)},
+        "first_loss": [round(one["losses"][0], 5), round(many["losses"][0], 5)],
+        "first_step_lora_grad_relative_error": relative(grads_many, grads_one),
+        "max_loss_difference": max(abs(a - b) for a, b in zip(one["losses"], many["losses"])),
+        "losses_1": [round(x, 4) for x in one["losses"]], f"losses_{args.gpus}": [round(x, 4) for x in many["losses"]],
+        "fast_paths": {"liger": one["liger"], "compiled": one["compiled"]},
+    }
+    summary["check_passed"] = summary["first_step_lora_grad_relative_error"] < 1e-2
+    print(json.dumps(summary, indent=1), flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_ddp.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
