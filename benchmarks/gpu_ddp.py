@@ -83,16 +83,22 @@ def worker(args) -> None:
             torch.randint(0, cfg.vocab_size, (4 * batch, args.seq), generator=gen).tolist()]
     grads_file = Path(args.out) / f"grads-{world.size}.pt"
 
+    # Rows of a step in rank order: 1 GPU takes the micro-batches N GPUs take, one after the other
+    # (--grouping natural: in row order, what differs then is only how bf16 rounds another split).
+    per_rank = batch // world.size
+    order = (list(range(batch)) if args.grouping == "natural" else
+             [k for r in range(args.gpus) for k in range(r, batch, args.gpus)])
+
     def step(i: int) -> tuple[float, int]:
-        units = [rows[(i * batch + k) % len(rows)] for k in range(batch)]
-        mine = units[world.rank::world.size]
+        units = [rows[(i * batch + k) % len(rows)] for k in order]
+        mine = units[world.rank * per_rank:(world.rank + 1) * per_rank]
         micro_batches = [collate_lm(mine[k:k + args.micro], 0, dev) for k in range(0, len(mine), args.micro)]
         for b in micro_batches:
             b["labels"] = b["input_ids"]  # every position, as the tutorial trains
-        total = distributed.all_reduce_sum([sum(b["targets"] for b in micro_batches)], dev)[0]
+        total = distributed.global_sum([sum(b["targets"] for b in micro_batches)], dev)  # no host sync
         loss_sum, tokens = 0.0, 0
         for k, b in enumerate(micro_batches):
-            share = b.pop("targets") / total * world.size  # DDP averages over ranks
+            share = b.pop("targets") * world.size / total  # DDP averages over ranks
             tokens += b.pop("real_tokens")
             last = k == len(micro_batches) - 1
             with contextlib.nullcontext() if last or not world.distributed else trained.no_sync():
@@ -118,6 +124,17 @@ def worker(args) -> None:
         tokens += n
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if args.profile and world.main and os.environ.get("OUT"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                step(args.warmup + args.steps + i)
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        Path(os.environ["OUT"], f"profile-{world.size}.txt").write_text(
+            averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + "\n\n" +
+            averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
     if world.main:
         result = {"gpus": world.size, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
@@ -142,7 +159,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,20 +172,22 @@ def main() -> None:
     from tasks.training.distributed import SAFE_NCCL_ENV, torchrun_command
 
     out = Path(tempfile.mkdtemp(prefix="gpu_ddp-"))
-    results = {}
-    for gpus in (1, args.gpus):
+    results, grads = {}, {}
+    # 1 GPU, N GPUs, and 1 GPU with the rows grouped otherwise (the bf16 noise floor of a split)
+    for name, gpus, grouping in (("1", 1, "ranks"), (str(args.gpus), args.gpus, "ranks"), ("floor", 1, "natural")):
         command = torchrun_command("gpu_ddp", "--worker", gpus)[:-3] + [
             __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq), "--micro", str(args.micro),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
-            "--out", str(out)]
+            "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out)] + (["--profile"] if args.profile else [])
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
         if done.returncode or not (out / f"result-{gpus}.json").is_file():
-            print(f"{gpus} GPU(s): failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}", flush=True)
+            print(f"{name}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}", flush=True)
             sys.exit(1)
-        results[gpus] = json.loads((out / f"result-{gpus}.json").read_text())
-    one, many = results[1], results[args.gpus]
-    grads_one = torch.load(out / "grads-1.pt", weights_only=True)
-    grads_many = torch.load(out / f"grads-{args.gpus}.pt", weights_only=True)
+        results[name] = json.loads((out / f"result-{gpus}.json").read_text())
+        grads[name] = torch.load(out / f"grads-{gpus}.pt", weights_only=True)
+        (out / f"result-{gpus}.json").unlink()
+    one, many = results["1"], results[str(args.gpus)]
+    grads_one, grads_many = grads["1"], grads[str(args.gpus)]
     summary = {
         "shape": args.shape, "seq": args.seq, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -176,6 +197,8 @@ def main() -> None:
         "mean_peak_gib_per_gpu": {1: round(one["mean_peak_gib"], 2), args.gpus: round(many["mean_peak_gib"], 2)},
         "first_loss": [round(one["losses"][0], 5), round(many["losses"][0], 5)],
         "first_step_lora_grad_relative_error": relative(grads_many, grads_one),
+        "noise_floor_other_split_relative_error": relative(grads["floor"], grads_one),
+        "floor_tok_s": round(results["floor"]["tok_s"]),
         "max_loss_difference": max(abs(a - b) for a, b in zip(one["losses"], many["losses"])),
         "losses_1": [round(x, 4) for x in one["losses"]], f"losses_{args.gpus}": [round(x, 4) for x in many["losses"]],
         "fast_paths": {"liger": one["liger"], "compiled": one["compiled"]},

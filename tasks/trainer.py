@@ -209,13 +209,15 @@ class TrainingRun:
         # needs every rank's backward.
         micro_batches = [self.batch((mine or rows[:1])[i:i + micro]) for i in range(0, len(mine or rows[:1]), micro)]
         local_targets = sum(mb["targets"] for mb in micro_batches) if mine else 0
-        step_targets = distributed.all_reduce_sum([local_targets], self.dev)[0]
+        # Over all ranks, queued without a host sync (a tensor) under torchrun; a number in one process.
+        step_targets = distributed.global_sum([local_targets], self.dev)
+        step_targets = step_targets.clamp_min(1) if world.distributed else max(step_targets, 1)
         step_loss, step_tokens = 0.0, 0
         for i, mb in enumerate(micro_batches):
             if signals.stop_requested() and not world.distributed:
                 self.stop()
             # DDP averages gradients over ranks: each rank's share is scaled up by the world size.
-            share = (mb.pop("targets") if mine else 0) / max(step_targets, 1) * world.size
+            share = (mb.pop("targets") if mine else 0) * world.size / step_targets
             step_tokens += mb.pop("real_tokens") if mine else 0
             sync = i == len(micro_batches) - 1 or not world.distributed
             with contextlib.nullcontext() if sync else self.trained.no_sync():  # all-reduce once per step

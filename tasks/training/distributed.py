@@ -63,6 +63,20 @@ def all_reduce_sum(values: list[float], dev) -> list[float]:
     return t.tolist()
 
 
+def global_sum(values: list[float], dev):
+    """The sum over ranks as a tensor on dev, without waiting on the host: on CUDA the all-reduce is
+    queued on the stream (what uses the tensor waits for it there), so the host keeps queuing the
+    forward pass. One process: the plain sum."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(sum(values))
+    t = torch.tensor([float(sum(values))], dtype=torch.float32, device=dev)
+    dist.all_reduce(t, async_op=True).wait()  # CUDA: the stream waits, not the host
+    return t
+
+
 def wrap_ddp(model, world: World, dev):
     """The model under DistributedDataParallel: gradients of the trained weights averaged over ranks
     in buckets while backward runs. Every rank loaded the same base and initialised the same adapters
