@@ -124,7 +124,7 @@ def worker(args) -> None:
         tokens += n
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if args.profile and world.main and os.environ.get("OUT"):
+    if args.profile and os.environ.get("OUT"):  # every rank steps (collectives); rank 0 writes
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -132,9 +132,10 @@ def worker(args) -> None:
                 step(args.warmup + args.steps + i)
             torch.cuda.synchronize()
         averages = prof.key_averages()
-        Path(os.environ["OUT"], f"profile-{world.size}.txt").write_text(
-            averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + "\n\n" +
-            averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        if world.main:
+            Path(os.environ["OUT"], f"profile-{world.size}.txt").write_text(
+                averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + "\n\n" +
+                averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
     if world.main:
         result = {"gpus": world.size, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
