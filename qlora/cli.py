@@ -192,16 +192,19 @@ def validate(recipe: Recipe) -> dict:
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
     info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
+    from tasks.train import check_memory_budget, training_processes
+
+    processes, d = training_processes(recipe.distributed), recipe.distributed
+    info["distributed"] = {"strategy": "ddp" if processes > 1 else "none", "processes": processes,
+                           "nodes": d.nnodes, **({"rendezvous": d.rdzv_endpoint} if d.rdzv_endpoint else {})}
     if "gguf" not in model and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
         lora = resolve_lora_targets(model["path"], recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
         info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
-        from tasks.train import check_memory_budget
-
         plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
-                                   recipe.model.task == "causal-lm", recipe.model.trust_remote_code)
-        if plan:
-            info["memory_plan"] = plan
+                                   recipe.model.task == "causal-lm", recipe.model.trust_remote_code, processes,
+                                   with_estimate=True)
+        info["memory_plan"] = plan  # per GPU (per process)
     return {**info, "tracking_uri": tracking_uri_of(recipe)}
 
 

@@ -369,15 +369,15 @@ class DistributedSection(Section):
     @model_validator(mode="after")
     def _rendezvous(self):
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("distributed.nnodes above 1 needs distributed.rdzv_endpoint (HOST:PORT of the "
-                             "rendezvous every node's agent reaches)")
+            raise ValueError("nnodes above 1 needs rdzv_endpoint (HOST:PORT of the rendezvous every node's "
+                             "agent reaches)")
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"distributed.rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+                raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
         if self.strategy == "none" and (self.nnodes > 1 or self.nproc_per_node not in ("auto", 1)):
-            raise ValueError("distributed.strategy none trains in one process: set nproc_per_node: 1 and "
-                             "nnodes: 1, or strategy ddp")
+            raise ValueError("strategy none trains in one process: set nproc_per_node: 1 and nnodes: 1, or "
+                             "strategy ddp")
         return self
 
 class EvaluateSection(Section):

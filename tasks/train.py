@@ -103,10 +103,11 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
 
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
-                        processes: int = 1) -> dict | None:
+                        processes: int = 1, with_estimate: bool = False) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
-    small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage."""
-    if cfg.max_memory_gib is None:
+    small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
+    with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget."""
+    if cfg.max_memory_gib is None and not with_estimate:
         return None
     from transformers import AutoConfig
 
@@ -115,5 +116,5 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
         liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
-    return trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes)
+    return trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate)
 

@@ -355,14 +355,14 @@ def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
 
 
 def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
-                fused_ce: bool, dev, processes: int = 1) -> dict:
+                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False) -> dict:
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
-    own, or, with train.max_memory_gib, the fastest that fits the budget of each GPU (checked before
-    the model is loaded). Under DDP every process holds the whole model and its share of each step's
-    examples, plus a bucket of gradients being averaged."""
+    own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
+    fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
+    the whole model and its share of each step's examples, plus a bucket of gradients being averaged."""
     recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
-    if cfg.max_memory_gib is None:
+    if cfg.max_memory_gib is None and not with_estimate:
         return recipe_plan
     bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
     seq = max_length or getattr(config, "max_position_embeddings", 512)
@@ -372,6 +372,9 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
         return buckets + memory.estimate_memory(
             config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
             gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
+    if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
+        peak = estimate(cfg.per_device_train_batch_size, cfg.gradient_checkpointing, cfg.offload_activations)
+        return {**recipe_plan, "estimated_peak_gib": round(peak / memory.GIB, 2)}
     examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     try:
         return memory.plan_memory(cfg.max_memory_gib, math.ceil(examples_per_step / processes), estimate,

@@ -150,12 +150,29 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"nnodes": 2}, "distributed.nnodes above 1 needs distributed.rdzv_endpoint"),
-    ({"nnodes": 2, "rdzv_endpoint": "head-node"}, "must be HOST:PORT"),
-    ({"nproc_per_node": 0}, "must be auto or at least 1"),
-    ({"strategy": "none", "nproc_per_node": 2}, "strategy none trains in one process"),
+    ({"nnodes": 2}, "distributed: nnodes above 1 needs rdzv_endpoint"),
+    ({"nnodes": 2, "rdzv_endpoint": "head-node"}, "distributed: rdzv_endpoint must be HOST:PORT"),
+    ({"nproc_per_node": 0}, "distributed.nproc_per_node: .*must be auto or at least 1"),
+    ({"strategy": "none", "nproc_per_node": 2}, "distributed: strategy none trains in one process"),
     ({"strategy": "fsdp"}, "distributed.strategy"),
 ])
 def test_bad_distributed_sections_are_refused(section, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict(small_recipe(distributed=section))
+
+
+def test_validate_prints_the_distributed_plan(project, capsys):
+    """`qlora validate` says how training would spread: strategy, processes, nodes, and the memory
+    plan with its per-GPU estimate; a bad section is one line and exit 2."""
+    from conftest import write_recipe
+    from qlora.cli import main
+
+    recipe = write_recipe(project / "r.yaml", small_recipe())
+    assert main(["validate", str(recipe), "--set", "distributed.strategy=ddp",
+                 "--set", "distributed.nproc_per_node=2"]) == 0
+    out = capsys.readouterr().out
+    assert "distributed: {'strategy': 'ddp', 'processes': 2, 'nodes': 1}" in out
+    assert "'estimated_peak_gib':" in out
+    assert main(["validate", str(recipe), "--set", "distributed.nnodes=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distributed: nnodes above 1 needs rdzv_endpoint" in err[0]
