@@ -343,3 +343,28 @@ def test_pipeline_against_postgresql_backed_servers(project):
             for name in databases:
                 cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+def test_every_prefect_yaml_deployment_and_the_k8s_nodes_are_valid():
+    """prefect.yaml's deployments name recipes whose overrides validate (the multi-node one too), and
+    the Kubernetes nodes' command is a `qlora join` this CLI accepts, at the rendezvous the
+    multi-node deployment names."""
+    import yaml
+
+    from qlora.cli import _parser
+    from tasks.recipe import load_recipe
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    endpoints = set()
+    for d in deployments:
+        params = d["parameters"]
+        recipe = load_recipe(str(REPO / params["recipe_file"]), params.get("overrides", []))
+        assert d["entrypoint"] == "flows/finetune.py:finetune"
+        if recipe.distributed.nnodes > 1:
+            endpoints.add(recipe.distributed.rdzv_endpoint)
+            assert recipe.work_dir.startswith("/shared/")
+    nodes = [doc for doc in yaml.safe_load_all((REPO / "scripts" / "k8s" / "train-nodes.yaml").read_text())
+             if doc["kind"] == "StatefulSet"][0]
+    command = nodes["spec"]["template"]["spec"]["containers"][0]["command"]
+    args = _parser().parse_args(command[1:])
+    assert args.command == "join" and {args.rdzv_endpoint} == endpoints and args.work_dir == "/shared/.qlora"

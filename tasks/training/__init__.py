@@ -1,5 +1,5 @@
 """The training engine, one idea per module: LoRA attachment (lora), the fused LoRA layer
 (fused_lora), activation offload (offload), faster kernels (kernels), the memory estimate and plan
 (memory), the optimizer (optimizer), one micro-batch's forward and backward (step), resumable
-checkpoints (checkpoint). Free of Prefect and of the recipe schema: the train stage, the GPU
+checkpoints (checkpoint), several processes under torchrun (distributed). Free of Prefect and of the recipe schema: the train stage, the GPU
 benchmark and every distributed worker run exactly this code."""
