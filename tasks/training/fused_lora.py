@@ -33,7 +33,8 @@ def _dense_weight(base, dtype):
 @functools.cache
 def _cuda_dequantize():
     """bitsandbytes' CUDA dequantization called directly: through torch's op dispatcher (a Python
-    kernel) each call costs about 60 us of CPU time, and a 7B step makes 672 of them. None where this
+    kernel) each call costs tens of microseconds of host time, and a 7B step makes hundreds of them
+    (RESULTS.md, fourth round). None where this
     bitsandbytes lays its CUDA backend out differently (then the public op, which is also what a
     compiled layer calls: the compiler traces the op, not a C call)."""
     try:
@@ -45,8 +46,8 @@ def _cuda_dequantize():
 
 def unnest_absmax(base) -> None:
     """With double quantization, every dequantization first dequantizes the block scales (a second
-    bitsandbytes call that costs about 0.4 ms of CPU time on CUDA, twice per layer per step: on an
-    H100 the step then waits on the CPU). Keep the scales dequantized instead: the same values, at
+    bitsandbytes call of its own, twice per layer per step: the profiled GPU step then waited on the
+    host). Keep the scales dequantized instead: the same values, at
     4 bytes per 64 weights (0.06 bytes a parameter) of extra memory."""
     import bitsandbytes as bnb
     import torch

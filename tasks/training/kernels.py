@@ -53,8 +53,8 @@ def use_liger(mode: str, config, dev, required: bool = False) -> bool:
 
 
 # Liger's layer kernels for eager layers. Not its RoPE: it keeps float32 where the eager code rounds to
-# bf16, and alone moved LoRA gradients 1.05e-2 from the plain path (the check's bound is 1e-2; RMSNorm
-# and SwiGLU together 9.0e-3, within a few percent of the speed; H100, benchmarks/RESULTS.md).
+# bf16, and alone it moved LoRA gradients past the check's bound against the plain path; RMSNorm and
+# SwiGLU stay within it at about the same speed (gpu_train.py --check; benchmarks/RESULTS.md).
 EAGER_LIGER_KERNELS = frozenset({"rms_norm", "swiglu"})
 
 
@@ -112,9 +112,9 @@ def can_compile(dev, required: bool = False) -> bool:
 
 
 def use_compile(mode, dev, required: bool = False) -> bool:
-    """Whether to compile the transformer layers. auto: on CUDA where Triton is installed (H100, 7B
-    shape: fixed-length rows 8353 vs 7464 tokens/s eager; packed rows of real lengths 8049 vs 3555,
-    compiled once with dynamic widths in 24 s of warm-up), never on the CPU, where compiling costs
+    """Whether to compile the transformer layers. auto: on CUDA where Triton is installed (faster on
+    fixed-length rows, and far faster on packed rows of real lengths, compiled once with dynamic
+    widths; benchmarks/RESULTS.md, third and fourth rounds), never on the CPU, where compiling costs
     more than it saves on short runs; a machine without Triton quietly trains eager (nothing was
     asked for). true: wanted, so a machine without a compiler warns (or fails, when required)."""
     if mode == "auto":
@@ -128,7 +128,7 @@ def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = Tru
     sequence length compiles once more, with dynamic shapes from then on (dynamic=True: from the
     first step, for data whose width changes every step, as packed rows' does). Why: the eager step
     queues each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
-    host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step from 156 to 53 ms, with the
+    host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step to about a third, with the
     eager loss and gradients (tests/test_fast_paths.py). emulate_casts: see _layer_compiler (off only
     to measure what it costs)."""
     import torch
@@ -144,11 +144,11 @@ def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = Tru
 def _layer_compiler(graph, example_inputs, emulate_casts: bool = True):
     """Inductor, as the compiled layers need it. The joint graph's common-subexpression pass off: a
     fused LoRA layer dequantizes its weight in forward and again in backward; merged into one, the
-    compiled layer would keep every dequantized weight for its backward (7B: 0.36 GiB a layer;
-    measured +0.26 GiB of peak on an H100). And, with emulate_casts (Inductor's emulate_precision_casts),
+    compiled layer would keep every dequantized weight for its backward (a dense 16-bit copy of every
+    layer's weights: the peak grew, RESULTS.md). And, with emulate_casts (Inductor's emulate_precision_casts),
     each cast to bf16 that the eager code makes rounded as it is there, where Inductor would keep the
     float32 value inside a fused kernel: the compiled layers then compute what the eager layers compute
-    (CPU, 4 layers, bf16: LoRA gradients 4.6e-3 from eager instead of 8.2e-3, loss 3e-6 instead of 2e-4)."""
+    (their LoRA gradients and loss come closer to eager's; tests/test_fast_paths.py checks them)."""
     import torch._functorch.config
     from torch._inductor.compile_fx import compile_fx
 

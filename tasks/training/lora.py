@@ -32,7 +32,7 @@ def keep_4bit_layers_trainable(model) -> None:
 
 def place_quant_state(module) -> None:
     """Keep a 4-bit layer's quantization constants on its weight's device: bitsandbytes copies a code
-    table found elsewhere to the weight's device at every dequantization. (Not what made the H100
+    table found elsewhere to the weight's device at every dequantization. (Not what made the profiled
     step wait on the CPU: that was the nested scales, see unnest_absmax; this made no measurable
     difference there.)"""
     state = getattr(module.weight, "quant_state", None)
@@ -50,8 +50,8 @@ def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, 
     fine-tuning, the base itself with every weight trainable.
 
     Not peft's prepare_model_for_kbit_training: it casts every 16-bit weight (norms, embeddings) to
-    float32, so on a GPU the hidden states, and with them attention, run in float32 (measured on an
-    H100, 7B shape: 1.5x slower and 1.3x the memory of this path). Here the base stays in its compute
+    float32, so on a GPU the hidden states, and with them attention, run in float32 (slower and larger
+    than this path, benchmarks/RESULTS.md). Here the base stays in its compute
     dtype, checkpointing is non-reentrant (no input-gradient hook needed), and only the trainable
     weights are float32 (optimizer precision), run in the compute dtype under autocast (`train_context`)."""
     import torch

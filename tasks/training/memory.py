@@ -49,9 +49,9 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
     weights (NF4 0.5625 bytes a parameter with its float32 block scales, 8-bit 1.03, else 16-bit;
     embeddings and norms at least 16-bit, never quantized), trainable weights in float32 with their
     gradients and optimizer state, and activations for `tokens` tokens per micro-batch. Each part is
-    checked against the part measured on an H100 (benchmarks/gpu_train.py, measured_vs_estimated_gib;
-    benchmarks/RESULTS.md): the estimate stays at or above the measured peak, by at most about 3%,
-    so a budget holds."""
+    checked against the part measured on a GPU (benchmarks/gpu_train.py, measured_vs_estimated_gib;
+    benchmarks/RESULTS.md): the estimate stays at or above the measured peak, by a few percent at
+    most, so a budget holds. The constants below are fitted there."""
     s = _shape(config)
     linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
     # 4-bit: half a byte, plus a float32 scale per 64 weights: fused LoRA layers unnest the double
@@ -59,14 +59,14 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
     per_param = {4: 0.5 + 4 / 64, 8: 1.03}.get(weight_bits, weight_bits / 8)
     weights = linear * per_param + (s["embedding_params"] + 4 * s["h"] * s["layers"]) * max(2, weight_bits / 8)  # never quantized
     state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
-    # float32 weight, gradient, state; and 2.5 bytes more than that count, as measured (12.3-12.8 bytes a
-    # LoRA parameter with paged 8-bit AdamW on the 7B, 8B and 33B shapes)
+    # float32 weight, gradient, state; and 2.5 bytes more than that count, as measured per LoRA
+    # parameter with paged 8-bit AdamW on the 7B, 8B and 33B shapes
     training_state = trainable_params * (4 + 4 + state_per_param + 2.5)
     layer = tokens * 2 * (18 * s["h"] + 6 * s["inter"])  # what one layer keeps for its backward
     checkpoints = 0 if offload else tokens * 2 * s["h"] * s["layers"]
     logits = tokens * s["vocab"] * 10 if causal and not fused_ce else 0  # 16-bit logits, float32 copy and gradient
-    # Fitted to the H100 peaks of compiled layers, which keep more for their backward than eager ones
-    # (0.88-0.95 of this count measured, eager about 0.82): 0.97 of the count plus 0.22 GiB (allocator
+    # Fitted to the measured peaks of compiled layers, which keep more for their backward than eager
+    # ones: 0.97 of the count plus 0.22 GiB (allocator
     # slack, cuBLAS workspace).
     if gradient_checkpointing:  # the checkpoints, plus one layer recomputed or the loss, whichever is larger
         activations = max(0.97 * (checkpoints + layer), checkpoints + logits)
@@ -84,8 +84,8 @@ def plan_memory(budget_gib: float, examples_per_step: int, estimate, allow_offlo
     checkpointing, then with the checkpoints offloaded to CPU. estimate(micro, gc, offload) -> bytes.
     Raises ValueError (with the smallest estimate) when nothing fits."""
     micro_batches = [m for m in range(examples_per_step, 0, -1) if examples_per_step % m == 0]
-    # Largest micro-batch first: on an H100 a 7B step is bound by per-call CPU work (hundreds of
-    # kernel launches per layer), so halving the micro-batch halves tokens/s (measured), while
+    # Largest micro-batch first: a 7B step on a fast GPU is bound by per-call host work (hundreds of
+    # kernel launches per layer), so halving the micro-batch nearly halves tokens/s, while
     # offloading the checkpoints costs a few percent.
     for m in micro_batches:
         for gc, offload in ((False, False), (True, False)) + (((True, True),) if allow_offload else ()):

@@ -21,7 +21,7 @@ _OFFLOAD_LOCK = threading.Lock()  # packs run on the training thread, unpacks on
 def offload_to_cpu(min_bytes: int = 2**20):
     """Saved-for-backward tensors (with checkpointing: each layer's input) kept in pinned CPU memory,
     without stalling the GPU or the CPU. torch's save_on_cpu copies on the compute stream and waits for
-    each copy, so the CPU stops queuing kernels at every layer (measured on an H100, 7B shape: 14% of
+    each copy, so the CPU stops queuing kernels at every layer (a noticeable share of
     the step). Here the copy out runs on a side stream as soon as the tensor exists, and in backward
     each tensor's copy back starts while the layer after it (in backward order, the one before) is
     still being computed. The pinned buffers are reused from step to step: every copy to or from them

@@ -8,8 +8,8 @@ from tasks.batches import round_up
 
 def use_flat_optimizer(dev) -> bool:
     """Whether the train stage steps its weights as one flat tensor: on CUDA, where the profile of a 7B
-    step put 122 ms of host time on paged 8-bit AdamW's loop over 448 tensors (2.6 ms of GPU work). On
-    the CPU, bitsandbytes' 8-bit step over one long tensor is slower (7B LoRA shapes: 562 vs 376 ms,
+    step put far more host time than GPU work on paged 8-bit AdamW's loop over 448 tensors. On
+    the CPU, bitsandbytes' 8-bit step over one long tensor is slower (7B LoRA shapes,
     its full-size float32 temporaries), so there each weight stays its own."""
     return dev.type == "cuda"
 
