@@ -102,6 +102,21 @@ def small_recipe(**sections) -> dict:
     return recipe
 
 
+def stages_before_training(r, work: str) -> dict:
+    """The stages a train stage takes its inputs from (load, split, tokenize, quantize, LoRA plan),
+    called as plain functions, cached under work."""
+    from tasks.data import describe_source, load, split, tokenize
+    from tasks.model import plan_lora, quantize, resolve_model
+
+    model = resolve_model(r.model)
+    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
+    splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
+    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
+    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
+    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
+    return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

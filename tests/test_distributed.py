@@ -16,9 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import minilm_dir, small_recipe
-from tasks.data import describe_source, load, split, tokenize
-from tasks.model import plan_lora, quantize, resolve_model
+from conftest import minilm_dir, small_recipe, stages_before_training
 from tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
 from tasks.train import train
 
@@ -36,17 +34,11 @@ def prepared(tmp_path_factory):
     config = json.loads((base / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (base / "config.json").write_text(json.dumps(config))
-    work = str(tmp_path_factory.mktemp("work"))
-    r = recipe_from_dict(small_recipe(model={"name_or_path": str(base)}, lora={"lora_dropout": 0.0}, train={"max_steps": STEPS, "save_steps": 2, "eval_steps": 3,
-                                             "logging_steps": 1, "per_device_train_batch_size": 8,
-                                             "gradient_accumulation_steps": 2}))
-    model = resolve_model(r.model)
-    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
-    splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
-    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
-    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
-    return {"recipe": r, "tokenized": tokenized, "quantized": quantized, "lora": lora}
+    r = recipe_from_dict(small_recipe(
+        model={"name_or_path": str(base)}, lora={"lora_dropout": 0.0},
+        train={"max_steps": STEPS, "save_steps": 2, "eval_steps": 3, "logging_steps": 1,
+               "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}))
+    return stages_before_training(r, str(tmp_path_factory.mktemp("work")))
 
 
 def _train(p, work_dir, launch=None, **overrides):

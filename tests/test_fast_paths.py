@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import minilm_dir, small_recipe, write_recipe
+from conftest import minilm_dir, small_recipe, stages_before_training, write_recipe
 from tasks.batches import collate_lm
 from tasks.training.fused_lora import _dense_weight, fuse_lora_layers
 from tasks.training.kernels import attention_implementation, can_compile, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
@@ -232,25 +232,18 @@ def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, mo
     checkpoint midway), here on the CPU: the same adapter, bit for bit, as one tensor per weight."""
     from safetensors.torch import load_file
 
-    from tasks.data import describe_source, load, split, tokenize
-    from tasks.model import plan_lora, quantize, resolve_model
     from tasks.recipe import load_recipe
     from tasks.train import train
     from tasks.training import optimizer
 
     recipe = small_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-                                 train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
+                          train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
     adapters = {}
     for flat in (False, True):
         monkeypatch.setattr(optimizer, "use_flat_optimizer", lambda dev, flat=flat: flat)
         r = load_recipe(str(write_recipe(project / "r.yaml", recipe)), [f"work_dir={project / f'work-{flat}'}"])
-        w, model = r.work_dir, resolve_model(r.model)
-        loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=w)
-        tokenized = tokenize.fn(split.fn(loaded, r.split, r.data.sample, work_dir=w), model["tokenizer"], r.tokenize,
-                                work_dir=w)
-        quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=w)
-        lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
-        trained = train.fn(tokenized, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
+        p = stages_before_training(r, r.work_dir)
+        trained = train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization, r.train, work_dir=r.work_dir)
         assert trained["steps"] == 6
         adapters[flat] = load_file(Path(trained["dir"], trained["adapter"], "adapter_model.safetensors"))
     assert adapters[True].keys() == adapters[False].keys() and len(adapters[True]) > 20

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_recipe
-from tasks.data import describe_source, load, split, tokenize
+from conftest import small_recipe, stages_before_training
 from tasks.merge import merge
-from tasks.model import plan_lora, load_base, quantize, resolve_model
+from tasks.model import load_base, plan_lora, quantize
 from tasks.recipe import LoraSection, RecipeError, recipe_from_dict
 from tasks.batches import batch_order
 from tasks.train import train
@@ -21,15 +20,7 @@ from tasks.train import train
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Data, quantized base and LoRA plan for a small AG News recipe, built once."""
-    work = str(tmp_path_factory.mktemp("work"))
-    r = recipe_from_dict(small_recipe())
-    model = resolve_model(r.model)
-    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
-    splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
-    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
-    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
-    return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
+    return stages_before_training(recipe_from_dict(small_recipe()), str(tmp_path_factory.mktemp("work")))
 
 
 def _train(p, work_dir, on_checkpoint=None, **train_overrides):
