@@ -155,7 +155,6 @@ def serve_and_invoke(model_uri: str, payload: dict, env: dict, cwd: Path, timeou
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
     finally:
-        import os
         import signal
 
         os.killpg(server.pid, signal.SIGTERM)

@@ -168,3 +168,35 @@ def test_validate_prints_the_distributed_plan(project, capsys):
     assert main(["validate", str(recipe), "--set", "distributed.nnodes=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "distributed: nnodes above 1 needs rdzv_endpoint" in err[0]
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, tmp_path):
+    """kill -9 of one of two workers mid-run, with distributed.max_restarts: torchrun restarts both,
+    they resume from the last checkpoint, and the stage ends with the adapter of an uninterrupted run."""
+    import threading
+
+    straight = _train(prepared, tmp_path / "straight")
+    work = tmp_path / "killed"
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(work.glob("train/*.partial/checkpoint-0000002")):
+            time.sleep(0.1)
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"tasks.trainer" in command and b"torch.distributed.run" not in command and str(work).encode() in b" ".join(command):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    resumed = _train(prepared, work, DistributedSection(strategy="ddp", nproc_per_node=2, max_restarts=1))
+    killer.join(timeout=5)
+    assert killed, "no worker was found to kill"
+    assert resumed["steps"] == STEPS and resumed["resumed_from_step"] >= 2
+    _close(_adapter(resumed), _adapter(straight))

@@ -40,7 +40,17 @@ def init_from_env() -> World:
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # The store's keys under a prefix of this attempt: after torchrun restarts the workers, a
+        # rank must never read an address its dead predecessor published (with gloo, the new group
+        # then hung or failed to connect, one restart in three here).
+        from datetime import timedelta
+
+        hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and world.rank == 0
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+                              is_master=hosts_store, timeout=timedelta(minutes=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=world.rank,
+                                world_size=world.size, store=dist.PrefixStore(f"qlora/attempt_{attempt}", store))
     return world
 
 
