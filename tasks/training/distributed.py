@@ -160,8 +160,12 @@ def launch(command: list[str], log: Callable[[str], None], env: dict[str, str] |
     returns the agent's exit code. SIGTERM/SIGINT reach the agent, which passes them to its workers:
     they checkpoint at the next step boundary and exit."""
     environment = {**os.environ, **SAFE_NCCL_ENV, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    from tasks.signals import child_dies_with_parent
+
+    # The agent (and through it the workers) gets SIGTERM if this process dies, even by SIGKILL or
+    # the stop watchdog: no orphaned workers go on writing checkpoints under a later run.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=environment, start_new_session=False) as agent:
+                          env=environment, preexec_fn=child_dies_with_parent) as agent:
         try:
             for line in agent.stdout:
                 log(line.rstrip("\n"))
