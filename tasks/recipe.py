@@ -355,6 +355,9 @@ class DistributedSection(Section):
     """Machines taking part; each runs the same command (see the README's "More than one machine")."""
     rdzv_endpoint: Optional[str] = None
     """HOST:PORT where the nodes' torchrun agents meet (c10d rendezvous); needed with nnodes above 1."""
+    rdzv_timeout_s: float = Field(900, gt=0)
+    """How long the nodes' agents wait for each other at the rendezvous before the run fails, naming
+    the endpoint."""
     max_restarts: int = Field(0, ge=0)
     """Times torchrun restarts the workers after one fails (each restart resumes from the last
     checkpoint)."""

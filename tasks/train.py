@@ -43,17 +43,21 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
 
 
 def training_processes(launch: DistributedSection) -> int:
-    """How many processes train in all (the world size)."""
+    """How many processes train in all (the world size); more processes per node than its visible
+    GPUs is a recipe error."""
     if launch.strategy == "none":
         return 1
-    return distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
+    try:
+        return distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
+    except ValueError as e:
+        raise RecipeError(str(e), "distributed.nproc_per_node", hint="auto: one process per visible GPU") from None
 
 
 def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: DistributedSection, processes: int) -> dict:
     """Workers started by torchrun on this node (and, with several nodes, by `qlora join` on the others,
     meeting at the rendezvous); rank 0's lines go to the Prefect log as they come."""
     log = run_logger()
-    for stale in [*scratch.glob("worker-error-*.json"), scratch / trainer.RESULT_FILE]:
+    for stale in [*scratch.glob("worker-error-*.json"), scratch / trainer.RESULT_FILE, scratch / trainer.STARTED_FILE]:
         stale.unlink(missing_ok=True)
     spec_path = scratch / "worker-spec.json"
     # A tracking URI with a password in it travels only through this node's environment.
@@ -62,13 +66,13 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
                                      "scratch": str(scratch), "out": str(out)}))
     rdzv_id = scratch.name.split(".")[0]
     command = distributed.torchrun_command("tasks.trainer", str(spec_path), processes, launch.nnodes,
-                                           launch.rdzv_endpoint, launch.max_restarts, rdzv_id)
+                                           launch.rdzv_endpoint, launch.max_restarts, rdzv_id, launch.rdzv_timeout_s)
     pointer = None
     if launch.nnodes > 1:  # what `qlora join` on the other nodes reads (the work_dir is shared storage)
         pointer = distributed.join_pointer(scratch.parent.parent, launch.rdzv_endpoint)
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(json.dumps({"spec": str(spec_path), "nnodes": launch.nnodes, "rdzv_id": rdzv_id,
-                                       "max_restarts": launch.max_restarts}))
+                                       "max_restarts": launch.max_restarts, "rdzv_timeout_s": launch.rdzv_timeout_s}))
     log.info("train: %d process(es) on each of %d node(s): %s", processes, launch.nnodes, " ".join(command[2:]))
     env = {"QLORA_WORKER_TRACKING_URI": uri or "", "QLORA_PROGRESS": "0", "PYTHONPATH": _project_root()}
     try:
@@ -77,6 +81,12 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
         if pointer is not None:
             pointer.unlink(missing_ok=True)
     _raise_worker_error(scratch, code)
+    if code != 0 and launch.nnodes > 1 and not (scratch / trainer.STARTED_FILE).exists():
+        raise RecipeError(f"the {launch.nnodes} nodes did not all meet at the rendezvous {launch.rdzv_endpoint} "
+                          f"within {launch.rdzv_timeout_s:g} s (torchrun exit code {code})", "distributed.rdzv_endpoint",
+                          hint="start `qlora join` on the other nodes, with the same endpoint and a shared work_dir")
+    if code != 0 or not (scratch / trainer.RESULT_FILE).is_file():
+        raise RuntimeError(f"torchrun exited with code {code} and no result: see the worker output above")
     return json.loads((scratch / trainer.RESULT_FILE).read_text())
 
 
@@ -87,7 +97,7 @@ def _project_root() -> str:
 
 
 def _raise_worker_error(scratch: Path, code: int) -> None:
-    """A worker's own error (one line, as in one process), else a stop by signal, else the exit code."""
+    """A worker's own error (one line, as in one process), or a stop by signal."""
     from tasks import signals
 
     for path in sorted(scratch.glob("worker-error-*.json")):
@@ -97,8 +107,6 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
         raise RecipeError(error["message"], error["field"], hint=error["hint"])
     if signals.stop_requested():
         signals.raise_if_requested()
-    if code != 0 or not (scratch / trainer.RESULT_FILE).is_file():
-        raise RuntimeError(f"torchrun exited with code {code} and no result: see the worker output above")
 
 
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,

@@ -426,7 +426,7 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
 # the error of whichever rank failed (as JSON: a user's mistake or an out-of-memory is one line there
 # too, never a traceback).
 
-RESULT_FILE, ERROR_FILE = "worker-result.json", "worker-error-{rank}.json"
+RESULT_FILE, ERROR_FILE, STARTED_FILE = "worker-result.json", "worker-error-{rank}.json", "worker-started"
 
 
 def worker_main(spec_path: str) -> int:
@@ -435,7 +435,9 @@ def worker_main(spec_path: str) -> int:
     # A URI with credentials comes from the launching node's environment, never from the spec on disk.
     spec["tracking_uri"] = os.environ.get("QLORA_WORKER_TRACKING_URI") or spec.get("tracking_uri")
     scratch, out = Path(spec["scratch"]), Path(spec["out"])
-    world = distributed.init_from_env()
+    world = distributed.init_from_env()  # after the rendezvous: every node is there
+    if world.main:
+        (scratch / STARTED_FILE).touch()
     try:
         result = run_training(spec, out, scratch, world, warn=lambda text: print(text, file=sys.stderr, flush=True))
         if world.main:

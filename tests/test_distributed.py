@@ -200,3 +200,27 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, t
     assert killed, "no worker was found to kill"
     assert resumed["steps"] == STEPS and resumed["resumed_from_step"] >= 2
     _close(_adapter(resumed), _adapter(straight))
+
+
+def test_a_rendezvous_no_other_node_reaches_fails_in_bounded_time(prepared, tmp_path):
+    """Two nodes asked for, none joins: the run fails after distributed.rdzv_timeout_s with one line
+    naming the endpoint, and leaves no join pointer behind."""
+    from qlora.servers import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(RecipeError, match=r"distributed.rdzv_endpoint: the 2 nodes did not all meet at the rendezvous"):
+        _train(prepared, tmp_path, DistributedSection(strategy="ddp", nproc_per_node=1, nnodes=2,
+                                                      rdzv_endpoint=endpoint, rdzv_timeout_s=5))
+    assert time.monotonic() - started < 90
+    assert not list((tmp_path / "train" / "rendezvous").glob("*.json"))
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    from tasks.train import training_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert training_processes(DistributedSection()) == 2
+    with pytest.raises(RecipeError, match="distributed.nproc_per_node: 4 processes per node, but 2 GPU"):
+        training_processes(DistributedSection(nproc_per_node=4))

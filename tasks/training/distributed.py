@@ -98,16 +98,20 @@ def wrap_ddp(model, world: World, dev):
 
 
 def processes_per_node(requested: int | str) -> int:
-    """auto: one process per visible GPU (one on a CPU machine)."""
-    if requested != "auto":
-        return int(requested)
+    """auto: one process per visible GPU (one on a CPU machine). More processes than visible GPUs is
+    refused (ValueError): two processes would share a GPU. On a CPU machine any number run (gloo)."""
     import torch
 
-    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "auto":
+        return max(gpus, 1)
+    if gpus and int(requested) > gpus:
+        raise ValueError(f"{requested} processes per node, but {gpus} GPU(s) are visible here")
+    return int(requested)
 
 
 def torchrun_command(module: str, argument: str, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                     max_restarts: int = 0, run_id: str = "qlora") -> list[str]:
+                     max_restarts: int = 0, run_id: str = "qlora", rdzv_timeout_s: float = 900) -> list[str]:
     """The torchrun invocation of `python -m module argument` on this node. One node: a standalone
     rendezvous on a free local port. Several: c10d rendezvous at rdzv_endpoint, where every node's
     agent (the same command) meets. Only rank 0's output is shown."""
@@ -117,7 +121,7 @@ def torchrun_command(module: str, argument: str, nproc: int, nnodes: int = 1, rd
         command.append("--standalone")
     else:
         command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                    f"--rdzv-id={run_id}"]
+                    f"--rdzv-id={run_id}", f"--rdzv-conf=join_timeout={int(rdzv_timeout_s)}"]
     return command + ["-m", module, argument]
 
 
@@ -143,7 +147,7 @@ def join(work_dir: str, rdzv_endpoint: str, nproc: int | str = "auto", timeout_s
         time.sleep(1)
     plan = json.loads(pointer.read_text())
     command = torchrun_command("tasks.trainer", plan["spec"], processes_per_node(nproc), plan["nnodes"],
-                               rdzv_endpoint, plan["max_restarts"], plan["rdzv_id"])
+                               rdzv_endpoint, plan["max_restarts"], plan["rdzv_id"], plan["rdzv_timeout_s"])
     log(f"joining {rdzv_endpoint}: {' '.join(command[2:])}")
     # Rank 0 may land on this node: it logs to MLflow where the spec or this node's environment says.
     uri = os.environ.get("MLFLOW_TRACKING_URI")
