@@ -217,8 +217,9 @@ class TrainingRun:
             if signals.stop_requested() and not world.distributed:
                 self.stop()
             # DDP averages gradients over ranks: each rank's share is scaled up by the world size.
-            share = (mb.pop("targets") if mine else 0) * world.size / step_targets
-            step_tokens += mb.pop("real_tokens") if mine else 0
+            targets, real_tokens = mb.pop("targets"), mb.pop("real_tokens")  # not model inputs
+            share = (targets if mine else 0) * world.size / step_targets
+            step_tokens += real_tokens if mine else 0
             sync = i == len(micro_batches) - 1 or not world.distributed
             with contextlib.nullcontext() if sync else self.trained.no_sync():  # all-reduce once per step
                 loss = steps.forward_backward(self.trained, mb, self.dev, self.q.bnb_4bit_compute_dtype,

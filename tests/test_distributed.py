@@ -224,3 +224,15 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     assert training_processes(DistributedSection()) == 2
     with pytest.raises(RecipeError, match="distributed.nproc_per_node: 4 processes per node, but 2 GPU"):
         training_processes(DistributedSection(nproc_per_node=4))
+
+
+def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):
+    """One example per optimizer step on two processes: rank 1 has no row in any step, runs one at
+    zero weight (DDP needs every rank's backward), and the result is one process's."""
+    one = _train(prepared, tmp_path / "one", max_steps=3, per_device_train_batch_size=1,
+                 gradient_accumulation_steps=1, save_steps=100)
+    two = _train(prepared, tmp_path / "two", DistributedSection(strategy="ddp", nproc_per_node=2), max_steps=3,
+                 per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=100)
+    assert two["steps"] == 3 and two["train_samples"] == one["train_samples"] == 3
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
