@@ -535,17 +535,22 @@ def _registry_command(args) -> int:
 
 
 def _join(args) -> int:
+    from pydantic import ValidationError
+
     from tasks.recipe import DistributedSection
     from tasks.training.distributed import join
 
+    nproc = args.nproc_per_node
+    if nproc != "auto" and not nproc.isdigit():
+        raise RecipeError(f"must be auto or a number of processes, got {nproc!r}", "--nproc-per-node")
     try:
-        DistributedSection(nnodes=2, rdzv_endpoint=args.rdzv_endpoint,
-                           nproc_per_node=args.nproc_per_node if args.nproc_per_node == "auto"
-                           else int(args.nproc_per_node))
-    except (ValueError, TypeError) as e:
-        raise RecipeError(str(e).splitlines()[-1] if "\n" in str(e) else str(e), "--rdzv-endpoint/--nproc-per-node") from None
+        DistributedSection(nnodes=2, rdzv_endpoint=args.rdzv_endpoint, nproc_per_node=nproc if nproc == "auto" else int(nproc))
+    except ValidationError as e:
+        error = e.errors()[0]
+        option = "--nproc-per-node" if "nproc_per_node" in error["loc"] else "--rdzv-endpoint"
+        raise RecipeError(error["msg"].removeprefix("Value error, "), option) from None
     try:
-        return join(args.work_dir, args.rdzv_endpoint, args.nproc_per_node, args.timeout)
+        return join(args.work_dir, args.rdzv_endpoint, nproc, args.timeout)
     except TimeoutError as e:
         raise RecipeError(str(e), "--rdzv-endpoint", hint="start `qlora run` with distributed.nnodes on the "
                                                           "first machine, with the same work_dir") from None

@@ -236,3 +236,17 @@ def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):
     assert two["steps"] == 3 and two["train_samples"] == one["train_samples"] == 3
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rdzv-endpoint", "head-node"], "--rdzv-endpoint: rdzv_endpoint must be HOST:PORT, got 'head-node'"),
+    (["--rdzv-endpoint", "h:1", "--nproc-per-node", "two"], "--nproc-per-node: must be auto or a number"),
+    (["--rdzv-endpoint", "h:1", "--nproc-per-node", "0"], "--nproc-per-node: must be auto or at least 1"),
+    (["--rdzv-endpoint", "127.0.0.1:29999", "--timeout", "1"], "--rdzv-endpoint: no training to join at"),
+])
+def test_join_refuses_bad_input_in_one_line(project, capsys, args, message):
+    from qlora.cli import main
+
+    assert main(["join", "--work-dir", str(project / "w"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
