@@ -207,7 +207,8 @@ class TrainingRun:
         mine = rows[world.rank::world.size]  # this rank's share of the step (all of it in one process)
         # A rank left without rows (a last step smaller than the world) runs one at zero weight: DDP
         # needs every rank's backward.
-        micro_batches = [self.batch((mine or rows[:1])[i:i + micro]) for i in range(0, len(mine or rows[:1]), micro)]
+        taken = mine or rows[:1]
+        micro_batches = [self.batch(taken[i:i + micro]) for i in range(0, len(taken), micro)]
         local_targets = sum(mb["targets"] for mb in micro_batches) if mine else 0
         # Over all ranks, queued without a host sync (a tensor) under torchrun; a number in one process.
         step_targets = distributed.global_sum([local_targets], self.dev)
