@@ -21,7 +21,7 @@ from tasks.package import base_reference, package
 from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from tasks.stage import materializing
 from tasks.store import dir_size, hash_value
-from tasks.train import check_memory_budget, train, training_processes
+from tasks.train import check_memory_budget, train
 
 
 @flow(name="qlora-finetune", persist_result=False)
@@ -48,7 +48,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                     asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
-                        r.model.trust_remote_code, training_processes(r.distributed))
+                        r.model.trust_remote_code, r.distributed)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)

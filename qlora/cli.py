@@ -195,15 +195,18 @@ def validate(recipe: Recipe) -> dict:
     from tasks.train import check_memory_budget, training_processes
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
-    info["distributed"] = {"strategy": "ddp" if processes > 1 else "none", "processes": processes,
+    strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"
+    info["distributed"] = {"strategy": strategy, "processes": processes,
                            "nodes": d.nnodes, **({"rendezvous": d.rdzv_endpoint} if d.rdzv_endpoint else {})}
     if "gguf" not in model and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
         lora = resolve_lora_targets(model["path"], recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
         info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
         plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
-                                   recipe.model.task == "causal-lm", recipe.model.trust_remote_code, processes,
+                                   recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
                                    with_estimate=True)
+        if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
+            info["distributed"]["strategy"] = "fsdp"
         info["memory_plan"] = plan  # per GPU (per process)
     return {**info, "tracking_uri": tracking_uri_of(recipe)}
 

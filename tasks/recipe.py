@@ -345,10 +345,13 @@ class TrainSection(Section):
 class DistributedSection(Section):
     """How many processes train (torchrun). Not part of any cache key or of the MLflow run's identity:
     the same recipe on 1, 2 or 8 GPUs is the same experiment."""
-    strategy: Literal["auto", "ddp", "none"] = "auto"
+    strategy: Literal["auto", "ddp", "fsdp", "none"] = "auto"
     """ddp: every process holds the model and trains on its share of each optimizer step's examples,
-    gradients averaged (DistributedDataParallel); none: one process; auto: ddp when more than one
-    process is asked for (or, with nproc_per_node auto, when more than one GPU is visible)."""
+    gradients averaged (DistributedDataParallel); fsdp: the same, with the weights (4-bit included),
+    the adapter and its optimizer state sharded over the processes (FSDP2, each decoder layer gathered
+    when it runs), for models a single GPU cannot hold; none: one process; auto: with more than one
+    process, ddp when the model and its training state fit one GPU (the memory estimate against the
+    GPU's free memory), else fsdp."""
     nproc_per_node: Union[Literal["auto"], int] = "auto"
     """Processes on each node; auto: one per visible GPU (one on a CPU machine)."""
     nnodes: int = Field(1, gt=0)
@@ -358,6 +361,9 @@ class DistributedSection(Section):
     rdzv_timeout_s: float = Field(900, gt=0)
     """How long the nodes' agents wait for each other at the rendezvous before the run fails, naming
     the endpoint."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded weights and optimizer state in CPU memory, each layer copied to the GPU
+    when it runs (slower; for models whose shards do not fit the GPUs)."""
     max_restarts: int = Field(0, ge=0)
     """Times torchrun restarts the workers after one fails (each restart resumes from the last
     checkpoint)."""
@@ -378,6 +384,8 @@ class DistributedSection(Section):
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.cpu_offload and self.strategy not in ("fsdp", "auto"):
+            raise ValueError(f"cpu_offload applies to strategy fsdp, not {self.strategy}")
         if self.strategy == "none" and (self.nnodes > 1 or self.nproc_per_node not in ("auto", 1)):
             raise ValueError("strategy none trains in one process: set nproc_per_node: 1 and nnodes: 1, or "
                              "strategy ddp")

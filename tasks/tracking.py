@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -153,7 +154,6 @@ class Tracker:
         if self.client is None:
             return
         from mlflow.entities import Metric
-        import time
 
         now, step = int(time.time() * 1000), step or 0
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -347,11 +347,16 @@ def log_history(uri: str, run_id: str, history_file: Path) -> None:
     client = _client(uri)
     if client.get_metric_history(run_id, "train_loss"):
         return
-    tracker = Tracker(uri, run_id)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
     for line in history_file.read_text().splitlines():
         record = json.loads(line)
         step = record.pop("step")
-        tracker.log_metrics(record, step)
+        metrics += [Metric(k, float(v), now, step) for k, v in record.items() if v is not None]
+    for i in range(0, len(metrics), 1000):  # one call per MLflow batch limit, not one per step
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 def log_summary(uri: str, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:

@@ -36,6 +36,7 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             "max_length": max_length, "pad_to_max_length": pad_to_max_length, "run_id": run_id,
             "tracking_uri": tracking_uri}
     launch = launch or DistributedSection()
+    spec.update(strategy=launch.strategy, cpu_offload=launch.cpu_offload)
     processes = training_processes(launch) // launch.nnodes
     if processes * launch.nnodes == 1:
         return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)
@@ -111,12 +112,16 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
 
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
-                        processes: int = 1, with_estimate: bool = False) -> dict | None:
+                        launch: DistributedSection | None = None, with_estimate: bool = False) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
     small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
-    with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget."""
+    with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget. The
+    world size is resolved only past that point: counting GPUs imports torch, which an unchanged
+    re-run without a budget never needs."""
     if cfg.max_memory_gib is None and not with_estimate:
         return None
+    launch = launch or DistributedSection()
+    processes = training_processes(launch)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -124,5 +129,9 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
         liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
-    return trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate)
+    world = distributed.World(0, processes)
+    strategy = trainer.training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev)
+    plan = trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
+                               sharded=strategy == "fsdp")
+    return {**plan, "strategy": strategy}
 

@@ -29,11 +29,9 @@ from tasks.measure import training_state_bytes
 from tasks.progress import bar as progress_bar
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.tracking import Tracker
-from tasks.training import checkpoint, distributed, kernels, memory, optimizer as optimizers, step as steps
+from tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
 from tasks.training.distributed import World
 from tasks.training.lora import model_for_training
-
-# torch is imported where it is used: a cached run never needs it.
 
 # torch is imported where it is used: a cached run never needs it.
 # What the loop logs per step (MLflow metric names).
@@ -90,14 +88,24 @@ class TrainingRun:
         self.per_epoch = math.ceil(len(self.units) / self.examples_per_step)
         self.total = training_steps(self.per_epoch, cfg)
         self.packing, self.progress, self.plan = packing, Progress(), {}
+        self.strategy, self.cpu_offload = "none", False  # run_training sets them (distributed.strategy)
         self.history = scratch / "history.jsonl"
 
-    def setup_model(self, fast: dict, scoped: contextlib.ExitStack) -> None:
-        """The base loaded with the chosen kernels, LoRA attached (or every weight trainable), the
-        optimizer and the learning-rate schedule; the fast paths taken are tagged on the MLflow run."""
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def setup_model(self, fast: dict, scoped: contextlib.ExitStack, warn: Callable[[str], None] = print) -> None:
+        """The base loaded with the chosen kernels, LoRA attached (or every weight trainable), sharded
+        or wrapped for several processes, the optimizer and the learning-rate schedule; the fast paths
+        taken are tagged on the MLflow run."""
         from transformers import get_scheduler
 
         cfg, plan = self.cfg, self.plan
+        if self.sharded and fast["compiled"]:
+            warn("train.compile: compiled layers are not used with distributed.strategy fsdp (its gather "
+                 "hooks run around each layer); training eager")
+            fast = {**fast, "compiled": False}
         base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"])
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if fast["liger"]:
@@ -108,25 +116,34 @@ class TrainingRun:
                                    plan["gradient_checkpointing"])
         if cfg.fused_lora and self.lora_cfg.enabled:
             from tasks.training.fused_lora import fuse_lora_layers
-            fast_paths.append(f"fused_lora:{fuse_lora_layers(model)}")
+            # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.
+            fast_paths.append(f"fused_lora:{fuse_lora_layers(model, unnest=not self.sharded)}")
         if fast["compiled"]:  # packed rows change width every step: dynamic shapes from the first
             fast_paths.append(f"compiled_layers:{kernels.compile_layers(model, dynamic=self.packing or None)}")
         self.multiple_of = width_multiple(fast["compiled"])
         model.train()
+        optim = cfg.optim
+        if self.sharded:  # before the optimizer: it steps the shards
+            fast_paths.append(f"fsdp:{self.world.size}x{fsdp.shard_model(model, self.world, self.dev, self.cpu_offload)}")
+            if optim != "adamw_torch" and optim != "sgd":
+                warn(f"train.optim: {optim} (bitsandbytes) cannot step FSDP's sharded weights; using adamw_torch, "
+                     f"whose state is sharded too")
+                optim = "adamw_torch"
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Flat gradients are views into one buffer: zeroed in place, never set to None.
-        self.flat = optimizers.use_flat_optimizer(self.dev)
+        self.flat = optimizers.use_flat_optimizer(self.dev) and not self.sharded
         weights = optimizers.flatten_parameters(self.params) if self.flat else self.params
-        self.optimizer = optimizers.build_optimizer(weights, cfg.optim, cfg.learning_rate, cfg.weight_decay)
+        self.optimizer = optimizers.build_optimizer(weights, optim, cfg.learning_rate, cfg.weight_decay)
         if self.flat:  # how many weights the flat tensor holds
             fast_paths.append(f"flat_optimizer:{len(self.params) + 1 - len(self.optimizer.param_groups[0]['params'])}")
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total),
                                        num_training_steps=self.total)
         self.model, self.fast_paths = model, fast_paths
-        # What the loop runs forward through: the model itself, or under DDP (gradients averaged).
-        self.trained = distributed.wrap_ddp(model, self.world, self.dev) if self.world.distributed else model
-        if self.world.distributed:
+        # What the loop runs forward through: the model itself (sharded in place), or under DDP.
+        self.trained = model
+        if self.strategy == "ddp":
+            self.trained = distributed.wrap_ddp(model, self.world, self.dev)
             fast_paths.append(f"ddp:{self.world.size}")
         self.tracker.set_tags({"train.fast_paths": ",".join(fast_paths),
                                **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
@@ -169,6 +186,8 @@ class TrainingRun:
                 p.tokens += step_tokens
                 p.samples += sum(len(self.units[u]) for u in rows)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                if hasattr(grad_norm, "full_tensor"):  # sharded weights: the norm over every shard
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.zero_grad()
@@ -184,12 +203,15 @@ class TrainingRun:
                     self.record(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                     window_loss, window_n = 0.0, 0
-                with self.clock.paused():  # rank 0 validates and checkpoints; the others wait at the next step
-                    if (p.step % eval_every == 0 or p.step == self.total) and self.world.main:
+                # Rank 0 validates and checkpoints, the others wait at the next step; sharded, every
+                # rank takes part (each holds a part of every layer) and rank 0 records.
+                with self.clock.paused():
+                    if (p.step % eval_every == 0 or p.step == self.total) and (self.world.main or self.sharded):
                         self.record(self.validate())
-                    if p.step % cfg.save_steps == 0 and p.step < self.total and self.world.main:
+                    if p.step % cfg.save_steps == 0 and p.step < self.total and (self.world.main or self.sharded):
                         self.checkpoint()
-                        on_checkpoint(p.step)
+                        if self.world.main:
+                            on_checkpoint(p.step)
                 if p.step >= self.total:
                     break
                 if signals.stop_requested() and not self.world.distributed:  # several ranks: agreed in the step
@@ -206,7 +228,7 @@ class TrainingRun:
         world, micro = self.world, self.plan["micro_batch"]
         mine = rows[world.rank::world.size]  # this rank's share of the step (all of it in one process)
         # A rank left without rows (a last step smaller than the world) runs one at zero weight: DDP
-        # needs every rank's backward.
+        # and FSDP need every rank's backward.
         taken = mine or rows[:1]
         micro_batches = [self.batch(taken[i:i + micro]) for i in range(0, len(taken), micro)]
         local_targets = sum(mb["targets"] for mb in micro_batches) if mine else 0
@@ -222,7 +244,7 @@ class TrainingRun:
             share = (targets if mine else 0) * world.size / step_targets
             step_tokens += real_tokens if mine else 0
             sync = i == len(micro_batches) - 1 or not world.distributed
-            with contextlib.nullcontext() if sync else self.trained.no_sync():  # all-reduce once per step
+            with fsdp.gradients_synced(self.trained, sync):  # averaged over the ranks once per step
                 loss = steps.forward_backward(self.trained, mb, self.dev, self.q.bnb_4bit_compute_dtype,
                                               self.plan["offload_activations"], share)
             step_loss = step_loss + loss * share / world.size
@@ -267,12 +289,16 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=not self.flat)
 
     def checkpoint(self) -> None:
+        """Rank 0 writes it; sharded, every rank first sends its shards (a collective)."""
         step = self.progress.step
-        if not self.world.main or (self.scratch / f"checkpoint-{step:07d}").exists():
+        exists = (self.scratch / f"checkpoint-{step:07d}").exists()
+        if not (self.world.main or self.sharded) or (exists and not self.sharded):
             return
-        saved = asdict(self.progress) | {"elapsed_s": self.clock.seconds()}
-        checkpoint.save_checkpoint(self.scratch, step, self.model, self.optimizer, self.scheduler, saved,
-                                   self.cfg.save_total_limit)
+        weights, optimizer_state = checkpoint.training_state(self.model, self.optimizer)
+        if self.world.main and not exists:
+            saved = asdict(self.progress) | {"elapsed_s": self.clock.seconds()}
+            checkpoint.save_checkpoint(self.scratch, step, weights, optimizer_state, self.scheduler, saved,
+                                       self.cfg.save_total_limit)
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: the step in flight is dropped; the last finished one is checkpointed."""
@@ -291,20 +317,22 @@ class TrainingRun:
         self.zero_grad()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if step > 0:
+        if step > 0 and not self.sharded:  # sharded, the others are not here to send their shards
             self.checkpoint()
         peak = torch.cuda.max_memory_allocated() / memory.GIB if torch.cuda.is_available() else 0.0
         return memory.OutOfMemory.at_step(step, self.plan, peak, (free_at_start or 0) / memory.GIB, self.cfg.max_memory_gib,
-                                  resumable=step > 0)
+                                  resumable=step > 0 and not self.sharded)
 
     def save(self, out: Path, peak_bytes: int) -> dict:
         """LoRA: the adapter (small, needs the base); full fine-tuning: the whole model. And the
-        stage's result: counts, speed, memory and the plan. Rank 0 only (the others return {})."""
+        stage's result: counts, speed, memory and the plan. Rank 0 writes (the others return {});
+        sharded, every rank first sends its shards of the trained weights."""
+        weights = fsdp.full_trainable_weights(self.model) if self.sharded else None
         if not self.world.main:
             return {}
         p = self.progress
         artifact = "adapter" if self.lora_cfg.enabled else "model"
-        self.model.save_pretrained(out / artifact)
+        self.model.save_pretrained(out / artifact, **({"state_dict": weights} if weights is not None else {}))
         models.copy_tokenizer(self.quantized["original_path"], out / artifact)
         shutil.copy2(self.history, out / "history.jsonl")
         history = [json.loads(line) for line in self.history.read_text().splitlines()]
@@ -314,6 +342,7 @@ class TrainingRun:
             "train_runtime_s": round(p.elapsed_s, 3), "train_samples": p.samples, "train_tokens": p.tokens,
             "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
             "peak_memory_bytes": peak_bytes, "device": str(self.dev), "processes": self.world.size,
+            "strategy": self.strategy,
             **training_state_bytes(self.model, self.optimizer),
             "final_train_loss": train_losses[-1] if train_losses else None,
             "trainable_params": self.lora["trainable_params"], "trainable_percent": self.lora["trainable_percent"],
@@ -357,23 +386,25 @@ def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
 
 
 def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
-                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False) -> dict:
+                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False) -> dict:
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
     own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
     fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
-    the whole model and its share of each step's examples, plus a bucket of gradients being averaged."""
+    the whole model and its share of each step's examples, plus a bucket of gradients being averaged;
+    sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole."""
     recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
     if cfg.max_memory_gib is None and not with_estimate:
         return recipe_plan
     bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
     seq = max_length or getattr(config, "max_position_embeddings", 512)
-    buckets = 4 * lora["trainable_params"] if processes > 1 else 0  # DDP's float32 gradient buckets
+    buckets = 4 * lora["trainable_params"] if processes > 1 and not sharded else 0  # DDP's float32 gradient buckets
+    shards = processes if sharded else 1
 
     def estimate(micro: int, gc: bool, offload: bool) -> int:
         return buckets + memory.estimate_memory(
             config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
-            gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal)["peak"]
+            gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal, shards=shards)["peak"]
     if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
         peak = estimate(cfg.per_device_train_batch_size, cfg.gradient_checkpointing, cfg.offload_activations)
         return {**recipe_plan, "estimated_peak_gib": round(peak / memory.GIB, 2)}
@@ -384,6 +415,23 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
     except ValueError as e:
         raise RecipeError(str(e), "train.max_memory_gib",
                           hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
+
+
+def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: dict,
+                      max_length: int | None, causal: bool, fused_ce: bool, dev) -> str:
+    """distributed.strategy for this run (tasks.training.fsdp.choose_strategy). auto: DDP when every
+    GPU can hold the whole model and its training state, by the memory estimate of the DDP plan
+    against the budget (train.max_memory_gib) or, without one, the GPU's memory; else FSDP."""
+    fits = True
+    if world.distributed and requested == "auto" and dev.type == "cuda":
+        import torch
+
+        try:
+            plan = memory_plan(config, cfg, q, lora, max_length, causal, fused_ce, dev, world.size, with_estimate=True)
+            fits = plan["estimated_peak_gib"] * memory.GIB <= torch.cuda.get_device_properties(dev).total_memory
+        except RecipeError:  # no DDP plan fits the budget
+            fits = False
+    return fsdp.choose_strategy(requested, world, fits)
 
 
 def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
@@ -402,14 +450,18 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
                       spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"]), scratch, world)
     config = AutoConfig.from_pretrained(models.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
-    run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size)
+    run.strategy = training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
+                                     run.causal, fast["liger"], run.dev)
+    run.cpu_offload = bool(spec.get("cpu_offload"))
+    run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
+                           sharded=run.sharded)
     free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed, alike on every rank
     # PeakMemory: this run's own peak, not the process's high-water mark; scoped: what the run
     # patches (Liger's kernels) is undone when it ends.
     with PeakMemory(run.dev) as peak, contextlib.ExitStack() as scoped:
-        run.setup_model(fast, scoped)
+        run.setup_model(fast, scoped, warn)
         run.resume(warn)
         if world.rank > 0:  # dropout masks of their own on the other ranks
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + run.progress.step)

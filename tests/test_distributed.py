@@ -62,12 +62,16 @@ def _close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-5, msg=k)
 
 
-def test_two_processes_train_what_one_trains(prepared, tmp_path):
-    """DDP over two gloo processes, each on half of every step's 16 examples: the same losses per step
-    and the same adapter as one process (float reductions in another order aside)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_what_one_trains(prepared, tmp_path, strategy):
+    """DDP, or FSDP (weights, adapter and optimizer state sharded), over two gloo processes, each on
+    half of every step's 16 examples: the same losses per step and the same adapter as one process
+    (float reductions in another order aside)."""
     one = _train(prepared, tmp_path / "one")
-    two = _train(prepared, tmp_path / "two", DistributedSection(strategy="ddp", nproc_per_node=2))
-    assert one["processes"] == 1 and two["processes"] == 2 and "ddp:2" in two["fast_paths"]
+    two = _train(prepared, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
+    assert one["processes"] == 1 and two["processes"] == 2 and two["strategy"] == strategy
+    assert ("ddp:2" in two["fast_paths"]) == (strategy == "ddp")
+    assert any(f.startswith("fsdp:2x") for f in two["fast_paths"]) == (strategy == "fsdp")
     assert two["steps"] == STEPS and two["train_samples"] == one["train_samples"] == STEPS * 16
     assert two["train_tokens"] == one["train_tokens"]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
@@ -75,9 +79,11 @@ def test_two_processes_train_what_one_trains(prepared, tmp_path):
     assert not list((tmp_path / "two" / "train").glob("*.partial")), "scratch cleared after success"
 
 
-def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     """SIGTERM to the stage while two workers train: they checkpoint at a step boundary and exit;
-    the same stage on one process resumes there and ends with the adapter of an uninterrupted run."""
+    the same stage on one process resumes there and ends with the adapter of an uninterrupted run
+    (sharded: the checkpoint holds the whole weights and optimizer state, gathered from both)."""
     straight = _train(prepared, tmp_path / "straight")
     work = tmp_path / "stopped"
     script = (
@@ -90,7 +96,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path):
         "try:\n"
         "    train.fn(a['tokenized'], a['quantized'], a['lora'], LoraSection(**a['lora_cfg']),\n"
         "             QuantizationSection(**a['q']), TrainSection(**a['cfg']),\n"
-        "             launch=DistributedSection(strategy='ddp', nproc_per_node=2), work_dir=sys.argv[2])\n"
+        "             launch=DistributedSection(strategy=sys.argv[3], nproc_per_node=2), work_dir=sys.argv[2])\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(143)\n")
     r = prepared["recipe"]
@@ -99,7 +105,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path):
                                 "lora": prepared["lora"], "lora_cfg": r.lora.model_dump(mode="json"),
                                 "q": r.quantization.model_dump(mode="json"), "cfg": r.train.model_dump(mode="json")}))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(args), str(work)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(args), str(work), strategy], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not list(work.glob("train/*.partial/checkpoint-0000002")):
@@ -114,6 +120,26 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path):
     assert saved and saved[-1] < f"checkpoint-{STEPS:07d}", saved
     resumed = _train(prepared, work, DistributedSection(strategy="none"))
     assert resumed["resumed_from_step"] == int(saved[-1].split("-")[1]) and resumed["steps"] == STEPS
+    _close(_adapter(resumed), _adapter(straight))
+
+
+def test_stopped_in_one_process_resumes_sharded_on_two(prepared, tmp_path):
+    """The reverse: a one-process run stopped after its step-2 checkpoint resumes under FSDP on two
+    processes (each loads the whole checkpoint and keeps its shards) and ends where an uninterrupted
+    run ends."""
+    straight = _train(prepared, tmp_path / "straight")
+    r = prepared["recipe"]
+
+    def crash(step):
+        if step == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train.fn(prepared["tokenized"], prepared["quantized"], prepared["lora"], r.lora, r.quantization, r.train,
+                 on_checkpoint=crash, work_dir=str(tmp_path / "stopped"))
+    resumed = _train(prepared, tmp_path / "stopped", DistributedSection(strategy="fsdp", nproc_per_node=2))
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == STEPS and resumed["strategy"] == "fsdp"
+    assert _losses(resumed)[2:] == pytest.approx(_losses(straight)[2:], rel=1e-4)
     _close(_adapter(resumed), _adapter(straight))
 
 
@@ -224,6 +250,17 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     assert training_processes(DistributedSection()) == 2
     with pytest.raises(RecipeError, match="distributed.nproc_per_node: 4 processes per node, but 2 GPU"):
         training_processes(DistributedSection(nproc_per_node=4))
+
+
+def test_the_memory_check_without_a_budget_counts_no_gpus():
+    """Counting GPUs imports torch (over a second): the flow's memory check runs on every re-run, and
+    without a budget it must not pay that (an unchanged re-run never imports torch otherwise)."""
+    code = ("import sys; from tasks.recipe import *; from tasks.train import check_memory_budget; "
+            "assert check_memory_budget('unread', TrainSection(), QuantizationSection(), {}, None, False, "
+            "launch=DistributedSection()) is None; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):

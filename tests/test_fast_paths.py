@@ -185,11 +185,12 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     """Flattened, the trainable weights step as one tensor (8-bit state blocks aligned to each weight)
     and give the same weights, bit for bit; the adapter saves and reloads, and a checkpoint restores
     weights and optimizer state into the flattened model."""
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
 
-    from tasks.training.checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint, trainable_state
+    from tasks.training.checkpoint import (apply_checkpoint, optimizer_state_by_name, read_checkpoint,
+                                           save_checkpoint, training_state)
 
-    per_weight, _ = _train_steps(flat=False)
+    per_weight, per_weight_optimizer = _train_steps(flat=False)
     model, optimizer = _train_steps(flat=True)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     small = sum(n < 4096 for n in sizes)  # bitsandbytes keeps these at 32-bit state: left as they are
@@ -202,23 +203,35 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(_minilm_4bit(), tmp_path / "adapter")
-    for name, value in trainable_state(model).items():
-        torch.testing.assert_close(trainable_state(reloaded)[name], value, rtol=0, atol=0)
+    for name, value in get_peft_model_state_dict(model).items():
+        torch.testing.assert_close(get_peft_model_state_dict(reloaded)[name], value, rtol=0, atol=0)
 
+    # The checkpoint keys the optimizer state by weight name: cut out of the flat tensor's state, it
+    # is the per-weight optimizer's own, and it restores into either layout.
+    by_name = optimizer_state_by_name(optimizer, model)
+    expected = optimizer_state_by_name(per_weight_optimizer, per_weight)
+    assert by_name["state"].keys() == expected["state"].keys() == got.keys()
+    for name, values in expected["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(by_name["state"][name][key], value), (name, key)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"step": 3}, keep=2)
+    save_checkpoint(tmp_path, 3, *training_state(model, optimizer), scheduler, {"step": 3}, keep=2)
+    for flat in (True, False):
+        fresh, fresh_optimizer = _train_steps(flat=flat, steps=1)
+        apply_checkpoint(read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,
+                         torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
+        for name, p in fresh.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p.detach(), got[name]), name
+        restored = optimizer_state_by_name(fresh_optimizer, fresh)["state"]
+        for name, values in by_name["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(restored[name][key], value), (flat, name, key)
     fresh, fresh_optimizer = _train_steps(flat=True, steps=1)
     apply_checkpoint(read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,
-                      torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
-    for name, p in fresh.named_parameters():
-        if p.requires_grad:
-            assert torch.equal(p.detach(), got[name]), name
-    state, restored = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
-    assert state.keys() == restored.keys()
-    for k in state:
-        for key, value in state[k].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(restored[k][key], value), (k, key)
+                     torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0))
     # The restored weights are still the optimizer's: a step moves the model.
     before = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
     forward_backward(fresh, _batch(9), torch.device("cpu"), "float32", False)

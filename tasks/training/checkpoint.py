@@ -1,5 +1,7 @@
-"""Resumable checkpoints: trainable weights (safetensors), optimizer and scheduler state (tensors and
-plain containers only, read with weights_only=True), RNG states and progress (JSON). Written to a
+"""Resumable checkpoints: trained weights (safetensors), optimizer and scheduler state (tensors and
+plain containers only, read with weights_only=True), RNG states and progress (JSON). Weights and
+optimizer state are whole and keyed by weight name, so a run saved on N processes (sharded or not)
+resumes on any number. Written to a
 temporary directory and renamed, so a checkpoint is whole or absent; a damaged one is skipped.
 """
 from __future__ import annotations
@@ -12,15 +14,112 @@ from pathlib import Path
 
 import numpy as np
 
-
-def trainable_state(model) -> dict:
-    """What a checkpoint must hold: the adapter (and head) for LoRA, every weight for full fine-tuning."""
-    from peft import PeftModel, get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+from tasks.training import fsdp
 
 
-def save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> None:
+def training_state(model, optimizer) -> tuple[dict, dict]:
+    """The trained weights and the optimizer state, whole, on the CPU, keyed by weight name: the same
+    whatever the number of processes, the sharding or the flat optimizer layout, so a checkpoint
+    resumes on any of them. Sharded (FSDP), a collective: every rank calls it, rank 0 gets them."""
+    if fsdp.is_sharded(model):
+        return fsdp.full_trainable_weights(model), fsdp.full_optimizer_state(model, optimizer)
+    # Copies: on the CPU .cpu() would hand back views of the one flat buffer (flatten_parameters).
+    weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    return weights, optimizer_state_by_name(optimizer, model)
+
+
+def optimizer_state_by_name(optimizer, model) -> dict:
+    """optimizer.state_dict() with each weight's state under the weight's name (torch.distributed.
+    checkpoint's layout); a flat tensor's state (flatten_parameters) cut into the weights it holds."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    saved = optimizer.state_dict()
+    state, groups = {}, []
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        held = []
+        for index, param in zip(saved_group["params"], group["params"]):
+            own = saved["state"].get(index, {})
+            if id(param) in names:
+                state[names[id(param)]] = {k: _cpu(v) for k, v in own.items()}
+                held.append(names[id(param)])
+                continue
+            for name, weight in _flat_members(param, model):
+                start = weight.storage_offset()
+                state[name] = {k: _cpu(_cut(v, k, param, start, weight)) for k, v in own.items()}
+                held.append(name)
+        groups.append({**{k: v for k, v in saved_group.items() if k != "params"}, "params": held})
+    return {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
+
+
+def load_optimizer_state(optimizer, model, saved: dict) -> None:
+    """The reverse of optimizer_state_by_name, into this optimizer (flat or not)."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    current = optimizer.state_dict()
+    state = {}
+    for group, current_group, saved_group in zip(optimizer.param_groups, current["param_groups"],
+                                                 saved["param_groups"]):
+        current_group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for index, param in zip(current_group["params"], group["params"]):
+            if id(param) in names:
+                if names[id(param)] in saved["state"]:
+                    state[index] = saved["state"][names[id(param)]]
+                continue
+            parts = [(saved["state"].get(name), weight) for name, weight in _flat_members(param, model)]
+            if parts and all(part is not None for part, _ in parts):
+                state[index] = _joined(param, parts)
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _flat_members(flat, model) -> list:
+    """The trained weights that are views into the flat tensor, with their names."""
+    storage = flat.untyped_storage().data_ptr()
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.untyped_storage().data_ptr() == storage]
+
+
+BLOCK = 256  # elements per block of bitsandbytes' 8-bit optimizer state (its absmax values)
+
+
+def _cut(value, key: str, flat, start: int, weight):
+    """One weight's part of a flat tensor's state: per element, per block (8-bit scales), or shared."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.numel() == flat.numel():
+        return value.reshape(-1)[start:start + weight.numel()].view_as(weight)
+    if key.startswith("absmax"):
+        return value[start // BLOCK:start // BLOCK + -(-weight.numel() // BLOCK)]
+    return value
+
+
+def _joined(flat, parts: list) -> dict:
+    import torch
+
+    first, _ = parts[0]
+    joined = {}
+    for key, value in first.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or not (
+                value.numel() == parts[0][1].numel() or key.startswith("absmax")):
+            joined[key] = value
+            continue
+        size = flat.numel() if value.numel() == parts[0][1].numel() else flat.numel() // BLOCK
+        out = torch.zeros(size, dtype=value.dtype)
+        for part, weight in parts:
+            start = weight.storage_offset() if size == flat.numel() else weight.storage_offset() // BLOCK
+            out[start:start + part[key].numel()] = part[key].reshape(-1).cpu()
+        joined[key] = out
+    return joined
+
+
+def _cpu(value):
+    import torch
+
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+
+
+def save_checkpoint(scratch: Path, step: int, weights: dict, optimizer_state: dict, scheduler, state: dict,
+                    keep: int) -> None:
+    """weights and optimizer_state as training_state returns them (rank 0's)."""
     import torch
     from safetensors.torch import save_file
 
@@ -28,13 +127,11 @@ def save_checkpoint(scratch: Path, step: int, model, optimizer, scheduler, state
     tmp = scratch / f".tmp-checkpoint-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # Copies: on the CPU .cpu() would hand back views of the one flat buffer (flatten_parameters).
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
-    save_file(weights, tmp / "adapter.safetensors")
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
     # Only tensors and plain containers in state.pt (loaded with weights_only=True: nothing in a
     # checkpoint is executed); the NumPy and Python RNG states as JSON.
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng_torch": torch.get_rng_state(), "rng_cuda": cuda_rng}, tmp / "state.pt")
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -52,22 +149,28 @@ def read_checkpoint(path: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    return {"weights": load_file(path / "adapter.safetensors"),
+    return {"weights": load_file(path / "weights.safetensors"),
             "state": torch.load(path / "state.pt", weights_only=True),
             "rng": json.loads((path / "rng.json").read_text()),
             "progress": json.loads((path / "progress.json").read_text())}
 
 
 def apply_checkpoint(checkpoint: dict, model, optimizer, scheduler) -> dict:
+    """A checkpoint read back restored into this run's model, optimizer (sharded or not, flat or not),
+    schedule and RNG; returns its progress. Sharded: every rank applies the same whole checkpoint."""
     import torch
-    from peft import PeftModel, set_peft_model_state_dict
 
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, checkpoint["weights"])
-    else:
-        model.load_state_dict(checkpoint["weights"])
     state = checkpoint["state"]
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp.is_sharded(model):
+        fsdp.load_full_state(model, optimizer, checkpoint["weights"], state["optimizer"])
+    else:
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if trained.keys() != checkpoint["weights"].keys():
+            raise ValueError("the checkpoint holds other weights than this run trains")
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(checkpoint["weights"][name])
+        load_optimizer_state(optimizer, model, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
     if state["rng_cuda"] and torch.cuda.is_available():

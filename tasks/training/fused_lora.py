@@ -17,7 +17,9 @@ def _dense_weight(base, dtype):
     weight = base.weight
     if not isinstance(base, bnb.nn.Linear4bit):
         return weight.to(dtype)
-    state = weight.quant_state
+    # Sharded (FSDP), the gathered weight is a plain tensor: its quantization state is the module's.
+    state = getattr(weight, "quant_state", None)
+    state = base.quant_state if state is None else state
     absmax = getattr(base, "_qlora_absmax", None)
     if absmax is None:
         return bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
@@ -129,9 +131,10 @@ def _fused_forward(self, x, *args, **kwargs):
     return out.to(x.dtype)
 
 
-def fuse_lora_layers(model) -> int:
+def fuse_lora_layers(model, unnest: bool = True) -> int:
     """Route every plain LoRA layer (on a 4-bit or a 16/32-bit linear) through the fused function;
-    returns how many. The adapter's weights, names and saved files are peft's, unchanged."""
+    returns how many. The adapter's weights, names and saved files are peft's, unchanged. unnest:
+    keep the 4-bit block scales dequantized (unnest_absmax)."""
     import types
 
     import bitsandbytes as bnb
@@ -145,7 +148,7 @@ def fuse_lora_layers(model) -> int:
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (bnb.nn.Linear4bit, torch.nn.Linear)) \
                 and not isinstance(module.get_base_layer(), bnb.nn.Linear8bitLt):
             module.forward = types.MethodType(_fused_forward, module)
-            if isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+            if unnest and isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
                 unnest_absmax(module.get_base_layer())
             count += 1
     return count

@@ -1,0 +1,102 @@
+"""Sharded data parallelism (FSDP2, torch.distributed.fsdp.fully_shard) for models one GPU cannot hold.
+Each process keeps 1/N of every weight (the 4-bit base's packed bytes included), of the adapter and
+of its optimizer state; a decoder layer's shards are gathered just before it runs and freed after,
+so a GPU holds its shards plus a layer or two. The trained weights' gradients are averaged over the
+processes like DDP's, so the loop is the same.
+
+bitsandbytes' 4-bit layers keep their quantization state (block scales) on the module as well as on
+the weight: the gathered weight is a plain tensor, and the layer (and the fused LoRA function) finds
+the state there. The block scales themselves are not sharded (about 1/64 byte per weight).
+"""
+from __future__ import annotations
+
+import contextlib
+
+from tasks.training.distributed import World
+
+
+def choose_strategy(requested: str, world: World, fits_one_gpu: bool) -> str:
+    """What this run trains with: none in one process; ddp or fsdp as the recipe asks; auto: ddp when
+    the model and its training state fit one GPU, else fsdp."""
+    if not world.distributed:
+        return "none"
+    if requested in ("ddp", "fsdp"):
+        return requested
+    return "ddp" if fits_one_gpu else "fsdp"
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks each sharded as a unit: the classes transformers never splits across
+    devices (the model's _no_split_modules: LlamaDecoderLayer, BertLayer, ...)."""
+    names = set()
+    for module in model.modules():  # the transformers model, wherever peft put it
+        names |= set(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
+    """Shard the model in place over the processes: each decoder layer, then the rest (embeddings,
+    head, norms) as the root. Weights keep their own dtypes (4-bit bytes, 16-bit norms, float32
+    adapter): nothing is cast. Returns the number of layers sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(dev.type, (world.size,))
+    offload = CPUOffloadPolicy() if cpu_offload and dev.type == "cuda" else OffloadPolicy()
+    layers = decoder_layers(model)
+    for layer in reversed(layers):  # inner units before the ones holding them
+        fully_shard(layer, mesh=mesh, offload_policy=offload)
+    fully_shard(model, mesh=mesh, offload_policy=offload)
+    return len(layers)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradients_synced(trained, sync: bool):
+    """Gradients averaged over the processes after this backward (sync), or only accumulated here (the
+    micro-batches before a step's last): DDP's no_sync, FSDP's requires_gradient_sync."""
+    if sync or not hasattr(trained, "no_sync") and not hasattr(trained, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(trained, "no_sync"):
+        with trained.no_sync():
+            yield
+    else:
+        trained.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            trained.set_requires_gradient_sync(True)
+
+
+def full_trainable_weights(model) -> dict:
+    """The trained weights, whole, on the CPU, by name: gathered from every process (a collective:
+    every rank calls it; rank 0 gets them, the others an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
+    return {k: v for k, v in full.items() if k in names}
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state, whole, on the CPU, keyed by weight name (a collective, as above)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Whole weights and optimizer state (as saved from any number of processes) sharded into this
+    process's parts. Every rank passes the same whole state."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
