@@ -51,9 +51,11 @@ SHAPES = {
                       num_key_value_heads=8, vocab_size=128256),
     "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
                       num_key_value_heads=52, vocab_size=32000),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
-BUILT_IN_MEMORY = {"llama-33b"}  # its 16-bit weights (66 GB) do not fit the disk
+BUILT_IN_MEMORY = {"llama-33b", "llama2-70b"}  # their 16-bit weights (66, 138 GB) do not fit the disk
 
 
 def config_of(shape: str, seq: int):

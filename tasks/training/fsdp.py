@@ -43,11 +43,41 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
 
     mesh = init_device_mesh(dev.type, (world.size,))
     offload = CPUOffloadPolicy() if cpu_offload and dev.type == "cuda" else OffloadPolicy()
+    import torch
+
+    _prepare_4bit_layers(model, torch.bfloat16)
     layers = decoder_layers(model)
     for layer in reversed(layers):  # inner units before the ones holding them
         fully_shard(layer, mesh=mesh, offload_policy=offload)
     fully_shard(model, mesh=mesh, offload_policy=offload)
     return len(layers)
+
+
+def _prepare_4bit_layers(model, storage) -> None:
+    """Each 4-bit layer made shardable: its packed bytes viewed as a floating dtype (FSDP makes every
+    shard a parameter, which an integer tensor cannot be; bitsandbytes reads the bytes whatever the
+    dtype: its quant_storage), and its quantization state kept on the module too (the gathered
+    weight FSDP hands the layer is a plain tensor)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    import torch
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        if getattr(module, "quant_state", None) is None:
+            module.quant_state = weight.quant_state
+        if not weight.dtype.is_floating_point:
+            packed = weight.data.reshape(-1).view(storage).reshape(-1, 1)
+            module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=module.quant_state,
+                                              blocksize=module.quant_state.blocksize, quant_type=module.quant_state.quant_type,
+                                              compress_statistics=module.quant_state.nested, quant_storage=storage,
+                                              module=module, bnb_quantized=True)
+            module.quant_storage = storage
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def is_sharded(model) -> bool:

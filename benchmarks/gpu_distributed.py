@@ -1,16 +1,23 @@
-"""Data-parallel QLoRA on several GPUs: the train stage's code (tasks/training/: fused LoRA layers,
-compiled layers, Liger, flat paged 8-bit AdamW, checkpointing; tasks/training/distributed.py: DDP
-under torchrun, NCCL) on 1 GPU and on N GPUs, side by side in one invocation, on a Llama shape with
-random weights (nothing is downloaded).
+"""QLoRA on several GPUs: the train stage's code (tasks/training/: fused LoRA layers, compiled layers,
+Liger, flat paged 8-bit AdamW, checkpointing; distributed.py: DDP under torchrun, NCCL; fsdp.py:
+FSDP2 with the 4-bit weights sharded) on 1 GPU and on N GPUs, side by side in one invocation, on a
+Llama shape with random weights (nothing is downloaded).
 
-    python benchmarks/gpu_ddp.py --shape llama2-7b --seq 2048 --micro 1 --steps 10 --gpus 2
+    python benchmarks/gpu_distributed.py --shape llama2-7b --seq 2048 --micro 1 --steps 10 --gpus 2
+    python benchmarks/gpu_distributed.py --strategy fsdp --shape llama2-70b --gpus 2 --runs N
+
+--strategy fsdp: the N-GPU run shards (it runs on 1 GPU too: the sharding code without the
+communication), and the 1-GPU reference trains as FSDP does (eager layers, torch AdamW, nested
+4-bit scales), so the check compares sharding alone. The per-GPU peak is reported twice: while the
+model is built (every rank builds the whole 4-bit model, then keeps its shards) and while it trains,
+beside the memory planner's estimate for the run.
 
 Both runs take the same global batch (N x --micro rows of --seq tokens per optimizer step) and the
 same per-GPU micro-batch: 1 GPU accumulates N micro-batches, N GPUs take one each. Printed: tokens/s
 of each and their ratio (the scaling), the per-GPU peak, the loss of every step side by side, and
 the check: the loss and every LoRA gradient of the first step on N GPUs against 1 GPU (relative
 error of all gradients together; the single-GPU fast paths are held to 1e-2 against the plain path).
-Writes gpu_ddp.json under $OUT when set. Needs bitsandbytes, peft (and liger-kernel for Liger).
+Writes gpu_distributed.json under $OUT when set. Needs bitsandbytes, peft (and liger-kernel for Liger).
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ def worker(args) -> None:
 
     from gpu_train import SHAPES, build_in_memory, config_of  # the single-GPU benchmark's random-weight models
     from tasks.batches import collate_lm
-    from tasks.training import distributed
+    from tasks.training import distributed, fsdp, memory
     from tasks.training.fused_lora import fuse_lora_layers
     from tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
                                         use_compile, use_liger)
@@ -47,12 +54,18 @@ def worker(args) -> None:
     from tasks.training.step import forward_backward
 
     world = distributed.init_from_env()
+    if args.strategy == "fsdp" and not dist.is_initialized():  # one GPU, sharded: a group of one
+        dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
     dev = torch.device("cuda", torch.cuda.current_device())
     cfg = config_of(args.shape, args.seq)
     assert args.shape in SHAPES
+    sharded = args.strategy == "fsdp"
+    like_fsdp = args.strategy_of_run == "fsdp" or sharded  # the reference trains as the sharded run does
+    built_at = time.perf_counter()
     base = build_in_memory(args.shape, args.seq)
+    build_s = time.perf_counter() - built_at
     base.config._attn_implementation = attention_implementation("auto", dev)
-    liger, compiled = use_liger("auto", cfg, dev), use_compile("auto", dev)
+    liger, compiled = use_liger("auto", cfg, dev), use_compile("auto", dev) and not like_fsdp
     scope = contextlib.ExitStack()
     if liger:
         scope.enter_context(liger_kernels(base, liger_layer_kernels(compiled)))
@@ -69,19 +82,29 @@ def worker(args) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 1e-3)
-    fuse_lora_layers(model)
+    fuse_lora_layers(model, unnest=not like_fsdp)
     if compiled:
         compile_layers(model)
+    if sharded:
+        fsdp.shard_model(model, world, dev)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=2e-4)
-    trained = distributed.wrap_ddp(model, world, dev) if world.distributed else model
+    trainable = sum(p.numel() for p in params)
+    if like_fsdp:
+        optimizer = torch.optim.AdamW(params, lr=2e-4)
+    else:
+        optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=2e-4)
+    trained = distributed.wrap_ddp(model, world, dev) if world.distributed and not sharded else model
     model.train()
     batch = args.global_batch
     gen = torch.Generator().manual_seed(0)
     rows = [[{"input_ids": r, "labels": r}] for r in
             torch.randint(0, cfg.vocab_size, (4 * batch, args.seq), generator=gen).tolist()]
-    grads_file = Path(args.out) / f"grads-{world.size}.pt"
+    grads_file = Path(args.out) / f"grads-{args.name}.pt"
 
     # Rows of a step in rank order: 1 GPU takes the micro-batches N GPUs take, one after the other
     # (--grouping natural: in row order, what differs then is only how bf16 rounds another split).
@@ -101,15 +124,19 @@ def worker(args) -> None:
             share = b.pop("targets") * world.size / total  # DDP averages over ranks
             tokens += b.pop("real_tokens")
             last = k == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or not world.distributed else trained.no_sync():
+            with fsdp.gradients_synced(trained, last or not world.distributed):
                 loss = forward_backward(trained, b, dev, "bfloat16", False, share)
             loss_sum = loss_sum + loss * share / world.size
         loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)
-        if i == 0 and world.main:  # the first step's gradients, after DDP's average
-            torch.save({n: p.grad.float().cpu() for n, p in zip(names, params)}, grads_file)
+        if i == 0:  # the first step's gradients, after the average over ranks (sharded: gathered)
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
+                     for n, p in zip(names, params)}
+            if world.main:
+                torch.save(grads, grads_file)
+            del grads
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=like_fsdp)  # flat gradients are zeroed in place
         return loss_sum, int(tokens)
 
     losses = []
@@ -137,11 +164,22 @@ def worker(args) -> None:
                 averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + "\n\n" +
                 averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
+    # A checkpoint's cost: the whole adapter and optimizer state gathered to rank 0's CPU memory.
+    from tasks.training.checkpoint import training_state
+
+    gathered_at = time.perf_counter()
+    training_state(model, optimizer)
+    gather_s = time.perf_counter() - gathered_at
+    estimate = memory.estimate_memory(cfg, weight_bits=4, trainable_params=trainable,
+                                      optim="adamw_torch" if like_fsdp else "paged_adamw_8bit",
+                                      tokens=args.micro * args.seq, gradient_checkpointing=True, offload=False,
+                                      fused_ce=liger, causal=True, shards=world.size if sharded else 1)
     if world.main:
-        result = {"gpus": world.size, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
+        result = {"gpus": world.size, "strategy": args.strategy, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
                   "mean_peak_gib": peak, "peak_gib_rank0": torch.cuda.max_memory_allocated() / 2**30,
-                  "losses": losses, "liger": liger, "compiled": compiled}
-        Path(args.out, f"result-{world.size}.json").write_text(json.dumps(result))
+                  "build_peak_gib_rank0": load_peak, "build_s": build_s, "estimated_peak_gib": estimate["peak"] / 2**30,
+                  "checkpoint_gather_s": gather_s, "losses": losses, "liger": liger, "compiled": compiled}
+        Path(args.out, f"result-{args.name}.json").write_text(json.dumps(result))
     scope.close()
     distributed.shutdown()
 
@@ -160,10 +198,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--strategy", default="ddp", choices=["none", "ddp", "fsdp"], help="how the N-GPU run trains")
+    parser.add_argument("--runs", default="1,N,floor",
+                        help="which runs: 1 (one GPU), N (--gpus GPUs), floor (one GPU, rows split otherwise), "
+                             "again (run 1 once more: the run-to-run noise)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy-of-run", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -172,42 +216,51 @@ def main() -> None:
 
     from tasks.training.distributed import SAFE_NCCL_ENV, torchrun_command
 
-    out = Path(tempfile.mkdtemp(prefix="gpu_ddp-"))
+    out = Path(tempfile.mkdtemp(prefix="gpu_distributed-"))
     results, grads = {}, {}
+    wanted = args.runs.split(",")
     # 1 GPU, N GPUs, and 1 GPU with the rows grouped otherwise (the bf16 noise floor of a split)
-    for name, gpus, grouping in (("1", 1, "ranks"), (str(args.gpus), args.gpus, "ranks"), ("floor", 1, "natural")):
-        command = torchrun_command("gpu_ddp", "--worker", gpus)[:-3] + [
+    for name, gpus, grouping, strategy in (("1", 1, "ranks", "none"), ("N", args.gpus, "ranks", args.strategy),
+                                           ("floor", 1, "natural", "none"), ("again", 1, "ranks", "none")):
+        if name not in wanted:
+            continue
+        command = torchrun_command("gpu_distributed", "--worker", gpus)[:-3] + [
             __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq), "--micro", str(args.micro),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
-            "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out)] + (["--profile"] if args.profile else [])
+            "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
+            "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else [])
+        started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
-        if done.returncode or not (out / f"result-{gpus}.json").is_file():
-            print(f"{name}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}", flush=True)
+        if done.returncode or not (out / f"result-{name}.json").is_file():
+            print(f"{name}: failed\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}", flush=True)
             sys.exit(1)
-        results[name] = json.loads((out / f"result-{gpus}.json").read_text())
-        grads[name] = torch.load(out / f"grads-{gpus}.pt", weights_only=True)
-        (out / f"result-{gpus}.json").unlink()
-    one, many = results["1"], results[str(args.gpus)]
-    grads_one, grads_many = grads["1"], grads[str(args.gpus)]
-    summary = {
-        "shape": args.shape, "seq": args.seq, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "tok_s": {1: round(one["tok_s"]), args.gpus: round(many["tok_s"])},
-        "scaling": round(many["tok_s"] / one["tok_s"], 3),
-        "efficiency": round(many["tok_s"] / one["tok_s"] / args.gpus, 3),
-        "mean_peak_gib_per_gpu": {1: round(one["mean_peak_gib"], 2), args.gpus: round(many["mean_peak_gib"], 2)},
-        "first_loss": [round(one["losses"][0], 5), round(many["losses"][0], 5)],
-        "first_step_lora_grad_relative_error": relative(grads_many, grads_one),
-        "noise_floor_other_split_relative_error": relative(grads["floor"], grads_one),
-        "floor_tok_s": round(results["floor"]["tok_s"]),
-        "max_loss_difference": max(abs(a - b) for a, b in zip(one["losses"], many["losses"])),
-        "losses_1": [round(x, 4) for x in one["losses"]], f"losses_{args.gpus}": [round(x, 4) for x in many["losses"]],
-        "fast_paths": {"liger": one["liger"], "compiled": one["compiled"]},
-    }
-    summary["check_passed"] = summary["first_step_lora_grad_relative_error"] < 1e-2
+        results[name] = json.loads((out / f"result-{name}.json").read_text())
+        results[name]["wall_s"] = time.perf_counter() - started
+        grads[name] = torch.load(out / f"grads-{name}.pt", weights_only=True)
+        print(f"run {name} ({gpus} GPU, {strategy}): {json.dumps({k: v for k, v in results[name].items() if k != 'losses'})}",
+              flush=True)
+    summary = {"shape": args.shape, "seq": args.seq, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
+               "strategy": args.strategy, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "runs": {name: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
+                        for name, r in results.items()},
+               "losses": {name: [round(x, 4) for x in r["losses"]] for name, r in results.items()}}
+    if "1" in results and "N" in results:
+        one, many = results["1"], results["N"]
+        summary.update({
+            "scaling": round(many["tok_s"] / one["tok_s"], 3),
+            "efficiency": round(many["tok_s"] / one["tok_s"] / args.gpus, 3),
+            "first_loss": [round(one["losses"][0], 5), round(many["losses"][0], 5)],
+            "first_step_lora_grad_relative_error": relative(grads["N"], grads["1"]),
+            "max_loss_difference": max(abs(a - b) for a, b in zip(one["losses"], many["losses"])),
+        })
+        if "floor" in results:
+            summary["noise_floor_other_split_relative_error"] = relative(grads["floor"], grads["1"])
+    if "1" in results and "again" in results:  # the same run twice: what the GPU's kernels vary by themselves
+        summary["noise_floor_same_run_relative_error"] = relative(grads["again"], grads["1"])
+        summary["check_passed"] = summary["first_step_lora_grad_relative_error"] < 1e-2
     print(json.dumps(summary, indent=1), flush=True)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_ddp.json").write_text(json.dumps(summary, indent=1))
+        Path(os.environ["OUT"], "gpu_distributed.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
