@@ -86,7 +86,7 @@ def worker(args) -> None:
     if compiled:
         compile_layers(model)
     if sharded:
-        fsdp.shard_model(model, world, dev)
+        fsdp.shard_model(model, world, dev, cpu_offload=args.cpu_offload)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     load_peak = torch.cuda.max_memory_allocated() / 2**30
@@ -173,7 +173,7 @@ def worker(args) -> None:
     estimate = memory.estimate_memory(cfg, weight_bits=4, trainable_params=trainable,
                                       optim="adamw_torch" if like_fsdp else "paged_adamw_8bit",
                                       tokens=args.micro * args.seq, gradient_checkpointing=True, offload=False,
-                                      fused_ce=liger, causal=True, shards=world.size if sharded else 1)
+                                      fused_ce=liger, causal=True, shards=world.size if sharded else None)
     if world.main:
         result = {"gpus": world.size, "strategy": args.strategy, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
                   "mean_peak_gib": peak, "peak_gib_rank0": torch.cuda.max_memory_allocated() / 2**30,
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--runs", default="1,N,floor",
                         help="which runs: 1 (one GPU), N (--gpus GPUs), floor (one GPU, rows split otherwise), "
                              "again (run 1 once more: the run-to-run noise)")
+    parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards kept in CPU memory (distributed.cpu_offload)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
@@ -228,7 +229,8 @@ def main() -> None:
             __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq), "--micro", str(args.micro),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
-            "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else [])
+            "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else []) + \
+            (["--cpu-offload"] if args.cpu_offload else [])
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
         if done.returncode or not (out / f"result-{name}.json").is_file():

@@ -399,7 +399,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
     bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
     seq = max_length or getattr(config, "max_position_embeddings", 512)
     buckets = 4 * lora["trainable_params"] if processes > 1 and not sharded else 0  # DDP's float32 gradient buckets
-    shards = processes if sharded else 1
+    shards = processes if sharded else None
 
     def estimate(micro: int, gc: bool, offload: bool) -> int:
         return buckets + memory.estimate_memory(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,8 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
     ({"nnodes": 2, "rdzv_endpoint": "head-node"}, "distributed: rdzv_endpoint must be HOST:PORT"),
     ({"nproc_per_node": 0}, "distributed.nproc_per_node: .*must be auto or at least 1"),
     ({"strategy": "none", "nproc_per_node": 2}, "distributed: strategy none trains in one process"),
-    ({"strategy": "fsdp"}, "distributed.strategy"),
+    ({"strategy": "zero3"}, "distributed.strategy"),
+    ({"strategy": "ddp", "cpu_offload": True}, "cpu_offload applies to strategy fsdp"),
 ])
 def test_bad_distributed_sections_are_refused(section, message):
     with pytest.raises(RecipeError, match=message):
@@ -191,6 +193,12 @@ def test_validate_prints_the_distributed_plan(project, capsys):
     out = capsys.readouterr().out
     assert "distributed: {'strategy': 'ddp', 'processes': 2, 'nodes': 1}" in out
     assert "'estimated_peak_gib':" in out
+    ddp_peak = float(re.search(r"'estimated_peak_gib': ([0-9.]+)", out).group(1))
+    assert main(["validate", str(recipe), "--set", "distributed.strategy=fsdp", "--set", "distributed.nproc_per_node=2",
+                 "--set", "distributed.cpu_offload=true"]) == 0
+    out = capsys.readouterr().out
+    assert "distributed: {'strategy': 'fsdp', 'processes': 2, 'nodes': 1}" in out
+    assert float(re.search(r"'estimated_peak_gib': ([0-9.]+)", out).group(1)) <= ddp_peak  # a share per GPU
     assert main(["validate", str(recipe), "--set", "distributed.nnodes=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "distributed: nnodes above 1 needs rdzv_endpoint" in err[0]
@@ -261,6 +269,31 @@ def test_the_memory_check_without_a_budget_counts_no_gpus():
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
+    """strategy auto on several GPUs: DDP while the DDP plan's estimate fits a GPU (or the budget),
+    FSDP once it does not; one process is never sharded; ddp and fsdp are taken as asked."""
+    from types import SimpleNamespace
+
+    from test_fast_paths import _llama
+    from tasks.recipe import QuantizationSection, TrainSection
+    from tasks.trainer import training_strategy
+    from tasks.training.distributed import World
+
+    config, gpu = _llama("70b"), SimpleNamespace(type="cuda")
+    lora = {"trainable_params": 207_093_760}
+    q, train_cfg = QuantizationSection(), TrainSection(per_device_train_batch_size=1, gradient_checkpointing=True)
+
+    def strategy(requested, gib, world=World(0, 2), cfg=train_cfg):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=gib * 2**30))
+        return training_strategy(requested, world, config, cfg, q, lora, 2048, True, True, gpu)
+
+    assert strategy("auto", 141) == "ddp"  # an H200 holds the 4-bit 70B and its training state
+    assert strategy("auto", 24) == "fsdp"  # a 24 GB card does not
+    assert strategy("auto", 141, cfg=train_cfg.model_copy(update={"max_memory_gib": 24})) == "fsdp"
+    assert strategy("auto", 24, world=World()) == "none"
+    assert strategy("ddp", 24) == "ddp" and strategy("fsdp", 141) == "fsdp"
 
 
 def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):

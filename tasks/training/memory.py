@@ -45,30 +45,31 @@ def _shape(config) -> dict:
 
 def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: str, tokens: int,
                     gradient_checkpointing: bool, offload: bool, fused_ce: bool, causal: bool,
-                    shards: int = 1) -> dict:
+                    shards: int | None = None) -> dict:
     """Bytes a training step needs at its peak, from the model's config alone (before loading):
     weights (NF4 0.5625 bytes a parameter with its float32 block scales, 8-bit 1.03, else 16-bit;
     embeddings and norms at least 16-bit, never quantized), trainable weights in float32 with their
     gradients and optimizer state, and activations for `tokens` tokens per micro-batch. Each part is
     checked against the part measured on a GPU (benchmarks/gpu_train.py, measured_vs_estimated_gib;
     benchmarks/RESULTS.md): the estimate stays at or above the measured peak, by a few percent at
-    most, so a budget holds. The constants below are fitted there. shards: FSDP over that many GPUs,
-    each holding its part of the weights and training state, the 4-bit block scales whole (left
-    nested, 1/64 byte a weight), and two layers gathered whole (the one running and the next)."""
+    most, so a budget holds. The constants below are fitted there. shards: FSDP over that many GPUs
+    (None: not sharded), each holding its part of the weights and training state, the 4-bit block
+    scales whole (left nested, 1/64 byte a weight), and two layers gathered whole (the one running
+    and the next)."""
     s = _shape(config)
     linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
     # 4-bit: half a byte, plus a float32 scale per 64 weights: fused LoRA layers unnest the double
     # quantization's 8-bit scales on CUDA (the load's 0.516 bytes grows to this).
     per_param = {4: 0.5 + 4 / 64, 8: 1.03}.get(weight_bits, weight_bits / 8)
     weights = linear * per_param + (s["embedding_params"] + 4 * s["h"] * s["layers"]) * max(2, weight_bits / 8)  # never quantized
-    if shards > 1:
+    if shards is not None:
         scales = linear * (1 / 64 + 1 / 4096) if weight_bits == 4 else 0  # nested 8-bit scales, on every GPU
         sharded = weights - (linear * (per_param - 0.5) if weight_bits == 4 else 0)  # packed 4-bit and 16-bit
         weights = sharded / shards + scales + 2 * sharded / s["layers"]
     state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
     # float32 weight, gradient, state; and 2.5 bytes more than that count, as measured per LoRA
     # parameter with paged 8-bit AdamW on the 7B, 8B and 33B shapes
-    training_state = trainable_params * (4 + 4 + state_per_param + 2.5) / shards
+    training_state = trainable_params * (4 + 4 + state_per_param + 2.5) / (shards or 1)
     layer = tokens * 2 * (18 * s["h"] + 6 * s["inter"])  # what one layer keeps for its backward
     checkpoints = 0 if offload else tokens * 2 * s["h"] * s["layers"]
     logits = tokens * s["vocab"] * 10 if causal and not fused_ce else 0  # 16-bit logits, float32 copy and gradient
