@@ -49,7 +49,7 @@ def worker(args) -> None:
     from tasks.training.fused_lora import fuse_lora_layers
     from tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
                                         use_compile, use_liger)
-    from tasks.training.lora import model_for_training
+    from tasks.training.lora import draw_adapter_weights, model_for_training
     from tasks.training.optimizer import flatten_parameters
     from tasks.training.step import forward_backward
 
@@ -62,7 +62,7 @@ def worker(args) -> None:
     sharded = args.strategy == "fsdp"
     like_fsdp = args.strategy_of_run == "fsdp" or sharded  # the reference trains as the sharded run does
     built_at = time.perf_counter()
-    base = build_in_memory(args.shape, args.seq)
+    base = build_in_memory(args.shape, args.seq, park_on_cpu=sharded)  # as the train stage loads a sharded run
     build_s = time.perf_counter() - built_at
     base.config._attn_implementation = attention_implementation("auto", dev)
     liger, compiled = use_liger("auto", cfg, dev), use_compile("auto", dev) and not like_fsdp
@@ -78,10 +78,12 @@ def worker(args) -> None:
                                lora_dropout=0.0)  # no dropout: the runs draw no masks and compare step by step
     torch.manual_seed(0)
     model = model_for_training(base, resolved, lora_cfg, True, gradient_checkpointing=True)
+    draw_adapter_weights(model, 0)  # as the trainer does: the same start on the GPU or in CPU memory
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B away from zero, so the first step's gradients reach A too
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 1e-3)
+                p.copy_(torch.randn(p.shape, generator=generator) * 1e-3)
     fuse_lora_layers(model, unnest=not like_fsdp)
     if compiled:
         compile_layers(model)

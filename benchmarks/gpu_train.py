@@ -86,10 +86,11 @@ def build_on_disk(shape: str, seq: int) -> str:
     return path
 
 
-def build_in_memory(shape: str, seq: int):
+def build_in_memory(shape: str, seq: int, park_on_cpu: bool = False):
     """A model too big for the disk in 16-bit: made on the meta device, then each linear layer given
     random bf16 weights on the GPU and quantized to NF4 (double quantization) at once, layer by layer:
-    the 16-bit weights of one layer at a time ever exist."""
+    the 16-bit weights of one layer at a time ever exist. park_on_cpu: each quantized layer then moves
+    to CPU memory, as a sharded train stage loads the base (the GPU never holds the whole model)."""
     import bitsandbytes as bnb
     import torch
     from transformers import LlamaForCausalLM
@@ -109,6 +110,10 @@ def build_in_memory(shape: str, seq: int):
                                       compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
                 q.weight = q.weight.to("cuda")  # quantizes
+                q.quant_state = q.weight.quant_state
+                if park_on_cpu:
+                    q.weight = q.weight.to("cpu")  # the packed bytes and their quantization state
+                    q.quant_state = q.weight.quant_state
                 setattr(parent, name, q)
                 del weight
     for module in model.modules():  # what stays 16-bit: embeddings, norms, output layer
@@ -116,8 +121,9 @@ def build_in_memory(shape: str, seq: int):
             if p is not None and p.is_meta:
                 value = torch.ones(p.shape, device="cuda") if "norm" in type(module).__name__.lower() else \
                     torch.randn(p.shape, device="cuda", generator=gen) * cfg.initializer_range
-                module._parameters[name] = torch.nn.Parameter(value.to(torch.bfloat16), requires_grad=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
+                value = value.to(torch.bfloat16)
+                module._parameters[name] = torch.nn.Parameter(value.cpu() if park_on_cpu else value, requires_grad=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cpu" if park_on_cpu else "cuda")
     model.is_loaded_in_4bit = True  # what peft checks to wrap 4-bit layers
     model.config.dtype = torch.bfloat16
     return model

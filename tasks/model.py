@@ -208,7 +208,7 @@ def bnb_config(q: QuantizationSection, model_path: str, task: str, trust_remote_
 
 
 def load_model(path: str, task: str, label_names: list[str], dtype: torch.dtype, quantization=None,
-               trust_remote_code: bool = False, attention: str | None = None):
+               trust_remote_code: bool = False, attention: str | None = None, on_cpu: bool = False):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -219,7 +219,7 @@ def load_model(path: str, task: str, label_names: list[str], dtype: torch.dtype,
         extra["attn_implementation"] = attention
     try:
         return auto_class(task).from_pretrained(
-            path, dtype=dtype, device_map={"": device()}, trust_remote_code=trust_remote_code,
+            path, dtype=dtype, device_map={"": "cpu" if on_cpu else device()}, trust_remote_code=trust_remote_code,
             **extra, **_label_kwargs(label_names))
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -255,18 +255,21 @@ def quantized_path(quantized: dict) -> str:
     return os.path.join(quantized["dir"], quantized["path"]) if quantized["quantized"] else quantized["path"]
 
 
-def load_base(quantized: dict, label_names: list[str], q: QuantizationSection, attention: str | None = None):
-    """The base exactly as quantize saved it (or the original, unquantized, with the seed set before)."""
+def load_base(quantized: dict, label_names: list[str], q: QuantizationSection, attention: str | None = None,
+              on_cpu: bool = False):
+    """The base exactly as quantize saved it (or the original, unquantized, with the seed set before).
+    on_cpu: into CPU memory (a sharded run moves each layer's shard to its GPU)."""
     path = quantized_path(quantized)
+    dtype = dtype_of(q.bnb_4bit_compute_dtype)
     try:
-        return load_model(path, quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype), attention=attention)
+        return load_model(path, quantized["task"], label_names, dtype, attention=attention, on_cpu=on_cpu)
     except (ValueError, ImportError) as e:
         if not attention or attention in ("sdpa", "eager") or "attn" not in str(e).lower():
             raise
         import warnings
 
         warnings.warn(f"train.attention: {attention} is not available for this model here ({e}); using sdpa")
-        return load_model(path, quantized["task"], label_names, dtype_of(q.bnb_4bit_compute_dtype), attention="sdpa")
+        return load_model(path, quantized["task"], label_names, dtype, attention="sdpa", on_cpu=on_cpu)
 
 
 # --- LoRA ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSec
 from tasks.tracking import Tracker
 from tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
 from tasks.training.distributed import World
-from tasks.training.lora import model_for_training
+from tasks.training.lora import draw_adapter_weights, model_for_training
 
 # torch is imported where it is used: a cached run never needs it.
 # What the loop logs per step (MLflow metric names).
@@ -106,7 +106,9 @@ class TrainingRun:
             warn("train.compile: compiled layers are not used with distributed.strategy fsdp (its gather "
                  "hooks run around each layer); training eager")
             fast = {**fast, "compiled": False}
-        base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"])
+        # Sharded, the base loads into CPU memory and each GPU takes only its shards of it: no GPU
+        # ever holds the whole model (a 4-bit 70B is 35 GiB).
+        base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if fast["liger"]:
             layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
@@ -114,6 +116,8 @@ class TrainingRun:
             fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
         model = model_for_training(base, self.lora, self.lora_cfg, self.quantized["quantized"],
                                    plan["gradient_checkpointing"])
+        if self.lora_cfg.enabled:
+            draw_adapter_weights(model, cfg.seed)
         if cfg.fused_lora and self.lora_cfg.enabled:
             from tasks.training.fused_lora import fuse_lora_layers
             # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.

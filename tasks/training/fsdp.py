@@ -37,7 +37,8 @@ def decoder_layers(model) -> list:
 def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
     """Shard the model in place over the processes: each decoder layer, then the rest (embeddings,
     head, norms) as the root. Weights keep their own dtypes (4-bit bytes, 16-bit norms, float32
-    adapter): nothing is cast. Returns the number of layers sharded."""
+    adapter): nothing is cast. A model in CPU memory moves to dev one layer at a time, each GPU
+    keeping its shards. Returns the number of layers sharded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -45,7 +46,7 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
     offload = CPUOffloadPolicy() if cpu_offload and dev.type == "cuda" else OffloadPolicy()
     import torch
 
-    _prepare_4bit_layers(model, torch.bfloat16)
+    _prepare_4bit_layers(model, torch.bfloat16, dev)
     layers = decoder_layers(model)
     for layer in reversed(layers):  # inner units before the ones holding them
         fully_shard(layer, mesh=mesh, offload_policy=offload)
@@ -53,11 +54,11 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
     return len(layers)
 
 
-def _prepare_4bit_layers(model, storage) -> None:
+def _prepare_4bit_layers(model, storage, dev) -> None:
     """Each 4-bit layer made shardable: its packed bytes viewed as a floating dtype (FSDP makes every
     shard a parameter, which an integer tensor cannot be; bitsandbytes reads the bytes whatever the
     dtype: its quant_storage), and its quantization state kept on the module too (the gathered
-    weight FSDP hands the layer is a plain tensor)."""
+    weight FSDP hands the layer is a plain tensor), on dev (FSDP moves parameters, not this)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -77,6 +78,7 @@ def _prepare_4bit_layers(model, storage) -> None:
                                               compress_statistics=module.quant_state.nested, quant_storage=storage,
                                               module=module, bnb_quantized=True)
             module.quant_storage = storage
+        module.quant_state.to(dev)  # in place: the block scales and, nested, their own
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 

@@ -45,6 +45,25 @@ def place_quant_state(module) -> None:
         state = getattr(state, "state2", None)
 
 
+def draw_adapter_weights(model, seed: int) -> None:
+    """Every LoRA A matrix drawn again as peft draws it (Kaiming-uniform; B stays zero), from a CPU
+    generator seeded with the run's seed, in the model's order. peft draws on the weight's own device,
+    and CPU and CUDA generators differ: without this, the adapter would start elsewhere on a CPU, on a
+    GPU, or when a sharded run loads the base into CPU memory, and the same recipe on 1 or 8 GPUs
+    would not be the same experiment."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name and p.requires_grad and p.dim() == 2:
+                drawn = torch.empty(p.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                p.copy_(drawn)
+
+
 def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
     """The base with LoRA attached (only the adapters and the head train), or, for full
     fine-tuning, the base itself with every weight trainable.
