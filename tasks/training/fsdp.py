@@ -39,13 +39,12 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
     head, norms) as the root. Weights keep their own dtypes (4-bit bytes, 16-bit norms, float32
     adapter): nothing is cast. A model in CPU memory moves to dev one layer at a time, each GPU
     keeping its shards. Returns the number of layers sharded."""
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(dev.type, (world.size,))
     offload = CPUOffloadPolicy() if cpu_offload and dev.type == "cuda" else OffloadPolicy()
-    import torch
-
     _prepare_4bit_layers(model, torch.bfloat16, dev)
     layers = decoder_layers(model)
     for layer in reversed(layers):  # inner units before the ones holding them
@@ -63,8 +62,6 @@ def _prepare_4bit_layers(model, storage, dev) -> None:
         import bitsandbytes as bnb
     except ImportError:
         return
-    import torch
-
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -79,7 +76,6 @@ def _prepare_4bit_layers(model, storage, dev) -> None:
                                               module=module, bnb_quantized=True)
             module.quant_storage = storage
         module.quant_state.to(dev)  # in place: the block scales and, nested, their own
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def is_sharded(model) -> bool:
