@@ -109,11 +109,13 @@ def stages_before_training(r, work: str) -> dict:
     from tasks.model import plan_lora, quantize, resolve_model
 
     model = resolve_model(r.model)
-    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=work)
+    causal = r.model.task == "causal-lm"
+    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, r.prompt.columns if causal else None,
+                     work_dir=work)
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=work)
-    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=work)
-    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=work)
+    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, r.prompt if causal else None, work_dir=work)
+    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, r.model.task, work_dir=work)
+    lora = plan_lora.fn(model, r.lora, loaded["label_names"], r.model.task, work_dir=work)
     return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
 
 

@@ -80,6 +80,44 @@ def test_two_processes_train_what_one_trains(prepared, tmp_path, strategy):
     assert not list((tmp_path / "two" / "train").glob("*.partial")), "scratch cleared after success"
 
 
+@pytest.fixture(scope="module")
+def prepared_llama(tmp_path_factory):
+    """A 2-layer Llama made here (MiniLM's tokenizer) on 96 generated question/answer pairs, loss on
+    the answers: the causal path (decoder layers, embeddings and output layer sharded as the root)."""
+    import pandas as pd
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(root / "model")
+    pd.DataFrame({"question": [f"what is {a} plus {b}?" for a in range(12) for b in range(8)],
+                  "answer": [f"{a + b}, since {a} and {b} make {a + b}." for a in range(12) for b in range(8)]}
+                 ).to_csv(root / "qa.csv", index=False)
+    r = recipe_from_dict({
+        "name": "llama-test", "model": {"name_or_path": str(root / "model"), "task": "causal-lm"},
+        "data": {"path": str(root / "qa.csv")}, "split": {"validation_size": 0.1, "test_size": 0.1},
+        "prompt": {"template": "Q: {question}\nA: ", "response_column": "answer"}, "tokenize": {"max_length": 48},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"max_steps": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 2, "logging_steps": 1, "save_steps": 2, "eval_steps": 4},
+        "merge": {"enabled": False}})
+    return stages_before_training(r, str(root / "work"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, strategy):
+    one = _train(prepared_llama, tmp_path / "one")
+    two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
+    assert two["strategy"] == strategy and two["train_tokens"] == one["train_tokens"]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     """SIGTERM to the stage while two workers train: they checkpoint at a step boundary and exit;
