@@ -536,6 +536,19 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _what_fsdp_cannot_combine_with(self):
+        if self.distributed.strategy != "fsdp":
+            return self
+        if self.train.optim not in ("adamw_torch", "sgd"):
+            raise ValueError(f"distributed.strategy fsdp cannot step train.optim {self.train.optim} (bitsandbytes "
+                             f"steps whole tensors, FSDP holds shards): set train.optim: adamw_torch, whose state "
+                             f"is sharded too")
+        if self.train.compile is True and self.train.require_fast_paths:
+            raise ValueError("distributed.strategy fsdp runs the layers eager: train.compile: true with "
+                             "train.require_fast_paths cannot be met; set train.compile: auto")
+        return self
+
+    @model_validator(mode="after")
     def _task_fields(self):
         if self.tokenize.packing and self.model.task != "causal-lm":
             raise ValueError("tokenize.packing is for causal-lm models")

@@ -49,9 +49,14 @@ def training_processes(launch: DistributedSection) -> int:
     if launch.strategy == "none":
         return 1
     try:
-        return distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
+        processes = distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
     except ValueError as e:
         raise RecipeError(str(e), "distributed.nproc_per_node", hint="auto: one process per visible GPU") from None
+    missing = distributed.missing_backend() if processes > 1 else None
+    if missing:
+        raise RecipeError(f"{processes} processes need {missing}, which this torch build lacks", "distributed.strategy",
+                          hint="set distributed.strategy: none, or install a torch build with it")
+    return processes
 
 
 def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: DistributedSection, processes: int) -> dict:

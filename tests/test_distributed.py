@@ -219,6 +219,16 @@ def test_bad_distributed_sections_are_refused(section, message):
         recipe_from_dict(small_recipe(distributed=section))
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"optim": "paged_adamw_8bit"}, "distributed.strategy fsdp cannot step train.optim paged_adamw_8bit"),
+    ({"compile": True, "require_fast_paths": True}, "train.compile: true with train.require_fast_paths"),
+])
+def test_what_fsdp_cannot_combine_with_is_refused(train, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(small_recipe(distributed={"strategy": "fsdp"}, train=train))
+    recipe_from_dict(small_recipe(distributed={"strategy": "ddp"}, train=train))  # fine without sharding
+
+
 def test_validate_prints_the_distributed_plan(project, capsys):
     """`qlora validate` says how training would spread: strategy, processes, nodes, and the memory
     plan with its per-GPU estimate; a bad section is one line and exit 2."""
@@ -293,9 +303,14 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
     assert training_processes(DistributedSection()) == 2
     with pytest.raises(RecipeError, match="distributed.nproc_per_node: 4 processes per node, but 2 GPU"):
         training_processes(DistributedSection(nproc_per_node=4))
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)  # a torch build without NCCL
+    with pytest.raises(RecipeError, match="distributed.strategy: 2 processes need NCCL, which this torch build lacks"):
+        training_processes(DistributedSection())
+    assert training_processes(DistributedSection(nproc_per_node=1)) == 1
 
 
 def test_the_memory_check_without_a_budget_counts_no_gpus():

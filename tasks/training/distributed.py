@@ -110,6 +110,19 @@ def processes_per_node(requested: int | str) -> int:
     return int(requested)
 
 
+def missing_backend() -> str | None:
+    """The collective backend init_from_env will ask for (NCCL on GPUs, gloo on the CPU), when this
+    torch build lacks it; None when it is there."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed"
+    if torch.cuda.is_available():
+        return None if dist.is_nccl_available() else "NCCL"
+    return None if dist.is_gloo_available() else "gloo"
+
+
 def torchrun_command(module: str, argument: str, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
                      max_restarts: int = 0, run_id: str = "qlora", rdzv_timeout_s: float = 900) -> list[str]:
     """The torchrun invocation of `python -m module argument` on this node. One node: a standalone
