@@ -346,7 +346,7 @@ class TrainingRun:
             "train_runtime_s": round(p.elapsed_s, 3), "train_samples": p.samples, "train_tokens": p.tokens,
             "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
             "peak_memory_bytes": peak_bytes, "device": str(self.dev), "processes": self.world.size,
-            "strategy": self.strategy,
+            "distributed": self.strategy,  # none, ddp or fsdp
             **training_state_bytes(self.model, self.optimizer),
             "final_train_loss": train_losses[-1] if train_losses else None,
             "trainable_params": self.lora["trainable_params"], "trainable_percent": self.lora["trainable_percent"],

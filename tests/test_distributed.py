@@ -70,7 +70,7 @@ def test_two_processes_train_what_one_trains(prepared, tmp_path, strategy):
     (float reductions in another order aside)."""
     one = _train(prepared, tmp_path / "one")
     two = _train(prepared, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
-    assert one["processes"] == 1 and two["processes"] == 2 and two["strategy"] == strategy
+    assert one["processes"] == 1 and two["processes"] == 2 and two["distributed"] == strategy
     assert ("ddp:2" in two["fast_paths"]) == (strategy == "ddp")
     assert any(f.startswith("fsdp:2x") for f in two["fast_paths"]) == (strategy == "fsdp")
     assert two["steps"] == STEPS and two["train_samples"] == one["train_samples"] == STEPS * 16
@@ -113,7 +113,7 @@ def prepared_llama(tmp_path_factory):
 def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, strategy):
     one = _train(prepared_llama, tmp_path / "one")
     two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
-    assert two["strategy"] == strategy and two["train_tokens"] == one["train_tokens"]
+    assert two["distributed"] == strategy and two["train_tokens"] == one["train_tokens"]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 
@@ -177,7 +177,7 @@ def test_stopped_in_one_process_resumes_sharded_on_two(prepared, tmp_path):
         train.fn(prepared["tokenized"], prepared["quantized"], prepared["lora"], r.lora, r.quantization, r.train,
                  on_checkpoint=crash, work_dir=str(tmp_path / "stopped"))
     resumed = _train(prepared, tmp_path / "stopped", DistributedSection(strategy="fsdp", nproc_per_node=2))
-    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == STEPS and resumed["strategy"] == "fsdp"
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == STEPS and resumed["distributed"] == "fsdp"
     assert _losses(resumed)[2:] == pytest.approx(_losses(straight)[2:], rel=1e-4)
     _close(_adapter(resumed), _adapter(straight))
 
