@@ -244,12 +244,12 @@ def test_planted_checkpoint_is_never_unpickled(tmp_path):
         path.mkdir()
     from safetensors.torch import save_file
 
-    save_file({"w": torch.zeros(2)}, good / "adapter.safetensors")
+    save_file({"w": torch.zeros(2)}, good / "weights.safetensors")
     torch.save({"optimizer": {}, "scheduler": {}, "rng_torch": torch.get_rng_state(), "rng_cuda": []},
                good / "state.pt")
     (good / "rng.json").write_text(json.dumps({"numpy": [], "python": []}))
     (good / "progress.json").write_text(json.dumps({"step": 2}))
-    for name in ("adapter.safetensors", "rng.json", "progress.json"):
+    for name in ("weights.safetensors", "rng.json", "progress.json"):
         (bad / name).write_bytes((good / name).read_bytes())
     marker = tmp_path / "pwned"
     (bad / "state.pt").write_bytes(pickle.dumps(Payload(marker)))
