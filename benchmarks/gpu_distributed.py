@@ -127,7 +127,7 @@ def worker(args) -> None:
             tokens += b.pop("real_tokens")
             last = k == len(micro_batches) - 1
             with fsdp.gradients_synced(trained, last or not world.distributed):
-                loss = forward_backward(trained, b, dev, "bfloat16", False, share)
+                loss = forward_backward(trained, b, dev, "bfloat16", args.offload, share)
             loss_sum = loss_sum + loss * share / world.size
         loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)
         if i == 0:  # the first step's gradients, after the average over ranks (sharded: gathered)
@@ -174,7 +174,7 @@ def worker(args) -> None:
     gather_s = time.perf_counter() - gathered_at
     estimate = memory.estimate_memory(cfg, weight_bits=4, trainable_params=trainable,
                                       optim="adamw_torch" if like_fsdp else "paged_adamw_8bit",
-                                      tokens=args.micro * args.seq, gradient_checkpointing=True, offload=False,
+                                      tokens=args.micro * args.seq, gradient_checkpointing=True, offload=args.offload,
                                       fused_ce=liger, causal=True, shards=world.size if sharded else None)
     if world.main:
         result = {"gpus": world.size, "strategy": args.strategy, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
@@ -205,6 +205,7 @@ def main() -> None:
                         help="which runs: 1 (one GPU), N (--gpus GPUs), floor (one GPU, rows split otherwise), "
                              "again (run 1 once more: the run-to-run noise)")
     parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards kept in CPU memory (distributed.cpu_offload)")
+    parser.add_argument("--offload", action="store_true", help="activation checkpoints in CPU memory (train.offload_activations)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
@@ -232,7 +233,7 @@ def main() -> None:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
             "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else []) + \
-            (["--cpu-offload"] if args.cpu_offload else [])
+            (["--cpu-offload"] if args.cpu_offload else []) + (["--offload"] if args.offload else [])
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
         if done.returncode or not (out / f"result-{name}.json").is_file():

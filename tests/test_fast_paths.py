@@ -299,22 +299,24 @@ def test_memory_estimate_holds_as_a_budget_on_h100_peaks(shape, micro, offload, 
     assert measured <= estimate < 1.03 * measured
 
 
-@pytest.mark.parametrize("micro, measured", [(1, 41.82), (2, 44.96)])
-def test_sharded_memory_estimate_holds_on_measured_fsdp_peaks(micro, measured):
+@pytest.mark.parametrize("gpus, micro, offload, measured", [
+    (1, 1, False, 41.82), (1, 2, False, 44.96), (2, 1, False, 24.52), (2, 1, True, 22.51), (2, 2, False, 27.66)])
+def test_sharded_memory_estimate_holds_on_measured_fsdp_peaks(gpus, micro, offload, measured):
     """FSDP's estimate against the Llama-2-70B shape trained sharded (FSDP2, nested 4-bit scales,
-    torch AdamW, Liger, eager layers) on one H200, benchmarks/gpu_distributed.py
-    (benchmarks/results/gpu_fsdp_2026-11-30.json): at or above, within 3%. Over more GPUs each holds
-    a share of the weights and training state, never less than the scales and two gathered layers."""
+    torch AdamW, Liger, eager layers) on one and two H200s, benchmarks/gpu_distributed.py
+    (benchmarks/results/gpu_fsdp_2026-11-30.json): at or above, so a budget holds, and at most 4%
+    above. Over more GPUs each holds a share of the weights and training state, never less than the
+    scales and the layers held whole."""
     config = _llama("70b")
     s = _shape(config)
     lora = 16 * sum(i + o for i, o in s["per_layer"].values()) * s["layers"]
 
-    def estimate(shards):
+    def estimate(shards, offload=False):
         return estimate_memory(config, weight_bits=4, trainable_params=lora, optim="adamw_torch", tokens=micro * 2048,
-                               gradient_checkpointing=True, offload=False, fused_ce=True, causal=True, shards=shards)
-    assert measured <= estimate(1)["peak"] / GIB < 1.03 * measured
+                               gradient_checkpointing=True, offload=offload, fused_ce=True, causal=True, shards=shards)
+    assert measured <= estimate(gpus, offload)["peak"] / GIB < 1.04 * measured
     one, two, eight = (estimate(n)["weights"] for n in (1, 2, 8))
-    assert 0.5 * one < two < 0.55 * one and eight < two / 3
+    assert 0.5 * one < two < 0.6 * one and eight < two / 2
     assert eight > s["layers"] * sum(i * o for i, o in s["per_layer"].values()) / 64  # the scales stay whole
 
 

@@ -54,8 +54,7 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
     benchmarks/RESULTS.md): the estimate stays at or above the measured peak, by a few percent at
     most, so a budget holds. The constants below are fitted there. shards: FSDP over that many GPUs
     (None: not sharded), each holding its part of the weights and training state, the 4-bit block
-    scales whole (left nested, 1/64 byte a weight), and two layers gathered whole (the one running
-    and the next)."""
+    scales whole (left nested, 1/64 byte a weight), and a few layers whole."""
     s = _shape(config)
     linear = sum(i * o for i, o in s["per_layer"].values()) * s["layers"]
     # 4-bit: half a byte, plus a float32 scale per 64 weights: fused LoRA layers unnest the double
@@ -65,7 +64,10 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
     if shards is not None:
         scales = linear * (1 / 64 + 1 / 4096) if weight_bits == 4 else 0  # nested 8-bit scales, on every GPU
         sharded = weights - (linear * (per_param - 0.5) if weight_bits == 4 else 0)  # packed 4-bit and 16-bit
-        weights = sharded / shards + scales + 2 * sharded / s["layers"]
+        # Layers held whole besides the shards: two in one process; over several, five (the gathered
+        # layers, the gather's receive buffers, the next layer prefetched), fitted to the 70B shape's
+        # peaks on 1 and 2 GPUs (benchmarks/RESULTS.md, FSDP2).
+        weights = sharded / shards + scales + (2 if shards == 1 else 5) * sharded / s["layers"]
     state_per_param = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 0}[optim]
     # float32 weight, gradient, state; and 2.5 bytes more than that count, as measured per LoRA
     # parameter with paged 8-bit AdamW on the 7B, 8B and 33B shapes
