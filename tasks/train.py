@@ -8,6 +8,7 @@ with the same data order, on any number of processes.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import warnings
@@ -81,8 +82,14 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
                                        "max_restarts": launch.max_restarts, "rdzv_timeout_s": launch.rdzv_timeout_s}))
     log.info("train: %d process(es) on each of %d node(s): %s", processes, launch.nnodes, " ".join(command[2:]))
     env = {"QLORA_WORKER_TRACKING_URI": uri or "", "QLORA_PROGRESS": "0", "PYTHONPATH": _project_root()}
+    last_lines = collections.deque(maxlen=30)  # rank 0's and the agent's, for the error below
+
+    def relay(line: str) -> None:
+        last_lines.append(line)
+        log.info(line)
+
     try:
-        code = distributed.launch(command, log.info, env)
+        code = distributed.launch(command, relay, env)
     finally:
         if pointer is not None:
             pointer.unlink(missing_ok=True)
@@ -92,7 +99,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
                           f"within {launch.rdzv_timeout_s:g} s (torchrun exit code {code})", "distributed.rdzv_endpoint",
                           hint="start `qlora join` on the other nodes, with the same endpoint and a shared work_dir")
     if code != 0 or not (scratch / trainer.RESULT_FILE).is_file():
-        raise RuntimeError(f"torchrun exited with code {code} and no result: see the worker output above")
+        raise RuntimeError(f"torchrun exited with code {code} and no result; its last lines:\n" + "\n".join(last_lines))
     return json.loads((scratch / trainer.RESULT_FILE).read_text())
 
 
@@ -106,10 +113,12 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
     """A worker's own error (one line, as in one process), or a stop by signal."""
     from tasks import signals
 
-    for path in sorted(scratch.glob("worker-error-*.json")):
-        error = json.loads(path.read_text())
+    errors = [json.loads(path.read_text()) for path in sorted(scratch.glob("worker-error-*.json"))]
+    for error in sorted(errors, key=lambda e: e["kind"] == "crash"):  # the cause before its consequences
         if error["kind"] == "out_of_memory":
             raise memory.OutOfMemory(f"rank {error['rank']}: {error['message']}")
+        if error["kind"] == "crash":
+            raise RuntimeError(f"training rank {error['rank']} failed:\n{error['message']}")
         raise RecipeError(error["message"], error["field"], hint=error["hint"])
     if signals.stop_requested():
         signals.raise_if_requested()

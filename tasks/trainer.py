@@ -509,6 +509,11 @@ def worker_main(spec_path: str) -> int:
         return 1
     except KeyboardInterrupt:
         return signals.exit_code()
+    except Exception:  # a defect, not the user's: its traceback goes to the stage's error
+        details = {"kind": "crash", "message": traceback.format_exc()[-4000:], "field": None, "hint": None,
+                   "rank": world.rank}
+        (scratch / ERROR_FILE.format(rank=world.rank)).write_text(json.dumps(details))
+        raise
     finally:
         distributed.shutdown()
 

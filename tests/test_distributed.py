@@ -205,6 +205,14 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
     _close(_adapter(two), _adapter(one))
 
 
+def test_a_crashing_worker_is_reported_with_its_traceback(prepared, tmp_path):
+    """A defect in a worker (here: its tokenized data gone) fails the stage with that rank's
+    traceback, not a bare exit code."""
+    broken = {**prepared, "tokenized": {**prepared["tokenized"], "dir": str(tmp_path / "gone")}}
+    with pytest.raises(RuntimeError, match=r"(?s)training rank \d failed:.*Traceback.*(FileNotFound|gone)"):
+        _train(broken, tmp_path / "work", DistributedSection(strategy="ddp", nproc_per_node=2))
+
+
 @pytest.mark.parametrize("section, message", [
     ({"nnodes": 2}, "distributed: nnodes above 1 needs rdzv_endpoint"),
     ({"nnodes": 2, "rdzv_endpoint": "head-node"}, "distributed: rdzv_endpoint must be HOST:PORT"),
