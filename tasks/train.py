@@ -93,14 +93,14 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
     finally:
         if pointer is not None:
             pointer.unlink(missing_ok=True)
+    if code == 0 and (scratch / trainer.RESULT_FILE).is_file():  # an attempt torchrun restarted may have failed
+        return json.loads((scratch / trainer.RESULT_FILE).read_text())
     _raise_worker_error(scratch, code)
     if code != 0 and launch.nnodes > 1 and not (scratch / trainer.STARTED_FILE).exists():
         raise RecipeError(f"the {launch.nnodes} nodes did not all meet at the rendezvous {launch.rdzv_endpoint} "
                           f"within {launch.rdzv_timeout_s:g} s (torchrun exit code {code})", "distributed.rdzv_endpoint",
                           hint="start `qlora join` on the other nodes, with the same endpoint and a shared work_dir")
-    if code != 0 or not (scratch / trainer.RESULT_FILE).is_file():
-        raise RuntimeError(f"torchrun exited with code {code} and no result; its last lines:\n" + "\n".join(last_lines))
-    return json.loads((scratch / trainer.RESULT_FILE).read_text())
+    raise RuntimeError(f"torchrun exited with code {code} and no result; its last lines:\n" + "\n".join(last_lines))
 
 
 def _project_root() -> str:

@@ -494,6 +494,7 @@ def worker_main(spec_path: str) -> int:
     spec["tracking_uri"] = os.environ.get("QLORA_WORKER_TRACKING_URI") or spec.get("tracking_uri")
     scratch, out = Path(spec["scratch"]), Path(spec["out"])
     world = distributed.init_from_env()  # after the rendezvous: every node is there
+    (scratch / ERROR_FILE.format(rank=world.rank)).unlink(missing_ok=True)  # a restarted attempt's own
     if world.main:
         (scratch / STARTED_FILE).touch()
     try:
