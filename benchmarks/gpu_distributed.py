@@ -126,7 +126,7 @@ def worker(args) -> None:
             share = b.pop("targets") * world.size / total  # DDP averages over ranks
             tokens += b.pop("real_tokens")
             last = k == len(micro_batches) - 1
-            with fsdp.gradients_synced(trained, last or not world.distributed):
+            with distributed.gradients_synced(trained, last or not world.distributed):
                 loss = forward_backward(trained, b, dev, "bfloat16", args.offload, share)
             loss_sum = loss_sum + loss * share / world.size
         loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)

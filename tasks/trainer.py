@@ -248,7 +248,7 @@ class TrainingRun:
             share = (targets if mine else 0) * world.size / step_targets
             step_tokens += real_tokens if mine else 0
             sync = i == len(micro_batches) - 1 or not world.distributed
-            with fsdp.gradients_synced(self.trained, sync):  # averaged over the ranks once per step
+            with distributed.gradients_synced(self.trained, sync):  # averaged over the ranks once per step
                 loss = steps.forward_backward(self.trained, mb, self.dev, self.q.bnb_4bit_compute_dtype,
                                               self.plan["offload_activations"], share)
             step_loss = step_loss + loss * share / world.size

@@ -5,6 +5,7 @@ optimizer step's rows, and DDP averages the gradients. Rank 0 alone logs and sav
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,6 +96,23 @@ def wrap_ddp(model, world: World, dev):
 
     ids = [world.local_rank] if dev.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
+
+
+@contextlib.contextmanager
+def gradients_synced(trained, sync: bool):
+    """Gradients averaged over the processes after this backward (sync), or only accumulated here (the
+    micro-batches before a step's last): DDP's no_sync, FSDP's requires_gradient_sync."""
+    if sync or not hasattr(trained, "no_sync") and not hasattr(trained, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(trained, "no_sync"):
+        with trained.no_sync():
+            yield
+    else:
+        trained.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            trained.set_requires_gradient_sync(True)
 
 
 def processes_per_node(requested: int | str) -> int:

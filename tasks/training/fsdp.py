@@ -10,8 +10,6 @@ the state there. The block scales themselves are not sharded (about 1/64 byte pe
 """
 from __future__ import annotations
 
-import contextlib
-
 from tasks.training.distributed import World
 
 
@@ -82,23 +80,6 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def gradients_synced(trained, sync: bool):
-    """Gradients averaged over the processes after this backward (sync), or only accumulated here (the
-    micro-batches before a step's last): DDP's no_sync, FSDP's requires_gradient_sync."""
-    if sync or not hasattr(trained, "no_sync") and not hasattr(trained, "set_requires_gradient_sync"):
-        yield
-    elif hasattr(trained, "no_sync"):
-        with trained.no_sync():
-            yield
-    else:
-        trained.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            trained.set_requires_gradient_sync(True)
 
 
 def full_trainable_weights(model) -> dict:
