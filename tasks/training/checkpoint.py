@@ -79,34 +79,44 @@ def _flat_members(flat, model) -> list:
 BLOCK = 256  # elements per block of bitsandbytes' 8-bit optimizer state (its absmax values)
 
 
-def _cut(value, key: str, flat, start: int, weight):
-    """One weight's part of a flat tensor's state: per element, per block (8-bit scales), or shared."""
+def _spread(key: str, value, numel: int) -> str | None:
+    """How a state tensor of a weight with numel elements lies over them: one entry per element, one
+    per block (8-bit scales), or shared by all (None: step counts, quantization maps)."""
     import torch
 
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return value
-    if value.numel() == flat.numel():
+        return None
+    if value.numel() == numel:
+        return "element"
+    return "block" if key.startswith("absmax") else None
+
+
+def _cut(value, key: str, flat, start: int, weight):
+    """One weight's part of a flat tensor's state."""
+    spread = _spread(key, value, flat.numel())
+    if spread == "element":
         return value.reshape(-1)[start:start + weight.numel()].view_as(weight)
-    if key.startswith("absmax"):
+    if spread == "block":
         return value[start // BLOCK:start // BLOCK + -(-weight.numel() // BLOCK)]
     return value
 
 
 def _joined(flat, parts: list) -> dict:
+    """The flat tensor's state put together from its weights' parts (the reverse of _cut)."""
     import torch
 
-    first, _ = parts[0]
+    first, weight = parts[0]
     joined = {}
     for key, value in first.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or not (
-                value.numel() == parts[0][1].numel() or key.startswith("absmax")):
+        spread = _spread(key, value, weight.numel())
+        if spread is None:
             joined[key] = value
             continue
-        size = flat.numel() if value.numel() == parts[0][1].numel() else flat.numel() // BLOCK
-        out = torch.zeros(size, dtype=value.dtype)
-        for part, weight in parts:
-            start = weight.storage_offset() if size == flat.numel() else weight.storage_offset() // BLOCK
-            out[start:start + part[key].numel()] = part[key].reshape(-1).cpu()
+        per_block = spread == "block"
+        out = torch.zeros(flat.numel() // BLOCK if per_block else flat.numel(), dtype=value.dtype)
+        for part, member in parts:
+            at = member.storage_offset() // BLOCK if per_block else member.storage_offset()
+            out[at:at + part[key].numel()] = part[key].reshape(-1).cpu()
         joined[key] = out
     return joined
 
