@@ -1,5 +1,7 @@
 """QLoRA on several GPUs: the train stage's code (tasks/training/: fused LoRA layers, compiled layers,
-Liger, flat paged 8-bit AdamW, checkpointing; distributed.py: DDP under torchrun, NCCL; fsdp.py:
+Liger, flat paged 8-bit AdamW, checkpointing; distributed.py: data parallel under torchrun, the
+gradients averaged by one NCCL all-reduce per step (--grad-sync torch-ddp: by DistributedDataParallel
+instead, side by side); fsdp.py:
 FSDP2 with the 4-bit weights sharded) on 1 GPU and on N GPUs, side by side in one invocation, on a
 Llama shape with random weights (nothing is downloaded).
 
@@ -99,8 +101,12 @@ def worker(args) -> None:
     if like_fsdp:
         optimizer = torch.optim.AdamW(params, lr=2e-4)
     else:
-        optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=2e-4)
-    trained = distributed.wrap_ddp(model, world, dev) if world.distributed and not sharded else model
+        optimizer = bnb.optim.PagedAdamW8bit(params if args.no_flat else flatten_parameters(params), lr=2e-4)
+    trained = model
+    if world.distributed and not sharded and args.grad_sync == "torch-ddp":  # the alternative, side by side
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[world.local_rank], init_sync=False, broadcast_buffers=False)
     model.train()
     batch = args.global_batch
     gen = torch.Generator().manual_seed(0)
@@ -129,6 +135,8 @@ def worker(args) -> None:
             with distributed.gradients_synced(trained, last or not world.distributed):
                 loss = forward_backward(trained, b, dev, "bfloat16", args.offload, share)
             loss_sum = loss_sum + loss * share / world.size
+        if world.distributed and not sharded and args.grad_sync == "all-reduce":  # as the train stage averages
+            distributed.average_gradients(optimizer, world.size)
         loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)
         if i == 0:  # the first step's gradients, after the average over ranks (sharded: gathered)
             grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
@@ -146,9 +154,11 @@ def worker(args) -> None:
         losses.append(step(i)[0])
     torch.cuda.synchronize()
     dist.barrier() if world.distributed else None
-    start, tokens = time.perf_counter(), 0
+    start, tokens, step_seconds = time.perf_counter(), 0, []
     for i in range(args.warmup, args.warmup + args.steps):
+        began = time.perf_counter()
         loss, n = step(i)
+        step_seconds.append(time.perf_counter() - began)
         losses.append(loss)
         tokens += n
     torch.cuda.synchronize()
@@ -161,8 +171,8 @@ def worker(args) -> None:
                 step(args.warmup + args.steps + i)
             torch.cuda.synchronize()
         averages = prof.key_averages()
-        if world.main:
-            Path(os.environ["OUT"], f"profile-{world.size}.txt").write_text(
+        if world.rank < 2:  # the first rank of each kind of run and its neighbour: what differs between ranks
+            Path(os.environ["OUT"], f"profile-{args.name}-rank{world.rank}.txt").write_text(
                 averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60) + "\n\n" +
                 averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
@@ -180,7 +190,8 @@ def worker(args) -> None:
         result = {"gpus": world.size, "strategy": args.strategy, "tok_s": tokens / seconds, "step_s": seconds / args.steps,
                   "mean_peak_gib": peak, "peak_gib_rank0": torch.cuda.max_memory_allocated() / 2**30,
                   "build_peak_gib_rank0": load_peak, "build_s": build_s, "estimated_peak_gib": estimate["peak"] / 2**30,
-                  "checkpoint_gather_s": gather_s, "losses": losses, "liger": liger, "compiled": compiled}
+                  "checkpoint_gather_s": gather_s, "losses": losses,
+                  "step_s_each": [round(x, 4) for x in step_seconds], "liger": liger, "compiled": compiled}
         Path(args.out, f"result-{args.name}.json").write_text(json.dumps(result))
     scope.close()
     distributed.shutdown()
@@ -203,10 +214,15 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=["none", "ddp", "fsdp"], help="how the N-GPU run trains")
     parser.add_argument("--runs", default="1,N,floor",
                         help="which runs: 1 (one GPU), N (--gpus GPUs), floor (one GPU, rows split otherwise), "
-                             "again (run 1 once more: the run-to-run noise)")
+                             "again (run 1 once more: the run-to-run noise), torch-ddp (N GPUs, gradients "
+                             "averaged by DistributedDataParallel)")
     parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards kept in CPU memory (distributed.cpu_offload)")
     parser.add_argument("--offload", action="store_true", help="activation checkpoints in CPU memory (train.offload_activations)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
+    parser.add_argument("--grad-sync", default="all-reduce", choices=["all-reduce", "torch-ddp"],
+                        help="--strategy ddp: how gradients are averaged; all-reduce: as the train stage does (once "
+                             "per step, after the last backward); torch-ddp: DistributedDataParallel's hooks")
+    parser.add_argument("--no-flat", action="store_true", help="the optimizer steps each LoRA weight on its own")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
@@ -224,8 +240,10 @@ def main() -> None:
     results, grads = {}, {}
     wanted = args.runs.split(",")
     # 1 GPU, N GPUs, and 1 GPU with the rows grouped otherwise (the bf16 noise floor of a split)
-    for name, gpus, grouping, strategy in (("1", 1, "ranks", "none"), ("N", args.gpus, "ranks", args.strategy),
-                                           ("floor", 1, "natural", "none"), ("again", 1, "ranks", "none")):
+    for name, gpus, grouping, strategy, sync in (
+            ("1", 1, "ranks", "none", args.grad_sync), ("N", args.gpus, "ranks", args.strategy, args.grad_sync),
+            ("torch-ddp", args.gpus, "ranks", "ddp", "torch-ddp"),
+            ("floor", 1, "natural", "none", args.grad_sync), ("again", 1, "ranks", "none", args.grad_sync)):
         if name not in wanted:
             continue
         command = torchrun_command("gpu_distributed", "--worker", gpus)[:-3] + [
@@ -233,6 +251,7 @@ def main() -> None:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
             "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else []) + \
+            (["--no-flat"] if args.no_flat else []) + ["--grad-sync", sync] + \
             (["--cpu-offload"] if args.cpu_offload else []) + (["--offload"] if args.offload else [])
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
@@ -258,6 +277,9 @@ def main() -> None:
             "first_step_lora_grad_relative_error": relative(grads["N"], grads["1"]),
             "max_loss_difference": max(abs(a - b) for a, b in zip(one["losses"], many["losses"])),
         })
+        if "torch-ddp" in results:
+            summary["scaling_torch_ddp"] = round(results["torch-ddp"]["tok_s"] / one["tok_s"], 3)
+            summary["first_step_lora_grad_relative_error_torch_ddp"] = relative(grads["torch-ddp"], grads["1"])
         if "floor" in results:
             summary["noise_floor_other_split_relative_error"] = relative(grads["floor"], grads["1"])
     if "1" in results and "again" in results:  # the same run twice: what the GPU's kernels vary by themselves

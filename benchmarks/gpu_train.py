@@ -86,11 +86,13 @@ def build_on_disk(shape: str, seq: int) -> str:
     return path
 
 
-def build_in_memory(shape: str, seq: int, park_on_cpu: bool = False):
+def build_in_memory(shape: str, seq: int, park_on_cpu: bool = False, quant_storage=None):
     """A model too big for the disk in 16-bit: made on the meta device, then each linear layer given
     random bf16 weights on the GPU and quantized to NF4 (double quantization) at once, layer by layer:
     the 16-bit weights of one layer at a time ever exist. park_on_cpu: each quantized layer then moves
-    to CPU memory, as a sharded train stage loads the base (the GPU never holds the whole model)."""
+    to CPU memory, as a sharded train stage loads the base (the GPU never holds the whole model).
+    quant_storage: the dtype the packed 4-bit bytes are stored as (bitsandbytes' bnb_4bit_quant_storage;
+    default uint8); the weights drawn are the same whatever it is."""
     import bitsandbytes as bnb
     import torch
     from transformers import LlamaForCausalLM
@@ -106,9 +108,11 @@ def build_in_memory(shape: str, seq: int, park_on_cpu: bool = False):
                     continue
                 weight = torch.randn(linear.out_features, linear.in_features, device="cuda", dtype=torch.bfloat16,
                                      generator=gen).mul_(cfg.initializer_range)
+                storage = {"quant_storage": quant_storage} if quant_storage is not None else {}
                 q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      compress_statistics=True, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+                                      compress_statistics=True, quant_type="nf4", device="meta", **storage)
+                q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                             **storage)
                 q.weight = q.weight.to("cuda")  # quantizes
                 q.quant_state = q.weight.quant_state
                 if park_on_cpu:

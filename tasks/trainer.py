@@ -144,10 +144,7 @@ class TrainingRun:
                                        num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total),
                                        num_training_steps=self.total)
         self.model, self.fast_paths = model, fast_paths
-        # What the loop runs forward through: the model itself (sharded in place), or under DDP.
-        self.trained = model
         if self.strategy == "ddp":
-            self.trained = distributed.wrap_ddp(model, self.world, self.dev)
             fast_paths.append(f"ddp:{self.world.size}")
         self.tracker.set_tags({"train.fast_paths": ",".join(fast_paths),
                                **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
@@ -231,8 +228,8 @@ class TrainingRun:
         whether a signal asks every rank to stop here."""
         world, micro = self.world, self.plan["micro_batch"]
         mine = rows[world.rank::world.size]  # this rank's share of the step (all of it in one process)
-        # A rank left without rows (a last step smaller than the world) runs one at zero weight: DDP
-        # and FSDP need every rank's backward.
+        # A rank left without rows (a last step smaller than the world) runs one at zero weight: FSDP
+        # needs every rank's backward, and every rank averages the same gradients.
         taken = mine or rows[:1]
         micro_batches = [self.batch(taken[i:i + micro]) for i in range(0, len(taken), micro)]
         local_targets = sum(mb["targets"] for mb in micro_batches) if mine else 0
@@ -243,15 +240,17 @@ class TrainingRun:
         for i, mb in enumerate(micro_batches):
             if signals.stop_requested() and not world.distributed:
                 self.stop()
-            # DDP averages gradients over ranks: each rank's share is scaled up by the world size.
+            # Gradients are averaged over ranks: each rank's share is scaled up by the world size.
             targets, real_tokens = mb.pop("targets"), mb.pop("real_tokens")  # not model inputs
             share = (targets if mine else 0) * world.size / step_targets
             step_tokens += real_tokens if mine else 0
             sync = i == len(micro_batches) - 1 or not world.distributed
-            with distributed.gradients_synced(self.trained, sync):  # averaged over the ranks once per step
-                loss = steps.forward_backward(self.trained, mb, self.dev, self.q.bnb_4bit_compute_dtype,
+            with distributed.gradients_synced(self.model, sync):  # sharded: reduced over the ranks once per step
+                loss = steps.forward_backward(self.model, mb, self.dev, self.q.bnb_4bit_compute_dtype,
                                               self.plan["offload_activations"], share)
             step_loss = step_loss + loss * share / world.size
+        if world.distributed and not self.sharded:
+            distributed.average_gradients(self.optimizer, world.size)
         stop = signals.stop_requested()
         if world.distributed:  # the step's loss and tokens over all ranks, and one decision to stop
             step_loss, step_tokens, stops = distributed.all_reduce_sum([float(step_loss), step_tokens, stop], self.dev)
@@ -394,7 +393,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
     own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
     fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
-    the whole model and its share of each step's examples, plus a bucket of gradients being averaged;
+    the whole model and its share of each step's examples (its gradients are averaged in place);
     sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole."""
     recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
@@ -402,11 +401,10 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
         return recipe_plan
     bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
     seq = max_length or getattr(config, "max_position_embeddings", 512)
-    buckets = 4 * lora["trainable_params"] if processes > 1 and not sharded else 0  # DDP's float32 gradient buckets
     shards = processes if sharded else None
 
     def estimate(micro: int, gc: bool, offload: bool) -> int:
-        return buckets + memory.estimate_memory(
+        return memory.estimate_memory(
             config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
             gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal, shards=shards)["peak"]
     if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU

@@ -1,7 +1,8 @@
 """Training on several processes: torch.distributed, launched by torchrun (its elastic agent and c10d
 rendezvous), never a process manager of our own. The train stage starts one torchrun agent per node;
 each worker it starts runs the same training code as a single process does, on its share of every
-optimizer step's rows, and DDP averages the gradients. Rank 0 alone logs and saves.
+optimizer step's rows; the gradients are averaged over the processes once per step (or, sharded,
+reduced by FSDP). Rank 0 alone logs and saves.
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ class World:
 
 def init_from_env() -> World:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
-    environment): NCCL on CUDA, gloo on the CPU. Without torchrun: one process, no group."""
+    environment): NCCL for CUDA tensors, gloo for CPU ones (on a GPU machine too: FSDP's CPU offload
+    keeps the shards, and so the gradient norm and the gathered checkpoint, in CPU memory). Without
+    torchrun: one process, no group."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return World()
     import torch
@@ -50,7 +53,7 @@ def init_from_env() -> World:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
                               is_master=hosts_store, timeout=timedelta(minutes=10))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=world.rank,
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", rank=world.rank,
                                 world_size=world.size, store=dist.PrefixStore(f"qlora/attempt_{attempt}", store))
     return world
 
@@ -88,31 +91,40 @@ def global_sum(values: list[float], dev):
     return t
 
 
-def wrap_ddp(model, world: World, dev):
-    """The model under DistributedDataParallel: gradients of the trained weights averaged over ranks
-    in buckets while backward runs. Every rank loaded the same base and initialised the same adapters
-    under the same seed, so nothing is broadcast at the start (a 4-bit 70B base would be gigabytes)."""
-    from torch.nn.parallel import DistributedDataParallel
+def average_gradients(optimizer, world_size: int) -> None:
+    """The gradients the optimizer steps, averaged over the processes once per optimizer step, after
+    its last backward: one all-reduce per gradient tensor (the flat optimizer holds one for every LoRA
+    weight), queued without a host sync. Not DistributedDataParallel: its per-weight autograd hooks
+    and bucket copies add host time to every backward, and a QLoRA step is paced by the host (the
+    compiled layers launch faster than Python can feed them), while overlapping the all-reduce with
+    backward saves nothing when the gradients are an adapter's (benchmarks/RESULTS.md has both side by
+    side). A weight no row of this rank reached gets zeros, so every rank reduces the same tensors."""
+    import torch
+    import torch.distributed as dist
 
-    ids = [world.local_rank] if dev.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
+    grads = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    for g in grads:
+        dist.all_reduce(g)
+    torch._foreach_div_(grads, float(world_size))
 
 
 @contextlib.contextmanager
 def gradients_synced(trained, sync: bool):
-    """Gradients averaged over the processes after this backward (sync), or only accumulated here (the
-    micro-batches before a step's last): DDP's no_sync, FSDP's requires_gradient_sync."""
-    if sync or not hasattr(trained, "no_sync") and not hasattr(trained, "set_requires_gradient_sync"):
+    """FSDP's gradients reduced over the processes after this backward (sync), or only accumulated
+    here (the micro-batches before a step's last); anything else is left as it is."""
+    if sync or not hasattr(trained, "set_requires_gradient_sync"):
         yield
-    elif hasattr(trained, "no_sync"):
-        with trained.no_sync():
-            yield
-    else:
-        trained.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            trained.set_requires_gradient_sync(True)
+        return
+    trained.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        trained.set_requires_gradient_sync(True)
 
 
 def processes_per_node(requested: int | str) -> int:
@@ -129,15 +141,15 @@ def processes_per_node(requested: int | str) -> int:
 
 
 def missing_backend() -> str | None:
-    """The collective backend init_from_env will ask for (NCCL on GPUs, gloo on the CPU), when this
-    torch build lacks it; None when it is there."""
+    """The collective backend init_from_env will ask for (NCCL and gloo on GPUs, gloo on the CPU), when
+    this torch build lacks it; None when it is there."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_available():
         return "torch.distributed"
-    if torch.cuda.is_available():
-        return None if dist.is_nccl_available() else "NCCL"
+    if torch.cuda.is_available() and not dist.is_nccl_available():
+        return "NCCL"
     return None if dist.is_gloo_available() else "gloo"
 
 
@@ -185,8 +197,8 @@ def join(work_dir: str, rdzv_endpoint: str, nproc: int | str = "auto", timeout_s
     return launch(command, log, {"QLORA_PROGRESS": "0", **({"QLORA_WORKER_TRACKING_URI": uri} if uri else {})})
 
 
-# NVLink multicast (NVLS) off: on shared hosts it can take GPUs out of service, and DDP's all-reduce
-# of adapter gradients gains nothing from it.
+# NVLink multicast (NVLS) off: on shared hosts it can take GPUs out of service, and the all-reduce of
+# adapter gradients gains nothing from it.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 

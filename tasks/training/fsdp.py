@@ -1,8 +1,8 @@
 """Sharded data parallelism (FSDP2, torch.distributed.fsdp.fully_shard) for models one GPU cannot hold.
 Each process keeps 1/N of every weight (the 4-bit base's packed bytes included), of the adapter and
 of its optimizer state; a decoder layer's shards are gathered just before it runs and freed after,
-so a GPU holds its shards plus a layer or two. The trained weights' gradients are averaged over the
-processes like DDP's, so the loop is the same.
+so a GPU holds its shards plus a layer or two. FSDP reduces the trained weights' gradients over the
+processes itself (each keeps its shard), so the loop is the same.
 
 bitsandbytes' 4-bit layers keep their quantization state (block scales) on the module as well as on
 the weight: the gathered weight is a plain tensor, and the layer (and the fused LoRA function) finds
