@@ -1,15 +1,18 @@
 """Data stages: load (read and clean the source), split, tokenize.
 
-Sources: local files (csv, tsv, json, jsonl, parquet, yaml, optionally .gz/.bz2; a directory of
-split-named files) read with pandas, which also reports the line of an undecodable byte and reads the
-first rows only for `qlora validate`; or a Hub dataset through `datasets`. Loaded and split data are
-parquet files: for a classifier `text` (str) and `label` (class id); for a causal LM the prompt
+Sources: local files (csv, tsv, json, jsonl, parquet, optionally .gz/.bz2, read by `datasets`' own
+builders; yaml, read here; a directory of split-named files), the first rows only for `qlora
+validate`, the line of an undecodable byte found for the message; or a Hub dataset through
+`datasets`. Split through `datasets` (stratified by class for a classifier). Loaded and split data
+are parquet files: for a classifier `text` (str) and `label` (class id); for a causal LM the prompt
 template's columns and the response, as text. Tokenized data is a datasets DatasetDict on disk.
 Every dropped row is counted, never silent.
 """
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -108,6 +111,8 @@ def _decode_error(path: Path, encoding: str) -> str | None:
 
 
 def read_table(path: Path, data: DataSection, nrows: int | None = None) -> pd.DataFrame:
+    """One data file as a table: CSV/TSV, JSON (an array or JSON lines), JSON lines and Parquet through
+    `datasets`' own readers, YAML (records or a conversation corpus) here; nrows: the first rows only."""
     fmt, _ = _format_of(path)
     field, encoding = _field_of(path, data), data.encoding
     if path.stat().st_size == 0:
@@ -116,36 +121,72 @@ def read_table(path: Path, data: DataSection, nrows: int | None = None) -> pd.Da
         raise RecipeError(f"data.column_names names the columns of header-less CSV/TSV files; {path.name} is {fmt}",
                           "data.column_names")
     try:
-        if fmt == "csv":
-            sep = "\t" if ".tsv" in path.name else ","
-            header = {"header": None, "names": data.column_names} if data.column_names else {}
-            df = pd.read_csv(path, sep=sep, nrows=nrows, encoding=encoding, keep_default_na=False,
-                             na_values=[""], dtype_backend="numpy_nullable", **header)
-        elif fmt == "json":
-            lines = ".jsonl" in path.name
-            if not lines:  # a .json file may hold JSON lines too
-                with (pd.io.common.get_handle(path, "r", compression="infer", encoding=encoding)) as h:
-                    lines = h.handle.read(1).strip() != "["
-            df = pd.read_json(path, lines=lines, nrows=nrows if lines else None, encoding=encoding)
-        elif fmt == "yaml":
+        if fmt == "yaml":
             df = _read_yaml(path, encoding)
             df = df.head(nrows) if nrows else df
         else:
-            df = pd.read_parquet(path)
-            df = df.head(nrows) if nrows else df
+            df = _read_with_datasets(path, fmt, data, nrows)
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {path}: {str(e).splitlines()[0]}", field) from None
-    except UnicodeDecodeError:
-        where = _decode_error(path, encoding) or "undecodable bytes"
-        name = "UTF-8" if encoding.lower().replace("-", "").replace("_", "") == "utf8" else encoding
-        raise RecipeError(f"data file is not {name} text ({where}): {path}", field,
-                          hint="set data.encoding to the file's encoding (e.g. latin-1, cp1252)" if
-                          name == "UTF-8" else None) from None
-    except (ValueError, pd.errors.ParserError, OSError, EOFError) as e:
-        raise RecipeError(f"cannot read data file {path}: {str(e).splitlines()[0]}", field) from None
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is the user's to fix
+        cause = _root_cause(e)
+        if isinstance(cause, UnicodeDecodeError) or "utf8" in str(cause).lower().replace("-", ""):
+            where = _decode_error(path, encoding) or "undecodable bytes"
+            name = "UTF-8" if encoding.lower().replace("-", "").replace("_", "") == "utf8" else encoding
+            raise RecipeError(f"data file is not {name} text ({where}): {path}", field,
+                              hint="set data.encoding to the file's encoding (e.g. latin-1, cp1252)" if
+                              name == "UTF-8" else None) from None
+        message = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+        raise RecipeError(f"cannot read data file {path}: {shorten(message, 200)}", field) from None
     if df.empty:
         raise RecipeError(f"data file has no rows: {path}", field)
     return df
+
+
+def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | None) -> pd.DataFrame:
+    """A CSV, JSON or Parquet file read by `datasets`' packaged builder of that format (compressed
+    files too). Missing cells are missing (an empty CSV cell, not the text "NA"). The first rows are
+    streamed; a whole file is built into a temporary directory, so nothing lands in the user's
+    datasets cache and no stale copy of an edited file is ever read back."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")  # a file it cannot read is logged there too; we raise one line
+    level, bars = quiet.level, not datasets.are_progress_bars_disabled()
+    quiet.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()  # a bar per file read says nothing the load stage's log does not
+    try:
+        return _build_table(datasets, path, fmt, data, nrows)
+    finally:
+        quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _build_table(datasets, path: Path, fmt: str, data: DataSection, nrows: int | None) -> pd.DataFrame:
+    options: dict = {}
+    if fmt == "csv":
+        options = {"sep": "\t" if ".tsv" in path.name else ",", "encoding": data.encoding,
+                   "keep_default_na": False, "na_values": [""]}
+        if data.column_names:
+            options["column_names"] = data.column_names
+    elif fmt == "json":
+        options = {"encoding": data.encoding}
+    if nrows:
+        rows = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options).take(nrows)
+        return pd.DataFrame.from_records(list(rows))
+    with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True,
+                                      **options)
+        return table.to_pandas()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The error a reader's wrapper (datasets' DatasetGenerationError) was raised from."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _read_yaml(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
@@ -361,10 +402,24 @@ def load(out: Path, source: dict, data: DataSection, labels: list[str] | None,
     return {"splits": sorted(frames), "label_names": names, "stats": stats}
 
 
+def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """n rows of train split off at random (datasets' train_test_split), in the classes' proportions
+    when stratify."""
+    import datasets
+
+    table = datasets.Dataset.from_pandas(train, preserve_index=False)
+    if stratify:
+        table = table.cast_column("label", datasets.ClassLabel(num_classes=int(train["label"].max()) + 1))
+    try:
+        parts = table.train_test_split(test_size=n, seed=seed, stratify_by_column="label" if stratify else None)
+    except ValueError as e:  # e.g. fewer rows split off than there are classes
+        raise RecipeError(f"cannot split {n} of {len(train)} rows off by class: {str(e).splitlines()[0]}", field,
+                          hint="a larger fraction, or split.stratify: false") from None
+    return parts["train"].to_pandas(), parts["test"].to_pandas()
+
+
 @stage("split")
 def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> dict:
-    from sklearn.model_selection import train_test_split
-
     frames = {s: pd.read_parquet(Path(loaded["dir"]) / f"{s}.parquet") for s in loaded["splits"]}
     train = frames["train"]
     for name, size, field in (("test", cfg.test_size, "split.test_size"),
@@ -376,9 +431,8 @@ def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> di
             raise RecipeError(f"{size} of {len(frames['train'])} rows leaves the {name} split "
                               f"{'empty' if n < 1 else 'with all rows'}", field,
                               hint="the source has no such split: give a fraction that leaves rows on both sides")
-        labels = (train["label"] if cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
-                  else None)
-        train, frames[name] = train_test_split(train, test_size=n, random_state=cfg.seed, stratify=labels)
+        stratify = cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
+        train, frames[name] = _split_off(train, n, cfg.seed, stratify, field)
     frames["train"] = train
     counts = {}
     for name in SPLITS:

@@ -102,6 +102,27 @@ def test_bad_files_name_the_file(tmp_path):
         check_data(_data(tmp_path / "x.xlsx"))
 
 
+def test_reading_leaves_no_cache_and_sees_every_edit(tmp_path, monkeypatch):
+    """Files are read by datasets' builders into a temporary directory: nothing lands in the user's
+    datasets cache, and a file edited in place (same name, same size) is read afresh."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)  # where load_dataset caches by default
+    path = tmp_path / "d.csv"
+    _frame().to_csv(path, index=False)
+    columns = required_columns(_data(path), None)
+    assert read_source(_data(path), columns)["train"]["review"].iloc[0] == "good film"
+    _frame([("gold film", "pos")] + ROWS[1:]).to_csv(path, index=False)
+    assert read_source(_data(path), columns)["train"]["review"].iloc[0] == "gold film"
+    assert not cache.exists() or not any(cache.rglob("*.arrow"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"review": "good", "sentiment": "pos"}\n{"review": \n')
+    with pytest.raises(RecipeError, match="cannot read data file .*broken.jsonl") as e:
+        read_source(_data(broken), columns)
+    assert e.value.field == "data.path" and "\n" not in str(e.value)
+
+
 def test_directory_splits_and_aliases(tmp_path):
     for name in ("train", "dev", "test"):
         _frame().to_csv(tmp_path / f"{name}.csv", index=False)
