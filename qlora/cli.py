@@ -123,8 +123,9 @@ def preflight(recipe: Recipe) -> None:
 
     check_work_dir(recipe.work_dir)
     resolve_model(recipe.model)
-    check_data(recipe.data, _prompt_columns(recipe))
-    check_labels(recipe)
+    if not data_already_loaded(recipe):
+        check_data(recipe.data, _prompt_columns(recipe))
+        check_labels(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
@@ -155,6 +156,21 @@ def _open_tracking_store(recipe: Recipe) -> None:
     else:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         import mlflow.tracking  # noqa: F401
+
+
+def data_already_loaded(recipe: Recipe) -> bool:
+    """Whether the load stage has already read and cleaned exactly this data (the same files' content,
+    the same data section and labels): its checks passed then and would pass again, so a re-run does
+    not read the data twice before the flow takes it from the cache. A Hub dataset is always checked."""
+    if recipe.data.hub:
+        return False
+    from tasks import store
+    from tasks.data import describe_source, load
+
+    source = describe_source(recipe.data)  # names a missing file or directory, as the checks would
+    _, directory = load.key_of({"source": source, "data": recipe.data, "labels": recipe.model.labels,
+                                "prompt_columns": _prompt_columns(recipe), "work_dir": recipe.work_dir})
+    return (directory / store.RESULT_FILE).is_file() and (directory / store.MANIFEST_FILE).is_file()
 
 
 def check_work_dir(work_dir: str) -> None:

@@ -66,6 +66,37 @@ def test_data_file_problems(project, capsys):
     assert "not UTF-8" in _validate(project, capsys, small_recipe(), f"data.path={project / 'latin.csv'}")
 
 
+def test_a_rerun_reads_its_data_once(project, monkeypatch):
+    """Once the load stage holds this data's content, the preflight takes its checks from there (an
+    unchanged re-run does not read and clean the data before the flow takes it from the cache); a
+    changed file, or another data section, is read and checked again."""
+    import tasks.data
+    from qlora.cli import data_already_loaded, preflight
+    from tasks.recipe import recipe_from_dict
+
+    import shutil
+
+    corpus = shutil.copytree(small_recipe()["data"]["path"], project / "reviews")
+    r = recipe_from_dict({**small_recipe(), "data": {**small_recipe()["data"], "path": str(corpus)}})
+    assert not data_already_loaded(r)
+    source = tasks.data.describe_source(r.data)
+    tasks.data.load.fn(source, r.data, r.model.labels, None, work_dir=r.work_dir)
+    assert data_already_loaded(r)
+    reads = []
+    real = tasks.data.read_table
+    monkeypatch.setattr(tasks.data, "read_table", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    preflight(r)
+    assert reads == []
+    train = next(corpus.glob("train.*"))
+    train.write_bytes(train.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[0] + b"\n")  # one row fewer
+    assert not data_already_loaded(r)
+    preflight(r)
+    assert reads
+    other = recipe_from_dict({**small_recipe(), "data": {**small_recipe()["data"], "path": str(corpus),
+                                                         "drop_duplicates": True}})
+    assert not data_already_loaded(other)
+
+
 def test_unreachable_tracking_server(project, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
