@@ -190,8 +190,14 @@ def test_chat_smollm2_short_run(project):
     variants = pd.DataFrame(summary["comparison"]).set_index("variant")
     assert list(variants.index) == ["adapter", "merged-dequant", "merged-original", "merged-4bit"]
     assert variants.loc["adapter", "agreement_pct"] == 100 and variants.loc["adapter", "max_abs_logit_diff"] == 0
-    # The dequantized merge is the model training saw: it must continue the prompts (nearly) alike.
-    assert variants.loc["merged-dequant", "agreement_pct"] >= 75, variants
+    # The dequantized merge is the model training saw: its loss is the adapter's (bf16 rounding
+    # apart), it continues the prompts most alike and its logits are nearest. Greedy agreement over
+    # 8 prompts moves in steps of 12.5% with the examples drawn, so it is compared, not thresholded.
+    dequant, adapter, others = (variants.loc["merged-dequant"], variants.loc["adapter"],
+                                variants.drop(["adapter", "merged-dequant"]))
+    assert abs(dequant["loss"] - adapter["loss"]) <= 0.01 * adapter["loss"], variants
+    assert dequant["agreement_pct"] >= 50 and dequant["agreement_pct"] > others["agreement_pct"].max(), variants
+    assert dequant["max_abs_logit_diff"] < others["max_abs_logit_diff"].min(), variants
     assert variants["loss"].notna().all() and "merge variants against the adapter" in done.stdout
     # The merged model as MLflow logged it: a chat model (its chat template applied) that pyfunc
     # loads and `mlflow models serve` answers, OpenAI chat-completion style.
