@@ -150,19 +150,6 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
     datasets cache and no stale copy of an edited file is ever read back."""
     import datasets
 
-    quiet = logging.getLogger("datasets")  # a file it cannot read is logged there too; we raise one line
-    level, bars = quiet.level, not datasets.are_progress_bars_disabled()
-    quiet.setLevel(logging.CRITICAL)
-    datasets.disable_progress_bars()  # a bar per file read says nothing the load stage's log does not
-    try:
-        return _build_table(datasets, path, fmt, data, nrows)
-    finally:
-        quiet.setLevel(level)
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _build_table(datasets, path: Path, fmt: str, data: DataSection, nrows: int | None) -> pd.DataFrame:
     options: dict = {}
     if fmt == "csv":
         options = {"sep": "\t" if ".tsv" in path.name else ",", "encoding": data.encoding,
@@ -171,13 +158,21 @@ def _build_table(datasets, path: Path, fmt: str, data: DataSection, nrows: int |
             options["column_names"] = data.column_names
     elif fmt == "json":
         options = {"encoding": data.encoding}
-    if nrows:
-        rows = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options).take(nrows)
-        return pd.DataFrame.from_records(list(rows))
-    with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True,
-                                      **options)
-        return table.to_pandas()
+    quiet = logging.getLogger("datasets")  # a file it cannot read is logged there too; we raise one line
+    level, bars = quiet.level, not datasets.are_progress_bars_disabled()
+    quiet.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()  # a bar per file read says nothing the load stage's log does not
+    try:
+        if nrows:
+            rows = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
+            return pd.DataFrame.from_records(list(rows.take(nrows)))
+        with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options).to_pandas()
+    finally:
+        quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _root_cause(error: BaseException) -> BaseException:
