@@ -1,7 +1,7 @@
 """QLoRA on several GPUs: the train stage's code (tasks/training/: fused LoRA layers, compiled layers,
 Liger, flat paged 8-bit AdamW, checkpointing; distributed.py: data parallel under torchrun, the
-gradients averaged by one NCCL all-reduce per step (--grad-sync torch-ddp: by DistributedDataParallel
-instead, side by side); fsdp.py:
+gradients averaged by one NCCL all-reduce per step (the run named torch-ddp: by
+DistributedDataParallel instead, side by side); fsdp.py:
 FSDP2 with the 4-bit weights sharded) on 1 GPU and on N GPUs, side by side in one invocation, on a
 Llama shape with random weights (nothing is downloaded).
 
@@ -101,7 +101,7 @@ def worker(args) -> None:
     if like_fsdp:
         optimizer = torch.optim.AdamW(params, lr=2e-4)
     else:
-        optimizer = bnb.optim.PagedAdamW8bit(params if args.no_flat else flatten_parameters(params), lr=2e-4)
+        optimizer = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=2e-4)
     trained = model
     if world.distributed and not sharded and args.grad_sync == "torch-ddp":  # the alternative, side by side
         from torch.nn.parallel import DistributedDataParallel
@@ -129,7 +129,7 @@ def worker(args) -> None:
         total = distributed.global_sum([sum(b["targets"] for b in micro_batches)], dev)  # no host sync
         loss_sum, tokens = 0.0, 0
         for k, b in enumerate(micro_batches):
-            share = b.pop("targets") * world.size / total  # DDP averages over ranks
+            share = b.pop("targets") * world.size / total  # gradients are averaged over ranks
             tokens += b.pop("real_tokens")
             last = k == len(micro_batches) - 1
             with distributed.gradients_synced(trained, last or not world.distributed):
@@ -219,10 +219,7 @@ def main() -> None:
     parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards kept in CPU memory (distributed.cpu_offload)")
     parser.add_argument("--offload", action="store_true", help="activation checkpoints in CPU memory (train.offload_activations)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
-    parser.add_argument("--grad-sync", default="all-reduce", choices=["all-reduce", "torch-ddp"],
-                        help="--strategy ddp: how gradients are averaged; all-reduce: as the train stage does (once "
-                             "per step, after the last backward); torch-ddp: DistributedDataParallel's hooks")
-    parser.add_argument("--no-flat", action="store_true", help="the optimizer steps each LoRA weight on its own")
+    parser.add_argument("--grad-sync", default="all-reduce", help=argparse.SUPPRESS)  # a run's: see --runs
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grouping", default="ranks", help=argparse.SUPPRESS)
     parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
@@ -241,9 +238,9 @@ def main() -> None:
     wanted = args.runs.split(",")
     # 1 GPU, N GPUs, and 1 GPU with the rows grouped otherwise (the bf16 noise floor of a split)
     for name, gpus, grouping, strategy, sync in (
-            ("1", 1, "ranks", "none", args.grad_sync), ("N", args.gpus, "ranks", args.strategy, args.grad_sync),
+            ("1", 1, "ranks", "none", "all-reduce"), ("N", args.gpus, "ranks", args.strategy, "all-reduce"),
             ("torch-ddp", args.gpus, "ranks", "ddp", "torch-ddp"),
-            ("floor", 1, "natural", "none", args.grad_sync), ("again", 1, "ranks", "none", args.grad_sync)):
+            ("floor", 1, "natural", "none", "all-reduce"), ("again", 1, "ranks", "none", "all-reduce")):
         if name not in wanted:
             continue
         command = torchrun_command("gpu_distributed", "--worker", gpus)[:-3] + [
@@ -251,7 +248,7 @@ def main() -> None:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
             "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else []) + \
-            (["--no-flat"] if args.no_flat else []) + ["--grad-sync", sync] + \
+            ["--grad-sync", sync] + \
             (["--cpu-offload"] if args.cpu_offload else []) + (["--offload"] if args.offload else [])
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
