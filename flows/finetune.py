@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pandas as pd
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks import lineage, secrets, signals, tracking
+from tasks import lineage, secrets, signals, tracking, tracking_process
 from tasks.comparison import comparison_table
 from tasks.data import describe_source, load, split, tokenize
 from tasks.evaluate import check_metrics, evaluate_model
@@ -23,6 +22,9 @@ from tasks.stage import materializing
 from tasks.store import dir_size, hash_value
 from tasks.train import check_memory_budget, train
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @flow(name="qlora-finetune", persist_result=False)
 def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
@@ -31,6 +33,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     overrides (how prefect.yaml's deployments name it). parent_run_id nests its MLflow run under a
     comparison or sweep run."""
     r = _recipe(recipe, recipe_file, overrides)
+    mlflow = tracking_process.shared().session()  # MLflow written by a process of its own
     run = StageRunner(r.work_dir, r.name)
     signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
     causal = r.model.task == CAUSAL
@@ -52,15 +55,15 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)
-    with tracking.opening_store(uri):
-        quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
+    mlflow.call("prepare_store", uri)
+    quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
     key = recipe_key(r, source, model)
-    run_id, resumed = tracking.start_run(r, key, uri, flow_run.get_id(), parent_run_id)
+    experiment, run_id, resumed = tracking.start_run(mlflow, r, key, uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
-    unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
+    unregister = signals.on_emergency(lambda: mlflow.end_run(uri, run_id, "KILLED", timeout=10))
     try:
-        record = tracking.RunRecorder(r, uri, run_id, resumed, flow_run.get_id())
+        record = tracking.RunRecorder(mlflow, r, uri, experiment, run_id, resumed, flow_run.get_id())
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source_uri(source))
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size)
@@ -101,8 +104,19 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         status = "KILLED"
         raise
     finally:
-        tracking.end_run(uri, run_id, status)
         unregister()
+        _end_run(mlflow, uri, run_id, status)
+
+
+def _end_run(mlflow, uri: str, run_id: str, status: str) -> None:
+    """The MLflow run's final status, whatever happened. A write that failed fails a run that would
+    have finished; a run already failing keeps its own error, and the write's is logged beside it."""
+    try:
+        mlflow.end_run(uri, run_id, status)
+    except Exception as e:
+        if status == "FINISHED":
+            raise
+        lineage.log.warning("MLflow: %s", e)
 
 
 def _recipe(recipe: dict | None, recipe_file: str | None, overrides: list[str] | None) -> Recipe:

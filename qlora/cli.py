@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -82,11 +83,25 @@ class TemporaryPrefectServer:
         signals.on_emergency(self.stop)
 
     def wait(self, timeout: float = 60) -> None:
+        # What the flow's start imports, imported meanwhile (this process would otherwise idle).
+        import fastapi.encoders  # noqa: F401 - Prefect serializes flow parameters with it
+        import prefect.artifacts  # noqa: F401
+        import prefect.flow_engine  # noqa: F401
+        import prefect.task_engine  # noqa: F401
+
         try:
             # Polled often: every tenth of a second counts on an unchanged re-run.
             wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout, poll_s=0.05)
         finally:
             self.starting.release()
+
+    @staticmethod
+    def flow_settings():
+        """Flow-run heartbeats tell a server that a run is still alive; this server dies with the run,
+        so nothing would ever read them, and the run's end waits up to a second for their thread."""
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
     def stop(self) -> None:
         if self.starting.is_locked:
@@ -131,31 +146,30 @@ def preflight(recipe: Recipe) -> None:
     check_tracking(tracking_uri_of(recipe))
 
 
-def _start_server_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None:
-    """The temporary Prefect server boots (on the other core) while the recipe is checked; a
-    refused recipe stops it again."""
+def _start_servers_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None:
+    """The temporary Prefect server and the MLflow recording process (tasks.tracking_process) start
+    while the recipe is checked; a refused recipe stops them again. Against a running server the
+    recording process's import of MLflow is what the flow waits for: it starts first. With a server
+    to boot, the boot is: the recording process starts once the checks (and their imports) are done,
+    so that on a machine of two cores the server's boot does not share one."""
+    from tasks import tracking_process
+    from tasks.tracking import store_exists, tracking_uri_of
+
     server = _prefect_server()
+    if server is None:
+        tracking_process.shared()
     try:
         preflight(recipe)
     except RecipeError:
         if server is not None:
             server.stop()
+        tracking_process.discard()
         raise
-    return server
-
-
-def _open_tracking_store(recipe: Recipe) -> None:
-    """MLflow's client and SQL store take over a second to import and open; the flow needs them right
-    after the server answers. A store that does not exist yet is left to the flow, which creates it
-    only once the recipe has passed the checks that need the model."""
-    from tasks.tracking import prepare_store, store_exists, tracking_uri_of
-
+    recording = tracking_process.shared()
     uri = tracking_uri_of(recipe)
-    if store_exists(uri):
-        prepare_store(uri)
-    else:
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-        import mlflow.tracking  # noqa: F401
+    if store_exists(uri):  # a new store is created by the flow, once the recipe has passed every check
+        recording.call("prepare_store", uri)
+    return server
 
 
 def data_already_loaded(recipe: Recipe) -> bool:
@@ -423,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in info.items():
                 print(f"  {k}: {v}")
             return 0
-        server = _start_server_and_preflight(recipe)
+        server = _start_servers_and_preflight(recipe)
         from flows.finetune import finetune
 
         if server is not None:
-            _open_tracking_store(recipe)  # while the server boots on the other core
             server.wait()
-        result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
+        with server.flow_settings() if server else contextlib.nullcontext():
+            result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):
             e.file = args.recipe
@@ -490,16 +504,17 @@ def _experiment(args, recipe: Recipe) -> int:
         from flows.experiments import expand_grid
 
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
-    server = _start_server_and_preflight(recipe)
+    server = _start_servers_and_preflight(recipe)
     from flows import experiments
 
     if server is not None:
         server.wait()
-    if args.command == "methods":
-        result = experiments.compare_methods(raw, file, args.full_learning_rate)
-    else:
-        print(f"sweep: {len(trials)} trials, {args.parallel} at a time")
-        result = experiments.sweep_with_workers(max(1, args.parallel))(raw, grid, file)
+    with server.flow_settings() if server else contextlib.nullcontext():
+        if args.command == "methods":
+            result = experiments.compare_methods(raw, file, args.full_learning_rate)
+        else:
+            print(f"sweep: {len(trials)} trials, {args.parallel} at a time")
+            result = experiments.sweep_with_workers(max(1, args.parallel))(raw, grid, file)
     import pandas as pd
 
     with pd_options():

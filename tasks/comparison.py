@@ -4,11 +4,14 @@ nested MLflow run per variant so the MLflow compare view lines them up."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tasks.recipe import RecipeError
+
+if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
+    import pandas as pd
 
 VARIANTS = ["adapter", "merged-dequant", "merged-original", "merged-4bit"]
 TABLE_FILE = "comparison/variants.json"
@@ -18,7 +21,6 @@ COLUMNS = ["variant", "dtype", "accuracy", "f1_macro", "agreement_pct", "max_abs
 # prompts; logits = the next-token logits at the end of those prompts.
 CAUSAL_COLUMNS = ["variant", "dtype", "loss", "perplexity", "rougeL", "agreement_pct", "max_abs_logit_diff",
                   "generation_s_per_example", "peak_memory_mb", "weights_mb", "size_mb", "deploy_size_mb"]
-
 
 def _logits(frame: pd.DataFrame) -> np.ndarray:
     return frame[[c for c in frame.columns if c.startswith("logit_")]].to_numpy(dtype=np.float64)
@@ -37,6 +39,8 @@ def agreement(reference: pd.DataFrame, other: pd.DataFrame, reference_logits: np
 
 
 def _read(result: dict) -> tuple[pd.DataFrame, np.ndarray | None]:
+    import pandas as pd
+
     directory = Path(result["dir"])
     logits = np.load(directory / result["logits"]) if result.get("logits") else None
     return pd.read_parquet(directory / result["predictions"]), logits
@@ -44,6 +48,8 @@ def _read(result: dict) -> tuple[pd.DataFrame, np.ndarray | None]:
 
 def comparison_table(evaluations: dict[str, dict], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     """evaluations: variant -> evaluate-stage result; sizes: variant -> (artifact bytes, deploy bytes)."""
+    import pandas as pd
+
     reference, reference_logits = _read(evaluations["adapter"])
     causal = "greedy" in reference
     rows = []
@@ -89,6 +95,8 @@ def comparison_chart(table: pd.DataFrame, path: Path) -> None:
 
 
 def format_table(table: pd.DataFrame) -> str:
+    import pandas as pd
+
     shown = table.copy()
     for column, digits in (("accuracy", 4), ("f1_macro", 4), ("agreement_pct", 2), ("max_abs_logit_diff", 4),
                            ("latency_p50_ms", 2), ("latency_p95_ms", 2), ("throughput_per_s", 1), ("loss", 4),
@@ -105,6 +113,8 @@ def load_comparison(client, run_id: str) -> pd.DataFrame:
     """The variant table of a run, read back from MLflow; a clear error when it has none."""
     import json
     import tempfile
+
+    import pandas as pd
 
     from mlflow.exceptions import MlflowException
 

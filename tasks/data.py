@@ -14,20 +14,22 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 
 from tasks import store
 from tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection, shorten
 from tasks.stage import stage
 
+if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
+    import pandas as pd
+
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
            ".yml": "yaml", ".yaml": "yaml"}
 COMPRESSIONS = (".gz", ".bz2")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
-
 
 # --- finding and reading the source ----------------------------------------------------------
 
@@ -100,6 +102,8 @@ def _field_of(path: Path, data: DataSection) -> str:
 def _decode_error(path: Path, encoding: str) -> str | None:
     """Where the file stops being `encoding` text: line and byte offset in the file (pandas
     reports the offset inside its read buffer or cell)."""
+    import pandas as pd
+
     with pd.io.common.get_handle(path, "rb", compression="infer", is_text=False) as h:
         raw = h.handle.read()
     try:
@@ -148,6 +152,8 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
     files too). Missing cells are missing (an empty CSV cell, not the text "NA"). The first rows are
     streamed; a whole file is built into a temporary directory, so nothing lands in the user's
     datasets cache and no stale copy of an edited file is ever read back."""
+    import pandas as pd
+
     import datasets
 
     options: dict = {}
@@ -187,6 +193,8 @@ def _root_cause(error: BaseException) -> BaseException:
 def _read_yaml(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """A list of records, or a conversation corpus ({categories, conversations: [[q, a, ...]]}, as
     chatterbot-corpus ships): each consecutive pair of turns becomes a (prompt, response) row."""
+    import pandas as pd
+
     with pd.io.common.get_handle(path, "r", compression="infer", encoding=encoding) as h:
         doc = yaml.safe_load(h.handle)
     if isinstance(doc, dict) and "conversations" in doc:
@@ -218,6 +226,8 @@ def check_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None
 
 
 def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
     if data.hub:
         return _read_hub(data, columns)
     frames = {}
@@ -282,6 +292,8 @@ def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> di
 # --- cleaning ----------------------------------------------------------------------------------
 
 def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) -> list[str]:
+    import pandas as pd
+
     if labels:
         return list(labels)
     values = pd.concat([f["label"] for f in frames.values()]).dropna()
@@ -293,6 +305,8 @@ def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) 
 def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] | None):
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
     Returns the cleaned frames (text, label id), the class names and per-split counts."""
+    import pandas as pd
+
     renamed = {}
     unmapped: dict[str, int] = {}
     for split, df in frames.items():
@@ -364,6 +378,8 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
 def clean_pairs(frames: dict[str, pd.DataFrame], data: DataSection, columns: list[str]):
     """causal-lm rows: the template's columns and the response as text; rows with an empty one
     dropped (and, optionally, duplicates), all counted."""
+    import pandas as pd
+
     out, stats = {}, {}
     for split, df in frames.items():
         counts = {"rows_read": len(df)}
@@ -415,6 +431,8 @@ def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: st
 
 @stage("split")
 def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> dict:
+    import pandas as pd
+
     frames = {s: pd.read_parquet(Path(loaded["dir"]) / f"{s}.parquet") for s in loaded["splits"]}
     train = frames["train"]
     for name, size, field in (("test", cfg.test_size, "split.test_size"),
@@ -509,6 +527,8 @@ def _tokenize_classification(df: pd.DataFrame, tok, cfg: TokenizeSection):
 def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSection,
              prompt: PromptSection | None = None) -> dict:
     """Classification rows (prompt None), or causal-lm prompt/response rows."""
+    import pandas as pd
+
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 

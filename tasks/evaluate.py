@@ -6,9 +6,9 @@ import difflib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tasks import model as models
 from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
@@ -17,10 +17,12 @@ from tasks.batches import collate, pad_token_id
 from tasks.inference import lm_loss, predict_logits
 from tasks.measure import PeakMemory, weights_bytes
 
+if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
+    import pandas as pd
+
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
 PER_CLASS = {"f1", "precision", "recall"}
-
 
 def metric_path(name: str) -> Path:
     path = METRICS_DIR / f"{name}.py" if (METRICS_DIR / f"{name}.py").is_file() else Path(name)
@@ -213,6 +215,8 @@ def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_s
 def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int) -> dict:
     """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE);
     the next-token logits of those prompts kept for comparing variants."""
+    import pandas as pd
+
     import math
 
     import torch
@@ -245,6 +249,8 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 @stage("evaluate", modules=("tasks.metrics",))  # metric scripts are loaded by path
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
+    import pandas as pd
+
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer

@@ -15,8 +15,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from tasks.recipe import Recipe, RecipeError, flatten
 from tasks.secrets import redact, redact_text
 
@@ -92,6 +90,16 @@ def store_lock(uri: str):
     return FileLock(str(db) + ".lock")
 
 
+def import_mlflow() -> None:
+    """What the recording process imports before its first request (seconds), quieted as the CLI is."""
+    import warnings
+
+    # MLflow's dataset-schema hints about integer label columns are noise in a CLI run.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -109,18 +117,6 @@ def store_exists(uri: str) -> bool:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).is_file()
     return True
-
-
-@contextlib.contextmanager
-def opening_store(uri: str):
-    """The tracking store opened in a background thread while the block runs (a stage that takes
-    seconds anyway), ready when it ends."""
-    opened = threading.Thread(target=prepare_store, args=(uri,), daemon=True)
-    opened.start()
-    try:
-        yield
-    finally:
-        opened.join()
 
 
 def prepare_store(uri: str) -> None:
@@ -172,34 +168,52 @@ class Tracker:
 
 # --- the pipeline's run ------------------------------------------------------------------------
 
-def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None,
-              parent_run_id: str | None = None) -> tuple[str, bool]:
-    """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING).
-    Returns (run_id, resumed)."""
-    client = _client(uri)
-    exp_id = experiment_id(client, recipe.tracking.experiment_name, uri)
-    unfinished = [r for r in client.search_runs(
-        [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=20) if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
+def start_run(mlflow, recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None,
+              parent_run_id: str | None = None) -> tuple[str, str, bool]:
+    """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING), through
+    the recording process `mlflow` (tasks.tracking_process). Returns (experiment_id, run_id, resumed)."""
+    found = mlflow.ask("find_unfinished_runs", uri, recipe.tracking.experiment_name, recipe_key)
+    unfinished = [r for r in found["runs"] if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
     tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method,
             OWNER_TAG: process_owner()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if unfinished:
-        run_id = unfinished[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        resumed = True
-        previous = unfinished[0].data.tags.get("prefect.flow_run_id")
+        run_id = unfinished[0]["run_id"]
+        mlflow.call("resume_run", uri, run_id)
+        previous = unfinished[0]["tags"].get("prefect.flow_run_id")
         if previous and previous != flow_run_id:
             mark_flow_run_crashed(previous, f"its process ended without finishing; resumed by flow run {flow_run_id}")
     else:
         # Named per configuration: runs of one recipe with other settings or data are told apart.
-        run_id = client.create_run(exp_id, run_name=run_name(recipe.name, recipe_key),
-                                   tags={RECIPE_KEY_TAG: recipe_key}).info.run_id
-        resumed = False
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
-    return run_id, resumed
+        run_id = mlflow.ask("create_run", uri, found["experiment_id"], run_name(recipe.name, recipe_key),
+                            {RECIPE_KEY_TAG: recipe_key})
+    mlflow.call("set_tags", uri, run_id, tags)
+    return found["experiment_id"], run_id, bool(unfinished)
+
+
+def find_unfinished_runs(uri: str, experiment_name: str, recipe_key: str) -> dict:
+    """The experiment (created if new) and its unfinished runs of this recipe key, newest first."""
+    client = _client(uri)
+    exp_id = experiment_id(client, experiment_name, uri)
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=20)
+    return {"experiment_id": exp_id, "runs": [
+        {"run_id": r.info.run_id, "status": r.info.status,
+         "tags": {k: r.data.tags[k] for k in ("prefect.flow_run_id", OWNER_TAG) if k in r.data.tags}} for r in runs]}
+
+
+def resume_run(uri: str, run_id: str) -> None:
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
+def create_run(uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
+    return _client(uri).create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    Tracker(uri, run_id).set_tags(tags)
 
 
 def run_name(recipe_name: str, recipe_key: str) -> str:
@@ -231,15 +245,15 @@ def _process_start(pid: int) -> str:
         return ""
 
 
-def _owned_by_a_live_flow_run(run, flow_run_id: str | None) -> bool:
-    """A RUNNING MLflow run that another live pipeline run still reports to: two runs of the same
-    recipe at once (a deployment serving several) must not share it. On this machine: is its process
-    alive (a killed run's Prefect state stays Running, its process does not); elsewhere: is its
-    Prefect flow run still going."""
-    owner_flow = run.data.tags.get("prefect.flow_run_id")
-    if run.info.status != "RUNNING" or (owner_flow and owner_flow == flow_run_id):
+def _owned_by_a_live_flow_run(run: dict, flow_run_id: str | None) -> bool:
+    """A RUNNING MLflow run (as find_unfinished_runs describes it) that another live pipeline run still
+    reports to: two runs of the same recipe at once (a deployment serving several) must not share it.
+    On this machine: is its process alive (a killed run's Prefect state stays Running, its process does
+    not); elsewhere: is its Prefect flow run still going."""
+    owner_flow = run["tags"].get("prefect.flow_run_id")
+    if run["status"] != "RUNNING" or (owner_flow and owner_flow == flow_run_id):
         return False
-    host, _, rest = run.data.tags.get(OWNER_TAG, "").partition(":")
+    host, _, rest = run["tags"].get(OWNER_TAG, "").partition(":")
     pid, _, started = rest.partition(":")
     if host == socket.gethostname() and pid.isdigit():
         return int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}") and _process_start(int(pid)) == started
@@ -305,30 +319,44 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def log_recipe(uri: str, run_id: str, recipe: Recipe, recipe_file: str | None) -> None:
+def recipe_params(recipe: Recipe) -> dict[str, str]:
+    """The recipe as MLflow parameters: flattened, secrets redacted, each value within MLflow's limit
+    (the logged recipe file has it all)."""
+    params = {}
+    for k, v in flatten(recipe).items():
+        v = redact_text(v)
+        params[k] = v if len(v) <= MAX_PARAM_CHARS else v[: MAX_PARAM_CHARS - 15] + "...[truncated]"
+    return params
+
+
+def recipe_texts(recipe: Recipe, recipe_file: str | None) -> dict[str, str]:
+    """The resolved recipe, and the file it came from, as logged artifacts (secrets redacted)."""
     import yaml
+
+    texts = {"recipe/resolved.yaml": yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)}
+    if recipe_file and Path(recipe_file).is_file():
+        texts[f"recipe/{Path(recipe_file).name}"] = redact_text(Path(recipe_file).read_text(encoding="utf-8"))
+    return texts
+
+
+def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Parameters the run has not logged yet (a resumed run keeps its own)."""
     from mlflow.entities import Param
 
     client = _client(uri)
     existing = client.get_run(run_id).data.params
-    params = []
-    for k, v in flatten(recipe).items():
-        v = redact_text(v)
-        if len(v) > MAX_PARAM_CHARS:  # MLflow rejects long values: keep a prefix, the artifact has it all
-            v = v[: MAX_PARAM_CHARS - 15] + "...[truncated]"
-        if k not in existing:
-            params.append(Param(k, v))
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
-    client.log_text(run_id, yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False),
-                    "recipe/resolved.yaml")
-    if recipe_file and Path(recipe_file).is_file():
-        client.log_text(run_id, redact_text(Path(recipe_file).read_text(encoding="utf-8")),
-                        f"recipe/{Path(recipe_file).name}")
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i:i + 100])
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    _client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None:
     import mlflow.data
+    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
     client = _client(uri)
@@ -342,7 +370,7 @@ def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None
         client.log_inputs(run_id, datasets=inputs)
 
 
-def log_history(uri: str, run_id: str, history_file: Path) -> None:
+def log_history(uri: str, run_id: str, history_file: str) -> None:
     """Per-step train metrics, unless training already logged them live into this run."""
     client = _client(uri)
     if client.get_metric_history(run_id, "train_loss"):
@@ -351,7 +379,7 @@ def log_history(uri: str, run_id: str, history_file: Path) -> None:
 
     now = int(time.time() * 1000)
     metrics = []
-    for line in history_file.read_text().splitlines():
+    for line in Path(history_file).read_text().splitlines():
         record = json.loads(line)
         step = record.pop("step")
         metrics += [Metric(k, float(v), now, step) for k, v in record.items() if v is not None]
@@ -365,7 +393,7 @@ def log_summary(uri: str, run_id: str, metrics: dict[str, Any], prefix: str = ""
     Tracker(uri, run_id).log_metrics(numeric)
 
 
-def log_artifacts(uri: str, run_id: str, local_dir: Path, artifact_path: str) -> None:
+def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
     _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
@@ -373,18 +401,19 @@ def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
     _client(uri).log_dict(run_id, data, artifact_file)
 
 
-def experiment_of(uri: str, run_id: str) -> str:
-    return _client(uri).get_run(run_id).info.experiment_id
+def log_parquet_table(uri: str, run_id: str, parquet_file: str, artifact_file: str) -> None:
+    import pandas as pd
+
+    _client(uri).log_table(run_id, data=pd.read_parquet(parquet_file), artifact_file=artifact_file)
 
 
-def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
-    _client(uri).log_table(run_id, data=df, artifact_file=artifact_file)
-
-
-def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> None:
+def log_comparison(uri: str, run_id: str, rows: list[dict], work_dir: str) -> None:
     """The variant table (MLflow table + CSV), its chart, and one nested run per variant."""
+    import pandas as pd
+
     from tasks.comparison import TABLE_FILE, comparison_chart
 
+    table, work = pd.DataFrame(rows), Path(work_dir)
     client = _client(uri)
     client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
     table.to_csv(work / "variants.csv", index=False)
@@ -407,16 +436,21 @@ def log_comparison(uri: str, run_id: str, table: pd.DataFrame, work: Path) -> No
 
 class RunRecorder:
     """Everything a pipeline run records outside its stages, behind one object: the MLflow run
-    (parameters, data, metrics, artifacts, registered versions, promotion), the Prefect artifacts a
-    person browsing the UI reads (metrics tables, links, the lineage, the outcome), and the summary
-    the CLI prints. The flow calls it after each stage; it never decides what runs."""
+    (parameters, data, metrics, artifacts, registered versions, promotion), written by the recording
+    process `mlflow` (tasks.tracking_process) while the flow goes on; the Prefect artifacts a person
+    browsing the UI reads (metrics tables, links, the lineage, the outcome); and the summary the CLI
+    prints. The flow calls it after each stage; it never decides what runs."""
 
-    def __init__(self, recipe: Recipe, uri: str, run_id: str, resumed: bool, flow_run_id: str | None):
-        self.r, self.uri, self.run_id, self.flow_run_id = recipe, uri, run_id, flow_run_id
-        self.tracker = Tracker(uri, run_id)
+    def __init__(self, mlflow, recipe: Recipe, uri: str, experiment: str, run_id: str, resumed: bool,
+                 flow_run_id: str | None):
+        self.mlflow, self.r, self.uri, self.run_id, self.flow_run_id = mlflow, recipe, uri, run_id, flow_run_id
+        self.experiment = experiment
         self.registered = recipe.tracking.registered_model_name or recipe.name
         self.summary: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
                                         "method": recipe.method}
+
+    def _write(self, operation: str, *args: Any) -> None:
+        self.mlflow.call(operation, self.uri, self.run_id, *args)
 
     def inputs(self, recipe_file: str | None, loaded: dict, splits: dict, tokenized: dict, lora: dict,
                source_uri: str) -> None:
@@ -425,23 +459,25 @@ class RunRecorder:
 
         page = lineage.prefect_ui_url(self.flow_run_id)
         if page:
-            self.tracker.set_tags({"prefect.flow_run_url": page})
-        lineage.link_or_note(lineage.mlflow_run_url(self.uri, experiment_of(self.uri, self.run_id), self.run_id),
+            self._write("set_tags", {"prefect.flow_run_url": page})
+        lineage.link_or_note(lineage.mlflow_run_url(self.uri, self.experiment, self.run_id),
                              f"MLflow run {self.run_id}", f"{self.r.name}-mlflow-run",
                              "the MLflow run of this flow run", self.uri)
-        self.tracker.set_tags({"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
-        log_recipe(self.uri, self.run_id, self.r, recipe_file)
+        self._write("set_tags", {"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
+        self._write("log_params", recipe_params(self.r))
+        for artifact_file, text in recipe_texts(self.r, recipe_file).items():
+            self._write("log_text", text, artifact_file)
         if not self.summary["resumed_run"]:
-            log_datasets(self.uri, self.run_id, splits, source_uri)
+            self._write("log_datasets", splits, source_uri)
         counts = {f"data_{split}_{k}": v for split, stats in loaded["stats"].items() for k, v in stats.items()}
         counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized["stats"].items() for k, v in stats.items()})
-        log_summary(self.uri, self.run_id, counts)
-        log_summary(self.uri, self.run_id, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
+        self._write("log_summary", counts)
+        self._write("log_summary", {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
         self.summary.update(lora=lora, data=loaded["stats"], tokenize=tokenized["stats"])
 
     def training(self, trained: dict) -> None:
-        log_history(self.uri, self.run_id, Path(trained["dir"]) / trained["history"])
-        log_summary(self.uri, self.run_id, {k: trained[k] for k in (
+        self._write("log_history", str(Path(trained["dir"]) / trained["history"]))
+        self._write("log_summary", {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
             "gradient_bytes", "optimizer_state_bytes") if k in trained})
         artifact = "adapter" if self.r.lora.enabled else "model"
@@ -456,12 +492,12 @@ class RunRecorder:
         prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "adapter": ("test_", "eval"),
                                 "merged": ("merged_test_", "eval_merged")}[variant]
         directory = Path(evaluated["dir"])
-        log_summary(self.uri, self.run_id, evaluated["metrics"], prefix)
+        self._write("log_summary", evaluated["metrics"], prefix)
         lineage.metrics_table(evaluated["metrics"], f"{self.r.name}-{artifact_dir}",
                               f"{prefix}metrics of MLflow run {self.run_id}")
-        log_artifacts(self.uri, self.run_id, directory, artifact_dir)
-        log_table(self.uri, self.run_id, pd.read_parquet(directory / evaluated["predictions"]),
-                  f"{artifact_dir}/predictions_table.json")
+        self._write("log_artifacts", str(directory), artifact_dir)
+        self._write("log_parquet_table", str(directory / evaluated["predictions"]),
+                    f"{artifact_dir}/predictions_table.json")
         self.summary[f"{prefix}metrics"] = evaluated["metrics"]
 
     def merged(self, merged: dict) -> None:
@@ -472,13 +508,12 @@ class RunRecorder:
         the merged (or fully fine-tuned) model as an MLflow model."""
         for name, logged_as in (("adapter", "adapter"), ("mlflow_model", "merged_model" if merged else "model")):
             if name in packaged:
-                log_artifacts(self.uri, self.run_id, Path(packaged["dir"]) / packaged[name], logged_as)
+                self._write("log_artifacts", str(Path(packaged["dir"]) / packaged[name]), logged_as)
                 self.summary[f"{logged_as}_package"] = str(Path(packaged["dir"]) / packaged[name])
 
     def register(self, trained: dict, merged: dict | None) -> None:
         """One registry version per content: the adapter (or fully fine-tuned model), the merged model."""
         from tasks import lineage
-        from tasks.promotion import register
 
         artifact = "adapter" if self.r.lora.enabled else "model"
         versions = [(artifact, artifact, trained["hash"], f"{artifact}_version")]
@@ -486,29 +521,31 @@ class RunRecorder:
             versions.append(("merged_model", "merged", merged["hash"], "merged_version"))
         for logged_as, suffix, content_hash, key in versions:
             name = f"{self.registered}-{suffix}"
-            self.summary[key] = version = register(self.uri, self.run_id, logged_as, name, content_hash)
+            self.summary[key] = version = self.mlflow.ask("register", self.uri, self.run_id, logged_as, name,
+                                                          content_hash)
             lineage.link_or_note(lineage.mlflow_model_url(self.uri, name, version), f"registered model {name} v{version}",
                                  f"{name}-version", f"registered model {name}, version {version}", self.uri)
 
-    def comparison(self, table: pd.DataFrame, work: Path) -> None:
-        log_comparison(self.uri, self.run_id, table, work)
-        self.summary["comparison"] = table.to_dict(orient="records")
+    def comparison(self, table, work: Path) -> None:
+        rows = table.to_dict(orient="records")
+        self._write("log_comparison", rows, str(work))
+        self.summary["comparison"] = rows
 
     def promote(self) -> None:
         """Champion or not, by the recipe's metric and margin; the decision and its reason recorded in
         MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
         from tasks import lineage
-        from tasks.promotion import promote
         from tasks.stage import run_logger
 
         p, r = self.r.tracking.promotion, self.r
         merges = r.merge.enabled and r.lora.enabled
         suffix = "merged" if p.model_for(merges) == "merged" else ("adapter" if r.lora.enabled else "model")
         name = f"{self.registered}-{suffix}"
-        decision = promote(self.uri, name, p.metric_for(merges, r.model.task), p.margin, p.mode_for(merges, r.model.task))
-        self.tracker.set_tags({"qlora.promotion.promoted": decision["promoted"],
-                               "qlora.promotion.reason": decision["reason"]})
-        log_dict(self.uri, self.run_id, decision, "promotion.json")
+        decision = self.mlflow.ask("promote", self.uri, name, p.metric_for(merges, r.model.task), p.margin,
+                                   p.mode_for(merges, r.model.task))
+        self._write("set_tags", {"qlora.promotion.promoted": decision["promoted"],
+                                 "qlora.promotion.reason": decision["reason"]})
+        self._write("log_dict", decision, "promotion.json")
         lineage.markdown(f"### promotion: {'promoted' if decision['promoted'] else 'not promoted'}\n\n"
                          f"{decision['reason']}\n\nMLflow run `{self.run_id}`, registered model `{name}`",
                          f"{r.name}-promotion", f"promotion decision for {name}")
@@ -534,7 +571,7 @@ class RunRecorder:
             lines.append(f"\npromotion: {self.summary['promotion']['reason']}")
         lineage.markdown("\n".join(lines), f"{self.r.name}-run-summary", "what this run built")
         lineage.run_lineage(self.r.name, stages, self.flow_run_id)
-        self.tracker.set_tags({"qlora.cached_stages": ",".join(k for k, v in cached.items() if v)})
+        self._write("set_tags", {"qlora.cached_stages": ",".join(k for k, v in cached.items() if v)})
         if self.summary["all_cached"]:
-            mark_all_cached(self.uri, self.run_id, self.r.name, recipe_key)
+            self._write("mark_all_cached", self.r.name, recipe_key)
         return self.summary
