@@ -137,7 +137,7 @@ def worker(args) -> None:
             loss_sum = loss_sum + loss * share / world.size
         if world.distributed and not sharded and args.grad_sync == "all-reduce":  # as the train stage averages
             distributed.average_gradients(optimizer, world.size)
-        loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)
+        loss_sum, tokens = distributed.all_reduce_sum([float(loss_sum), tokens], dev)  # read each step, as the train stage
         if i == 0:  # the first step's gradients, after the average over ranks (sharded: gathered)
             grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().cpu()
                      for n, p in zip(names, params)}
@@ -149,26 +149,66 @@ def worker(args) -> None:
         optimizer.zero_grad(set_to_none=like_fsdp)  # flat gradients are zeroed in place
         return loss_sum, int(tokens)
 
-    losses = []
-    for i in range(args.warmup):  # compiling happens here
-        losses.append(step(i)[0])
+    def steps(first: int, last: int, timed: list | None = None) -> tuple[list[float], int]:
+        losses, tokens = [], 0
+        for i in range(first, last):
+            began = time.perf_counter()
+            loss, n = step(i)
+            losses.append(loss)
+            tokens += n
+            if timed is not None:
+                timed.append(time.perf_counter() - began)
+        return losses, tokens
+
+    state_dir = Path(args.out) / f"state-{args.resume_from or args.name}"
+    if args.resume_from:  # a run stopped on another number of GPUs, resumed here (the train stage's checkpoint code)
+        from safetensors.torch import load_file
+
+        from tasks.training.checkpoint import load_optimizer_state
+
+        saved = load_file(state_dir / "weights.safetensors")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(saved[n].to(p.device, p.dtype))
+        load_optimizer_state(optimizer, model, torch.load(state_dir / "optimizer.pt", weights_only=True))
+        losses, _ = steps(args.first_step, args.first_step + args.steps)
+        if world.main:
+            Path(args.out, f"result-{args.name}.json").write_text(json.dumps(
+                {"gpus": world.size, "first_step": args.first_step, "losses": losses}))
+        scope.close()
+        distributed.shutdown()
+        return
+    if args.stop_at:  # train to this step, save what a checkpoint holds, stop
+        from safetensors.torch import save_file
+
+        from tasks.training.checkpoint import training_state
+
+        losses, _ = steps(0, args.stop_at)
+        weights, optimizer_state = training_state(model, optimizer)
+        if world.main:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            save_file(weights, state_dir / "weights.safetensors")
+            torch.save(optimizer_state, state_dir / "optimizer.pt")
+            Path(args.out, f"result-{args.name}.json").write_text(json.dumps(
+                {"gpus": world.size, "stopped_after_step": args.stop_at, "losses": losses}))
+        scope.close()
+        distributed.shutdown()
+        return
+
+    losses = steps(0, args.warmup)[0]  # compiling happens here
     torch.cuda.synchronize()
     dist.barrier() if world.distributed else None
-    start, tokens, step_seconds = time.perf_counter(), 0, []
-    for i in range(args.warmup, args.warmup + args.steps):
-        began = time.perf_counter()
-        loss, n = step(i)
-        step_seconds.append(time.perf_counter() - began)
-        losses.append(loss)
-        tokens += n
+    start, step_seconds = time.perf_counter(), []
+    timed_losses, tokens = steps(args.warmup, args.warmup + args.steps, step_seconds)
+    losses += timed_losses
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if args.profile and os.environ.get("OUT"):  # every rank steps (collectives); rank 0 writes
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for i in range(2):
-                step(args.warmup + args.steps + i)
+            steps(args.warmup + args.steps, args.warmup + args.steps + 2)
             torch.cuda.synchronize()
         averages = prof.key_averages()
         if world.rank < 2:  # the first rank of each kind of run and its neighbour: what differs between ranks
@@ -215,7 +255,9 @@ def main() -> None:
     parser.add_argument("--runs", default="1,N,floor",
                         help="which runs: 1 (one GPU), N (--gpus GPUs), floor (one GPU, rows split otherwise), "
                              "again (run 1 once more: the run-to-run noise), torch-ddp (N GPUs, gradients "
-                             "averaged by DistributedDataParallel)")
+                             "averaged by DistributedDataParallel), resume (N GPUs stopped after --resume-at "
+                             "steps, saved as the train stage's checkpoints save, resumed on 1 GPU for 10 steps)")
+    parser.add_argument("--resume-at", type=int, default=5, help="the step the resume run stops at on N GPUs")
     parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards kept in CPU memory (distributed.cpu_offload)")
     parser.add_argument("--offload", action="store_true", help="activation checkpoints in CPU memory (train.offload_activations)")
     parser.add_argument("--profile", action="store_true", help="a torch profile of two steps of each run, under $OUT")
@@ -226,6 +268,9 @@ def main() -> None:
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--strategy-of-run", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--stop-at", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-from", help=argparse.SUPPRESS)
+    parser.add_argument("--first-step", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -236,11 +281,18 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="gpu_distributed-"))
     results, grads = {}, {}
     wanted = args.runs.split(",")
+    if "resume" in wanted and args.warmup + args.steps < args.resume_at + 10:
+        parser.error("resume compares 10 steps after --resume-at with run 1: needs --warmup + --steps >= --resume-at + 10")
     # 1 GPU, N GPUs, and 1 GPU with the rows grouped otherwise (the bf16 noise floor of a split)
-    for name, gpus, grouping, strategy, sync in (
-            ("1", 1, "ranks", "none", "all-reduce"), ("N", args.gpus, "ranks", args.strategy, "all-reduce"),
-            ("torch-ddp", args.gpus, "ranks", "ddp", "torch-ddp"),
-            ("floor", 1, "natural", "none", "all-reduce"), ("again", 1, "ranks", "none", "all-reduce")):
+    runs = [("1", 1, "ranks", "none", "all-reduce", []), ("N", args.gpus, "ranks", args.strategy, "all-reduce", []),
+            ("torch-ddp", args.gpus, "ranks", "ddp", "torch-ddp", []),
+            ("floor", 1, "natural", "none", "all-reduce", []), ("again", 1, "ranks", "none", "all-reduce", [])]
+    if "resume" in wanted:
+        runs += [("stopped-N", args.gpus, "ranks", args.strategy, "all-reduce", ["--stop-at", str(args.resume_at)]),
+                 ("resumed-1", 1, "ranks", "none", "all-reduce",
+                  ["--resume-from", "stopped-N", "--first-step", str(args.resume_at), "--steps", "10"])]
+        wanted += ["stopped-N", "resumed-1"]
+    for name, gpus, grouping, strategy, sync, extra in runs:
         if name not in wanted:
             continue
         command = torchrun_command("gpu_distributed", "--worker", gpus)[:-3] + [
@@ -248,7 +300,7 @@ def main() -> None:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
             "--strategy", strategy, "--strategy-of-run", args.strategy] + (["--profile"] if args.profile else []) + \
-            ["--grad-sync", sync] + \
+            ["--grad-sync", sync] + extra + \
             (["--cpu-offload"] if args.cpu_offload else []) + (["--offload"] if args.offload else [])
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
@@ -257,7 +309,8 @@ def main() -> None:
             sys.exit(1)
         results[name] = json.loads((out / f"result-{name}.json").read_text())
         results[name]["wall_s"] = time.perf_counter() - started
-        grads[name] = torch.load(out / f"grads-{name}.pt", weights_only=True)
+        if (out / f"grads-{name}.pt").is_file() and name not in ("stopped-N", "resumed-1"):
+            grads[name] = torch.load(out / f"grads-{name}.pt", weights_only=True)
         print(f"run {name} ({gpus} GPU, {strategy}): {json.dumps({k: v for k, v in results[name].items() if k != 'losses'})}",
               flush=True)
     summary = {"shape": args.shape, "seq": args.seq, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
@@ -279,6 +332,17 @@ def main() -> None:
             summary["first_step_lora_grad_relative_error_torch_ddp"] = relative(grads["torch-ddp"], grads["1"])
         if "floor" in results:
             summary["noise_floor_other_split_relative_error"] = relative(grads["floor"], grads["1"])
+    if "resumed-1" in results and "1" in results:  # stopped on N GPUs at step k, resumed on 1: against 1 GPU throughout
+        k = args.resume_at
+        straight = results["1"]["losses"][k:k + 10]
+        resumed = results["resumed-1"]["losses"]
+        summary["resume"] = {"stopped_at_step": k, "resumed_losses": [round(x, 4) for x in resumed],
+                             "uninterrupted_losses": [round(x, 4) for x in straight],
+                             "max_loss_difference": max(abs(a - b) for a, b in zip(resumed, straight)),
+                             "loss_difference_at_k_plus_10": abs(resumed[-1] - straight[len(resumed) - 1])}
+        if "again" in results:
+            again = results["again"]["losses"][k:k + 10]
+            summary["resume"]["run_to_run_max_loss_difference"] = max(abs(a - b) for a, b in zip(again, straight))
     if "1" in results and "again" in results:  # the same run twice: what the GPU's kernels vary by themselves
         summary["noise_floor_same_run_relative_error"] = relative(grads["again"], grads["1"])
         summary["check_passed"] = summary["first_step_lora_grad_relative_error"] < 1e-2

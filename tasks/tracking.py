@@ -3,12 +3,10 @@ thread, and Prefect may run tasks in other threads), resumed rather than orphane
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
