@@ -9,8 +9,8 @@ an answer (the run id, a registered version, the promotion decision) and at the 
 write that failed still fails the run, with the error MLflow gave.
 
 Requests and replies are JSON lines over the child's stdin and a pipe of its own (whatever MLflow
-prints goes to stderr). The child runs operations of tasks.tracking named in OPERATIONS and nothing
-else, in the working directory the request was sent from.
+prints goes to stderr). The child runs the operations named in OPERATIONS (of tasks.tracking and
+tasks.promotion) and nothing else, in the working directory the request was sent from.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class TrackingProcess:
                                         stdout=subprocess.PIPE, env=env, start_new_session=True,
                                         preexec_fn=signals.child_dies_with_parent)
         self._sent = self._sessions = 0
+        self._written = False  # by a run's session
         self._asked: set[int] = set()
         self._replies: dict[int, dict] = {}
         self._failures: dict[int, Exception] = {}  # the first failed write of each session
@@ -70,7 +71,10 @@ class TrackingProcess:
         self._send(0, operation, args, answer=False)
 
     def close(self, timeout: float = 30) -> None:
-        """No more writes: the child finishes the ones sent and exits."""
+        """No more writes: the child finishes the ones sent and exits. One that no run has written
+        through (a recipe refused in the flow's first stages) is stopped at once, mid-import maybe."""
+        if not self._written:
+            self.process.kill()
         try:
             self.process.stdin.close()
         except (BrokenPipeError, OSError):
@@ -89,6 +93,7 @@ class TrackingProcess:
         with self._send_lock:
             self._sent += 1
             number = self._sent
+            self._written = self._written or session != 0
             line = json.dumps({"id": number, "session": session, "op": operation, "args": args, "cwd": os.getcwd(),
                                "answer": answer}, default=_plain) + "\n"
             if answer:
