@@ -116,7 +116,7 @@ def _end_run(mlflow, uri: str, run_id: str, status: str) -> None:
     except Exception as e:
         if status == "FINISHED":
             raise
-        lineage.log.warning("MLflow: %s", e)
+        tracking.log.warning("MLflow: %s", e)
 
 
 def _recipe(recipe: dict | None, recipe_file: str | None, overrides: list[str] | None) -> Recipe:

@@ -148,10 +148,10 @@ def preflight(recipe: Recipe) -> None:
 
 def _start_servers_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None:
     """The temporary Prefect server and the MLflow recording process (tasks.tracking_process) start
-    while the recipe is checked; a refused recipe stops them again. Against a running server the
-    recording process's import of MLflow is what the flow waits for: it starts first. With a server
-    to boot, the boot is: the recording process starts once the checks (and their imports) are done,
-    so that on a machine of two cores the server's boot does not share one."""
+    while the recipe is checked; a refused recipe stops them again. Against a running server the flow
+    waits for the recording process's import of MLflow, so that process starts first. With a server
+    to boot, the flow waits for the boot, so the recording process starts once the checks (and their
+    imports) are done: on a machine of two cores the booting server then has one to itself."""
     from tasks import tracking_process
     from tasks.tracking import store_exists, tracking_uri_of
 

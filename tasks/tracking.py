@@ -118,8 +118,8 @@ def store_exists(uri: str) -> bool:
 
 
 def prepare_store(uri: str) -> None:
-    """Open the tracking store once (a new sqlite store creates its tables: seconds), so a flow can
-    do it in a background thread while its first stages run."""
+    """Open the tracking store once (a new sqlite store creates its tables: seconds): the recording
+    process does it while the flow's first stages run, before the run's first write needs it."""
     try:
         with store_lock(uri):
             _client(uri).search_experiments(max_results=1)
