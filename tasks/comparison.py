@@ -22,6 +22,7 @@ COLUMNS = ["variant", "dtype", "accuracy", "f1_macro", "agreement_pct", "max_abs
 CAUSAL_COLUMNS = ["variant", "dtype", "loss", "perplexity", "rougeL", "agreement_pct", "max_abs_logit_diff",
                   "generation_s_per_example", "peak_memory_mb", "weights_mb", "size_mb", "deploy_size_mb"]
 
+
 def _logits(frame: pd.DataFrame) -> np.ndarray:
     return frame[[c for c in frame.columns if c.startswith("logit_")]].to_numpy(dtype=np.float64)
 

@@ -31,6 +31,7 @@ COMPRESSIONS = (".gz", ".bz2")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
+
 # --- finding and reading the source ----------------------------------------------------------
 
 def _format_of(path: Path) -> tuple[str, str] | None:
@@ -152,9 +153,8 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
     files too). Missing cells are missing (an empty CSV cell, not the text "NA"). The first rows are
     streamed; a whole file is built into a temporary directory, so nothing lands in the user's
     datasets cache and no stale copy of an edited file is ever read back."""
-    import pandas as pd
-
     import datasets
+    import pandas as pd
 
     options: dict = {}
     if fmt == "csv":
@@ -528,7 +528,6 @@ def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSectio
              prompt: PromptSection | None = None) -> dict:
     """Classification rows (prompt None), or causal-lm prompt/response rows."""
     import pandas as pd
-
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 

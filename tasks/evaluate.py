@@ -24,6 +24,7 @@ METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
 PER_CLASS = {"f1", "precision", "recall"}
 
+
 def metric_path(name: str) -> Path:
     path = METRICS_DIR / f"{name}.py" if (METRICS_DIR / f"{name}.py").is_file() else Path(name)
     if not path.is_file():
@@ -215,12 +216,10 @@ def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_s
 def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int) -> dict:
     """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE);
     the next-token logits of those prompts kept for comparing variants."""
-    import pandas as pd
-
     import math
 
+    import pandas as pd
     import torch
-
 
     torch.manual_seed(0)  # sampled decoding: the same draws for every model evaluated
     loss = lm_loss(model, test, batch_size, pad_id, dev, desc="evaluate")
@@ -250,7 +249,6 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
     import pandas as pd
-
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer

@@ -349,9 +349,9 @@ class DistributedSection(Section):
     """ddp: every process holds the model and trains on its share of each optimizer step's examples,
     the adapter's gradients averaged over the processes once per step (an all-reduce); fsdp: the
     same, with the weights (4-bit included), the adapter and its optimizer state sharded over the
-    processes (FSDP2, each decoder layer gathered when it runs), for models a single GPU cannot hold; none: one process; auto: with more than one
-    process, ddp when the model and its training state fit one GPU (the memory estimate against the
-    GPU's free memory), else fsdp."""
+    processes (FSDP2, each decoder layer gathered when it runs), for models a single GPU cannot
+    hold; none: one process; auto: with more than one process, ddp when the model and its training
+    state fit one GPU (the memory estimate against the GPU's free memory), else fsdp."""
     nproc_per_node: Union[Literal["auto"], int] = "auto"
     """Processes on each node; auto: one per visible GPU (one on a CPU machine)."""
     nnodes: int = Field(1, gt=0)
