@@ -30,6 +30,7 @@ from tasks.progress import bar as progress_bar
 from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from tasks.tracking import Tracker
 from tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
+from tasks.training.collection import StepCollection
 from tasks.training.distributed import World
 from tasks.training.lora import draw_adapter_weights, model_for_training
 
@@ -167,7 +168,12 @@ class TrainingRun:
     def loop(self, on_checkpoint: Callable[[int], None]) -> None:
         """The training loop: optimizer steps of examples_per_step units, accumulated over the
         plan's micro-batches; logging, validation and checkpoints at their intervals; a signal stops
-        it at a step boundary with a checkpoint."""
+        it at a step boundary with a checkpoint. Python's garbage is collected at step boundaries,
+        every rank at the same steps (tasks/training/collection.py)."""
+        with StepCollection() as collection:
+            self._loop(on_checkpoint, collection)
+
+    def _loop(self, on_checkpoint: Callable[[int], None], collection: StepCollection) -> None:
         import torch
 
         cfg, p = self.cfg, self.progress
@@ -193,6 +199,7 @@ class TrainingRun:
                 self.scheduler.step()
                 self.zero_grad()
                 p.step += 1
+                collection.collect(p.step)
                 bar.update(1)
                 if p.step % cfg.logging_steps == 0 or p.step == self.total:
                     elapsed = self.clock.seconds()

@@ -2,7 +2,9 @@
 checked, seeded runs identical, an interrupted run resumes exactly where it stopped."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,51 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
     assert waste < waste_plain / 5
 
 
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_garbage_is_collected_at_step_boundaries_and_the_collector_restored():
+    """Training collects Python's garbage itself, at fixed steps (every rank at the same ones), and
+    gives the collector back as it found it: also after an error, and only when the last of several
+    trainings running at once in threads ends."""
+    from tasks.training.collection import StepCollection
+
+    assert gc.isenabled()
+    with StepCollection(every=2, full_every=4) as collection:
+        assert not gc.isenabled()
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        del cycle
+        collection.collect(1)
+        assert alive() is not None, "collected between the steps the schedule names"
+        collection.collect(2)
+        assert alive() is None, "garbage of the steps before was not collected at step 2"
+        collection.collect(4)
+        assert len(collection.pauses) == 2
+    assert gc.isenabled()
+
+    with pytest.raises(ValueError):
+        with StepCollection():
+            raise ValueError("a failed step")
+    assert gc.isenabled()
+
+    first, second = StepCollection(), StepCollection()  # two trials' trainings, in one process
+    first.close()
+    assert not gc.isenabled(), "one training ended while another still trains"
+    second.close()
+    second.close()  # twice: no effect
+    assert gc.isenabled()
+
+    gc.disable()
+    try:
+        StepCollection().close()
+        assert not gc.isenabled(), "a collector that was off is left off"
+    finally:
+        gc.enable()
+
+
 def test_two_seeded_runs_are_identical(prepared, tmp_path):
     """LoRA weights are initialised after the seed is set: two CPU runs give the same result."""
     a, b = _train(prepared, tmp_path / "a"), _train(prepared, tmp_path / "b")
@@ -94,6 +141,7 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path):
 
     with pytest.raises(RuntimeError, match="killed"):
         _train(prepared, tmp_path / "resumed", on_checkpoint=crash)
+    assert gc.isenabled(), "a training that failed left Python's garbage collector off"
     partial = list((tmp_path / "resumed" / "train").glob("*.partial"))
     assert len(partial) == 1 and (partial[0] / "checkpoint-0000004").is_dir()
     assert not [p for p in (tmp_path / "resumed" / "train").iterdir() if not p.name.endswith(".partial")], \

@@ -148,12 +148,21 @@ def _layer_compiler(graph, example_inputs, emulate_casts: bool = True):
     layer's weights: the peak grew, RESULTS.md). And, with emulate_casts (Inductor's emulate_precision_casts),
     each cast to bf16 that the eager code makes rounded as it is there, where Inductor would keep the
     float32 value inside a fused kernel: the compiled layers then compute what the eager layers compute
-    (their LoRA gradients and loss come closer to eager's; tests/test_fast_paths.py checks them)."""
+    (their LoRA gradients and loss come closer to eager's; tests/test_fast_paths.py checks them).
+    And Inductor's deterministic mode: otherwise each process that compiles afresh picks its kernels'
+    configurations by timing them on the device, and the pick changes the numbers (on a 7B shape two
+    fresh compiles' first-step LoRA gradients differed by 4%, as did 2 GPUs against 1: each rank
+    compiles for itself); with it, two runs and any number of ranks compute the same, at no measured
+    cost in speed (benchmarks/RESULTS.md)."""
     import torch._functorch.config
+    import torch._inductor.config
     from torch._inductor.compile_fx import compile_fx
 
+    patches = {"emulate_precision_casts": emulate_casts}
+    if hasattr(torch._inductor.config, "deterministic"):  # torch >= 2.8
+        patches["deterministic"] = True
     with torch._functorch.config.patch(cse=False):
-        return compile_fx(graph, example_inputs, config_patches={"emulate_precision_casts": emulate_casts})
+        return compile_fx(graph, example_inputs, config_patches=patches)
 
 
 def attention_implementation(requested: str, dev, required: bool = False) -> str:
