@@ -9,6 +9,13 @@ split, tokenize with packing, quantize, LoRA, train, evaluate with generation, m
 
     python benchmarks/gpu_pipeline.py                      # TinyLlama-1.1B shape, budget 6 GiB
     python benchmarks/gpu_pipeline.py --shape tiny --max-steps 4 --work /tmp/p   # a CPU smoke run
+    python benchmarks/gpu_pipeline.py --shape small --gpus 2     # the train stage under torchrun, 2 GPUs
+    python benchmarks/gpu_pipeline.py --shape small --nodes 2    # two torchrun agents ("nodes") on one
+                                                                 # host, one GPU each, via `qlora join`
+
+--gpus N: the recipe's `distributed` section asks for N processes (DDP); --nodes 2: node A is this
+`qlora run` on the first GPU, node B a `qlora join` on the second, meeting at a c10d rendezvous on
+127.0.0.1, as two machines of a cluster would (README, "More than one machine").
 
 Prints the train stage's fast paths and memory plan (MLflow tags), its tokens/s, peak memory and
 losses, the evaluation and merge metrics; writes gpu_pipeline.json under $OUT when set.
@@ -27,8 +34,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate
     "tinyllama-1.1b": (2048, 22, 32, 4, 5632),
+    "small": (512, 8, 8, 4, 1408),
     "tiny": (64, 2, 4, 2, 128),
 }
 
@@ -88,11 +97,21 @@ def recipe_for(model: Path, work: Path, args) -> dict:
                   "per_device_train_batch_size": args.batch, "per_device_eval_batch_size": 16,
                   "max_memory_gib": args.budget, "optim": "paged_adamw_8bit", "logging_steps": 5,
                   "eval_steps": args.max_steps, "save_steps": args.max_steps},
-        "evaluate": {"metrics": ["rouge"], "generation": {"num_examples": 16, "max_new_tokens": 32}},
+        "evaluate": {"metrics": ["rouge"], "generation": {"num_examples": args.generate, "max_new_tokens": 32}},
         "merge": {"enabled": True, "base": "dequantized", "dtype": "bfloat16"},
         "tracking": {"experiment_name": "gpu-pipeline", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}"},
         "work_dir": str(work / "qlora"),
+        "distributed": distributed_section(args),
     }
+
+
+def distributed_section(args) -> dict:
+    if args.nodes > 1:
+        from qlora.servers import free_port
+
+        return {"strategy": "ddp", "nproc_per_node": 1, "nnodes": args.nodes,
+                "rdzv_endpoint": f"127.0.0.1:{free_port()}", "rdzv_timeout_s": 300}
+    return {"strategy": "ddp" if args.gpus > 1 else "none", "nproc_per_node": args.gpus}
 
 
 def recorded(uri: str) -> dict:
@@ -122,6 +141,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="packed rows per optimizer step")
     parser.add_argument("--budget", type=float, default=6.0, help="train.max_memory_gib")
     parser.add_argument("--work", default="/tmp/gpu-pipeline")
+    parser.add_argument("--gpus", type=int, default=1, help="processes on this machine (distributed.nproc_per_node)")
+    parser.add_argument("--nodes", type=int, default=1, choices=[1, 2],
+                        help="2: two torchrun agents on this host, one GPU each, joined through a rendezvous")
+    parser.add_argument("--generate", type=int, default=16, help="answers generated per evaluation")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -134,12 +157,28 @@ def main() -> None:
     spec = recipe_for(model, work, args)
     recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    joiner = None
+    if args.nodes > 1:  # node B, on the second GPU; node A (the run below) gets the first
+        section = spec["distributed"]
+        joiner = subprocess.Popen([sys.executable, "-m", "qlora.cli", "join", "--work-dir", spec["work_dir"],
+                                   "--rdzv-endpoint", section["rdzv_endpoint"], "--nproc-per-node", "1",
+                                   "--timeout", "600"], cwd=REPO, env={**env, "CUDA_VISIBLE_DEVICES": "1"})
+        env["CUDA_VISIBLE_DEVICES"] = "0"
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", str(recipe)], cwd=REPO, env=env)
     wall = time.perf_counter() - started
+    if joiner is not None:
+        try:
+            joined = joiner.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            joiner.kill()
+            joined = "still running a minute after the run"
+        if joined != 0:
+            sys.exit(f"qlora join (node B) ended with {joined}")
     if done.returncode:
         sys.exit(f"qlora run exited {done.returncode}")
-    result = {"shape": args.shape, "wall_s": round(wall, 1), "recipe": spec, **recorded(spec["tracking"]["tracking_uri"])}
+    result = {"shape": args.shape, "gpus": args.gpus, "nodes": args.nodes, "wall_s": round(wall, 1), "recipe": spec,
+              **recorded(spec["tracking"]["tracking_uri"])}
     print(f"\nqlora run {recipe}: {wall:.0f} s, MLflow run {result['run_id']} {result['status']}")
     for k, v in sorted(result["tags"].items()):
         print(f"  tag {k} = {v}")
