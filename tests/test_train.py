@@ -135,12 +135,16 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path):
     restarted schedule)."""
     straight = _train(prepared, tmp_path / "straight")
 
+    collector_on = []
+
     def crash(step):
+        collector_on.append(gc.isenabled())
         if step == 4:
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
         _train(prepared, tmp_path / "resumed", on_checkpoint=crash)
+    assert collector_on and not any(collector_on), "Python's collector ran on its own schedule during training"
     assert gc.isenabled(), "a training that failed left Python's garbage collector off"
     partial = list((tmp_path / "resumed" / "train").glob("*.partial"))
     assert len(partial) == 1 and (partial[0] / "checkpoint-0000004").is_dir()
