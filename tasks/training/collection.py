@@ -14,6 +14,10 @@ import gc
 import threading
 import time
 
+_lock = threading.Lock()
+_holders = 0  # StepCollections open in this process
+_was_enabled = True  # the collector's state before the first of them
+
 
 class StepCollection:
     """collect(step) after each optimizer step; close() (or the `with` block's end) turns the
@@ -61,11 +65,6 @@ class StepCollection:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_lock = threading.Lock()
-_holders = 0  # StepCollections open in this process
-_was_enabled = True
 
 
 class PauseLog:

@@ -152,14 +152,14 @@ def _layer_compiler(graph, example_inputs, emulate_casts: bool = True):
     And Inductor's deterministic mode: otherwise each process that compiles afresh picks its kernels'
     configurations by timing them on the device, and the pick changes the numbers (on a 7B shape two
     fresh compiles' first-step LoRA gradients differed by 4%, as did 2 GPUs against 1: each rank
-    compiles for itself); with it, two runs and any number of ranks compute the same, at no measured
-    cost in speed (benchmarks/RESULTS.md)."""
+    compiles for itself); with it the compiled layers compute the same in every run and on every
+    rank, at no measured cost in speed (benchmarks/RESULTS.md)."""
     import torch._functorch.config
     import torch._inductor.config
     from torch._inductor.compile_fx import compile_fx
 
     patches = {"emulate_precision_casts": emulate_casts}
-    if hasattr(torch._inductor.config, "deterministic"):  # torch >= 2.8
+    if hasattr(torch._inductor.config, "deterministic"):  # older torch has no such mode
         patches["deterministic"] = True
     with torch._functorch.config.patch(cse=False):
         return compile_fx(graph, example_inputs, config_patches=patches)
