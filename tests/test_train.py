@@ -84,11 +84,12 @@ def test_garbage_is_collected_at_step_boundaries_and_the_collector_restored():
     """Training collects Python's garbage itself, at fixed steps (every rank at the same ones), and
     gives the collector back as it found it: also after an error, and only when the last of several
     trainings running at once in threads ends."""
-    from tasks.training.collection import StepCollection
+    from tasks.training.collection import PauseLog, StepCollection
 
     assert gc.isenabled()
     with StepCollection(every=2, full_every=4) as collection:
         assert not gc.isenabled()
+        passes = PauseLog()
         cycle = _Cycle()
         alive = weakref.ref(cycle)
         del cycle
@@ -96,8 +97,10 @@ def test_garbage_is_collected_at_step_boundaries_and_the_collector_restored():
         assert alive() is not None, "collected between the steps the schedule names"
         collection.collect(2)
         assert alive() is None, "garbage of the steps before was not collected at step 2"
+        collection.collect(3)
         collection.collect(4)
-        assert len(collection.pauses) == 2
+        passes.close()
+        assert [generation for generation, _ in passes.pauses] == [1, 2], "young at step 2, everything at 4"
     assert gc.isenabled()
 
     with pytest.raises(ValueError):

@@ -27,7 +27,6 @@ class StepCollection:
     def __init__(self, every: int = 50, full_every: int = 1000):
         global _holders, _was_enabled
         self.every, self.full_every = every, full_every
-        self.pauses: list[float] = []  # seconds of each collection made here
         self._closed = False
         with _lock:
             if _holders == 0:
@@ -39,14 +38,9 @@ class StepCollection:
 
     def collect(self, step: int) -> None:
         if step % self.full_every == 0:
-            self._timed(2)
+            gc.collect(2)
         elif step % self.every == 0:
-            self._timed(1)
-
-    def _timed(self, generation: int) -> None:
-        began = time.perf_counter()
-        gc.collect(generation)
-        self.pauses.append(time.perf_counter() - began)
+            gc.collect(1)
 
     def close(self) -> None:
         global _holders
