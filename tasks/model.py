@@ -67,8 +67,10 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def device() -> torch.device:
+    """Where this process computes: its own GPU (a torchrun worker's, set from LOCAL_RANK), else the CPU.
+    With the index: a model loaded onto a bare "cuda" lands on the first GPU, whichever is current."""
     import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def inference_dtype(saved: str, fallback: str) -> torch.dtype:

@@ -502,10 +502,12 @@ def worker_main(spec_path: str) -> int:
     (scratch / ERROR_FILE.format(rank=world.rank)).unlink(missing_ok=True)  # a restarted attempt's own
     if world.main:
         (scratch / STARTED_FILE).touch()
+    failed = True
     try:
         result = run_training(spec, out, scratch, world, warn=lambda text: print(text, file=sys.stderr, flush=True))
         if world.main:
             (scratch / RESULT_FILE).write_text(json.dumps(result))
+        failed = False
         return 0
     except (RecipeError, memory.OutOfMemory) as e:
         kind = "out_of_memory" if isinstance(e, memory.OutOfMemory) else "recipe"
@@ -521,7 +523,7 @@ def worker_main(spec_path: str) -> int:
         (scratch / ERROR_FILE.format(rank=world.rank)).write_text(json.dumps(details))
         raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(failed)
 
 
 if __name__ == "__main__":

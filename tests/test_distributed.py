@@ -319,6 +319,33 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     assert training_processes(DistributedSection(nproc_per_node=1)) == 1
 
 
+def test_a_worker_computes_on_its_own_gpu(monkeypatch):
+    """A torchrun worker's model and batches go to the GPU of its LOCAL_RANK (made current when it
+    joins the group): on a bare "cuda" the model of every rank but the first landed on GPU 0, and the
+    first step failed on GPU 1 with tensors on two devices."""
+    from tasks.model import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert device() == torch.device("cuda", 1)
+
+
+def test_a_failed_rank_aborts_the_group_instead_of_waiting_for_it(monkeypatch):
+    """Destroying an NCCL group waits for the other ranks, which wait for this one in their next
+    all-reduce: a rank that failed aborts the group, exits, and torchrun stops the rest."""
+    import torch.distributed as dist
+
+    from tasks.training.distributed import shutdown
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    shutdown(failed=True)
+    shutdown()
+    assert calls == ["abort", "destroy"]
+
+
 def test_the_memory_check_without_a_budget_counts_no_gpus():
     """Counting GPUs imports torch (over a second): the flow's memory check runs on every re-run, and
     without a budget it must not pay that (an unchanged re-run never imports torch otherwise)."""

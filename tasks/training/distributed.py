@@ -58,10 +58,18 @@ def init_from_env() -> World:
     return world
 
 
-def shutdown() -> None:
+def shutdown(failed: bool = False) -> None:
+    """Leave the process group. A rank that failed aborts it instead: destroying it would wait for the
+    other ranks, which wait in their next collective for this one, so nothing would ever exit; aborted,
+    this rank exits, and torchrun stops the rest and reports the failure."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None:
+        abort()
+    elif not failed:
         dist.destroy_process_group()
 
 
