@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows import heartbeats
 from tasks import lineage, secrets, signals, tracking, tracking_process
 from tasks.comparison import comparison_table
 from tasks.data import describe_source, load, split, tokenize
@@ -32,6 +33,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     """One pipeline run, of a recipe given as a dict, or read from recipe_file with `--set`-style
     overrides (how prefect.yaml's deployments name it). parent_run_id nests its MLflow run under a
     comparison or sweep run."""
+    heartbeats.start()  # the run's own, where `qlora run` asked for them (flows/heartbeats.py)
     r = _recipe(recipe, recipe_file, overrides)
     mlflow = tracking_process.shared().session()  # MLflow written by a process of its own
     run = StageRunner(r.work_dir, r.name)

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import warnings
 from pathlib import Path
 
-from qlora.servers import free_port, wait_healthy
+from qlora import prefect_database
+from qlora.servers import free_port, logged_process, wait_healthy
 from tasks import signals
 from tasks.secrets import redact, redact_text
 from tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
@@ -71,13 +71,18 @@ class TemporaryPrefectServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.home, self.migrating = home, not prefect_database.migrated(home)
+        if not self.migrating:
+            env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
         # Its own session: a SIGTERM sent to our process group must not kill it while the run still
         # reports to it (the run would hang at exit draining its log queue to a dead server); it
-        # dies with us instead, however we die.
-        self.process = subprocess.Popen(
+        # dies with us instead, however we die. Its output goes to a file, not to our stdout and
+        # stderr: whoever reads those (a pipe, a scheduler capturing the run's output) would
+        # otherwise wait for the server's shutdown too.
+        self.process = logged_process(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env,
-            start_new_session=True, preexec_fn=signals.child_dies_with_parent)
+             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env,
+            "qlora-prefect-server", None)
         os.environ["PREFECT_API_URL"] = self.url
         atexit.register(self.stop)
         signals.on_emergency(self.stop)
@@ -92,6 +97,8 @@ class TemporaryPrefectServer:
         try:
             # Polled often: every tenth of a second counts on an unchanged re-run.
             wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout, poll_s=0.05)
+            if self.migrating:
+                prefect_database.remember(self.home)
         finally:
             self.starting.release()
 
@@ -104,14 +111,17 @@ class TemporaryPrefectServer:
         return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
     def stop(self) -> None:
+        """Asked to stop, not waited for (its shutdown takes a few tenths of a second of every run):
+        it has answered every request, so nothing of the run is in it but what its database holds.
+        If it is still shutting down when this process ends, the second SIGTERM it then gets
+        (child_dies_with_parent) ends it at once."""
         if self.starting.is_locked:
             self.starting.release(force=True)
         if self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        log = self.process.log_path
+        if log.exists() and log.stat().st_size == 0:  # kept when it has something to say
+            log.unlink()
 
 
 def _prefect_server() -> TemporaryPrefectServer | None:
@@ -166,6 +176,9 @@ def _start_servers_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | Non
         tracking_process.discard()
         raise
     recording = tracking_process.shared()
+    if server is not None:  # the booting server is what the flow waits for: it goes first for the CPU
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, recording.process.pid, 10)
     uri = tracking_uri_of(recipe)
     if store_exists(uri):  # a new store is created by the flow, once the recipe has passed every check
         recording.call("prepare_store", uri)
@@ -442,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if server is not None:
             server.wait()
-        with server.flow_settings() if server else contextlib.nullcontext():
+        from flows.heartbeats import sent_by_the_flow
+
+        with server.flow_settings() if server else sent_by_the_flow():
             result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):

@@ -53,7 +53,7 @@ def wait_healthy(url: str, process: subprocess.Popen, what: str, timeout: float 
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
-def _logged(args: list[str], env: dict, name: str, log_dir: str | Path | None) -> subprocess.Popen:
+def logged_process(args: list[str], env: dict, name: str, log_dir: str | Path | None) -> subprocess.Popen:
     """Start a server with its output in a log file: a pipe nobody reads fills up after a while and
     then blocks the server mid-request (a long-lived server logs a lot)."""
     log_dir = Path(log_dir or tempfile.gettempdir())
@@ -74,7 +74,7 @@ def log_tail(process: subprocess.Popen, chars: int = 3000) -> str:
 def start_prefect_server(port: int, env: dict | None = None, log_dir: str | Path | None = None) -> subprocess.Popen:
     # The UI (in the browser) must call this server's API, not the default port's.
     ui_api = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
-    return _logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    return logged_process([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                    {**os.environ, **OFFLINE, **ui_api, **(env or {})}, "prefect-server", log_dir)
 
 
@@ -86,7 +86,7 @@ def start_mlflow_ui(port: int, backend_uri: str, artifacts: str | None = None,
             "--port", str(port), "--workers", "1"]
     if artifacts:
         args += ["--artifacts-destination", artifacts]
-    return _logged(args, {**os.environ, **OFFLINE, **(env or {})}, "mlflow-server", log_dir)
+    return logged_process(args, {**os.environ, **OFFLINE, **(env or {})}, "mlflow-server", log_dir)
 
 
 def stop(process: subprocess.Popen, timeout: float = 10) -> None:
