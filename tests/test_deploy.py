@@ -5,12 +5,14 @@ read back through both APIs. Bad input at deploy time fails fast with exit code 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import uuid
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -310,6 +312,22 @@ def test_ui_starts_both_servers_and_stops_them_on_ctrl_c(project):
 POSTGRES = os.environ.get("QLORA_TEST_POSTGRES")  # postgresql://USER:PASSWORD@127.0.0.1:5432
 
 
+def _heartbeats_of(api: str, flow_run_id, wait_s: float = 30) -> list[dict]:
+    """The flow run's heartbeat events, as the server stored them (its event persister writes them
+    in batches, seconds after they arrive)."""
+    body = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                       "any_resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50}
+    deadline = time.monotonic() + wait_s
+    while True:
+        request = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            events = json.loads(answer.read())["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not POSTGRES, reason="no PostgreSQL: scripts/postgres.sh starts one (.ci/run does)")
 def test_pipeline_against_postgresql_backed_servers(project):
@@ -338,6 +356,8 @@ def test_pipeline_against_postgresql_backed_servers(project):
             assert len(flow_runs) == 1 and flow_runs[0].state.is_completed()
             run = _mlflow_run_of(urls["mlflow"], flow_runs[0].id)
             assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+            # The flow sends its own heartbeats (flows/heartbeats.py): the server sees them as Prefect's.
+            assert _heartbeats_of(urls["prefect"], flow_runs[0].id), "no heartbeat reached the server"
     finally:
         with admin.cursor() as cursor:
             for name in databases:
