@@ -18,18 +18,23 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora import prefect_database
 from qlora.servers import free_port, logged_process, wait_healthy
 from tasks import signals
+from tasks.errors import RecipeError
 from tasks.secrets import redact, redact_text
-from tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
+from tasks.startup import collector_paused, thaw
 from tasks.training.memory import OutOfMemory
+
+if TYPE_CHECKING:
+    from tasks.recipe import Recipe
 
 EXIT_USER_ERROR = 2
 
 
-def _quiet_environment(recipe: Recipe) -> None:
+def _quiet_environment() -> None:
     """Offline-friendly defaults, set before Prefect or MLflow are imported (they read them once)."""
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -70,7 +75,9 @@ class TemporaryPrefectServer:
         self.starting.acquire()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                           os.environ.get("PYTHONPATH")]))}  # qlora.prefect_app
         self.home, self.migrating = home, not prefect_database.migrated(home)
         if not self.migrating:
             env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
@@ -80,7 +87,7 @@ class TemporaryPrefectServer:
         # stderr: whoever reads those (a pipe, a scheduler capturing the run's output) would
         # otherwise wait for the server's shutdown too.
         self.process = logged_process(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+            [sys.executable, "-m", "uvicorn", "--factory", "qlora.prefect_app:create_app", "--host",
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env,
             "qlora-prefect-server", None)
         os.environ["PREFECT_API_URL"] = self.url
@@ -156,24 +163,39 @@ def preflight(recipe: Recipe) -> None:
     check_tracking(tracking_uri_of(recipe))
 
 
-def _start_servers_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | None:
-    """The temporary Prefect server and the MLflow recording process (tasks.tracking_process) start
-    while the recipe is checked; a refused recipe stops them again. Against a running server the flow
-    waits for the recording process's import of MLflow, so that process starts first. With a server
-    to boot, the flow waits for the boot, so the recording process starts once the checks (and their
-    imports) are done: on a machine of two cores the booting server then has one to itself."""
+def _start_early() -> TemporaryPrefectServer | None:
+    """What the flow of an unchanged re-run waits for, started first thing, before the recipe is even
+    read: the temporary Prefect server's boot, or against a running server the recording process's
+    import of MLflow (tasks.tracking_process). With a server to boot, the recording process starts
+    once the recipe's checks (and their imports) are done: on a machine of two cores the booting
+    server then has one to itself."""
     from tasks import tracking_process
-    from tasks.tracking import store_exists, tracking_uri_of
 
     server = _prefect_server()
     if server is None:
         tracking_process.shared()
+    return server
+
+
+def _abandon(server: TemporaryPrefectServer | None) -> None:
+    """A recipe refused before its flow started: what was started for it stops, having written nothing."""
+    from tasks import tracking_process
+
+    if server is not None:
+        server.stop()
+    tracking_process.discard()
+
+
+def _preflight(recipe: Recipe, server: TemporaryPrefectServer | None) -> None:
+    """The recipe's checks while the server boots; then the recording process (if not started yet)
+    and the tracking store's opening. A refused recipe stops what was started."""
+    from tasks import tracking_process
+    from tasks.tracking import store_exists, tracking_uri_of
+
     try:
         preflight(recipe)
     except RecipeError:
-        if server is not None:
-            server.stop()
-        tracking_process.discard()
+        _abandon(server)
         raise
     recording = tracking_process.shared()
     if server is not None:  # the booting server is what the flow waits for: it goes first for the CPU
@@ -182,7 +204,6 @@ def _start_servers_and_preflight(recipe: Recipe) -> TemporaryPrefectServer | Non
     uri = tracking_uri_of(recipe)
     if store_exists(uri):  # a new store is created by the flow, once the recipe has passed every check
         recording.call("prepare_store", uri)
-    return server
 
 
 def data_already_loaded(recipe: Recipe) -> bool:
@@ -426,6 +447,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signals.install()
+    starting, early = contextlib.ExitStack(), False
     try:
         if args.command in ("compare", "predict", "promote", "export", "merge", "chat"):
             return _registry_command(args)
@@ -437,9 +459,21 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes(args)
         if args.command == "join":
             return _join(args)
-        args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
-        recipe = load_recipe(args.recipe, args.overrides)
-        _quiet_environment(recipe)
+        server, early = None, args.command == "run"
+        if early:
+            starting.enter_context(collector_paused())  # until the flow starts: mostly imports (tasks/startup.py)
+            _quiet_environment()  # before Prefect and MLflow are imported, in the processes started next
+            server = _start_early()
+        from tasks.recipe import find_recipe, load_recipe
+
+        try:
+            args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
+            recipe = load_recipe(args.recipe, args.overrides)
+        except RecipeError:
+            if early:
+                _abandon(server)
+            raise
+        _quiet_environment()
         if args.command in ("methods", "sweep"):
             return _experiment(args, recipe)
         if args.command == "deploy":
@@ -450,13 +484,14 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in info.items():
                 print(f"  {k}: {v}")
             return 0
-        server = _start_servers_and_preflight(recipe)
+        _preflight(recipe, server)
         from flows.finetune import finetune
 
         if server is not None:
             server.wait()
         from flows.heartbeats import sent_by_the_flow
 
+        starting.close()
         with server.flow_settings() if server else sent_by_the_flow():
             result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
@@ -471,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped by {signal.Signals(signals.received_signal()).name}: run the same command again to resume",
               file=sys.stderr)
         return signals.exit_code()
+    finally:
+        starting.close()
+        if early:
+            thaw()
     print(_summary(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
@@ -519,7 +558,8 @@ def _experiment(args, recipe: Recipe) -> int:
         from flows.experiments import expand_grid
 
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
-    server = _start_servers_and_preflight(recipe)
+    server = _start_early()
+    _preflight(recipe, server)
     from flows import experiments
 
     if server is not None:

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from tasks import signals
-from tasks.recipe import RecipeError
+from tasks.errors import RecipeError
 
 OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false"}

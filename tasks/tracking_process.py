@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import signals
-from tasks.recipe import RecipeError
+from tasks.errors import RecipeError
 
 # The operations the child runs, and their modules; each takes and returns JSON values only.
 OPERATIONS = {**dict.fromkeys(("prepare_store", "find_unfinished_runs", "resume_run", "create_run", "set_tags",
@@ -226,9 +226,12 @@ def _serve() -> None:
     import importlib
 
     from tasks import tracking
+    from tasks.startup import collector_paused
 
-    tracking.import_mlflow()
-    operations = {name: getattr(importlib.import_module(module), name) for name, module in OPERATIONS.items() if module}
+    with collector_paused():
+        tracking.import_mlflow()
+        operations = {name: getattr(importlib.import_module(module), name) for name, module in OPERATIONS.items()
+                      if module}
     operations["flush"] = lambda: True
     for line in sys.stdin:
         request = json.loads(line)

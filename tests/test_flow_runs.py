@@ -101,3 +101,17 @@ def test_the_flow_sends_its_own_heartbeats_and_they_stop_with_the_run(monkeypatc
     assert sent[0]["resource"] == {"prefect.resource.id": "prefect.flow-run.x"}
     beating[0].join(timeout=1)  # it stops when the run returns, not at its next beat 30 s later
     assert not beating[0].is_alive()
+
+
+def test_the_collector_waits_for_the_imports_then_resumes():
+    import gc
+
+    from tasks.startup import collector_paused, thaw
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        built = [[i] for i in range(1000)]  # what imports build
+    assert gc.isenabled() and gc.get_freeze_count() >= len(built)
+    thaw()
+    assert gc.get_freeze_count() == 0
