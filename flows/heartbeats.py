@@ -6,7 +6,8 @@ seconds and that the engine joins after the run's final state, so each run it wa
 second late: an unchanged scheduled re-run (about a second of work) then takes two. `qlora run`
 turns Prefect's thread off for the flow it starts and the flow sends the same events, at the same
 interval, from a thread that stops as soon as the flow's body returns. A flow started any other way
-(a deployment's worker, a test) keeps Prefect's own heartbeats.
+(a deployment's worker, a sweep's trials, a test) keeps Prefect's own heartbeats; one reporting to
+the temporary server sends none.
 """
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def sent_by_the_flow() -> Iterator[None]:
     finally:
         asked.stop.set()
         _asked.reset(token)
+
+
+@contextlib.contextmanager
+def none() -> Iterator[None]:
+    """Around a flow run reporting to the temporary Prefect server: no heartbeats at all (that server
+    dies with the run, so nothing would ever read them)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def start() -> None:

@@ -109,14 +109,6 @@ class TemporaryPrefectServer:
         finally:
             self.starting.release()
 
-    @staticmethod
-    def flow_settings():
-        """Flow-run heartbeats tell a server that a run is still alive; this server dies with the run,
-        so nothing would ever read them, and the run's end waits up to a second for their thread."""
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-        return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
     def stop(self) -> None:
         """Asked to stop, not waited for (its shutdown takes a few tenths of a second of every run):
         it has answered every request, so nothing of the run is in it but what its database holds.
@@ -489,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if server is not None:
             server.wait()
-        from flows.heartbeats import sent_by_the_flow
+        from flows import heartbeats
 
         starting.close()
-        with server.flow_settings() if server else sent_by_the_flow():
+        with heartbeats.none() if server else heartbeats.sent_by_the_flow():
             result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):
@@ -560,11 +552,11 @@ def _experiment(args, recipe: Recipe) -> int:
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
     server = _start_early()
     _preflight(recipe, server)
-    from flows import experiments
+    from flows import experiments, heartbeats
 
     if server is not None:
         server.wait()
-    with server.flow_settings() if server else contextlib.nullcontext():
+    with heartbeats.none() if server else contextlib.nullcontext():
         if args.command == "methods":
             result = experiments.compare_methods(raw, file, args.full_learning_rate)
         else:

@@ -75,7 +75,7 @@ def start_prefect_server(port: int, env: dict | None = None, log_dir: str | Path
     # The UI (in the browser) must call this server's API, not the default port's.
     ui_api = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     return logged_process([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   {**os.environ, **OFFLINE, **ui_api, **(env or {})}, "prefect-server", log_dir)
+                          {**os.environ, **OFFLINE, **ui_api, **(env or {})}, "prefect-server", log_dir)
 
 
 def start_mlflow_ui(port: int, backend_uri: str, artifacts: str | None = None,

@@ -1,6 +1,6 @@
 """The error for a mistake the user can fix, apart from the recipe's schema: the command line and
-the processes it starts first (the temporary Prefect server, the MLflow recording process) raise and
-report it without importing pydantic and the recipe's models (a tenth of a second of every run)."""
+the MLflow recording process raise and report it without importing pydantic and the recipe's models
+(a tenth of a second before `qlora run` can start anything)."""
 from __future__ import annotations
 
 
