@@ -1,7 +1,7 @@
 """Flow-run heartbeats that stop when the flow's work does.
 
-A Prefect server marks a flow run crashed when its heartbeats stop (the `prefect.flow-run.heartbeat`
-events a flow run sends while it runs). Prefect sends them from a thread that sleeps in whole
+A Prefect server can mark a flow run crashed when its heartbeats stop (an automation on the
+`prefect.flow-run.heartbeat` events a flow run sends while it runs). Prefect sends them from a thread that sleeps in whole
 seconds and that the engine joins after the run's final state, so each run it watches ends up to a
 second late: an unchanged scheduled re-run (about a second of work) then takes two. `qlora run`
 turns Prefect's thread off for the flow it starts and the flow sends the same events, at the same
@@ -16,6 +16,7 @@ import contextvars
 import threading
 from collections.abc import Iterator
 
+
 class _Asked:
     """What `sent_by_the_flow` hands the flow: the interval, and when to stop."""
 
@@ -29,8 +30,8 @@ _asked: contextvars.ContextVar[_Asked | None] = contextvars.ContextVar("qlora_he
 @contextlib.contextmanager
 def sent_by_the_flow() -> Iterator[None]:
     """Around a flow run this process starts: Prefect's heartbeat thread off, the flow's own on, at
-    Prefect's configured interval (none when heartbeats are off, as with the temporary server); the
-    flow's stop when the run has returned, whatever it ended in."""
+    Prefect's configured interval (none when the settings turn heartbeats off); the flow's stop when
+    the run has returned, whatever it ended in."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
     seconds = get_current_settings().flows.heartbeat_frequency
