@@ -451,10 +451,10 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes(args)
         if args.command == "join":
             return _join(args)
+        _quiet_environment()  # before Prefect and MLflow are imported, here and in the processes started next
         server, early = None, args.command == "run"
         if early:
             starting.enter_context(collector_paused())  # until the flow starts: mostly imports (tasks/startup.py)
-            _quiet_environment()  # before Prefect and MLflow are imported, in the processes started next
             server = _start_early()
         from tasks.recipe import find_recipe, load_recipe
 
@@ -465,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
             if early:
                 _abandon(server)
             raise
-        _quiet_environment()
         if args.command in ("methods", "sweep"):
             return _experiment(args, recipe)
         if args.command == "deploy":

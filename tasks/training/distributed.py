@@ -66,11 +66,10 @@ def shutdown(failed: bool = False) -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if failed and abort is not None:
-        abort()
-    elif not failed:
+    if not failed:
         dist.destroy_process_group()
+    elif hasattr(dist.distributed_c10d, "_abort_process_group"):  # a torch without it: leave the group as is
+        dist.distributed_c10d._abort_process_group()
 
 
 def all_reduce_sum(values: list[float], dev) -> list[float]:
