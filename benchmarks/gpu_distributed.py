@@ -9,10 +9,12 @@ Llama shape with random weights (nothing is downloaded).
     python benchmarks/gpu_distributed.py --strategy fsdp --shape llama2-70b --gpus 2 --runs N
 
 --strategy fsdp: the N-GPU run shards (it runs on 1 GPU too: the sharding code without the
-communication), and the 1-GPU reference trains as FSDP does (eager layers, torch AdamW, nested
-4-bit scales), so the check compares sharding alone. The per-GPU peak is reported twice: while the
-model is built (every rank builds the whole 4-bit model, then keeps its shards) and while it trains,
-beside the memory planner's estimate for the run.
+communication), and the 1-GPU reference trains as FSDP does (torch AdamW, nested 4-bit scales), so
+the check compares sharding alone. The per-GPU peak is reported twice: while the model is built
+(every rank builds the whole 4-bit model, then keeps its shards) and while it trains, beside the
+memory planner's estimate for the run. --layers builds fewer of the shape's layers (the same work per
+layer, sooner); --checkpoint-layers checkpoints only that many of them; --accumulate takes several
+micro-batches per GPU per optimizer step.
 
 Both runs take the same global batch (N x --micro rows of --seq tokens per optimizer step) and the
 same per-GPU micro-batch: 1 GPU accumulates N micro-batches, N GPUs take one each. Printed: tokens/s
@@ -62,7 +64,7 @@ def worker(args) -> None:
     from tasks.training.fused_lora import fuse_lora_layers
     from tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
                                         use_compile, use_liger)
-    from tasks.training.lora import draw_adapter_weights, model_for_training
+    from tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
     from tasks.training.optimizer import flatten_parameters
     from tasks.training.step import forward_backward
 
@@ -73,8 +75,10 @@ def worker(args) -> None:
     if args.strategy == "fsdp" and not dist.is_initialized():  # one GPU, sharded: a group of one
         dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
     dev = torch.device("cuda", torch.cuda.current_device())
-    cfg = config_of(args.shape, args.seq)
     assert args.shape in SHAPES
+    if args.layers:  # fewer of the shape's layers: the same per-layer work, built and stepped sooner
+        SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
+    cfg = config_of(args.shape, args.seq)
     sharded = args.strategy == "fsdp"
     like_fsdp = args.strategy_of_run == "fsdp" or sharded  # the reference trains as the sharded run does
     built_at = time.perf_counter()
@@ -83,7 +87,7 @@ def worker(args) -> None:
     kernels = KERNELS[args.kernels]
     base.config._attn_implementation = attention_implementation("auto", dev) if "attention" in kernels else "eager"
     liger = "liger" in kernels and use_liger("auto", cfg, dev)
-    compiled = "compile" in kernels and use_compile("auto", dev) and not like_fsdp
+    compiled = "compile" in kernels and use_compile("auto", dev)
     scope = contextlib.ExitStack()
     if liger:
         scope.enter_context(liger_kernels(base, liger_layer_kernels(compiled)))
@@ -96,6 +100,8 @@ def worker(args) -> None:
                                lora_dropout=0.0)  # no dropout: the runs draw no masks and compare step by step
     torch.manual_seed(0)
     model = model_for_training(base, resolved, lora_cfg, True, gradient_checkpointing=True)
+    if args.checkpoint_layers is not None:
+        checkpoint_some_layers(model, args.checkpoint_layers)
     draw_adapter_weights(model, 0)  # as the trainer does: the same start on the GPU or in CPU memory
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B away from zero, so the first step's gradients reach A too
@@ -104,7 +110,7 @@ def worker(args) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * 1e-3)
     fuse_lora_layers(model, unnest=not like_fsdp)
     if compiled:
-        compile_layers(model)
+        compile_layers(model, sharded=sharded)
     if sharded:
         fsdp.shard_model(model, world, dev, cpu_offload=args.cpu_offload)
     torch.cuda.synchronize()
@@ -295,6 +301,9 @@ def main() -> None:
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=1, help="rows per GPU per micro-batch")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per GPU per optimizer step")
+    parser.add_argument("--layers", type=int, help="build only this many of the shape's decoder layers")
+    parser.add_argument("--checkpoint-layers", type=int, help="gradient checkpointing on this many layers (default: all)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gpus", type=int, default=2)
@@ -353,9 +362,11 @@ def main() -> None:
             continue
         command = torchrun_command("gpu_distributed", "--worker", gpus)[:-3] + [
             __file__, "--worker", "--shape", args.shape, "--seq", str(args.seq), "--micro", str(args.micro),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.gpus * args.micro * args.accumulate),
             "--gpus", str(args.gpus), "--grouping", grouping, "--out", str(out), "--name", name,
             "--strategy", strategy, "--strategy-of-run", args.strategy, "--kernels", args.kernels, "--gc", args.gc] + \
+            (["--layers", str(args.layers)] if args.layers else []) + \
+            (["--checkpoint-layers", str(args.checkpoint_layers)] if args.checkpoint_layers is not None else []) + \
             (["--profile"] if args.profile else []) + \
             ["--grad-sync", sync] + extra + \
             (["--cpu-offload"] if args.cpu_offload else []) + (["--offload"] if args.offload else [])
@@ -370,7 +381,8 @@ def main() -> None:
             grads[name] = torch.load(out / f"grads-{name}.pt", weights_only=True)
         print(f"run {name} ({gpus} GPU, {strategy}): {json.dumps({k: v for k, v in results[name].items() if k != 'losses'})}",
               flush=True)
-    summary = {"shape": args.shape, "seq": args.seq, "kernels": args.kernels, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro,
+    summary = {"shape": args.shape, "seq": args.seq, "kernels": args.kernels, "micro_per_gpu": args.micro, "global_batch": args.gpus * args.micro * args.accumulate,
+               "layers": args.layers or "all", "checkpointed_layers": "all" if args.checkpoint_layers is None else args.checkpoint_layers, "cpu_offload": args.cpu_offload, "activation_offload": args.offload,
                "strategy": args.strategy, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "runs": {name: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "losses"}
                         for name, r in results.items()},

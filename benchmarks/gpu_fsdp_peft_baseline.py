@@ -42,11 +42,13 @@ def worker(args) -> None:
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
 
-    from gpu_train import build_in_memory, config_of
+    from gpu_train import SHAPES, build_in_memory, config_of
 
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dev = torch.device("cuda", local)
+    if args.layers:  # fewer of the shape's layers, as gpu_distributed.py --layers
+        SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
     cfg = config_of(args.shape, args.seq)
     built_at = time.perf_counter()
     model = build_in_memory(args.shape, args.seq, park_on_cpu=True, quant_storage=torch.bfloat16)
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step (the documentation: 2)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--layers", type=int, help="build only this many of the shape's decoder layers")
     parser.add_argument("--no-offload", action="store_true", help="parameters stay on the GPU (fsdp_offload_params false)")
     parser.add_argument("--compare", type=Path, help="a gpu_distributed.json of ours from the same call: print the ratio")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -133,12 +136,12 @@ def main() -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.gpus),
                __file__, "--worker", "--out", str(out)] + [
         a for k, v in vars(args).items() if k not in ("worker", "out", "compare", "no_offload", "gpus")
-        for a in (f"--{k.replace('_', '-')}", str(v))] + (["--no-offload"] if args.no_offload else [])
+        if v is not None for a in (f"--{k.replace('_', '-')}", str(v))] + (["--no-offload"] if args.no_offload else [])
     done = subprocess.run(command, env={**os.environ, **SAFE_NCCL_ENV}, capture_output=True, text=True)
     if done.returncode or not out.is_file():
         print(f"failed ({done.returncode})\n{done.stdout[-3000:]}\n{done.stderr[-8000:]}", flush=True)
         sys.exit(1)
-    result = {"shape": args.shape, "seq": args.seq, "micro": args.micro, "accumulate": args.accumulate,
+    result = {"shape": args.shape, "layers": args.layers or "all", "seq": args.seq, "micro": args.micro, "accumulate": args.accumulate,
               **json.loads(out.read_text())}
     if args.compare:
         ours = json.loads(args.compare.read_text())["runs"]["N"]

@@ -521,9 +521,6 @@ class Recipe(Section):
             raise ValueError(f"distributed.strategy fsdp cannot step train.optim {self.train.optim} (bitsandbytes "
                              f"steps whole tensors, FSDP holds shards): set train.optim: adamw_torch, whose state "
                              f"is sharded too")
-        if self.train.compile is True and self.train.require_fast_paths:
-            raise ValueError("distributed.strategy fsdp runs the layers eager: train.compile: true with "
-                             "train.require_fast_paths cannot be met; set train.compile: auto")
         return self
 
     @model_validator(mode="after")

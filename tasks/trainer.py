@@ -103,10 +103,6 @@ class TrainingRun:
         from transformers import get_scheduler
 
         cfg, plan = self.cfg, self.plan
-        if self.sharded and fast["compiled"]:
-            warn("train.compile: compiled layers are not used with distributed.strategy fsdp (its gather "
-                 "hooks run around each layer); training eager")
-            fast = {**fast, "compiled": False}
         # Sharded, the base loads into CPU memory and each GPU takes only its shards of it: no GPU
         # ever holds the whole model (a 4-bit 70B is 35 GiB).
         base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
@@ -124,7 +120,7 @@ class TrainingRun:
             # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.
             fast_paths.append(f"fused_lora:{fuse_lora_layers(model, unnest=not self.sharded)}")
         if fast["compiled"]:  # packed rows change width every step: dynamic shapes from the first
-            fast_paths.append(f"compiled_layers:{kernels.compile_layers(model, dynamic=self.packing or None)}")
+            fast_paths.append(f"compiled_layers:{kernels.compile_layers(model, self.packing or None, sharded=self.sharded)}")
         self.multiple_of = width_multiple(fast["compiled"])
         model.train()
         optim = cfg.optim

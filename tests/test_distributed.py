@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import minilm_dir, small_recipe, stages_before_training
 from tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
 from tasks.train import train
+from tasks.training.kernels import can_compile
 
 STEPS = 6
 
@@ -113,6 +114,18 @@ def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, str
     one = _train(prepared_llama, tmp_path / "one")
     two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
     assert two["distributed"] == strategy and two["train_tokens"] == one["train_tokens"]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
+
+
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+def test_compiled_layers_train_sharded_as_eager_layers_train(prepared_llama, tmp_path):
+    """Under FSDP each layer's weights are gathered by hooks around the layer: its forward is compiled
+    inside them. Two sharded processes with compiled layers train what one eager process trains."""
+    one = _train(prepared_llama, tmp_path / "one")
+    two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy="fsdp", nproc_per_node=2),
+                 compile=True, require_fast_paths=True)
+    assert "compiled_layers:2" in two["fast_paths"] and "fsdp:2x2" in two["fast_paths"]
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 
@@ -228,7 +241,6 @@ def test_bad_distributed_sections_are_refused(section, message):
 
 @pytest.mark.parametrize("train, message", [
     ({"optim": "paged_adamw_8bit"}, "distributed.strategy fsdp cannot step train.optim paged_adamw_8bit"),
-    ({"compile": True, "require_fast_paths": True}, "train.compile: true with train.require_fast_paths"),
 ])
 def test_what_fsdp_cannot_combine_with_is_refused(train, message):
     with pytest.raises(RecipeError, match=message):

@@ -122,7 +122,7 @@ def use_compile(mode, dev, required: bool = False) -> bool:
     return bool(mode) and can_compile(dev, required)
 
 
-def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = True) -> int:
+def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = True, sharded: bool = False) -> int:
     """torch.compile each transformer layer (the blocks of the longest list of identical modules);
     returns how many. One compiled graph serves every layer (their weights are its inputs); a new
     sequence length compiles once more, with dynamic shapes from then on (dynamic=True: from the
@@ -130,14 +130,19 @@ def compile_layers(model, dynamic: bool | None = None, emulate_casts: bool = Tru
     queues each small operation from Python; on a CPU stand-in for that overhead (benchmarks/
     host_overhead_cpu.py: 32 layers at tiny width) compiling cut the step to about a third, with the
     eager loss and gradients (tests/test_fast_paths.py). emulate_casts: see _layer_compiler (off only
-    to measure what it costs)."""
+    to measure what it costs). sharded (FSDP): only each layer's forward is compiled, so that FSDP's
+    hooks, which gather a layer's weights before it runs and free them after, run around the compiled
+    code as they run around eager code (as torchtitan compiles its blocks)."""
     import torch
 
     backend = functools.partial(_layer_compiler, emulate_casts=emulate_casts)  # one backend: one graph for all
     blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
                   and len({type(b) for b in m}) == 1), key=len, default=[])
     for block in blocks:
-        block.compile(backend=backend, dynamic=dynamic)
+        if sharded:
+            block.forward = torch.compile(block.forward, backend=backend, dynamic=dynamic)
+        else:
+            block.compile(backend=backend, dynamic=dynamic)
     return len(blocks)
 
 

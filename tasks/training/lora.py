@@ -89,3 +89,19 @@ def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, 
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     return model
+
+
+def checkpoint_some_layers(model, count: int) -> int:
+    """Gradient checkpointing kept on `count` of the decoder layers (spread evenly), off on the rest:
+    a checkpointed layer keeps only its input and runs its forward twice (a third more arithmetic: its
+    weights' matmuls once more, for a frozen base that computes no weight gradients); the others keep
+    every activation their backward reads. So the memory a budget leaves buys back recomputation a
+    layer at a time. Returns how many layers are checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    count = max(0, min(count, len(layers)))
+    chosen = {round(i * len(layers) / count) for i in range(count)} if count else set()
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    return count
