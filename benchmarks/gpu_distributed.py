@@ -259,6 +259,7 @@ def worker(args) -> None:
     estimate = memory.estimate_memory(cfg, weight_bits=4, trainable_params=trainable,
                                       optim="adamw_torch" if like_fsdp else "paged_adamw_8bit",
                                       tokens=args.micro * args.seq, gradient_checkpointing=True, offload=args.offload,
+                                      checkpointed_layers=args.checkpoint_layers,
                                       fused_ce=liger, causal=True, shards=world.size if sharded else None)
     if world.main:
         result = {"gpus": world.size, "strategy": args.strategy, "tok_s": tokens / seconds, "step_s": seconds / args.steps,

@@ -232,7 +232,7 @@ def run_pipeline(args) -> dict:
     from tasks.batches import collate_lm, pack, width_multiple
     from tasks.training.fused_lora import fuse_lora_layers
     from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, use_compile, use_liger
-    from tasks.training.lora import model_for_training
+    from tasks.training.lora import checkpoint_some_layers, model_for_training
     from tasks.training.memory import _shape, estimate_memory, plan_memory
     from tasks.training.optimizer import flatten_parameters
     from tasks.training.step import forward_backward
@@ -244,24 +244,27 @@ def run_pipeline(args) -> dict:
     lora_params = LORA["r"] * sum(i + o for i, o in _shape(cfg)["per_layer"].values()) * cfg.num_hidden_layers
     packed = args.lengths
 
-    def estimate_parts(micro, gc, offload) -> dict:
-        return estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
-                               tokens=micro * args.seq, gradient_checkpointing=gc, offload=offload,
-                               fused_ce=liger, causal=True)
+    layers = cfg.num_hidden_layers
 
-    def estimate(micro, gc, offload):
-        return estimate_parts(micro, gc, offload)["peak"]
+    def estimate_parts(micro, checkpointed, offload) -> dict:
+        return estimate_memory(cfg, weight_bits=4, trainable_params=lora_params, optim="paged_adamw_8bit",
+                               tokens=micro * args.seq, gradient_checkpointing=checkpointed > 0,
+                               checkpointed_layers=checkpointed, offload=offload, fused_ce=liger, causal=True,
+                               dropout=LORA["lora_dropout"] > 0)
+
+    def estimate(micro, checkpointed, offload):
+        return estimate_parts(micro, checkpointed, offload)["peak"]
 
     forced_micro = next((int(o[1:]) for o in options if o.startswith("m") and o[1:].isdigit()), None)
     if forced_micro:
         plan = {"micro_batch": forced_micro, "accumulation": args.batch // forced_micro, "gradient_checkpointing": True,
-                "offload_activations": "offload" in options}
+                "checkpointed_layers": layers, "offload_activations": "offload" in options}
     elif args.budget:
-        plan = plan_memory(args.budget, args.batch, estimate)
+        plan = plan_memory(args.budget, args.batch, estimate, layers)
     else:
         plan = {"micro_batch": args.batch, "accumulation": 1, "gradient_checkpointing": True,
-                "offload_activations": False}
-    plan["estimated_peak_gib"] = round(estimate(plan["micro_batch"], plan["gradient_checkpointing"],
+                "checkpointed_layers": layers, "offload_activations": False}
+    plan["estimated_peak_gib"] = round(estimate(plan["micro_batch"], plan["checkpointed_layers"],
                                                 plan["offload_activations"]) / 2**30, 2)
     path = None if args.shape in BUILT_IN_MEMORY else build_on_disk(args.shape, args.seq)  # not part of the peak
     torch.cuda.reset_peak_memory_stats()
@@ -284,6 +287,7 @@ def run_pipeline(args) -> dict:
     from types import SimpleNamespace
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
+    checkpoint_some_layers(model, plan["checkpointed_layers"])
     fused = 0 if args.no_fused or "nofused" in options else fuse_lora_layers(model)
     compiled_layers = (compile_layers(model, dynamic=packed or None, emulate_casts="noemulate" not in options)
                        if compiled else 0)  # compiled in the warm-up steps
@@ -326,7 +330,7 @@ def run_pipeline(args) -> dict:
     # Measured against the plan's estimate, part by part: what stays between steps beyond the weights is
     # the training state (LoRA weights, gradients, optimizer state); the rest of the peak is activations.
     resident = torch.cuda.memory_allocated()
-    est = estimate_parts(plan["micro_batch"], plan["gradient_checkpointing"], plan["offload_activations"])
+    est = estimate_parts(plan["micro_batch"], plan["checkpointed_layers"], plan["offload_activations"])
     est["rest"] = est["peak"] - est["weights"] - est["training_state"]
     plan["measured_vs_estimated_gib"] = {
         part: [round(measured / 2**30, 2), round(est[part] / 2**30, 2)] for part, measured in

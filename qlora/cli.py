@@ -260,11 +260,17 @@ def validate(recipe: Recipe) -> dict:
         info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
         plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
-                                   with_estimate=True)
+                                   with_estimate=True, dropout=recipe.lora.lora_dropout > 0)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
         info["memory_plan"] = plan  # per GPU (per process)
     return {**info, "tracking_uri": tracking_uri_of(recipe)}
+
+
+def _checkpointing(plan: dict) -> str:
+    if not plan["gradient_checkpointing"]:
+        return "off"
+    return f"on ({plan['checkpointed_layers']} layers)" if "checkpointed_layers" in plan else "on"
 
 
 def _summary(result: dict) -> str:
@@ -292,7 +298,7 @@ def _summary(result: dict) -> str:
     plan = t.get("memory_plan") or {}
     if "estimated_peak_gib" in plan:  # chosen for train.max_memory_gib
         lines.append(f"memory plan: micro-batch {plan['micro_batch']} x {plan['accumulation']} accumulated, "
-                     f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, offload "
+                     f"checkpointing {_checkpointing(plan)}, offload "
                      f"{'on' if plan['offload_activations'] else 'off'}; estimated peak {plan['estimated_peak_gib']} GiB, "
                      f"measured {t['peak_memory_bytes'] / 2**30:.2f} GiB above the start")
     if t.get("fast_paths"):

@@ -126,7 +126,8 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
 
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
-                        launch: DistributedSection | None = None, with_estimate: bool = False) -> dict | None:
+                        launch: DistributedSection | None = None, with_estimate: bool = False,
+                        dropout: bool = False) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
     small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
     with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget. The
@@ -144,8 +145,9 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
         warnings.simplefilter("ignore")
         liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
     world = distributed.World(0, processes)
-    strategy = trainer.training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev)
+    strategy = trainer.training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev,
+                                         dropout)
     plan = trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
-                               sharded=strategy == "fsdp")
+                               sharded=strategy == "fsdp", dropout=dropout)
     return {**plan, "strategy": strategy}
 

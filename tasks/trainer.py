@@ -32,7 +32,7 @@ from tasks.tracking import Tracker
 from tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
 from tasks.training.collection import StepCollection
 from tasks.training.distributed import World
-from tasks.training.lora import draw_adapter_weights, model_for_training
+from tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
 
 # torch is imported where it is used: a cached run never needs it.
 # What the loop logs per step (MLflow metric names).
@@ -113,6 +113,8 @@ class TrainingRun:
             fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
         model = model_for_training(base, self.lora, self.lora_cfg, self.quantized["quantized"],
                                    plan["gradient_checkpointing"])
+        if plan.get("checkpointed_layers") is not None:  # the budget's plan: only as many as it needs
+            checkpoint_some_layers(model, plan["checkpointed_layers"])
         if self.lora_cfg.enabled:
             draw_adapter_weights(model, cfg.seed)
         if cfg.fused_lora and self.lora_cfg.enabled:
@@ -392,12 +394,14 @@ def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
 
 
 def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
-                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False) -> dict:
+                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False,
+                dropout: bool = False) -> dict:
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
     own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
     fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
     the whole model and its share of each step's examples (its gradients are averaged in place);
-    sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole."""
+    sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole.
+    dropout: LoRA dropout is on (layers not checkpointed keep each adapter's dropped input)."""
     recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
     if cfg.max_memory_gib is None and not with_estimate:
@@ -406,16 +410,20 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
     seq = max_length or getattr(config, "max_position_embeddings", 512)
     shards = processes if sharded else None
 
-    def estimate(micro: int, gc: bool, offload: bool) -> int:
+    layers = memory.layer_count(config)
+
+    def estimate(micro: int, checkpointed: int, offload: bool) -> int:
         return memory.estimate_memory(
             config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
-            gradient_checkpointing=gc, offload=offload, fused_ce=fused_ce, causal=causal, shards=shards)["peak"]
+            gradient_checkpointing=checkpointed > 0, checkpointed_layers=checkpointed, offload=offload,
+            fused_ce=fused_ce, causal=causal, shards=shards, dropout=dropout)["peak"]
     if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
-        peak = estimate(cfg.per_device_train_batch_size, cfg.gradient_checkpointing, cfg.offload_activations)
+        peak = estimate(cfg.per_device_train_batch_size, layers if cfg.gradient_checkpointing else 0,
+                        cfg.offload_activations)
         return {**recipe_plan, "estimated_peak_gib": round(peak / memory.GIB, 2)}
     examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     try:
-        return memory.plan_memory(cfg.max_memory_gib, math.ceil(examples_per_step / processes), estimate,
+        return memory.plan_memory(cfg.max_memory_gib, math.ceil(examples_per_step / processes), estimate, layers,
                                   allow_offload=dev.type == "cuda")
     except ValueError as e:
         raise RecipeError(str(e), "train.max_memory_gib",
@@ -423,7 +431,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
 
 
 def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: dict,
-                      max_length: int | None, causal: bool, fused_ce: bool, dev) -> str:
+                      max_length: int | None, causal: bool, fused_ce: bool, dev, dropout: bool = False) -> str:
     """distributed.strategy for this run (tasks.training.fsdp.choose_strategy). auto: DDP when every
     GPU can hold the whole model and its training state, by the memory estimate of the DDP plan
     against the budget (train.max_memory_gib) or, without one, the GPU's memory; else FSDP."""
@@ -432,7 +440,8 @@ def training_strategy(requested: str, world: World, config, cfg: TrainSection, q
         import torch
 
         try:
-            plan = memory_plan(config, cfg, q, lora, max_length, causal, fused_ce, dev, world.size, with_estimate=True)
+            plan = memory_plan(config, cfg, q, lora, max_length, causal, fused_ce, dev, world.size, with_estimate=True,
+                               dropout=dropout)
             fits = plan["estimated_peak_gib"] * memory.GIB <= torch.cuda.get_device_properties(dev).total_memory
         except RecipeError:  # no DDP plan fits the budget
             fits = False
@@ -455,11 +464,12 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
                       spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"]), scratch, world)
     config = AutoConfig.from_pretrained(models.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
+    dropout = lora_cfg.enabled and lora_cfg.lora_dropout > 0
     run.strategy = training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
-                                     run.causal, fast["liger"], run.dev)
+                                     run.causal, fast["liger"], run.dev, dropout)
     run.cpu_offload = bool(spec.get("cpu_offload"))
     run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
-                           sharded=run.sharded)
+                           sharded=run.sharded, dropout=dropout)
     free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed, alike on every rank
