@@ -275,8 +275,8 @@ class TrainSection(Section):
     only): about a GiB less GPU memory on a 7B model at sequence 2048, for some speed."""
     max_memory_gib: Optional[float] = Field(None, gt=0)
     """A GPU memory budget: the fastest set-up whose estimated peak fits it is chosen (largest micro-batch, the
-    rest of per_device_train_batch_size x gradient_accumulation_steps accumulated; then checkpointing; then
-    offload). The examples per optimizer step never change."""
+    rest of per_device_train_batch_size x gradient_accumulation_steps accumulated; then checkpointing only as
+    many layers as needed; then offload). The examples per optimizer step never change."""
     fused_lora: bool = True
     """Each LoRA layer as one autograd function: the same arithmetic as peft's, fewer kernels and saved
     tensors."""

@@ -134,8 +134,11 @@ def test_compiled_layers_train_sharded_as_eager_layers_train(prepared_llama, tmp
 def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     """SIGTERM to the stage while two workers train: they checkpoint at a step boundary and exit;
     the same stage on one process resumes there and ends with the adapter of an uninterrupted run
-    (sharded: the checkpoint holds the whole weights and optimizer state, gathered from both)."""
-    straight = _train(prepared, tmp_path / "straight")
+    (sharded: the checkpoint holds the whole weights and optimizer state, gathered from both). Twice
+    the usual steps: SIGTERM must reach the workers before they finish on their own (on a busy
+    machine the six steps after the first checkpoint outran it once)."""
+    steps = 2 * STEPS
+    straight = _train(prepared, tmp_path / "straight", max_steps=steps)
     work = tmp_path / "stopped"
     script = (
         "import json, sys\n"
@@ -154,7 +157,8 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     args = tmp_path / "args.json"
     args.write_text(json.dumps({"tokenized": prepared["tokenized"], "quantized": prepared["quantized"],
                                 "lora": prepared["lora"], "lora_cfg": r.lora.model_dump(mode="json"),
-                                "q": r.quantization.model_dump(mode="json"), "cfg": r.train.model_dump(mode="json")}))
+                                "q": r.quantization.model_dump(mode="json"),
+                                "cfg": r.train.model_copy(update={"max_steps": steps}).model_dump(mode="json")}))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-c", script, str(args), str(work), strategy], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,9 +172,9 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     assert proc.returncode == 143, output[-3000:]
     partial = next(work.glob("train/*.partial"))
     saved = sorted(p.name for p in partial.glob("checkpoint-*"))
-    assert saved and saved[-1] < f"checkpoint-{STEPS:07d}", saved
-    resumed = _train(prepared, work, DistributedSection(strategy="none"))
-    assert resumed["resumed_from_step"] == int(saved[-1].split("-")[1]) and resumed["steps"] == STEPS
+    assert saved and saved[-1] < f"checkpoint-{steps:07d}", saved
+    resumed = _train(prepared, work, DistributedSection(strategy="none"), max_steps=steps)
+    assert resumed["resumed_from_step"] == int(saved[-1].split("-")[1]) and resumed["steps"] == steps
     _close(_adapter(resumed), _adapter(straight))
 
 

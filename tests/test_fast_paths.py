@@ -327,8 +327,9 @@ def test_sharded_memory_estimate_holds_on_measured_fsdp_peaks(gpus, micro, offlo
                                gradient_checkpointing=True, offload=offload, fused_ce=True, causal=True, shards=shards,
                                checkpointed_layers=checkpointed)
     assert measured <= estimate(gpus, offload)["peak"] / GIB < 1.04 * measured
-    if (gpus, micro, offload) == (1, 1, False):  # half the layers checkpointed, compiled layers: 61.06 GiB measured
+    if (gpus, micro, offload) == (1, 1, False):  # compiled layers, half and none checkpointed (RESULTS.md)
         assert 61.06 <= estimate(1, checkpointed=40)["peak"] / GIB < 1.04 * 61.06
+        assert 80.96 <= estimate(1, checkpointed=0)["peak"] / GIB < 1.04 * 80.96
     one, two, eight = (estimate(n)["weights"] for n in (1, 2, 8))
     assert 0.5 * one < two < 0.6 * one and eight < two / 2
     assert eight > s["layers"] * sum(i * o for i, o in s["per_layer"].values()) / 64  # the scales stay whole

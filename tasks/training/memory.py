@@ -88,7 +88,7 @@ def estimate_memory(config, *, weight_bits: int, trainable_params: int, optim: s
     # three intermediate-width tensors, a few hidden-width ones), and with dropout each adapter's
     # dropped input and its mask; fitted to the peaks of the 70B shape (FSDP, no dropout) and the 7B
     # shape (compiled, dropout 0.05) with some or none of their layers checkpointed (benchmarks/RESULTS.md).
-    kept = tokens * (2 * (6 * h + 3 * inter) + (2.5 * (6 * h + inter) if dropout else 0))
+    kept = tokens * (2 * (6.2 * h + 3 * inter) + (2.4 * (6 * h + inter) if dropout else 0))
     checkpoints = 0 if offload else tokens * 2 * h * checkpointed
     logits = tokens * s["vocab"] * 10 if causal and not fused_ce else 0  # 16-bit logits, float32 copy and gradient
     # Fitted to the measured peaks of compiled layers, which keep more for their backward than eager
