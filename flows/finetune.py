@@ -53,7 +53,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                     asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
-                        r.model.trust_remote_code, r.distributed, dropout=r.lora.enabled and r.lora.lora_dropout > 0)
+                        r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)

@@ -260,7 +260,7 @@ def validate(recipe: Recipe) -> dict:
         info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
         plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
-                                   with_estimate=True, dropout=recipe.lora.lora_dropout > 0)
+                                   with_estimate=True, dropout=recipe.lora.drops_inputs)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
         info["memory_plan"] = plan  # per GPU (per process)

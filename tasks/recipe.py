@@ -247,6 +247,11 @@ class LoraSection(Section):
             raise ValueError("target_modules is empty: name modules (e.g. [query, value]) or use all-linear")
         return v
 
+    @property
+    def drops_inputs(self) -> bool:
+        """Whether the adapters train on dropped-out inputs (each keeps its own copy for backward)."""
+        return self.enabled and self.lora_dropout > 0
+
 
 class TrainSection(Section):
     num_train_epochs: float = Field(1.0, gt=0)

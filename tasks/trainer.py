@@ -464,7 +464,7 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
                       spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"]), scratch, world)
     config = AutoConfig.from_pretrained(models.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
-    dropout = lora_cfg.enabled and lora_cfg.lora_dropout > 0
+    dropout = lora_cfg.drops_inputs
     run.strategy = training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
                                      run.causal, fast["liger"], run.dev, dropout)
     run.cpu_offload = bool(spec.get("cpu_offload"))
