@@ -16,8 +16,9 @@ memory planner's estimate for the run. --layers builds fewer of the shape's laye
 layer, sooner); --checkpoint-layers checkpoints only that many of them; --accumulate takes several
 micro-batches per GPU per optimizer step.
 
-Both runs take the same global batch (N x --micro rows of --seq tokens per optimizer step) and the
-same per-GPU micro-batch: 1 GPU accumulates N micro-batches, N GPUs take one each. Printed: tokens/s
+Both runs take the same global batch (N x --micro x --accumulate rows of --seq tokens per optimizer
+step) and the same per-GPU micro-batch: 1 GPU accumulates N times as many micro-batches as each of
+N GPUs. Printed: tokens/s
 of each and their ratio (the scaling), the per-GPU peak, the loss of every step side by side, and
 the check: the loss and every LoRA gradient of the first step on N GPUs against 1 GPU (relative
 error of all gradients together, held to 1e-2 as the single-GPU fast paths are against the plain
