@@ -123,15 +123,15 @@ def plan_memory(budget_gib: float, examples_per_step: int, estimate, layers: int
             while low < high:
                 mid = (low + high) // 2
                 low, high = (low, mid) if estimate(m, mid, False) <= budget else (mid + 1, high)
-            return _plan(m, examples_per_step, high, layers, False, estimate(m, high, False))
+            return _plan(m, examples_per_step, high, False, estimate(m, high, False))
         if allow_offload and estimate(m, layers, True) <= budget:
-            return _plan(m, examples_per_step, layers, layers, True, estimate(m, layers, True))
+            return _plan(m, examples_per_step, layers, True, estimate(m, layers, True))
     smallest = estimate(1, layers, allow_offload)
     raise ValueError(f"{budget_gib:g} GiB is too small: training needs about {smallest / GIB:.1f} GiB even at "
                      f"micro-batch 1 with gradient checkpointing" + (" and activations offloaded to CPU" if allow_offload else ""))
 
 
-def _plan(micro: int, examples_per_step: int, checkpointed: int, layers: int, offload: bool, peak: int) -> dict:
+def _plan(micro: int, examples_per_step: int, checkpointed: int, offload: bool, peak: int) -> dict:
     return {"micro_batch": micro, "accumulation": examples_per_step // micro, "gradient_checkpointing": checkpointed > 0,
             "checkpointed_layers": checkpointed, "offload_activations": offload,
             "estimated_peak_gib": round(peak / GIB, 2)}
