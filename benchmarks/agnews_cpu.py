@@ -48,12 +48,12 @@ def qlora_run(project: Path, data: Path, *overrides: str) -> tuple[dict, float]:
 
 def direct(recipe_path: str, overrides: list[str]) -> None:
     """The same stages as the flow, called as plain functions: no Prefect, no MLflow."""
-    from tasks.data import describe_source, load, split, tokenize
-    from tasks.evaluate import evaluate_model
-    from tasks.merge import merge
-    from tasks.model import plan_lora, quantize, resolve_model
-    from tasks.recipe import load_recipe
-    from tasks.train import train
+    from qlora.tasks.data import describe_source, load, split, tokenize
+    from qlora.tasks.evaluate import evaluate_model
+    from qlora.tasks.merge import merge
+    from qlora.tasks.model import plan_lora, quantize, resolve_model
+    from qlora.tasks.recipe import load_recipe
+    from qlora.tasks.train import train
 
     r = load_recipe(recipe_path, overrides)
     w = r.work_dir

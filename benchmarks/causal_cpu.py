@@ -65,7 +65,7 @@ def main() -> None:
     if packed.get("comparison"):
         import pandas as pd
 
-        from tasks.comparison import format_table
+        from qlora.tasks.comparison import format_table
 
         print("\nmerge variants of the packed run (same held-out prompts, greedy decoding)")
         print(format_table(pd.DataFrame(packed["comparison"])))

@@ -60,14 +60,14 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from gpu_train import SHAPES, build_in_memory, config_of  # the single-GPU benchmark's random-weight models
-    from tasks.batches import collate_lm
-    from tasks.training import distributed, fsdp, memory
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
+    from qlora.tasks.batches import collate_lm
+    from qlora.tasks.training import distributed, fsdp, memory
+    from qlora.tasks.training.fused_lora import fuse_lora_layers
+    from qlora.tasks.training.kernels import (attention_implementation, compile_layers, liger_kernels, liger_layer_kernels,
                                         use_compile, use_liger)
-    from tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
-    from tasks.training.optimizer import flatten_parameters
-    from tasks.training.step import forward_backward
+    from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
+    from qlora.tasks.training.optimizer import flatten_parameters
+    from qlora.tasks.training.step import forward_backward
 
     if "deterministic" in KERNELS[args.kernels]:  # every kernel deterministic: what remains is the split itself
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -191,7 +191,7 @@ def worker(args) -> None:
     if args.resume_from:  # a run stopped on another number of GPUs, resumed here (the train stage's checkpoint code)
         from safetensors.torch import load_file
 
-        from tasks.training.checkpoint import load_optimizer_state
+        from qlora.tasks.training.checkpoint import load_optimizer_state
 
         saved = load_file(state_dir / "weights.safetensors")
         with torch.no_grad():
@@ -209,7 +209,7 @@ def worker(args) -> None:
     if args.stop_at:  # train to this step, save what a checkpoint holds, stop
         from safetensors.torch import save_file
 
-        from tasks.training.checkpoint import training_state
+        from qlora.tasks.training.checkpoint import training_state
 
         losses, _ = steps(0, args.stop_at)
         weights, optimizer_state = training_state(model, optimizer)
@@ -225,7 +225,7 @@ def worker(args) -> None:
 
     losses = steps(0, args.warmup)[0]  # compiling happens here
     torch.cuda.synchronize()
-    from tasks.training.collection import PauseLog, StepCollection
+    from qlora.tasks.training.collection import PauseLog, StepCollection
 
     if args.gc == "steps":  # as the train stage collects: at step boundaries, every rank at the same steps
         collection = StepCollection()
@@ -252,7 +252,7 @@ def worker(args) -> None:
                 averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     peak = distributed.all_reduce_sum([torch.cuda.max_memory_allocated() / 2**30], dev)[0] / world.size
     # A checkpoint's cost: the whole adapter and optimizer state gathered to rank 0's CPU memory.
-    from tasks.training.checkpoint import training_state
+    from qlora.tasks.training.checkpoint import training_state
 
     gathered_at = time.perf_counter()
     training_state(model, optimizer)
@@ -343,7 +343,7 @@ def main() -> None:
         return worker(args)
     import torch
 
-    from tasks.training.distributed import SAFE_NCCL_ENV, torchrun_command
+    from qlora.tasks.training.distributed import SAFE_NCCL_ENV, torchrun_command
 
     out = Path(tempfile.mkdtemp(prefix="gpu_distributed-"))
     results, grads = {}, {}

@@ -28,12 +28,12 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    from tasks.batches import collate_lm
-    from tasks.training import distributed, fsdp
-    from tasks.training.checkpoint import training_state
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.lora import draw_adapter_weights, model_for_training
-    from tasks.training.step import forward_backward
+    from qlora.tasks.batches import collate_lm
+    from qlora.tasks.training import distributed, fsdp
+    from qlora.tasks.training.checkpoint import training_state
+    from qlora.tasks.training.fused_lora import fuse_lora_layers
+    from qlora.tasks.training.lora import draw_adapter_weights, model_for_training
+    from qlora.tasks.training.step import forward_backward
 
     world = distributed.init_from_env()
     if not dist.is_initialized():  # one GPU: a group of one

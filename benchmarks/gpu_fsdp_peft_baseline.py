@@ -130,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from tasks.training.distributed import SAFE_NCCL_ENV
+    from qlora.tasks.training.distributed import SAFE_NCCL_ENV
 
     out = Path(tempfile.mkdtemp(prefix="fsdp-peft-")) / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.gpus),

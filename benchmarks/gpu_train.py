@@ -188,7 +188,7 @@ def run_tutorial_padded(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.batches import collate_lm
+    from qlora.tasks.batches import collate_lm
 
     path = build_on_disk(args.shape, args.seq)  # (built on the GPU when missing: not part of the peak)
     torch.cuda.reset_peak_memory_stats()
@@ -218,7 +218,7 @@ def run_tutorial_padded(args) -> dict:
 def liger_layers(options, compiled: bool) -> frozenset:
     """The Liger layer kernels a set-up names (option liger:rms_norm:swiglu; "liger:" for none), else
     those the train stage takes."""
-    from tasks.training.kernels import liger_layer_kernels
+    from qlora.tasks.training.kernels import liger_layer_kernels
 
     named = [o.split(":")[1:] for o in options if o.startswith("liger:")]
     return frozenset(k for k in named[0] if k) if named else liger_layer_kernels(compiled)
@@ -229,13 +229,13 @@ def run_pipeline(args) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from tasks.batches import collate_lm, pack, width_multiple
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, use_compile, use_liger
-    from tasks.training.lora import checkpoint_some_layers, model_for_training
-    from tasks.training.memory import _shape, estimate_memory, plan_memory
-    from tasks.training.optimizer import flatten_parameters
-    from tasks.training.step import forward_backward
+    from qlora.tasks.batches import collate_lm, pack, width_multiple
+    from qlora.tasks.training.fused_lora import fuse_lora_layers
+    from qlora.tasks.training.kernels import attention_implementation, compile_layers, liger_kernels, use_compile, use_liger
+    from qlora.tasks.training.lora import checkpoint_some_layers, model_for_training
+    from qlora.tasks.training.memory import _shape, estimate_memory, plan_memory
+    from qlora.tasks.training.optimizer import flatten_parameters
+    from qlora.tasks.training.step import forward_backward
 
     dev = torch.device("cuda")
     cfg = config_of(args.shape, args.seq)
@@ -377,7 +377,7 @@ def optimizer_step(steps: int = 20) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from tasks.training.optimizer import flatten_parameters
+    from qlora.tasks.training.optimizer import flatten_parameters
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(16, 4096), (4096, 16)] * 4 + [(16, 4096), (11008, 16)] * 2 + [(16, 11008), (4096, 16)]
@@ -447,10 +447,10 @@ def check(trials: int = 3) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from types import SimpleNamespace
 
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.kernels import compile_layers, liger_kernels, use_compile, use_liger
-    from tasks.training.lora import lora_config, model_for_training
-    from tasks.training.step import forward_backward, train_context
+    from qlora.tasks.training.fused_lora import fuse_lora_layers
+    from qlora.tasks.training.kernels import compile_layers, liger_kernels, use_compile, use_liger
+    from qlora.tasks.training.lora import lora_config, model_for_training
+    from qlora.tasks.training.step import forward_backward, train_context
 
     path = "/tmp/llama-check"
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -580,7 +580,7 @@ def log_mlflow(path: str) -> None:
     """Record a result file as an MLflow run of the project's store (experiment gpu-benchmarks)."""
     import mlflow
 
-    from tasks.tracking import default_tracking_uri
+    from qlora.tasks.tracking import default_tracking_uri
 
     data = json.loads(Path(path).read_text())
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())

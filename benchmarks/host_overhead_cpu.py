@@ -30,11 +30,11 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tasks.training.fused_lora import fuse_lora_layers
-    from tasks.training.kernels import compile_layers
-    from tasks.training.lora import model_for_training
-    from tasks.training.optimizer import flatten_parameters
-    from tasks.training.step import forward_backward
+    from qlora.tasks.training.fused_lora import fuse_lora_layers
+    from qlora.tasks.training.kernels import compile_layers
+    from qlora.tasks.training.lora import model_for_training
+    from qlora.tasks.training.optimizer import flatten_parameters
+    from qlora.tasks.training.step import forward_backward
 
     torch.manual_seed(0)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

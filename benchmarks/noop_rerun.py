@@ -63,18 +63,15 @@ def import_seconds(module: str, env: dict) -> float:
                                 check=True).stdout)
 
 
-def server_boot_seconds(env: dict, home: Path, factory: str = "qlora.prefect_app:create_app",
-                        extra: dict | None = None) -> float:
+def server_boot_seconds(env: dict, home: Path, factory: str = "qlora.prefect_app:create_app") -> float:
     """A temporary server on its own: process start to /health answering. By default the one the
-    run starts (the collector paused while it builds, its migration check skipped: the database is
-    migrated by then)."""
+    run starts (Prefect's app as its own temporary server builds it, migrations checked at start)."""
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env={**env, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-             **({"PREFECT_SERVER_DATABASE_MIGRATE_ON_START": "false"} if extra is None else extra)},
+        env={**env, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/api/health", server, "prefect server", 120, poll_s=0.05)
@@ -115,7 +112,7 @@ def main() -> None:
     project = (args.project or Path(tempfile.mkdtemp(prefix="qlora-noop-"))).resolve()
     project.mkdir(parents=True, exist_ok=True)
     home = project / ".prefect"
-    env = {**os.environ, **QUIET, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home)}
+    env = {**os.environ, **QUIET, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
 
     first = qlora_run(project, env)
@@ -151,7 +148,7 @@ def main() -> None:
         "import mlflow client + sql store": import_seconds("mlflow.tracking, mlflow.store.tracking.sqlalchemy_store", env),
         "import pandas": import_seconds("pandas", env),
         "temporary server boot": server_boot_seconds(env, home),
-        "Prefect's own app, migrations checked": server_boot_seconds(env, home, "prefect.server.api.server:create_app", {}),
+        "Prefect's app with its services": server_boot_seconds(env, home, "prefect.server.api.server:create_app"),
     }
     print("pieces on their own: " + ", ".join(f"{k} {v:.2f} s" for k, v in results["pieces"].items()))
     results["recorded"] = recorded

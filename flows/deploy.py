@@ -17,7 +17,7 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
-from tasks.recipe import Recipe, RecipeError
+from qlora.tasks.recipe import Recipe, RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def prefect_api_url() -> str:
 def pinned(recipe: Recipe, promote: bool) -> dict:
     """The recipe as a deployment parameter: local paths absolute, the tracking store named, and
     promotion on unless turned off."""
-    from tasks.tracking import tracking_uri_of
+    from qlora.tasks.tracking import tracking_uri_of
 
     raw = recipe.model_dump(mode="json")
     for section, key in (("data", "path"), ("model", "name_or_path")):
@@ -78,18 +78,18 @@ def pinned(recipe: Recipe, promote: bool) -> dict:
 def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None, interval: float | None,
            pool: str | None, promote: bool = True, limit: int = 1) -> str | None:
     """Serve (blocks until interrupted) or register with a work pool (returns the deployment id)."""
-    from tasks.evaluate import check_promotion
+    from qlora.tasks.evaluate import check_promotion
 
-    from flows.finetune import finetune
+    from qlora.flows.finetune import finetune
 
     check_schedule(cron, interval)
     raw = pinned(recipe, promote)
-    from tasks.recipe import recipe_from_dict
+    from qlora.tasks.recipe import recipe_from_dict
 
     check_promotion(recipe_from_dict(raw, recipe_file))
     prefect_api_url()
     name = name or recipe.name
-    from tasks import secrets
+    from qlora.tasks import secrets
 
     parameters = {"recipe": secrets.redact(raw), "recipe_file": str(Path(recipe_file).resolve())}
     secrets.share_with_children()  # the runs `serve` starts restore them; a work pool's worker cannot

@@ -15,10 +15,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.finetune import finetune
-from tasks import tracking
-from tasks import secrets
-from tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
+from qlora.flows.finetune import finetune
+from qlora.tasks import tracking
+from qlora.tasks import secrets
+from qlora.tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
 
 METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",
                   "optimizer_state_mb", "train_peak_memory_mb", "train_runtime_s", "samples_per_s", "accuracy",
@@ -74,7 +74,7 @@ def _row(summary: dict) -> dict:
 
 
 def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path) -> None:
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     client.log_table(parent, data=table, artifact_file=f"{name}/table.json")
     work.mkdir(parents=True, exist_ok=True)
     table.to_csv(work / f"{name}.csv", index=False)

@@ -1,6 +1,6 @@
 """The pipeline flow. Its body is the DAG, top to bottom: load -> split -> tokenize -> LoRA plan ->
 quantize -> train -> evaluate -> merge -> evaluate merged -> package, each a cached Prefect task; the
-whole run recorded in one MLflow run through a RunRecorder (tasks/tracking.py)."""
+whole run recorded in one MLflow run through a RunRecorder (qlora.tasks.tracking)."""
 from __future__ import annotations
 
 import time
@@ -10,18 +10,17 @@ from typing import TYPE_CHECKING, Any, Optional
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import heartbeats
-from tasks import lineage, secrets, signals, tracking, tracking_process
-from tasks.comparison import comparison_table
-from tasks.data import describe_source, load, split, tokenize
-from tasks.evaluate import check_metrics, evaluate_model
-from tasks.merge import VARIANT_OF, merge
-from tasks.model import CAUSAL, convert_gguf, converted, plan_lora, quantize, resolve_model
-from tasks.package import base_reference, package
-from tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from tasks.stage import materializing
-from tasks.store import dir_size, hash_value
-from tasks.train import check_memory_budget, train
+from qlora.tasks import lineage, secrets, signals, tracking
+from qlora.tasks.comparison import comparison_table
+from qlora.tasks.data import describe_source, load, split, tokenize
+from qlora.tasks.evaluate import check_metrics, evaluate_model
+from qlora.tasks.merge import VARIANT_OF, merge
+from qlora.tasks.model import CAUSAL, convert_gguf, converted, plan_lora, quantize, resolve_model
+from qlora.tasks.package import base_reference, package
+from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from qlora.tasks.stage import materializing
+from qlora.tasks.store import dir_size, hash_value
+from qlora.tasks.train import check_memory_budget, train
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,9 +32,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     """One pipeline run, of a recipe given as a dict, or read from recipe_file with `--set`-style
     overrides (how prefect.yaml's deployments name it). parent_run_id nests its MLflow run under a
     comparison or sweep run."""
-    heartbeats.start()  # the run's own, where `qlora run` asked for them (flows/heartbeats.py)
     r = _recipe(recipe, recipe_file, overrides)
-    mlflow = tracking_process.shared().session()  # MLflow written by a process of its own
     run = StageRunner(r.work_dir, r.name)
     signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
     causal = r.model.task == CAUSAL
@@ -55,17 +52,17 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
                         r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
-    # seconds) while the base is quantized. Not earlier: a failing recipe leaves no store.
+    # seconds). Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)
-    mlflow.call("prepare_store", uri)
+    tracking.prepare_store(uri)
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
     key = recipe_key(r, source, model)
-    experiment, run_id, resumed = tracking.start_run(mlflow, r, key, uri, flow_run.get_id(), parent_run_id)
+    experiment, run_id, resumed = tracking.start_run(r, key, uri, flow_run.get_id(), parent_run_id)
     status = "FAILED"
-    unregister = signals.on_emergency(lambda: mlflow.end_run(uri, run_id, "KILLED", timeout=10))
+    unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
     try:
-        record = tracking.RunRecorder(mlflow, r, uri, experiment, run_id, resumed, flow_run.get_id())
+        record = tracking.RunRecorder(r, uri, experiment, run_id, resumed, flow_run.get_id())
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source_uri(source))
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size)
@@ -107,14 +104,14 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
         raise
     finally:
         unregister()
-        _end_run(mlflow, uri, run_id, status)
+        _end_run(uri, run_id, status)
 
 
-def _end_run(mlflow, uri: str, run_id: str, status: str) -> None:
+def _end_run(uri: str, run_id: str, status: str) -> None:
     """The MLflow run's final status, whatever happened. A write that failed fails a run that would
     have finished; a run already failing keeps its own error, and the write's is logged beside it."""
     try:
-        mlflow.end_run(uri, run_id, status)
+        tracking.end_run(uri, run_id, status)
     except Exception as e:
         if status == "FINISHED":
             raise

@@ -10,26 +10,25 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import gc
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora import prefect_database
 from qlora.servers import free_port, logged_process, wait_healthy
-from tasks import signals
-from tasks.errors import RecipeError
-from tasks.secrets import redact, redact_text
-from tasks.startup import collector_paused, thaw
-from tasks.training.memory import OutOfMemory
+from qlora.tasks import signals
+from qlora.tasks.errors import RecipeError
+from qlora.tasks.secrets import redact, redact_text
+from qlora.tasks.startup import collector_paused, thaw
+from qlora.tasks.training.memory import OutOfMemory
 
 if TYPE_CHECKING:
-    from tasks.recipe import Recipe
+    from qlora.tasks.recipe import Recipe
 
 EXIT_USER_ERROR = 2
 
@@ -62,7 +61,8 @@ def _without_user_error_traceback(record: logging.LogRecord) -> bool:
 class TemporaryPrefectServer:
     """With no Prefect server configured, Prefect starts a temporary one at the first flow run and
     waits for it (seconds of a short run). We start the same server (Prefect's API app under uvicorn)
-    before the heavy imports, so it boots on the other core meanwhile, and stop it at exit."""
+    before the heavy imports, so it boots on the other core meanwhile, and stop it at exit. Prefect
+    migrates its database at each start, as its own temporary server does."""
 
     def __init__(self):
         # Two runs started together on a fresh machine would both migrate Prefect's new database:
@@ -75,12 +75,7 @@ class TemporaryPrefectServer:
         self.starting.acquire()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                           os.environ.get("PYTHONPATH")]))}  # qlora.prefect_app
-        self.home, self.migrating = home, not prefect_database.migrated(home)
-        if not self.migrating:
-            env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0"}
         # Its own session: a SIGTERM sent to our process group must not kill it while the run still
         # reports to it (the run would hang at exit draining its log queue to a dead server); it
         # dies with us instead, however we die. Its output goes to a file, not to our stdout and
@@ -100,12 +95,13 @@ class TemporaryPrefectServer:
         import prefect.artifacts  # noqa: F401
         import prefect.flow_engine  # noqa: F401
         import prefect.task_engine  # noqa: F401
+        from qlora.tasks.tracking import import_mlflow
+
+        import_mlflow()  # the flow's first MLflow write would import it otherwise
 
         try:
             # Polled often: every tenth of a second counts on an unchanged re-run.
             wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout, poll_s=0.05)
-            if self.migrating:
-                prefect_database.remember(self.home)
         finally:
             self.starting.release()
 
@@ -140,10 +136,10 @@ def _profile_has_api_url() -> bool:
 def preflight(recipe: Recipe) -> None:
     """The checks `run` makes before starting the flow: the ones that need no model library, so an
     unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run."""
-    from tasks.data import check_data
-    from tasks.evaluate import check_metrics, check_promotion
-    from tasks.model import resolve_model
-    from tasks.tracking import check_tracking, tracking_uri_of
+    from qlora.tasks.data import check_data
+    from qlora.tasks.evaluate import check_metrics, check_promotion
+    from qlora.tasks.model import resolve_model
+    from qlora.tasks.tracking import check_tracking, tracking_uri_of
 
     check_work_dir(recipe.work_dir)
     resolve_model(recipe.model)
@@ -155,47 +151,29 @@ def preflight(recipe: Recipe) -> None:
     check_tracking(tracking_uri_of(recipe))
 
 
-def _start_early() -> TemporaryPrefectServer | None:
-    """What the flow of an unchanged re-run waits for, started first thing, before the recipe is even
-    read: the temporary Prefect server's boot, or against a running server the recording process's
-    import of MLflow (tasks.tracking_process). With a server to boot, the recording process starts
-    once the recipe's checks (and their imports) are done: on a machine of two cores the booting
-    server then has one to itself."""
-    from tasks import tracking_process
-
-    server = _prefect_server()
-    if server is None:
-        tracking_process.shared()
-    return server
-
-
 def _abandon(server: TemporaryPrefectServer | None) -> None:
-    """A recipe refused before its flow started: what was started for it stops, having written nothing."""
-    from tasks import tracking_process
-
+    """A recipe refused before its flow started: the server started for it stops, having written nothing."""
     if server is not None:
         server.stop()
-    tracking_process.discard()
 
 
 def _preflight(recipe: Recipe, server: TemporaryPrefectServer | None) -> None:
-    """The recipe's checks while the server boots; then the recording process (if not started yet)
-    and the tracking store's opening. A refused recipe stops what was started."""
-    from tasks import tracking_process
-    from tasks.tracking import store_exists, tracking_uri_of
-
+    """The recipe's checks while the server boots. A refused recipe stops what was started."""
     try:
         preflight(recipe)
     except RecipeError:
         _abandon(server)
         raise
-    recording = tracking_process.shared()
-    if server is not None:  # the booting server is what the flow waits for: it goes first for the CPU
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, recording.process.pid, 10)
-    uri = tracking_uri_of(recipe)
-    if store_exists(uri):  # a new store is created by the flow, once the recipe has passed every check
-        recording.call("prepare_store", uri)
+
+
+@contextlib.contextmanager
+def _without_heartbeats():
+    """Around a flow run reporting to the temporary Prefect server: no heartbeats (that server dies
+    with the run, so nothing would ever read them), through Prefect's public settings."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def data_already_loaded(recipe: Recipe) -> bool:
@@ -204,8 +182,8 @@ def data_already_loaded(recipe: Recipe) -> bool:
     not read the data twice before the flow takes it from the cache. A Hub dataset is always checked."""
     if recipe.data.hub:
         return False
-    from tasks import store
-    from tasks.data import describe_source, load
+    from qlora.tasks import store
+    from qlora.tasks.data import describe_source, load
 
     source = describe_source(recipe.data)  # names a missing file or directory, as the checks would
     _, directory = load.key_of({"source": source, "data": recipe.data, "labels": recipe.model.labels,
@@ -226,7 +204,7 @@ def check_labels(recipe: Recipe) -> None:
     a mistake there is reported before any stage runs."""
     if recipe.model.task == "causal-lm" or recipe.data.hub:
         return
-    from tasks.data import clean, read_source, required_columns
+    from qlora.tasks.data import clean, read_source, required_columns
 
     clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
 
@@ -239,16 +217,16 @@ def validate(recipe: Recipe) -> dict:
     """Everything that can be checked without training. The run's own preflight first (paths,
     columns, labels, metrics, tracking store: seconds), then what needs the model's config
     (quantization, LoRA targets, the memory plan)."""
-    from tasks.model import check_model, resolve_lora_targets
+    from qlora.tasks.model import check_model, resolve_lora_targets
 
     preflight(recipe)
-    from tasks.data import check_data
-    from tasks.tracking import tracking_uri_of
+    from qlora.tasks.data import check_data
+    from qlora.tasks.tracking import tracking_uri_of
 
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
     info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
-    from tasks.train import check_memory_budget, training_processes
+    from qlora.tasks.train import check_memory_budget, training_processes
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
     strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"
@@ -287,7 +265,7 @@ def _summary(result: dict) -> str:
     if "comparison" in result:
         import pandas as pd
 
-        from tasks.comparison import format_table
+        from qlora.tasks.comparison import format_table
 
         lines += ["merge variants against the adapter:", format_table(pd.DataFrame(result["comparison"]))]
     t = result["train"]
@@ -324,7 +302,7 @@ def _summary(result: dict) -> str:
 
 
 def _tracking_uri(explicit: str | None) -> str:
-    from tasks.tracking import check_tracking, default_tracking_uri
+    from qlora.tasks.tracking import check_tracking, default_tracking_uri
 
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     check_tracking(uri)
@@ -461,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         server, early = None, args.command == "run"
         if early:
             starting.enter_context(collector_paused())  # until the flow starts: mostly imports (tasks/startup.py)
-            server = _start_early()
-        from tasks.recipe import find_recipe, load_recipe
+            server = _prefect_server()
+        from qlora.tasks.recipe import find_recipe, load_recipe
 
         try:
             args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
@@ -482,14 +460,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {k}: {v}")
             return 0
         _preflight(recipe, server)
-        from flows.finetune import finetune
+        from qlora.flows.finetune import finetune
 
         if server is not None:
             server.wait()
-        from flows import heartbeats
-
         starting.close()
-        with heartbeats.none() if server else heartbeats.sent_by_the_flow():
+        with _without_heartbeats() if server else contextlib.nullcontext():
             result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):
@@ -519,7 +495,7 @@ def _recipes(args) -> int:
 
     import yaml
 
-    from tasks.recipe import shipped_recipes
+    from qlora.tasks.recipe import shipped_recipes
 
     shipped = shipped_recipes()
     if args.action == "list":
@@ -543,7 +519,7 @@ def _recipes(args) -> int:
 
 
 def _experiment(args, recipe: Recipe) -> int:
-    from tasks.recipe import parse_override
+    from qlora.tasks.recipe import parse_override
 
     file = str(Path(args.recipe).resolve())
     raw = redact(recipe.model_dump(mode="json"))
@@ -552,16 +528,16 @@ def _experiment(args, recipe: Recipe) -> int:
         for text in args.grid:
             path, values = parse_override(text)
             grid[".".join(path)] = values
-        from flows.experiments import expand_grid
+        from qlora.flows.experiments import expand_grid
 
         trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
-    server = _start_early()
+    server = _prefect_server()
     _preflight(recipe, server)
-    from flows import experiments, heartbeats
+    from qlora.flows import experiments
 
     if server is not None:
         server.wait()
-    with heartbeats.none() if server else contextlib.nullcontext():
+    with _without_heartbeats() if server else contextlib.nullcontext():
         if args.command == "methods":
             result = experiments.compare_methods(raw, file, args.full_learning_rate)
         else:
@@ -576,7 +552,7 @@ def _experiment(args, recipe: Recipe) -> int:
 
 
 def _deploy(args, recipe: Recipe) -> int:
-    from flows.deploy import deploy
+    from qlora.flows.deploy import deploy
 
     preflight(recipe)
     served = args.pool is None
@@ -598,7 +574,7 @@ def _registry_command(args) -> int:
                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):  # a bar per download is noise here
         os.environ.setdefault(key, value)
     from qlora import registry
-    from tasks.comparison import format_table
+    from qlora.tasks.comparison import format_table
 
     if args.command == "merge":
         print(f"merged model: {registry.merge_adapter(Path(args.adapter), Path(args.out), args.dtype)}")
@@ -623,8 +599,8 @@ def _registry_command(args) -> int:
 def _join(args) -> int:
     from pydantic import ValidationError
 
-    from tasks.recipe import DistributedSection
-    from tasks.training.distributed import join
+    from qlora.tasks.recipe import DistributedSection
+    from qlora.tasks.training.distributed import join
 
     nproc = args.nproc_per_node
     if nproc != "auto" and not nproc.isdigit():
@@ -649,15 +625,12 @@ def pd_options():
 
 
 def entry_point() -> None:
-    """The `qlora` command: main(), then a prompt exit. Exit handlers run (Prefect drains its logs and
-    events to the API, the temporary server stops), output is flushed, and the process ends without
-    the interpreter's teardown of every imported module (about a second, on every re-run)."""
+    """The `qlora` command: main(), then a normal interpreter exit (exit handlers run: Prefect drains
+    its logs and events to the API, the temporary server stops). What the run built is frozen first
+    (gc.freeze): the interpreter's last collections then skip it instead of walking every object."""
     code = main()
-    threading._shutdown()  # what a normal exit does first: join threads, run threading's exit hooks
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

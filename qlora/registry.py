@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.recipe import RecipeError
+from qlora.tasks.recipe import RecipeError
 
-from tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
+from qlora.tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
 
 
 def client(uri: str):
@@ -21,7 +21,7 @@ def client(uri: str):
 
 
 def compare_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    from tasks.comparison import check_comparable, load_comparison
+    from qlora.tasks.comparison import check_comparable, load_comparison
 
     c = client(uri)
     tables = [load_comparison(c, run_id) for run_id in run_ids]
@@ -101,7 +101,7 @@ def load_predictor(directory: Path):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        from tasks.model import load_model
+        from qlora.tasks.model import load_model
 
         config = json.loads((directory / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
@@ -187,7 +187,7 @@ def _refuse_to_overwrite(out: Path) -> None:
 def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Path:
     """`qlora export`: a run's merged model (or a registered version) as a self-contained folder, or
     as one GGUF file."""
-    from tasks.export import export_gguf, export_hf
+    from qlora.tasks.export import export_gguf, export_hf
 
     run_id, model = _source_args(source)
     _refuse_to_overwrite(out)

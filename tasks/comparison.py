@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.recipe import RecipeError
+from qlora.tasks.recipe import RecipeError
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from tasks import store
-from tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection, shorten
-from tasks.stage import stage
+from qlora.tasks import store
+from qlora.tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection, shorten
+from qlora.tasks.stage import stage
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd
@@ -241,7 +241,7 @@ def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.Data
 
 def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
     import datasets
-    from tasks.hub import hub_error
+    from qlora.tasks.hub import hub_error
 
     try:
         dd = datasets.load_dataset(data.hub, data.config, revision=data.revision)
@@ -266,7 +266,7 @@ def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFr
 def describe_source(data: DataSection) -> dict:
     """The source's identity and content fingerprint: the load stage's cache input."""
     if data.hub:
-        from tasks.hub import dataset_commit
+        from qlora.tasks.hub import dataset_commit
 
         commit = dataset_commit(data.hub, data.revision)
         return {"hash": store.hash_value([data.hub, data.config, commit]), "hub": data.hub, "commit": commit}
@@ -278,7 +278,7 @@ def describe_source(data: DataSection) -> dict:
 def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> dict:
     """Preflight: the files exist, are readable UTF-8 and have the named columns (first rows only)."""
     if data.hub:
-        from tasks.hub import check_hub_repo
+        from qlora.tasks.hub import check_hub_repo
 
         check_hub_repo(data.hub, "dataset", data.revision, "data.hub")
         return {"hub": data.hub}

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks import model as models
-from tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
-from tasks.stage import stage
-from tasks.batches import collate, pad_token_id
-from tasks.inference import lm_loss, predict_logits
-from tasks.measure import PeakMemory, weights_bytes
+from qlora.tasks import model as models
+from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
+from qlora.tasks.stage import stage
+from qlora.tasks.batches import collate, pad_token_id
+from qlora.tasks.inference import lm_loss, predict_logits
+from qlora.tasks.measure import PeakMemory, weights_bytes
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd
@@ -182,7 +182,7 @@ def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tok
     """Continuations of token-id prompts (left-padded batches): greedy, or sampled at a temperature."""
     import torch
 
-    from tasks.progress import bar as progress_bar
+    from qlora.tasks.progress import bar as progress_bar
 
     model.eval()
     texts = []
@@ -245,7 +245,7 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
             "examples": len(test)}
 
 
-@stage("evaluate", modules=("tasks.metrics",))  # metric scripts are loaded by path
+@stage("evaluate", modules=("qlora.tasks.metrics",))  # metric scripts are loaded by path
 def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int) -> dict:
     import pandas as pd

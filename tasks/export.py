@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tasks.recipe import RecipeError
+from qlora.tasks.recipe import RecipeError
 
 GGUF_ARCHITECTURES = {"llama": "llama"}  # transformers model_type -> GGUF architecture
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0")

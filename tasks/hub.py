@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.recipe import RecipeError
+from qlora.tasks.recipe import RecipeError
 
 HUB_TIMEOUT_S = 10
 

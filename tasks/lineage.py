@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.secrets import redact_text
+from qlora.tasks.secrets import redact_text
 
 log = logging.getLogger("qlora")
 
@@ -41,7 +41,7 @@ def stage_summary(name: str, key: str, directory: Path, seconds: float, inputs: 
                   result: dict) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.store import dir_size
+    from qlora.tasks.store import dir_size
 
     lines = [f"### {name}", "", "| | |", "| --- | --- |", f"| content key | `{key}` |",
              f"| directory | `{directory}` |", f"| size | {dir_size(directory) / 2**20:.1f} MB |",

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 
-from tasks import model as models
-from tasks.recipe import QuantizationSection
-from tasks.stage import stage
+from qlora.tasks import model as models
+from qlora.tasks.recipe import QuantizationSection
+from qlora.tasks.stage import stage
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
@@ -66,7 +66,7 @@ def merge(out: Path, trained: dict, quantized: dict, q: QuantizationSection, str
         merged_model(adapter, quantized, q, labels, strategy, models.dtype_of(dtype)).save_pretrained(
             out / "model", safe_serialization=True)
     models.copy_tokenizer(quantized["original_path"], out / "model")
-    from tasks.store import dir_size
+    from qlora.tasks.store import dir_size
 
     return {"model": "model", "strategy": strategy, "variant": VARIANT_OF[strategy], "dtype": dtype,
             "size_bytes": dir_size(out / "model"), "label_names": labels}

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 
-from tasks import store
-from tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
-from tasks.stage import stage
-from tasks.training.lora import lora_config
+from qlora.tasks import store
+from qlora.tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
+from qlora.tasks.stage import stage
+from qlora.tasks.training.lora import lora_config
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
@@ -91,7 +91,7 @@ def resolve_model(model: ModelSection) -> dict:
     """Local directory and content fingerprints (weights+config, tokenizer) of the base model."""
     path = store.resolve_location(model.name_or_path, "model.name_or_path")
     if path is None:
-        from tasks.hub import download_model
+        from qlora.tasks.hub import download_model
 
         path = download_model(model.name_or_path, model.revision, "model.name_or_path")
     if path.is_file():

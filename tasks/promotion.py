@@ -3,8 +3,8 @@ to it only when it beats the champion on the promotion metric. Used by the flow 
 and by `qlora promote`."""
 from __future__ import annotations
 
-from tasks.recipe import RecipeError
-from tasks.tracking import _client, store_lock
+from qlora.tasks.recipe import RecipeError
+from qlora.tasks.tracking import mlflow_client, store_lock
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -12,7 +12,7 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 def register(uri: str, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
     """A model version for the logged artifact, unless one of the same content exists already."""
     with store_lock(uri):  # one version per content, also when two runs register at once
-        return _register(_client(uri), run_id, artifact_path, name, content_hash)
+        return _register(mlflow_client(uri), run_id, artifact_path, name, content_hash)
 
 
 def _register(client, run_id: str, artifact_path: str, name: str, content_hash: str) -> str:
@@ -38,9 +38,9 @@ def promote(uri: str, name: str, metric: str | None = None, min_delta: float = 0
     test figure (merged_test_* for a merged model). Returns the decision and its reason."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.recipe import default_promotion_metric, lower_is_better
+    from qlora.tasks.recipe import default_promotion_metric, lower_is_better
 
-    c = _client(uri)
+    c = mlflow_client(uri)
     try:
         candidate = c.get_model_version_by_alias(name, CANDIDATE)
     except MlflowException:

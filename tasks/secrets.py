@@ -70,7 +70,7 @@ def share_with_children() -> None:
 def restore(value: Any, path: str = "") -> Any:
     """The value with placeholders replaced by the secrets they stand for; a placeholder this process
     does not know is an error naming the field."""
-    from tasks.recipe import RecipeError
+    from qlora.tasks.recipe import RecipeError
 
     if isinstance(value, str):
         def real(m: re.Match) -> str:

@@ -31,7 +31,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel
 
-from tasks import lineage, store
+from qlora.tasks import lineage, store
 
 
 def _key_part(value: Any) -> Any:

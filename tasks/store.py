@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.recipe import RecipeError
+from qlora.tasks.recipe import RecipeError
 
 RESULT_FILE = "result.json"
 PACKAGE_PREFIX = "package:"
@@ -58,7 +58,9 @@ def tree_fingerprint(root: Path, names: list[str] | None = None) -> str:
     return hash_value({str(p.relative_to(root)): file_fingerprint(p) for p in files if p.is_file()})
 
 
-PROJECT_PACKAGES = ("tasks", "flows")
+# The project's packages and their folders (siblings in a checkout and in an installed wheel alike).
+PROJECT_PACKAGES = {"qlora.tasks": Path(__file__).resolve().parent,
+                    "qlora.flows": Path(__file__).resolve().parent.parent / "flows"}
 # The libraries whose behaviour shapes what a stage writes: an upgrade must not serve artifacts the
 # old versions built.
 STAGE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers")
@@ -68,17 +70,17 @@ STAGE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", 
 def _module_file(name: str) -> Path | None:
     """The source file of a project module, located without importing anything (finding a
     submodule's spec would import its parents, mid-import of the stages themselves)."""
-    parts = name.split(".")
-    if parts[0] not in PROJECT_PACKAGES:
+    package = ".".join(name.split(".")[:2])
+    if package not in PROJECT_PACKAGES:
         return None
-    base = Path(__file__).resolve().parent.parent.joinpath(*parts)
+    base = PROJECT_PACKAGES[package].joinpath(*name.split(".")[2:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-# `import tasks.x`, `from tasks.x import a, b` and `from tasks import (a,\n b)`, anywhere in a file
+# `import tasks.x`, `from qlora.tasks.x import a, b` and `from qlora.tasks import (a,\n b)`, anywhere in a file
 # (the stages import inside functions). A regular expression, not the ast module: every command
 # fingerprints its stages at import, and parsing every module costs a noticeable share of a no-op run.
 _IMPORT = re.compile(r"^[ \t]*(?:import[ \t]+([\w.]+)|from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]+))", re.M)
@@ -92,7 +94,7 @@ def _imported_names(path: Path) -> tuple[str, ...]:
         if plain:
             names.append(plain)
             continue
-        if module.split(".")[0] not in PROJECT_PACKAGES:
+        if ".".join(module.split(".")[:2]) not in PROJECT_PACKAGES:
             continue
         for alias in imported.strip("()").replace("\n", " ").split(","):
             attr = alias.split(" as ")[0].strip()

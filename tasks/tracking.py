@@ -1,20 +1,25 @@
-"""MLflow tracking: one run per pipeline run, addressed by run id (MLflow's active run is per
-thread, and Prefect may run tasks in other threads), resumed rather than orphaned after a crash.
+"""MLflow tracking, the one way this project writes to MLflow: its public `MlflowClient`, one run per
+pipeline run, addressed by run id (MLflow's active run is per thread, and Prefect may run tasks in
+other threads), resumed rather than orphaned after a crash. Metrics and parameters go in batches
+that do not wait for the store (`synchronous=False`); `end_run` waits for them before it marks the
+run's final status, so a failed write still fails the run.
 """
 from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tasks.recipe import Recipe, RecipeError, flatten
-from tasks.secrets import redact, redact_text
+from qlora.tasks.recipe import Recipe, RecipeError, flatten
+from qlora.tasks.secrets import redact, redact_text
 
 log = logging.getLogger("qlora")
 
@@ -89,7 +94,7 @@ def store_lock(uri: str):
 
 
 def import_mlflow() -> None:
-    """What the recording process imports before its first request (seconds), quieted as the CLI is."""
+    """MLflow's client and SQL store imported (a second or more), quieted as the CLI is."""
     import warnings
 
     # MLflow's dataset-schema hints about integer label columns are noise in a CLI run.
@@ -98,7 +103,8 @@ def import_mlflow() -> None:
     import mlflow.tracking  # noqa: F401
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """MLflow's public client for a tracking (and registry) URI."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -118,21 +124,51 @@ def store_exists(uri: str) -> bool:
 
 
 def prepare_store(uri: str) -> None:
-    """Open the tracking store once (a new sqlite store creates its tables: seconds): the recording
-    process does it while the flow's first stages run, before the run's first write needs it."""
+    """Open the tracking store once (a new sqlite store creates its tables: seconds), one process at a
+    time, before the run's first write needs it."""
     try:
         with store_lock(uri):
-            _client(uri).search_experiments(max_results=1)
+            mlflow_client(uri).search_experiments(max_results=1)
     except Exception:  # noqa: BLE001 - start_run reports store problems where they matter
         pass
 
 
-class Tracker:
-    """Logs into one MLflow run by id; does nothing when there is no run (tests, benchmarks)."""
+_pending: dict[str, list] = {}  # run id -> MLflow's RunOperations of writes not waited for yet
+_pending_lock = threading.Lock()
 
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.uri, self.run_id = uri, run_id
-        self.client = _client(uri) if uri and run_id else None
+
+def log_batch(uri: str, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """A batch written by MLflow in the background (`synchronous=False`): the caller goes on, and
+    `wait_for_writes` (which `end_run` calls) waits for it and raises what failed."""
+    operations = mlflow_client(uri).log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=False)
+    with _pending_lock:
+        _pending.setdefault(run_id, []).append(operations)
+
+
+def wait_for_writes(run_id: str) -> None:
+    """Every background write of the run done; the first that failed is raised (after all are done)."""
+    with _pending_lock:
+        operations = _pending.pop(run_id, [])
+    failures = []
+    for pending in operations:
+        try:
+            pending.wait()
+        except Exception as e:  # noqa: BLE001 - raised below, once every write has ended
+            failures.append(e)
+    if failures:
+        raise failures[0]
+
+
+class Tracker:
+    """Logs into one MLflow run by id; does nothing when there is no run (tests, benchmarks).
+    background: metrics and tags written by MLflow in the background (a training loop's per-step
+    metrics: the step does not wait for the store), `flush` waits for them. Otherwise each write is
+    done when the call returns (a few writes in a row: on a sqlite store, a background writer
+    beside them only contends for its lock)."""
+
+    def __init__(self, uri: str | None, run_id: str | None, background: bool = False):
+        self.uri, self.run_id, self.background = uri, run_id, background
+        self.client = mlflow_client(uri) if uri and run_id else None
         self.logged_through: dict[str, int] = {}
 
     def skip_logged(self, keys: list[str]) -> None:
@@ -153,24 +189,35 @@ class Tracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and step > self.logged_through.get(k, -1)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._write(metrics=batch)
 
     def log_text(self, text: str) -> None:
         log.info(text)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.client is not None and tags:
+            from mlflow.entities import RunTag
+
+            self._write(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _write(self, **batch) -> None:
+        if self.background:
+            log_batch(self.uri, self.run_id, **batch)
+        else:
+            self.client.log_batch(self.run_id, **batch)
+
+    def flush(self) -> None:
         if self.client is not None:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+            wait_for_writes(self.run_id)
 
 
 # --- the pipeline's run ------------------------------------------------------------------------
 
-def start_run(mlflow, recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None,
+def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None,
               parent_run_id: str | None = None) -> tuple[str, str, bool]:
-    """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING), through
-    the recording process `mlflow` (tasks.tracking_process). Returns (experiment_id, run_id, resumed)."""
-    found = mlflow.ask("find_unfinished_runs", uri, recipe.tracking.experiment_name, recipe_key)
+    """A new run, or the unfinished run of the same recipe (resumed: same id, status RUNNING).
+    Returns (experiment_id, run_id, resumed)."""
+    found = find_unfinished_runs(uri, recipe.tracking.experiment_name, recipe_key)
     unfinished = [r for r in found["runs"] if not _owned_by_a_live_flow_run(r, flow_run_id)][:1]
     tags = {"prefect.flow_run_id": flow_run_id or "", "qlora.recipe": recipe.name, "qlora.method": recipe.method,
             OWNER_TAG: process_owner()}
@@ -178,21 +225,23 @@ def start_run(mlflow, recipe: Recipe, recipe_key: str, uri: str, flow_run_id: st
         tags["mlflow.parentRunId"] = parent_run_id
     if unfinished:
         run_id = unfinished[0]["run_id"]
-        mlflow.call("resume_run", uri, run_id)
+        resume_run(uri, run_id)
         previous = unfinished[0]["tags"].get("prefect.flow_run_id")
         if previous and previous != flow_run_id:
             mark_flow_run_crashed(previous, f"its process ended without finishing; resumed by flow run {flow_run_id}")
     else:
         # Named per configuration: runs of one recipe with other settings or data are told apart.
-        run_id = mlflow.ask("create_run", uri, found["experiment_id"], run_name(recipe.name, recipe_key),
-                            {RECIPE_KEY_TAG: recipe_key})
-    mlflow.call("set_tags", uri, run_id, tags)
+        run_id = create_run(uri, found["experiment_id"], run_name(recipe.name, recipe_key), {RECIPE_KEY_TAG: recipe_key})
+    from mlflow.entities import RunTag
+
+    # Written before the run goes on: another run of this recipe decides by these tags whether it is taken.
+    mlflow_client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return found["experiment_id"], run_id, bool(unfinished)
 
 
 def find_unfinished_runs(uri: str, experiment_name: str, recipe_key: str) -> dict:
     """The experiment (created if new) and its unfinished runs of this recipe key, newest first."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = experiment_id(client, experiment_name, uri)
     runs = client.search_runs(
         [exp_id], filter_string=f"tags.`{RECIPE_KEY_TAG}` = '{recipe_key}' and attributes.status != 'FINISHED'",
@@ -203,11 +252,11 @@ def find_unfinished_runs(uri: str, experiment_name: str, recipe_key: str) -> dic
 
 
 def resume_run(uri: str, run_id: str) -> None:
-    _client(uri).update_run(run_id, status="RUNNING")
+    mlflow_client(uri).update_run(run_id, status="RUNNING")
 
 
 def create_run(uri: str, exp_id: str, name: str, tags: dict[str, str]) -> str:
-    return _client(uri).create_run(exp_id, run_name=name, tags=tags).info.run_id
+    return mlflow_client(uri).create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
@@ -221,7 +270,7 @@ def run_name(recipe_name: str, recipe_key: str) -> str:
 def mark_all_cached(uri: str, run_id: str, recipe_name: str, recipe_key: str) -> None:
     """A run whose every stage was a cache hit: said in its name and a tag, so the runs list tells
     an unchanged scheduled run from one that trained."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.set_tag(run_id, "qlora.all_cached", "true")
     client.update_run(run_id, name=f"{run_name(recipe_name, recipe_key)}-cached")
 
@@ -308,13 +357,20 @@ def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
 
 def start_parent_run(recipe: Recipe, uri: str, name: str, tags: dict[str, str]) -> str:
     """The run a comparison or sweep nests its pipeline runs under."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = experiment_id(client, recipe.tracking.experiment_name, uri)
     return client.create_run(exp_id, run_name=name, tags={"qlora.recipe": recipe.name, **tags}).info.run_id
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
-    _client(uri).set_terminated(run_id, status=status)
+    """The run's final status, once its background writes are done: a write that failed ends a run
+    that would have finished FAILED, and is raised."""
+    try:
+        wait_for_writes(run_id)
+    except Exception:
+        mlflow_client(uri).set_terminated(run_id, status="FAILED" if status == "FINISHED" else status)
+        raise
+    mlflow_client(uri).set_terminated(run_id, status=status)
 
 
 def recipe_params(recipe: Recipe) -> dict[str, str]:
@@ -341,36 +397,38 @@ def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
     """Parameters the run has not logged yet (a resumed run keeps its own)."""
     from mlflow.entities import Param
 
-    client = _client(uri)
-    existing = client.get_run(run_id).data.params
+    existing = mlflow_client(uri).get_run(run_id).data.params
     new = [Param(k, v) for k, v in params.items() if k not in existing]
-    for i in range(0, len(new), 100):
-        client.log_batch(run_id, params=new[i:i + 100])
+    for i in range(0, len(new), 100):  # MLflow's limit of parameters per batch
+        mlflow_client(uri).log_batch(run_id, params=new[i:i + 100])
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    _client(uri).log_text(run_id, text, artifact_file)
+    mlflow_client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None:
     import mlflow.data
     import pandas as pd
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     inputs = []
     for name in ("train", "validation", "test"):
         df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
         ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label" if "label" in df else None)
         context = {"train": "training", "validation": "validation", "test": "testing"}[name]
-        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        fields = ds.to_dict()  # the dataset's public description: name, digest, source, schema, profile
+        entity = Dataset(**{k: fields.get(k) for k in ("name", "digest", "source_type", "source", "schema", "profile")})
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
     with store_lock(uri):  # MLflow checks, then inserts, each dataset: two runs at once raced here
         client.log_inputs(run_id, datasets=inputs)
 
 
 def log_history(uri: str, run_id: str, history_file: str) -> None:
     """Per-step train metrics, unless training already logged them live into this run."""
-    client = _client(uri)
+    wait_for_writes(run_id)  # what training logged live, written before it is looked for
+    client = mlflow_client(uri)
     if client.get_metric_history(run_id, "train_loss"):
         return
     from mlflow.entities import Metric
@@ -386,33 +444,33 @@ def log_history(uri: str, run_id: str, history_file: str) -> None:
 
 
 def log_summary(uri: str, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:
-    numeric = {f"{prefix}{k}": float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {f"{prefix}{k}": float(v) for k, v in metrics.items()  # numpy scalars are numbers.Real too
+               if isinstance(v, numbers.Real) and not isinstance(v, bool)}
     Tracker(uri, run_id).log_metrics(numeric)
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
-    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    mlflow_client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
-    _client(uri).log_dict(run_id, data, artifact_file)
+    mlflow_client(uri).log_dict(run_id, data, artifact_file)
 
 
 def log_parquet_table(uri: str, run_id: str, parquet_file: str, artifact_file: str) -> None:
     import pandas as pd
 
-    _client(uri).log_table(run_id, data=pd.read_parquet(parquet_file), artifact_file=artifact_file)
+    mlflow_client(uri).log_table(run_id, data=pd.read_parquet(parquet_file), artifact_file=artifact_file)
 
 
 def log_comparison(uri: str, run_id: str, rows: list[dict], work_dir: str) -> None:
     """The variant table (MLflow table + CSV), its chart, and one nested run per variant."""
     import pandas as pd
 
-    from tasks.comparison import TABLE_FILE, comparison_chart
+    from qlora.tasks.comparison import TABLE_FILE, comparison_chart
 
     table, work = pd.DataFrame(rows), Path(work_dir)
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
     table.to_csv(work / "variants.csv", index=False)
     comparison_chart(table, work / "variants.png")
@@ -427,55 +485,54 @@ def log_comparison(uri: str, run_id: str, rows: list[dict], work_dir: str) -> No
             experiment, run_name=variant, tags={"mlflow.parentRunId": run_id, "qlora.variant": variant,
                                                 "qlora.dtype": str(row.get("dtype"))}).info.run_id
         Tracker(uri, child).log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
-        client.set_terminated(child, "FINISHED")
+        end_run(uri, child, "FINISHED")
 
 
 # --- the recorder a pipeline run talks to -------------------------------------------------------
 
 class RunRecorder:
     """Everything a pipeline run records outside its stages, behind one object: the MLflow run
-    (parameters, data, metrics, artifacts, registered versions, promotion), written by the recording
-    process `mlflow` (tasks.tracking_process) while the flow goes on; the Prefect artifacts a person
+    (parameters, data, metrics, artifacts, registered versions, promotion); the Prefect artifacts a person
     browsing the UI reads (metrics tables, links, the lineage, the outcome); and the summary the CLI
     prints. The flow calls it after each stage; it never decides what runs."""
 
-    def __init__(self, mlflow, recipe: Recipe, uri: str, experiment: str, run_id: str, resumed: bool,
+    def __init__(self, recipe: Recipe, uri: str, experiment: str, run_id: str, resumed: bool,
                  flow_run_id: str | None):
-        self.mlflow, self.r, self.uri, self.run_id, self.flow_run_id = mlflow, recipe, uri, run_id, flow_run_id
+        self.r, self.uri, self.run_id, self.flow_run_id = recipe, uri, run_id, flow_run_id
         self.experiment = experiment
         self.registered = recipe.tracking.registered_model_name or recipe.name
         self.summary: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
                                         "method": recipe.method}
 
-    def _write(self, operation: str, *args: Any) -> None:
-        self.mlflow.call(operation, self.uri, self.run_id, *args)
+    def _write(self, write, *args: Any) -> None:
+        write(self.uri, self.run_id, *args)
 
     def inputs(self, recipe_file: str | None, loaded: dict, splits: dict, tokenized: dict, lora: dict,
                source_uri: str) -> None:
         """The recipe, its data (datasets, counts) and what LoRA will train; links between the runs."""
-        from tasks import lineage
+        from qlora.tasks import lineage
 
         page = lineage.prefect_ui_url(self.flow_run_id)
         if page:
-            self._write("set_tags", {"prefect.flow_run_url": page})
+            self._write(set_tags, {"prefect.flow_run_url": page})
         lineage.link_or_note(lineage.mlflow_run_url(self.uri, self.experiment, self.run_id),
                              f"MLflow run {self.run_id}", f"{self.r.name}-mlflow-run",
                              "the MLflow run of this flow run", self.uri)
-        self._write("set_tags", {"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
-        self._write("log_params", recipe_params(self.r))
+        self._write(set_tags, {"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
+        self._write(log_params, recipe_params(self.r))
         for artifact_file, text in recipe_texts(self.r, recipe_file).items():
-            self._write("log_text", text, artifact_file)
+            self._write(log_text, text, artifact_file)
         if not self.summary["resumed_run"]:
-            self._write("log_datasets", splits, source_uri)
+            self._write(log_datasets, splits, source_uri)
         counts = {f"data_{split}_{k}": v for split, stats in loaded["stats"].items() for k, v in stats.items()}
         counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized["stats"].items() for k, v in stats.items()})
-        self._write("log_summary", counts)
-        self._write("log_summary", {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
+        self._write(log_summary, counts)
+        self._write(log_summary, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
         self.summary.update(lora=lora, data=loaded["stats"], tokenize=tokenized["stats"])
 
     def training(self, trained: dict) -> None:
-        self._write("log_history", str(Path(trained["dir"]) / trained["history"]))
-        self._write("log_summary", {k: trained[k] for k in (
+        self._write(log_history, str(Path(trained["dir"]) / trained["history"]))
+        self._write(log_summary, {k: trained[k] for k in (
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
             "gradient_bytes", "optimizer_state_bytes") if k in trained})
         artifact = "adapter" if self.r.lora.enabled else "model"
@@ -485,16 +542,16 @@ class RunRecorder:
         """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
         reference and generated text) as an MLflow table; the metrics as a Prefect table artifact too.
         variant: base (the untrained causal LM), adapter or merged."""
-        from tasks import lineage
+        from qlora.tasks import lineage
 
         prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "adapter": ("test_", "eval"),
                                 "merged": ("merged_test_", "eval_merged")}[variant]
         directory = Path(evaluated["dir"])
-        self._write("log_summary", evaluated["metrics"], prefix)
+        self._write(log_summary, evaluated["metrics"], prefix)
         lineage.metrics_table(evaluated["metrics"], f"{self.r.name}-{artifact_dir}",
                               f"{prefix}metrics of MLflow run {self.run_id}")
-        self._write("log_artifacts", str(directory), artifact_dir)
-        self._write("log_parquet_table", str(directory / evaluated["predictions"]),
+        self._write(log_artifacts, str(directory), artifact_dir)
+        self._write(log_parquet_table, str(directory / evaluated["predictions"]),
                     f"{artifact_dir}/predictions_table.json")
         self.summary[f"{prefix}metrics"] = evaluated["metrics"]
 
@@ -506,12 +563,12 @@ class RunRecorder:
         the merged (or fully fine-tuned) model as an MLflow model."""
         for name, logged_as in (("adapter", "adapter"), ("mlflow_model", "merged_model" if merged else "model")):
             if name in packaged:
-                self._write("log_artifacts", str(Path(packaged["dir"]) / packaged[name]), logged_as)
+                self._write(log_artifacts, str(Path(packaged["dir"]) / packaged[name]), logged_as)
                 self.summary[f"{logged_as}_package"] = str(Path(packaged["dir"]) / packaged[name])
 
     def register(self, trained: dict, merged: dict | None) -> None:
         """One registry version per content: the adapter (or fully fine-tuned model), the merged model."""
-        from tasks import lineage
+        from qlora.tasks import lineage, promotion
 
         artifact = "adapter" if self.r.lora.enabled else "model"
         versions = [(artifact, artifact, trained["hash"], f"{artifact}_version")]
@@ -519,31 +576,30 @@ class RunRecorder:
             versions.append(("merged_model", "merged", merged["hash"], "merged_version"))
         for logged_as, suffix, content_hash, key in versions:
             name = f"{self.registered}-{suffix}"
-            self.summary[key] = version = self.mlflow.ask("register", self.uri, self.run_id, logged_as, name,
-                                                          content_hash)
+            self.summary[key] = version = promotion.register(self.uri, self.run_id, logged_as, name, content_hash)
             lineage.link_or_note(lineage.mlflow_model_url(self.uri, name, version), f"registered model {name} v{version}",
                                  f"{name}-version", f"registered model {name}, version {version}", self.uri)
 
     def comparison(self, table, work: Path) -> None:
         rows = table.to_dict(orient="records")
-        self._write("log_comparison", rows, str(work))
+        self._write(log_comparison, rows, str(work))
         self.summary["comparison"] = rows
 
     def promote(self) -> None:
         """Champion or not, by the recipe's metric and margin; the decision and its reason recorded in
         MLflow (tags, promotion.json) and Prefect (markdown artifact), either way."""
-        from tasks import lineage
-        from tasks.stage import run_logger
+        from qlora.tasks import lineage, promotion
+        from qlora.tasks.stage import run_logger
 
         p, r = self.r.tracking.promotion, self.r
         merges = r.merge.enabled and r.lora.enabled
         suffix = "merged" if p.model_for(merges) == "merged" else ("adapter" if r.lora.enabled else "model")
         name = f"{self.registered}-{suffix}"
-        decision = self.mlflow.ask("promote", self.uri, name, p.metric_for(merges, r.model.task), p.margin,
-                                   p.mode_for(merges, r.model.task))
-        self._write("set_tags", {"qlora.promotion.promoted": decision["promoted"],
+        decision = promotion.promote(self.uri, name, p.metric_for(merges, r.model.task), p.margin,
+                                     p.mode_for(merges, r.model.task))
+        self._write(set_tags, {"qlora.promotion.promoted": decision["promoted"],
                                  "qlora.promotion.reason": decision["reason"]})
-        self._write("log_dict", decision, "promotion.json")
+        self._write(log_dict, decision, "promotion.json")
         lineage.markdown(f"### promotion: {'promoted' if decision['promoted'] else 'not promoted'}\n\n"
                          f"{decision['reason']}\n\nMLflow run `{self.run_id}`, registered model `{name}`",
                          f"{r.name}-promotion", f"promotion decision for {name}")
@@ -553,8 +609,8 @@ class RunRecorder:
     def finish(self, stages: list[dict], seconds: dict[str, float], recipe_key: str) -> dict:
         """The outcome (above all: was anything retrained?) in the log, as Prefect artifacts (summary
         and lineage) and as MLflow tags; returns the run's summary."""
-        from tasks import lineage
-        from tasks.stage import run_logger
+        from qlora.tasks import lineage
+        from qlora.tasks.stage import run_logger
 
         cached = {s["stage"]: s["cached"] for s in stages}
         self.summary.update(cached=cached, stage_seconds=seconds, all_cached=all(cached.values()))
@@ -569,7 +625,7 @@ class RunRecorder:
             lines.append(f"\npromotion: {self.summary['promotion']['reason']}")
         lineage.markdown("\n".join(lines), f"{self.r.name}-run-summary", "what this run built")
         lineage.run_lineage(self.r.name, stages, self.flow_run_id)
-        self._write("set_tags", {"qlora.cached_stages": ",".join(k for k, v in cached.items() if v)})
+        self._write(set_tags, {"qlora.cached_stages": ",".join(k for k, v in cached.items() if v)})
         if self.summary["all_cached"]:
-            self._write("mark_all_cached", self.r.name, recipe_key)
+            self._write(mark_all_cached, self.r.name, recipe_key)
         return self.summary

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
 
-from tasks import model as models
-from tasks import trainer
-from tasks.secrets import redact_text
-from tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
-from tasks.stage import run_logger, stage
-from tasks.training import distributed, kernels, memory
+from qlora.tasks import model as models
+from qlora.tasks import trainer
+from qlora.tasks.secrets import redact_text
+from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.stage import run_logger, stage
+from qlora.tasks.training import distributed, kernels, memory
 
 
 @stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint", "launch"))
@@ -72,7 +71,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
     spec_path.write_text(json.dumps({**spec, "tracking_uri": uri if uri == redact_text(uri or "") else None,
                                      "scratch": str(scratch), "out": str(out)}))
     rdzv_id = scratch.name.split(".")[0]
-    command = distributed.torchrun_command("tasks.trainer", str(spec_path), processes, launch.nnodes,
+    command = distributed.torchrun_command("qlora.tasks.trainer", str(spec_path), processes, launch.nnodes,
                                            launch.rdzv_endpoint, launch.max_restarts, rdzv_id, launch.rdzv_timeout_s)
     pointer = None
     if launch.nnodes > 1:  # what `qlora join` on the other nodes reads (the work_dir is shared storage)
@@ -81,7 +80,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
         pointer.write_text(json.dumps({"spec": str(spec_path), "nnodes": launch.nnodes, "rdzv_id": rdzv_id,
                                        "max_restarts": launch.max_restarts, "rdzv_timeout_s": launch.rdzv_timeout_s}))
     log.info("train: %d process(es) on each of %d node(s): %s", processes, launch.nnodes, " ".join(command[2:]))
-    env = {"QLORA_WORKER_TRACKING_URI": uri or "", "QLORA_PROGRESS": "0", "PYTHONPATH": _project_root()}
+    env = {"QLORA_WORKER_TRACKING_URI": uri or "", "QLORA_PROGRESS": "0"}
     last_lines = collections.deque(maxlen=30)  # rank 0's and the agent's, for the error below
 
     def relay(line: str) -> None:
@@ -103,15 +102,10 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
     raise RuntimeError(f"torchrun exited with code {code} and no result; its last lines:\n" + "\n".join(last_lines))
 
 
-def _project_root() -> str:
-    """The workers import this project's modules (tasks.trainer) whatever their working directory."""
-    root = str(Path(__file__).resolve().parent.parent)
-    return os.pathsep.join([root, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else root
-
 
 def _raise_worker_error(scratch: Path, code: int) -> None:
     """A worker's own error (one line, as in one process), or a stop by signal."""
-    from tasks import signals
+    from qlora.tasks import signals
 
     errors = [json.loads(path.read_text()) for path in sorted(scratch.glob("worker-error-*.json"))]
     for error in sorted(errors, key=lambda e: e["kind"] == "crash"):  # the cause before its consequences

@@ -21,18 +21,18 @@ from typing import Callable
 
 import numpy as np
 
-from tasks import model as models
-from tasks import signals
-from tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
-from tasks.inference import accuracy, lm_loss, predict_logits
-from tasks.measure import training_state_bytes
-from tasks.progress import bar as progress_bar
-from tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
-from tasks.tracking import Tracker
-from tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
-from tasks.training.collection import StepCollection
-from tasks.training.distributed import World
-from tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
+from qlora.tasks import model as models
+from qlora.tasks import signals
+from qlora.tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
+from qlora.tasks.inference import accuracy, lm_loss, predict_logits
+from qlora.tasks.measure import training_state_bytes
+from qlora.tasks.progress import bar as progress_bar
+from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.tracking import Tracker
+from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
+from qlora.tasks.training.collection import StepCollection
+from qlora.tasks.training.distributed import World
+from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
 
 # torch is imported where it is used: a cached run never needs it.
 # What the loop logs per step (MLflow metric names).
@@ -118,7 +118,7 @@ class TrainingRun:
         if self.lora_cfg.enabled:
             draw_adapter_weights(model, cfg.seed)
         if cfg.fused_lora and self.lora_cfg.enabled:
-            from tasks.training.fused_lora import fuse_lora_layers
+            from qlora.tasks.training.fused_lora import fuse_lora_layers
             # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.
             fast_paths.append(f"fused_lora:{fuse_lora_layers(model, unnest=not self.sharded)}")
         if fast["compiled"]:  # packed rows change width every step: dynamic shapes from the first
@@ -455,13 +455,13 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
     import torch
     from transformers import AutoConfig
 
-    from tasks.measure import PeakMemory
+    from qlora.tasks.measure import PeakMemory
 
     q = QuantizationSection.model_validate(spec["q"])
     cfg, lora_cfg = TrainSection.model_validate(spec["cfg"]), LoraSection.model_validate(spec["lora_cfg"])
     quantized, lora, max_length = spec["quantized"], spec["lora"], spec["max_length"]
     run = TrainingRun(spec["tokenized"], quantized, lora, lora_cfg, q, cfg, spec["packing"], max_length,
-                      spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"]), scratch, world)
+                      spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"], background=True), scratch, world)
     config = AutoConfig.from_pretrained(models.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
@@ -487,6 +487,8 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
         except torch.OutOfMemoryError as e:
             traceback.clear_frames(e.__traceback__)  # the failed step's tensors go before the checkpoint
             raise run.out_of_memory(free_at_start) from None
+        finally:
+            run.tracker.flush()  # the step metrics MLflow writes in the background
     return run.save(out, peak.peak)
 
 

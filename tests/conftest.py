@@ -105,8 +105,8 @@ def small_recipe(**sections) -> dict:
 def stages_before_training(r, work: str) -> dict:
     """The stages a train stage takes its inputs from (load, split, tokenize, quantize, LoRA plan),
     called as plain functions, cached under work."""
-    from tasks.data import describe_source, load, split, tokenize
-    from tasks.model import plan_lora, quantize, resolve_model
+    from qlora.tasks.data import describe_source, load, split, tokenize
+    from qlora.tasks.model import plan_lora, quantize, resolve_model
 
     model = resolve_model(r.model)
     causal = r.model.task == "causal-lm"

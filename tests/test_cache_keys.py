@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks import store
+from qlora.tasks import store
 
 REPO = Path(__file__).resolve().parent.parent
-PRINT_KEYS = ("import tasks.data, tasks.evaluate; "
-              "print(tasks.evaluate.evaluate_model.code_fingerprint, tasks.data.load.code_fingerprint)")
+PRINT_KEYS = ("import qlora.tasks.data, qlora.tasks.evaluate; "
+              "print(qlora.tasks.evaluate.evaluate_model.code_fingerprint, qlora.tasks.data.load.code_fingerprint)")
 
 
 def _fingerprints(root: Path) -> tuple[str, str]:
@@ -24,19 +24,20 @@ def _fingerprints(root: Path) -> tuple[str, str]:
 
 
 def test_editing_a_helper_two_imports_away_rebuilds_the_stage(tmp_path):
-    """evaluate imports tasks.inference, which imports tasks.batches (the LM collation that feeds the
+    """evaluate imports qlora.tasks.inference, which imports qlora.tasks.batches (the LM collation that feeds the
     loss): an edit there changes evaluate's key, and not the load stage's, which never runs it."""
-    for package in ("tasks", "flows"):
-        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # The installed wheel's layout (qlora/tasks, qlora/flows), imported ahead of the checkout.
+    for source, dest in (("qlora", "qlora"), ("tasks", "qlora/tasks"), ("flows", "qlora/flows")):
+        shutil.copytree(REPO / source, tmp_path / dest, ignore=shutil.ignore_patterns("__pycache__"))
     before = _fingerprints(tmp_path)
-    batches = tmp_path / "tasks" / "batches.py"
+    batches = tmp_path / "qlora" / "tasks" / "batches.py"
     source = batches.read_text()
     assert "def collate_lm(" in source
     batches.write_text(source.replace("def collate_lm(", "def _added_helper():\n    return 1\n\n\ndef collate_lm(", 1))
     after = _fingerprints(tmp_path)
     assert after[0] != before[0], "evaluate's key ignored an edit of tasks/batches.py"
     assert after[1] == before[1], "the load stage's key changed for code it does not import"
-    metric = tmp_path / "tasks" / "metrics" / "accuracy.py"  # loaded by path, named by the recipe
+    metric = tmp_path / "qlora" / "tasks" / "metrics" / "accuracy.py"  # loaded by path, named by the recipe
     metric.write_text(metric.read_text() + "\n# edited\n")
     assert _fingerprints(tmp_path)[0] != after[0]
 
@@ -44,18 +45,18 @@ def test_editing_a_helper_two_imports_away_rebuilds_the_stage(tmp_path):
 def test_a_library_upgrade_changes_the_key(monkeypatch):
     import importlib.metadata
 
-    before = store.source_fingerprint("tasks.train")
+    before = store.source_fingerprint("qlora.tasks.train")
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "99.0" if name == "transformers" else real(name))
-    assert store.source_fingerprint("tasks.train") != before
-    assert store.source_fingerprint("tasks.train", libraries=("torch",)) == \
-        store.source_fingerprint("tasks.train", libraries=("torch",))
+    assert store.source_fingerprint("qlora.tasks.train") != before
+    assert store.source_fingerprint("qlora.tasks.train", libraries=("torch",)) == \
+        store.source_fingerprint("qlora.tasks.train", libraries=("torch",))
 
 
 def test_the_modules_a_stage_runs_are_found_without_importing_them():
-    found = store.project_modules("tasks.evaluate")
-    assert {"tasks.evaluate", "tasks.inference", "tasks.batches", "tasks.model", "tasks.store"} <= set(found)
-    assert "tasks.train" not in found and "tasks.merge" not in found and "qlora.cli" not in found
-    assert {"tasks.training.lora", "tasks.training.step", "tasks.training.checkpoint"} <= set(
-        store.project_modules("tasks.train"))
+    found = store.project_modules("qlora.tasks.evaluate")
+    assert {"qlora.tasks.evaluate", "qlora.tasks.inference", "qlora.tasks.batches", "qlora.tasks.model", "qlora.tasks.store"} <= set(found)
+    assert "qlora.tasks.train" not in found and "qlora.tasks.merge" not in found and "qlora.cli" not in found
+    assert {"qlora.tasks.training.lora", "qlora.tasks.training.step", "qlora.tasks.training.checkpoint"} <= set(
+        store.project_modules("qlora.tasks.train"))

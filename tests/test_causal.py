@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import serve_and_invoke, minilm_dir, write_recipe
-from tasks.data import _tokenize_causal, check_data, render_prompt
-from tasks.model import check_gguf, resolve_model
-from tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
-from tasks.batches import collate_lm, pack
+from qlora.tasks.data import _tokenize_causal, check_data, render_prompt
+from qlora.tasks.model import check_gguf, resolve_model
+from qlora.tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
+from qlora.tasks.batches import collate_lm, pack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +149,8 @@ def test_gguf_that_is_not_one(tmp_path):
 
 
 def test_target_modules_missing_from_the_architecture(tiny_llama):
-    from tasks.model import resolve_lora_targets
-    from tasks.recipe import LoraSection
+    from qlora.tasks.model import resolve_lora_targets
+    from qlora.tasks.recipe import LoraSection
 
     with pytest.raises(RecipeError, match=r"\['query'\] match no linear layer of llama") as e:
         resolve_lora_targets(str(tiny_llama), LoraSection(target_modules=["query"]), [], "causal-lm")
@@ -176,7 +176,7 @@ def test_chat_smollm2_short_run(project):
     yaml_recipe["evaluate"]["generation"] = {"num_examples": 8, "max_new_tokens": 16}
     yaml_recipe["merge"]["compare"] = True  # all four variants: greedy continuations and logits compared
     write_recipe(project / "r.yaml", yaml_recipe)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
     done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_recipe, write_recipe
 from qlora.cli import EXIT_USER_ERROR, main
-from tasks.recipe import QuantizationSection, RecipeError
+from qlora.tasks.recipe import QuantizationSection, RecipeError
 
 
 def _validate(project, capsys, recipe: dict, *overrides: str) -> str:
@@ -70,21 +70,21 @@ def test_a_rerun_reads_its_data_once(project, monkeypatch):
     """Once the load stage holds this data's content, the preflight takes its checks from there (an
     unchanged re-run does not read and clean the data before the flow takes it from the cache); a
     changed file, or another data section, is read and checked again."""
-    import tasks.data
+    import qlora.tasks.data
     from qlora.cli import data_already_loaded, preflight
-    from tasks.recipe import recipe_from_dict
+    from qlora.tasks.recipe import recipe_from_dict
 
     import shutil
 
     corpus = shutil.copytree(small_recipe()["data"]["path"], project / "reviews")
     r = recipe_from_dict({**small_recipe(), "data": {**small_recipe()["data"], "path": str(corpus)}})
     assert not data_already_loaded(r)
-    source = tasks.data.describe_source(r.data)
-    tasks.data.load.fn(source, r.data, r.model.labels, None, work_dir=r.work_dir)
+    source = qlora.tasks.data.describe_source(r.data)
+    qlora.tasks.data.load.fn(source, r.data, r.model.labels, None, work_dir=r.work_dir)
     assert data_already_loaded(r)
     reads = []
-    real = tasks.data.read_table
-    monkeypatch.setattr(tasks.data, "read_table", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    real = qlora.tasks.data.read_table
+    monkeypatch.setattr(qlora.tasks.data, "read_table", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     preflight(r)
     assert reads == []
     train = next(corpus.glob("train.*"))
@@ -110,7 +110,7 @@ def test_unreachable_tracking_server(project, capsys):
 def test_4bit_that_bitsandbytes_cannot_run(monkeypatch):
     import bitsandbytes.functional as F
 
-    from tasks.model import check_quantization
+    from qlora.tasks.model import check_quantization
 
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
@@ -125,8 +125,7 @@ def test_4bit_that_bitsandbytes_cannot_run(monkeypatch):
 def _run_cli(project: Path, recipe: dict, *overrides: str) -> subprocess.CompletedProcess:
     path = write_recipe(project / "r.yaml", recipe)
     args = [sys.executable, "-m", "qlora.cli", "run", str(path)] + [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-           "PREFECT_HOME": str(project / ".prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
     return subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -156,13 +155,13 @@ def test_errors_found_while_running_exit_2_and_leave_nothing(project):
 def test_validate_reports_data_mistakes_before_reading_the_model(project, capsys, monkeypatch):
     """The cheap checks (paths, columns, labels) come first: a wrong data path is reported without
     the model's config ever being read."""
-    import tasks.model
+    import qlora.tasks.model
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was read before the data path was checked")
 
-    monkeypatch.setattr(tasks.model, "check_model", no_model)
-    monkeypatch.setattr(tasks.model, "skeleton", no_model)
+    monkeypatch.setattr(qlora.tasks.model, "check_model", no_model)
+    monkeypatch.setattr(qlora.tasks.model, "skeleton", no_model)
     err = _validate(project, capsys, small_recipe(), f"data.path={project / 'nowhere'}")
     assert "data.path" in err and "does not exist" in err
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.comparison import agreement, check_comparable, comparison_table
-from tasks.recipe import RecipeError
+from qlora.tasks.comparison import agreement, check_comparable, comparison_table
+from qlora.tasks.recipe import RecipeError
 
 
 def _preds(logits) -> pd.DataFrame:

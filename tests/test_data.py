@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from conftest import minilm_dir
-from tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
-from tasks.model import resolve_model
-from tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
+from qlora.tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
+from qlora.tasks.model import resolve_model
+from qlora.tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
 
 ROWS = [("good film", "pos"), ("bad film", "neg"), ("", "pos"), ("fine", "meh"), ("good film", "pos"),
         ("great", "pos"), ("awful", "neg"), ("   ", "neg"), ("superb", "pos"), ("dull", "neg")]

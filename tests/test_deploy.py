@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 # --- bad input: no server needed --------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
                                            "promotion": {"model": "adapter", "metric": "test_accuracy"}})
     write_recipe(project / "r.yaml", recipe)
     serve = subprocess.Popen([sys.executable, "-m", "qlora.cli", "deploy", "r.yaml", "--cron", "0 3 * * 1",
-                              "--name", "weekly"], cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              "--name", "weekly"], cwd=project, env={**os.environ},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deployment = _wait_for_deployment("qlora-finetune/weekly", serve)
@@ -253,7 +253,7 @@ def test_work_pool_deployment_runs_on_a_worker(project, against_servers):
     recipe = small_recipe(data={"path": str(data), "sample": None},
                                  tracking={"experiment_name": "pool", "tracking_uri": servers["mlflow"]})
     write_recipe(project / "r.yaml", recipe)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ}
     subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "local", "--type", "process"],
                    env=env, check=True, capture_output=True, timeout=120)
     done = _cli(project, "deploy", "r.yaml", "--interval", "3600", "--pool", "local", "--name", "hourly",
@@ -286,7 +286,7 @@ def test_ui_starts_both_servers_and_stops_them_on_ctrl_c(project):
     prefect_port, mlflow_port = free_port(), free_port()
     ui = subprocess.Popen([sys.executable, "-m", "qlora.cli", "ui", "--prefect-port", str(prefect_port),
                            "--mlflow-port", str(mlflow_port)], cwd=project,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect")},
+                          env={**os.environ, "PREFECT_HOME": str(project / ".prefect")},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.monotonic() + 180
@@ -356,7 +356,7 @@ def test_pipeline_against_postgresql_backed_servers(project):
             assert len(flow_runs) == 1 and flow_runs[0].state.is_completed()
             run = _mlflow_run_of(urls["mlflow"], flow_runs[0].id)
             assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
-            # The flow sends its own heartbeats (flows/heartbeats.py): the server sees them as Prefect's.
+            # Prefect's own heartbeats reach a running server (the first is sent as the flow starts).
             assert _heartbeats_of(urls["prefect"], flow_runs[0].id), "no heartbeat reached the server"
     finally:
         with admin.cursor() as cursor:
@@ -372,7 +372,7 @@ def test_every_prefect_yaml_deployment_and_the_k8s_nodes_are_valid():
     import yaml
 
     from qlora.cli import _parser
-    from tasks.recipe import load_recipe
+    from qlora.tasks.recipe import load_recipe
 
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     endpoints = set()

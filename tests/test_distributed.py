@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import minilm_dir, small_recipe, stages_before_training
-from tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
-from tasks.train import train
-from tasks.training.kernels import can_compile
+from qlora.tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
+from qlora.tasks.train import train
+from qlora.tasks.training.kernels import can_compile
 
 STEPS = 6
 
@@ -142,9 +142,9 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     work = tmp_path / "stopped"
     script = (
         "import json, sys\n"
-        "from tasks import signals\n"
-        "from tasks.recipe import DistributedSection, LoraSection, QuantizationSection, TrainSection\n"
-        "from tasks.train import train\n"
+        "from qlora.tasks import signals\n"
+        "from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, TrainSection\n"
+        "from qlora.tasks.train import train\n"
         "signals.install()\n"
         "a = json.loads(open(sys.argv[1]).read())\n"
         "try:\n"
@@ -159,7 +159,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
                                 "lora": prepared["lora"], "lora_cfg": r.lora.model_dump(mode="json"),
                                 "q": r.quantization.model_dump(mode="json"),
                                 "cfg": r.train.model_copy(update={"max_steps": steps}).model_dump(mode="json")}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-c", script, str(args), str(work), strategy], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -207,7 +207,7 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
     one = _train(prepared, tmp_path / "one")
     endpoint = f"127.0.0.1:{free_port()}"
     work = tmp_path / "nodes"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = dict(os.environ)
     joiner = subprocess.Popen([sys.executable, "-m", "qlora.cli", "join", "--work-dir", str(work),
                                "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", "--timeout", "600"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -292,7 +292,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, t
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"tasks.trainer" in command and b"torch.distributed.run" not in command and str(work).encode() in b" ".join(command):
+            if b"qlora.tasks.trainer" in command and b"torch.distributed.run" not in command and str(work).encode() in b" ".join(command):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))
                 return
@@ -321,7 +321,7 @@ def test_a_rendezvous_no_other_node_reaches_fails_in_bounded_time(prepared, tmp_
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch):
-    from tasks.train import training_processes
+    from qlora.tasks.train import training_processes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -339,7 +339,7 @@ def test_a_worker_computes_on_its_own_gpu(monkeypatch):
     """A torchrun worker's model and batches go to the GPU of its LOCAL_RANK (made current when it
     joins the group): on a bare "cuda" the model of every rank but the first landed on GPU 0, and the
     first step failed on GPU 1 with tensors on two devices."""
-    from tasks.model import device
+    from qlora.tasks.model import device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -351,7 +351,7 @@ def test_a_failed_rank_aborts_the_group_instead_of_waiting_for_it(monkeypatch):
     all-reduce: a rank that failed aborts the group, exits, and torchrun stops the rest."""
     import torch.distributed as dist
 
-    from tasks.training.distributed import shutdown
+    from qlora.tasks.training.distributed import shutdown
 
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -365,7 +365,7 @@ def test_a_failed_rank_aborts_the_group_instead_of_waiting_for_it(monkeypatch):
 def test_the_memory_check_without_a_budget_counts_no_gpus():
     """Counting GPUs imports torch (over a second): the flow's memory check runs on every re-run, and
     without a budget it must not pay that (an unchanged re-run never imports torch otherwise)."""
-    code = ("import sys; from tasks.recipe import *; from tasks.train import check_memory_budget; "
+    code = ("import sys; from qlora.tasks.recipe import *; from qlora.tasks.train import check_memory_budget; "
             "assert check_memory_budget('unread', TrainSection(), QuantizationSection(), {}, None, False, "
             "launch=DistributedSection()) is None; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
@@ -379,9 +379,9 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
     from types import SimpleNamespace
 
     from test_fast_paths import _llama
-    from tasks.recipe import QuantizationSection, TrainSection
-    from tasks.trainer import training_strategy
-    from tasks.training.distributed import World
+    from qlora.tasks.recipe import QuantizationSection, TrainSection
+    from qlora.tasks.trainer import training_strategy
+    from qlora.tasks.training.distributed import World
 
     config, gpu = _llama("70b"), SimpleNamespace(type="cuda")
     lora = {"trainable_params": 207_093_760}

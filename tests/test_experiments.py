@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import small_recipe, write_recipe
-from flows.experiments import expand_grid, method_recipes
-from tasks.recipe import RecipeError, recipe_from_dict
+from qlora.flows.experiments import expand_grid, method_recipes
+from qlora.tasks.recipe import RecipeError, recipe_from_dict
 
 
 def test_methods_are_one_switch_apart():
@@ -52,10 +52,8 @@ def test_sweep_cli_refuses_bad_grids_before_running(project, capsys):
 
 def _cli(project, *args):
     import os
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo), "PREFECT_HOME": str(project / ".prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
     done = subprocess.run([sys.executable, "-m", "qlora.cli", *args], cwd=project, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -12,20 +12,20 @@ import pytest
 import torch
 
 from conftest import minilm_dir, small_recipe, stages_before_training, write_recipe
-from tasks.batches import collate_lm
-from tasks.training.fused_lora import _dense_weight, fuse_lora_layers
-from tasks.training.kernels import attention_implementation, can_compile, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
-from tasks.training.lora import model_for_training
-from tasks.training.memory import GIB, _shape, estimate_memory, plan_memory
-from tasks.training.optimizer import flatten_parameters
-from tasks.training.step import forward_backward
+from qlora.tasks.batches import collate_lm
+from qlora.tasks.training.fused_lora import _dense_weight, fuse_lora_layers
+from qlora.tasks.training.kernels import attention_implementation, can_compile, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+from qlora.tasks.training.lora import model_for_training
+from qlora.tasks.training.memory import GIB, _shape, estimate_memory, plan_memory
+from qlora.tasks.training.optimizer import flatten_parameters
+from qlora.tasks.training.step import forward_backward
 
 LORA_TARGETS = {"task": "sequence-classification", "modules_to_save": ["classifier"],
                 "target_modules": ["query", "key", "value", "dense"]}  # "dense" includes the 16-bit pooler
 
 
 def _lora_cfg(dropout: float):
-    from tasks.recipe import LoraSection
+    from qlora.tasks.recipe import LoraSection
 
     return LoraSection(r=8, lora_alpha=16, lora_dropout=dropout)
 
@@ -187,7 +187,7 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     weights and optimizer state into the flattened model."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from tasks.training.checkpoint import (apply_checkpoint, optimizer_state_by_name, read_checkpoint,
+    from qlora.tasks.training.checkpoint import (apply_checkpoint, optimizer_state_by_name, read_checkpoint,
                                            save_checkpoint, training_state)
 
     per_weight, per_weight_optimizer = _train_steps(flat=False)
@@ -245,9 +245,9 @@ def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, mo
     checkpoint midway), here on the CPU: the same adapter, bit for bit, as one tensor per weight."""
     from safetensors.torch import load_file
 
-    from tasks.recipe import load_recipe
-    from tasks.train import train
-    from tasks.training import optimizer
+    from qlora.tasks.recipe import load_recipe
+    from qlora.tasks.train import train
+    from qlora.tasks.training import optimizer
 
     recipe = small_recipe(lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
                           train={"optim": "adamw_8bit", "max_steps": 6, "save_steps": 3, "eval_steps": 6})
@@ -449,7 +449,7 @@ def test_layers_compile_in_inductors_deterministic_mode(monkeypatch):
     the difference, so this checks what the layers ask Inductor for."""
     import torch._inductor.compile_fx
 
-    from tasks.training import kernels
+    from qlora.tasks.training import kernels
 
     asked = {}
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
@@ -752,7 +752,7 @@ def test_the_collected_gpu_results_log_one_run_per_table(tmp_path, monkeypatch):
 def test_a_trained_base_bias_keeps_peft_s_own_forward():
     """lora.bias: all trains the base layers' biases, which the fused function does not: those layers
     keep peft's forward, and the biases get gradients."""
-    from tasks.recipe import LoraSection
+    from qlora.tasks.recipe import LoraSection
 
     model = model_for_training(_minilm_4bit(), LORA_TARGETS, LoraSection(r=8, lora_alpha=16, bias="all"),
                                         True, False)
@@ -769,7 +769,7 @@ def test_some_layers_checkpointed_train_as_all_do(tmp_path, count, expected):
     """A memory plan between no checkpointing and all of it checkpoints some layers (spread over the
     model): the others keep their activations. Loss and gradients are those of every layer
     checkpointed."""
-    from tasks.training.lora import checkpoint_some_layers
+    from qlora.tasks.training.lora import checkpoint_some_layers
 
     results = []
     for k in (3, count):

@@ -199,8 +199,8 @@ def test_refused_run_leaves_nothing(project, capsys):
 
 def test_new_user_data_options(project, capsys):
     """data.encoding, data.column_names and data.files make the files above usable."""
-    from tasks.data import clean, read_source, required_columns
-    from tasks.recipe import recipe_from_dict
+    from qlora.tasks.data import clean, read_source, required_columns
+    from qlora.tasks.recipe import recipe_from_dict
 
     latin = project / "latin.csv"
     latin.write_bytes(("text,label\n" + "".join(f"caf\xe9 {i},{i % 2}\n" for i in range(10))).encode("latin-1"))
@@ -237,7 +237,7 @@ class Payload:
 def test_planted_checkpoint_is_never_unpickled(tmp_path):
     import torch
 
-    from tasks.training.checkpoint import newest_readable_checkpoint
+    from qlora.tasks.training.checkpoint import newest_readable_checkpoint
 
     good, bad = tmp_path / "checkpoint-0000002", tmp_path / "checkpoint-0000004"
     for path in (good, bad):
@@ -261,7 +261,7 @@ def test_planted_checkpoint_is_never_unpickled(tmp_path):
 
 
 def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
-    from tasks import store
+    from qlora.tasks import store
 
     d = tmp_path / "stage" / "key"
     d.mkdir(parents=True)
@@ -299,7 +299,7 @@ def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
 
 
 def test_secrets_are_redacted_and_restored():
-    from tasks import secrets
+    from qlora.tasks import secrets
 
     recipe = {"tracking": {"tracking_uri": "postgresql://bob:s3cret@db.internal:5432/mlflow"},
               "description": f"token {TOKEN}; key AKIAABCDEFGHIJKLMNOP; https://x/y?token=abc&page=2",
@@ -310,7 +310,7 @@ def test_secrets_are_redacted_and_restored():
     assert "postgresql://bob:***redacted-" in shown and "train.csv" in shown
     assert secrets.restore(json.loads(shown)) == recipe
     unknown = {"tracking": {"tracking_uri": "postgresql://bob:***redacted-00000000***@db/ml"}}
-    from tasks.recipe import RecipeError
+    from qlora.tasks.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="tracking.tracking_uri: holds a secret that was redacted"):
         secrets.restore(unknown)
@@ -319,7 +319,7 @@ def test_secrets_are_redacted_and_restored():
 # --- end to end: real runs through the CLI (temporary Prefect server, sqlite MLflow) -----------
 
 def _env(project: Path, **extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect"), **extra}
+    return {**os.environ, "PREFECT_HOME": str(project / ".prefect"), **extra}
 
 
 def _start(project: Path, *overrides: str, summary: str = "summary.json", **env) -> subprocess.Popen:
@@ -356,7 +356,7 @@ def test_poisoned_and_corrupted_cache_and_secrets(project):
     from prefect.results import ResultRecord, ResultRecordMetadata
     from prefect.serializers import PickleSerializer
 
-    from tasks import store
+    from qlora.tasks import store
 
     marker = project / "pwned"
     planted = project / ".qlora" / "prefect-results"
@@ -482,7 +482,7 @@ def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
     path = write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"),
                                                         train={"learning_rate": 1e30, "max_grad_norm": 0,
                                                                "optim": "sgd"}))
-    from tasks.recipe import load_recipe
+    from qlora.tasks.recipe import load_recipe
 
     assert load_recipe(path).train.learning_rate == 1e30  # finite: accepted by the schema
     code = main(["run", str(path)])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.recipe import RecipeError, flatten, load_recipe, recipe_from_dict
+from qlora.tasks.recipe import RecipeError, flatten, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"name": "t", "model": {"name_or_path": "m"}, "data": {"path": "d.csv"}}
@@ -112,8 +112,8 @@ def test_the_readme_recipe_reference_is_the_generated_one():
     for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
                   "tracking.promotion.metric"):
         assert f"| `{field}` |" in copy
-    from tasks.model import NOT_QUANTIZED
-    from tasks.recipe import QuantizationSection
+    from qlora.tasks.model import NOT_QUANTIZED
+    from qlora.tasks.recipe import QuantizationSection
 
     skip = QuantizationSection.model_fields["llm_int8_skip_modules"].description
     assert all(name in skip for name in NOT_QUANTIZED), skip

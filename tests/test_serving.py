@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _env(project: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(project / ".prefect"),
+    return {**os.environ, "PREFECT_HOME": str(project / ".prefect"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
 
 

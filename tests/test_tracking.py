@@ -1,12 +1,9 @@
 """Which MLflow run a pipeline run reports to: an unfinished run of the same recipe is resumed,
-unless another live pipeline run (a deployment serving runs at once) still reports to it. And the
-process that writes a run's MLflow records (tasks.tracking_process)."""
+unless another live pipeline run (a deployment serving runs at once) still reports to it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -14,16 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import small_recipe
-from tasks import tracking, tracking_process
-from tasks.recipe import RecipeError, recipe_from_dict
+from qlora.tasks import tracking
+from qlora.tasks.recipe import RecipeError, recipe_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def start_run(recipe, key, uri, flow_run_id):
-    session = tracking_process.shared().session()
-    _, run_id, resumed = tracking.start_run(session, recipe, key, uri, flow_run_id)
-    session.flush()
+    _, run_id, resumed = tracking.start_run(recipe, key, uri, flow_run_id)
     return run_id, resumed
 
 
@@ -66,54 +61,24 @@ def test_an_unknown_flow_run_is_not_active():
     assert tracking.flow_run_is_active("00000000-0000-0000-0000-000000000000") is False
 
 
-def test_the_recording_process_keeps_order_and_fails_only_the_run_whose_write_failed(tmp_path):
-    """Writes are done in the order sent; an answer waits for the writes before it; a failed write is
-    raised in its own run (which ends FAILED), not in another run sharing the process; a RecipeError
-    keeps its field."""
+def test_a_failed_write_is_raised_where_it_happens_and_a_refused_promotion_keeps_its_field(tmp_path):
+    """Writes go through MLflow's client in the run's own process: a read MLflow refuses raises at
+    once, a background write it refuses is raised by end_run, which then ends the run FAILED; the
+    run's other writes are kept; a RecipeError from the registry keeps its field."""
+    from qlora.tasks import promotion
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    process = tracking_process.TrackingProcess()
-    try:
-        a, b = process.session(), process.session()
-        found = a.ask("find_unfinished_runs", uri, "exp", "key-1")
-        run_a = a.ask("create_run", uri, found["experiment_id"], "a", {})
-        run_b = b.ask("create_run", uri, found["experiment_id"], "b", {})
-        a.call("log_summary", uri, run_a, {"x": np.float32(1.5), "n": np.int64(3)})
-        a.call("log_params", uri, "0" * 32, {"k": "v"})  # no such run: MLflow refuses
-        b.call("log_summary", uri, run_b, {"y": 2.0})
-        b.flush()
-        with pytest.raises(tracking_process.TrackingProcessError, match="log_params"):
-            a.end_run(uri, run_a, "FINISHED")
-        b.end_run(uri, run_b, "FINISHED")
-        client = mlflow.MlflowClient(uri)
-        assert client.get_run(run_a).info.status == "FAILED"
-        assert client.get_run(run_a).data.metrics == {"x": 1.5, "n": 3.0}
-        assert client.get_run(run_b).info.status == "FINISHED"
-        with pytest.raises(RecipeError) as refused:
-            b.ask("promote", uri, "no-such-model", None, 0.0, None)
-        assert refused.value.field == "NAME" and "no-such-model" in str(refused.value)
-    finally:
-        process.close()
-    assert process.process.returncode == 0
-
-
-def test_the_recording_process_dies_with_the_run(tmp_path):
-    """A run killed with SIGKILL leaves no recording process behind."""
-    parent = subprocess.Popen([sys.executable, "-c", "from tasks import tracking_process; import time; "
-                               "p = tracking_process.shared(); print(p.process.pid, flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    child = int(parent.stdout.readline())
-    assert _alive(child)
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(child)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    found = tracking.find_unfinished_runs(uri, "exp", "key-1")
+    run = tracking.create_run(uri, found["experiment_id"], "a", {})
+    tracking.log_summary(uri, run, {"x": np.float32(1.5), "n": np.int64(3)})
+    with pytest.raises(Exception, match="(?i)run"):
+        tracking.log_params(uri, "0" * 32, {"k": "v"})  # no such run: MLflow refuses
+    tracking.log_batch(uri, run, params=[mlflow.entities.Param("../x", "v")])  # a name MLflow refuses, in the background
+    with pytest.raises(Exception, match="(?i)invalid value"):
+        tracking.end_run(uri, run, "FINISHED")  # the failed write is raised, and the run ends FAILED
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(run).info.status == "FAILED"
+    assert client.get_run(run).data.metrics == {"x": 1.5, "n": 3.0}
+    with pytest.raises(RecipeError) as refused:
+        promotion.promote(uri, "no-such-model", None, 0.0, None)
+    assert refused.value.field == "NAME" and "no-such-model" in str(refused.value)

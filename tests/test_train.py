@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_recipe, stages_before_training
-from tasks.merge import merge
-from tasks.model import load_base, plan_lora, quantize
-from tasks.recipe import LoraSection, RecipeError, recipe_from_dict
-from tasks.batches import batch_order
-from tasks.train import train
+from qlora.tasks.merge import merge
+from qlora.tasks.model import load_base, plan_lora, quantize
+from qlora.tasks.recipe import LoraSection, RecipeError, recipe_from_dict
+from qlora.tasks.batches import batch_order
+from qlora.tasks.train import train
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_garbage_is_collected_at_step_boundaries_and_the_collector_restored():
     """Training collects Python's garbage itself, at fixed steps (every rank at the same ones), and
     gives the collector back as it found it: also after an error, and only when the last of several
     trainings running at once in threads ends."""
-    from tasks.training.collection import PauseLog, StepCollection
+    from qlora.tasks.training.collection import PauseLog, StepCollection
 
     assert gc.isenabled()
     with StepCollection(every=2, full_every=4) as collection:
@@ -170,7 +170,7 @@ def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared,
     """CUDA running out of memory in step 3 (simulated): a checkpoint of step 2 is written though the
     recipe's save_steps is far off, the error names train.max_memory_gib with a value, and the next
     run, under a memory budget (not part of the stage's cache key), resumes at step 2."""
-    from tasks.training import memory, step
+    from qlora.tasks.training import memory, step
 
     real = step.forward_backward
     calls = []
@@ -197,7 +197,7 @@ def test_merge_dequantized_matches_adapter(prepared, tmp_path):
     """The merged 16-bit model predicts what the 4-bit base plus adapter predicts."""
     from peft import PeftModel
 
-    from tasks.evaluate import load_for_eval
+    from qlora.tasks.evaluate import load_for_eval
 
     trained = _train(prepared, tmp_path)
     q = prepared["recipe"].quantization
@@ -236,8 +236,8 @@ def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_pa
 def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
     """A mid-training evaluation (eval mode, no grad) must not switch 4-bit layers to an inference
     kernel: afterwards the first layer's LoRA weights still get gradients."""
-    from tasks.training.lora import model_for_training
-    from tasks.batches import collate
+    from qlora.tasks.training.lora import model_for_training
+    from qlora.tasks.batches import collate
 
     r = prepared["recipe"]
     model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization),
@@ -260,7 +260,7 @@ def test_encoder_rows_rounded_up_to_a_multiple_of_8_give_the_same_logits(prepare
     the logits and the loss are those of the unrounded batch."""
     from datasets import load_from_disk
 
-    from tasks.batches import collate
+    from qlora.tasks.batches import collate
 
     r = prepared["recipe"]
     model = load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization).eval()
@@ -282,7 +282,7 @@ def test_training_path_matches_the_plain_peft_path(prepared):
     reentrant checkpointing), on fresh random inputs; the trainable weights are float32."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.training.lora import keep_4bit_layers_trainable, lora_config, model_for_training
+    from qlora.tasks.training.lora import keep_4bit_layers_trainable, lora_config, model_for_training
 
     r = prepared["recipe"]
     labels = prepared["tokenized"]["label_names"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.training import fsdp
+from qlora.tasks.training import fsdp
 
 
 def training_state(model, optimizer) -> tuple[dict, dict]:

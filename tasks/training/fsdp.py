@@ -10,7 +10,7 @@ the state there. The block scales themselves are not sharded (about 1/64 byte pe
 """
 from __future__ import annotations
 
-from tasks.training.distributed import World
+from qlora.tasks.training.distributed import World
 
 
 def choose_strategy(requested: str, world: World, fits_one_gpu: bool) -> str:

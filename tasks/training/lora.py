@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.recipe import LoraSection
+    from qlora.tasks.recipe import LoraSection
 
 
 def lora_config(resolved: dict, cfg: LoraSection):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from tasks.batches import round_up
+from qlora.tasks.batches import round_up
 
 
 class _Offloaded:

@@ -3,7 +3,7 @@ flattened into one tensor where that saves host time.
 """
 from __future__ import annotations
 
-from tasks.batches import round_up
+from qlora.tasks.batches import round_up
 
 
 def use_flat_optimizer(dev) -> bool:

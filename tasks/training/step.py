@@ -3,7 +3,7 @@ dtype, optional activation offload).
 """
 from __future__ import annotations
 
-from tasks.training.offload import offload_to_cpu
+from qlora.tasks.training.offload import offload_to_cpu
 
 
 def train_context(dev, compute_dtype: str, offload_activations: bool = False):
