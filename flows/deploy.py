@@ -89,7 +89,7 @@ def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None,
     check_promotion(recipe_from_dict(raw, recipe_file))
     prefect_api_url()
     name = name or recipe.name
-    from qlora.tasks import secrets
+    from qlora.runtime import secrets
 
     parameters = {"recipe": secrets.redact(raw), "recipe_file": str(Path(recipe_file).resolve())}
     secrets.share_with_children()  # the runs `serve` starts restore them; a work pool's worker cannot

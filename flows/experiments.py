@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from qlora.flows.finetune import finetune
 from qlora.tasks import tracking
-from qlora.tasks import secrets
+from qlora.runtime import secrets
 from qlora.tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
 
 METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.servers import free_port, logged_process, wait_healthy
-from qlora.tasks import signals
-from qlora.tasks.errors import RecipeError
-from qlora.tasks.secrets import redact, redact_text
-from qlora.tasks.startup import collector_paused, thaw
+from qlora.runtime import signals
+from qlora.runtime.errors import RecipeError
+from qlora.runtime.secrets import redact, redact_text
+from qlora.runtime.startup import collector_paused, thaw
 from qlora.tasks.training.memory import OutOfMemory
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_environment()  # before Prefect and MLflow are imported, here and in the processes started next
         server, early = None, args.command == "run"
         if early:
-            starting.enter_context(collector_paused())  # until the flow starts: mostly imports (tasks/startup.py)
+            starting.enter_context(collector_paused())  # until the flow starts: mostly imports (qlora/runtime/startup.py)
             server = _prefect_server()
         from qlora.tasks.recipe import find_recipe, load_recipe
 

@@ -101,7 +101,7 @@ def load_predictor(directory: Path):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        from qlora.tasks.model import load_model
+        from qlora.tasks.training.loading import load_model
 
         config = json.loads((directory / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")

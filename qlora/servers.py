@@ -13,8 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from qlora.tasks import signals
-from qlora.tasks.errors import RecipeError
+from qlora.runtime import signals
+from qlora.runtime.errors import RecipeError
 
 OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false"}

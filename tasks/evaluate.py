@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlora.tasks import model as models
+from qlora.tasks.training import loading
 from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
 from qlora.tasks.stage import stage
 from qlora.tasks.batches import collate, pad_token_id
@@ -54,7 +54,7 @@ def logged_metrics(recipe) -> set[str] | None:
             names |= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
         else:
             names.add(stem)
-    if task == models.CAUSAL:
+    if task == loading.CAUSAL:
         if recipe.evaluate.generation.temperature:
             names |= {f"sampled_{n}" for n in names if n.startswith("rouge")}
         names |= {"perplexity", "generation_s_per_example"}
@@ -126,11 +126,11 @@ def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_
     from peft import PeftModel
 
     if variant.get("base"):
-        return models.load_base(quantized, label_names, q)
+        return loading.load_base(quantized, label_names, q)
     if "adapter" in variant:
-        base = models.load_base(quantized, label_names, q)
+        base = loading.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
-    return models.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
+    return loading.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
                              run_dtype(variant, q))
 
 
@@ -138,8 +138,8 @@ def run_dtype(variant: dict, q: QuantizationSection):
     """Merged 16-bit models run in their saved dtype, as deployed, where the device computes it
     natively; the adapter, the base and a 4-bit merge (its own quantization config) in the compute dtype."""
     if variant.get("strategy") in (None, "4bit"):
-        return models.dtype_of(q.bnb_4bit_compute_dtype)
-    return models.inference_dtype(variant["dtype"], q.bnb_4bit_compute_dtype)
+        return loading.dtype_of(q.bnb_4bit_compute_dtype)
+    return loading.inference_dtype(variant["dtype"], q.bnb_4bit_compute_dtype)
 
 
 def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:
@@ -182,7 +182,7 @@ def generate(model, tok, prompts: list[list[int]], pad_id: int, dev, max_new_tok
     """Continuations of token-id prompts (left-padded batches): greedy, or sampled at a temperature."""
     import torch
 
-    from qlora.tasks.progress import bar as progress_bar
+    from qlora.runtime.progress import bar as progress_bar
 
     model.eval()
     texts = []
@@ -232,12 +232,12 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
     references = examples["reference"]
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "generation_s_per_example": seconds / len(greedy),
                "weights_bytes": weights_bytes(model)}
-    metrics.update(compute_metrics(cfg.metric_names(models.CAUSAL), greedy, references, []))
+    metrics.update(compute_metrics(cfg.metric_names(loading.CAUSAL), greedy, references, []))
     table = {"prompt": examples["prompt_text"], "reference": references, "greedy": greedy}
     if g.temperature:
         sampled = generate(model, tok, examples["prompt_ids"], pad_id, dev, g.max_new_tokens, g.temperature, g.top_p)
         metrics.update({f"sampled_{k}": v for k, v in
-                        compute_metrics(cfg.metric_names(models.CAUSAL), sampled, references, []).items()})
+                        compute_metrics(cfg.metric_names(loading.CAUSAL), sampled, references, []).items()})
         table["sampled"] = sampled
     pd.DataFrame(table).to_parquet(out / "predictions.parquet", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -253,10 +253,10 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    if quantized["task"] == models.CAUSAL:
+    if quantized["task"] == loading.CAUSAL:
         test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
         tok = AutoTokenizer.from_pretrained(quantized["original_path"])
-        dev = models.device()
+        dev = loading.device()
         with PeakMemory(dev) as memory:
             model = load_for_eval(variant, quantized, q, [])
             result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size)
@@ -267,7 +267,7 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
     test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
     tok = AutoTokenizer.from_pretrained(quantized["original_path"])
     pad_id = pad_token_id(tok)
-    dev = models.device()
+    dev = loading.device()
     with PeakMemory(dev) as memory:
         model = load_for_eval(variant, quantized, q, label_names)
         start = time.perf_counter()

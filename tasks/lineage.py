@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qlora.tasks.secrets import redact_text
+from qlora.runtime.secrets import redact_text
 
 log = logging.getLogger("qlora")
 

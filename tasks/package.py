@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from qlora.tasks.model import CAUSAL
+from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.recipe import ModelSection
 from qlora.tasks.stage import stage
 

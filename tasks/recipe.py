@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora.tasks.errors import RecipeError, shorten  # noqa: F401 - RecipeError: imported from here too
+from qlora.runtime.errors import RecipeError, shorten  # noqa: F401 - RecipeError: imported from here too
 
 SPLITS = ("train", "validation", "test")
 

@@ -58,9 +58,12 @@ def tree_fingerprint(root: Path, names: list[str] | None = None) -> str:
     return hash_value({str(p.relative_to(root)): file_fingerprint(p) for p in files if p.is_file()})
 
 
-# The project's packages and their folders (siblings in a checkout and in an installed wheel alike).
+# The project's packages whose code shapes what a stage writes, and their folders: tasks/ and flows/
+# are siblings in a checkout and in an installed wheel alike; runtime/ sits in qlora/ (found without
+# importing it).
 PROJECT_PACKAGES = {"qlora.tasks": Path(__file__).resolve().parent,
-                    "qlora.flows": Path(__file__).resolve().parent.parent / "flows"}
+                    "qlora.flows": Path(__file__).resolve().parent.parent / "flows",
+                    "qlora.runtime": Path(importlib.util.find_spec("qlora").origin).parent / "runtime"}
 # The libraries whose behaviour shapes what a stage writes: an upgrade must not serve artifacts the
 # old versions built.
 STAGE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers")

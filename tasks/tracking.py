@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.tasks.recipe import Recipe, RecipeError, flatten
-from qlora.tasks.secrets import redact, redact_text
+from qlora.runtime.secrets import redact, redact_text
 
 log = logging.getLogger("qlora")
 

@@ -1,5 +1,5 @@
 """Train stage: the quantized base loaded, LoRA attached, trained with resumable checkpoints
-(tasks/trainer.py), in this process or, when the recipe's `distributed` section asks for several
+(tasks/training/trainer.py), in this process or, when the recipe's `distributed` section asks for several
 processes, in torchrun workers that this stage launches and waits for.
 
 What leaves the stage is the adapter directory and the run's figures. Checkpoints go to
@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from qlora.tasks import model as models
-from qlora.tasks import trainer
-from qlora.tasks.secrets import redact_text
+from qlora.tasks.training import loading
+from qlora.tasks.training import trainer
+from qlora.runtime.secrets import redact_text
 from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.stage import run_logger, stage
 from qlora.tasks.training import distributed, kernels, memory
@@ -71,7 +71,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
     spec_path.write_text(json.dumps({**spec, "tracking_uri": uri if uri == redact_text(uri or "") else None,
                                      "scratch": str(scratch), "out": str(out)}))
     rdzv_id = scratch.name.split(".")[0]
-    command = distributed.torchrun_command("qlora.tasks.trainer", str(spec_path), processes, launch.nnodes,
+    command = distributed.torchrun_command("qlora.tasks.training.trainer", str(spec_path), processes, launch.nnodes,
                                            launch.rdzv_endpoint, launch.max_restarts, rdzv_id, launch.rdzv_timeout_s)
     pointer = None
     if launch.nnodes > 1:  # what `qlora join` on the other nodes reads (the work_dir is shared storage)
@@ -105,7 +105,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
 
 def _raise_worker_error(scratch: Path, code: int) -> None:
     """A worker's own error (one line, as in one process), or a stop by signal."""
-    from qlora.tasks import signals
+    from qlora.runtime import signals
 
     errors = [json.loads(path.read_text()) for path in sorted(scratch.glob("worker-error-*.json"))]
     for error in sorted(errors, key=lambda e: e["kind"] == "crash"):  # the cause before its consequences
@@ -134,7 +134,7 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    dev = models.device()
+    dev = loading.device()
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
         liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss

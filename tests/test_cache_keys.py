@@ -56,7 +56,7 @@ def test_a_library_upgrade_changes_the_key(monkeypatch):
 
 def test_the_modules_a_stage_runs_are_found_without_importing_them():
     found = store.project_modules("qlora.tasks.evaluate")
-    assert {"qlora.tasks.evaluate", "qlora.tasks.inference", "qlora.tasks.batches", "qlora.tasks.model", "qlora.tasks.store"} <= set(found)
+    assert {"qlora.tasks.evaluate", "qlora.tasks.inference", "qlora.tasks.batches", "qlora.tasks.training.loading", "qlora.tasks.store"} <= set(found)
     assert "qlora.tasks.train" not in found and "qlora.tasks.merge" not in found and "qlora.cli" not in found
     assert {"qlora.tasks.training.lora", "qlora.tasks.training.step", "qlora.tasks.training.checkpoint"} <= set(
         store.project_modules("qlora.tasks.train"))

@@ -292,7 +292,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, t
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"qlora.tasks.trainer" in command and b"torch.distributed.run" not in command and str(work).encode() in b" ".join(command):
+            if b"qlora.tasks.training.trainer" in command and b"torch.distributed.run" not in command and str(work).encode() in b" ".join(command):
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))
                 return
@@ -339,7 +339,7 @@ def test_a_worker_computes_on_its_own_gpu(monkeypatch):
     """A torchrun worker's model and batches go to the GPU of its LOCAL_RANK (made current when it
     joins the group): on a bare "cuda" the model of every rank but the first landed on GPU 0, and the
     first step failed on GPU 1 with tensors on two devices."""
-    from qlora.tasks.model import device
+    from qlora.tasks.training.loading import device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -380,7 +380,7 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
 
     from test_fast_paths import _llama
     from qlora.tasks.recipe import QuantizationSection, TrainSection
-    from qlora.tasks.trainer import training_strategy
+    from qlora.tasks.training.trainer import training_strategy
     from qlora.tasks.training.distributed import World
 
     config, gpu = _llama("70b"), SimpleNamespace(type="cuda")

@@ -48,7 +48,7 @@ def test_no_heartbeats_towards_the_temporary_server_and_the_setting_comes_back()
 def test_the_collector_waits_for_the_imports_then_resumes():
     import gc
 
-    from qlora.tasks.startup import collector_paused, thaw
+    from qlora.runtime.startup import collector_paused, thaw
 
     assert gc.isenabled()
     with collector_paused():

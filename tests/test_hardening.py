@@ -299,7 +299,7 @@ def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
 
 
 def test_secrets_are_redacted_and_restored():
-    from qlora.tasks import secrets
+    from qlora.runtime import secrets
 
     recipe = {"tracking": {"tracking_uri": "postgresql://bob:s3cret@db.internal:5432/mlflow"},
               "description": f"token {TOKEN}; key AKIAABCDEFGHIJKLMNOP; https://x/y?token=abc&page=2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGE_FOLDERS = ("qlora", "tasks", "flows")
+PACKAGE_FOLDERS = ("qlora", "tasks", "flows")  # qlora/ holds the CLI and qlora/runtime/
 
 
 def _readme_section(heading: str) -> str:
@@ -73,6 +74,12 @@ def test_the_scan_catches_each_kind_of_private_use(tmp_path):
                          "\n".join((REPO / m).read_text() for m in _modules()))
 
 
+def test_the_training_engine_imports_without_prefect():
+    probe = "import sys, qlora.tasks.training.trainer; print(sorted(m for m in ('prefect', 'flows') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
 # --- what the listed pieces do, pinned ---------------------------------------------------------
 
 def test_torch_aborts_a_process_group_by_the_private_name_we_call():
@@ -130,15 +137,19 @@ def test_liger_applies_its_kernels_to_a_loaded_instance_where_installed():
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """Built as a user's pip builds it, then installed into a fresh virtual environment: `qlora` is the
     only importable name it adds (with its stages and flows inside), nothing bare `tasks` or `flows`."""
+    source = tmp_path / "source"  # a copy: building writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "qlora", "tasks", "flows", "recipes"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("qlora_pipeline-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist() if ".dist-info" not in name.split("/")[0]
                 and ".data" not in name.split("/")[0]}
-        assert "qlora/tasks/training/trainer.py" not in archive.namelist()  # trainer sits in tasks/
-        assert {"qlora/tasks/trainer.py", "qlora/flows/finetune.py", "qlora/tasks/metrics/accuracy.py"} <= set(
+        assert {"qlora/tasks/training/trainer.py", "qlora/runtime/signals.py", "qlora/flows/finetune.py", "qlora/tasks/metrics/accuracy.py"} <= set(
             archive.namelist())
     assert tops == {"qlora"}, tops
     venv = tmp_path / "venv"
@@ -153,7 +164,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     added = {name for name in added if not name.endswith(".dist-info")}
     assert added == {"qlora"}, added
     probe = ("import importlib.util as u; print([n for n in ('tasks', 'flows') if u.find_spec(n)], "
-             "bool(u.find_spec('qlora.tasks.trainer')), bool(u.find_spec('qlora.flows.finetune')))")
+             "bool(u.find_spec('qlora.tasks.training.trainer')), bool(u.find_spec('qlora.flows.finetune')))")
     done = subprocess.run([venv / "bin" / "python", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.stdout.split() == ["[]", "True", "True"], done.stderr[-2000:]

@@ -112,7 +112,7 @@ def test_the_readme_recipe_reference_is_the_generated_one():
     for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
                   "tracking.promotion.metric"):
         assert f"| `{field}` |" in copy
-    from qlora.tasks.model import NOT_QUANTIZED
+    from qlora.tasks.training.loading import NOT_QUANTIZED
     from qlora.tasks.recipe import QuantizationSection
 
     skip = QuantizationSection.model_fields["llm_int8_skip_modules"].description

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import small_recipe, stages_before_training
 from qlora.tasks.merge import merge
-from qlora.tasks.model import load_base, plan_lora, quantize
+from qlora.tasks.model import plan_lora, quantize
+from qlora.tasks.training.loading import load_base
 from qlora.tasks.recipe import LoraSection, RecipeError, recipe_from_dict
 from qlora.tasks.batches import batch_order
 from qlora.tasks.train import train

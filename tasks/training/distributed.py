@@ -196,7 +196,7 @@ def join(work_dir: str, rdzv_endpoint: str, nproc: int | str = "auto", timeout_s
             raise TimeoutError(f"no training to join at {rdzv_endpoint} under {work_dir} after {timeout_s:g} s")
         time.sleep(1)
     plan = json.loads(pointer.read_text())
-    command = torchrun_command("qlora.tasks.trainer", plan["spec"], processes_per_node(nproc), plan["nnodes"],
+    command = torchrun_command("qlora.tasks.training.trainer", plan["spec"], processes_per_node(nproc), plan["nnodes"],
                                rdzv_endpoint, plan["max_restarts"], plan["rdzv_id"], plan["rdzv_timeout_s"])
     log(f"joining {rdzv_endpoint}: {' '.join(command[2:])}")
     # Rank 0 may land on this node: it logs to MLflow where the spec or this node's environment says.
@@ -214,7 +214,7 @@ def launch(command: list[str], log: Callable[[str], None], env: dict[str, str] |
     returns the agent's exit code. SIGTERM/SIGINT reach the agent, which passes them to its workers:
     they checkpoint at the next step boundary and exit."""
     environment = {**os.environ, **SAFE_NCCL_ENV, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    from qlora.tasks.signals import child_dies_with_parent
+    from qlora.runtime.signals import child_dies_with_parent
 
     # The agent (and through it the workers) gets SIGTERM if this process dies, even by SIGKILL or
     # the stop watchdog: no orphaned workers go on writing checkpoints under a later run.

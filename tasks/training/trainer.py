@@ -1,6 +1,6 @@
 """The training run, as torchtune's recipes read: setup (data, model, optimizer), resume, the loop,
 save. Prefect-free: the train stage runs it in its own process, or torchrun runs it in every worker
-(`python -m tasks.trainer SPEC.json`), where each rank trains on its share of every optimizer step's
+(`python -m qlora.tasks.training.trainer SPEC.json`), where each rank trains on its share of every optimizer step's
 rows and rank 0 alone logs, checkpoints and saves. Checkpoints hold the adapter, optimizer, schedule,
 RNG and the step: the same on any number of processes, so a run resumes on 1 GPU or on 8.
 """
@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from qlora.tasks import model as models
-from qlora.tasks import signals
+from qlora.tasks.training import loading
+from qlora.runtime import signals
 from qlora.tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
 from qlora.tasks.inference import accuracy, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
-from qlora.tasks.progress import bar as progress_bar
+from qlora.runtime.progress import bar as progress_bar
 from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.tracking import Tracker
 from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
@@ -71,13 +71,13 @@ class TrainingRun:
         from transformers import AutoTokenizer
 
         self.quantized, self.lora, self.lora_cfg, self.q, self.cfg = quantized, lora, lora_cfg, q, cfg
-        self.scratch, self.dev, self.world = scratch, models.device(), world
+        self.scratch, self.dev, self.world = scratch, loading.device(), world
         self.tracker = tracker if world.main else Tracker(None, None)  # rank 0 alone talks to MLflow
         self.label_names = tokenized["label_names"]
         data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
         self.train_ds, self.val_ds = data["train"], data["validation"]
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(quantized["original_path"]))
-        self.causal = quantized["task"] == models.CAUSAL
+        self.causal = quantized["task"] == loading.CAUSAL
         self.width = max_length if pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
         lengths = self.train_ds["length"]
@@ -105,7 +105,7 @@ class TrainingRun:
         cfg, plan = self.cfg, self.plan
         # Sharded, the base loads into CPU memory and each GPU takes only its shards of it: no GPU
         # ever holds the whole model (a 4-bit 70B is 35 GiB).
-        base = models.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
+        base = loading.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if fast["liger"]:
             layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
@@ -341,7 +341,7 @@ class TrainingRun:
         p = self.progress
         artifact = "adapter" if self.lora_cfg.enabled else "model"
         self.model.save_pretrained(out / artifact, **({"state_dict": weights} if weights is not None else {}))
-        models.copy_tokenizer(self.quantized["original_path"], out / artifact)
+        loading.copy_tokenizer(self.quantized["original_path"], out / artifact)
         shutil.copy2(self.history, out / "history.jsonl")
         history = [json.loads(line) for line in self.history.read_text().splitlines()]
         train_losses = [h["train_loss"] for h in history if "train_loss" in h]
@@ -462,7 +462,7 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
     quantized, lora, max_length = spec["quantized"], spec["lora"], spec["max_length"]
     run = TrainingRun(spec["tokenized"], quantized, lora, lora_cfg, q, cfg, spec["packing"], max_length,
                       spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"], background=True), scratch, world)
-    config = AutoConfig.from_pretrained(models.quantized_path(quantized))
+    config = AutoConfig.from_pretrained(loading.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
     run.strategy = training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
