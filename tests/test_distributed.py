@@ -63,6 +63,7 @@ def _close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-5, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_train_what_one_trains(prepared, tmp_path, strategy):
     """DDP, or FSDP (weights, adapter and optimizer state sharded), over two gloo processes, each on
@@ -109,6 +110,7 @@ def prepared_llama(tmp_path_factory):
     return stages_before_training(r, str(root / "work"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, strategy):
     one = _train(prepared_llama, tmp_path / "one")
@@ -118,6 +120,7 @@ def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, str
     _close(_adapter(two), _adapter(one))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_train_sharded_as_eager_layers_train(prepared_llama, tmp_path):
     """Under FSDP each layer's weights are gathered by hooks around the layer: its forward is compiled
@@ -130,6 +133,7 @@ def test_compiled_layers_train_sharded_as_eager_layers_train(prepared_llama, tmp
     _close(_adapter(two), _adapter(one))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     """SIGTERM to the stage while two workers train: they checkpoint at a step boundary and exit;
@@ -178,6 +182,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     _close(_adapter(resumed), _adapter(straight))
 
 
+@pytest.mark.slow
 def test_stopped_in_one_process_resumes_sharded_on_two(prepared, tmp_path):
     """The reverse: a one-process run stopped after its step-2 checkpoint resumes under FSDP on two
     processes (each loads the whole checkpoint and keeps its shards) and ends where an uninterrupted
@@ -198,6 +203,7 @@ def test_stopped_in_one_process_resumes_sharded_on_two(prepared, tmp_path):
     _close(_adapter(resumed), _adapter(straight))
 
 
+@pytest.mark.slow
 def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
     """Multi-node as a cluster runs it, on one host: the stage starts one torchrun agent (node A), a
     second agent joins through `qlora join` (node B) at the same rendezvous on 127.0.0.1; the two
@@ -222,6 +228,7 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
     _close(_adapter(two), _adapter(one))
 
 
+@pytest.mark.slow
 def test_a_crashing_worker_is_reported_with_its_traceback(prepared, tmp_path):
     """A defect in a worker (here: its tokenized data gone) fails the stage with that rank's
     traceback, not a bare exit code."""
@@ -274,6 +281,7 @@ def test_validate_prints_the_distributed_plan(project, capsys):
     assert len(err) == 1 and "distributed: nnodes above 1 needs rdzv_endpoint" in err[0]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, tmp_path):
     """kill -9 of one of two workers mid-run, with distributed.max_restarts: torchrun restarts both,
     they resume from the last checkpoint, and the stage ends with the adapter of an uninterrupted run."""
@@ -306,6 +314,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, t
     _close(_adapter(resumed), _adapter(straight))
 
 
+@pytest.mark.slow
 def test_a_rendezvous_no_other_node_reaches_fails_in_bounded_time(prepared, tmp_path):
     """Two nodes asked for, none joins: the run fails after distributed.rdzv_timeout_s with one line
     naming the endpoint, and leaves no join pointer behind."""
@@ -398,6 +407,7 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
     assert strategy("ddp", 24) == "ddp" and strategy("fsdp", 141) == "fsdp"
 
 
+@pytest.mark.slow
 def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):
     """One example per optimizer step on two processes: rank 1 has no row in any step, runs one at
     zero weight (DDP needs every rank's backward), and the result is one process's."""

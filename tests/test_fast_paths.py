@@ -546,6 +546,7 @@ def _tiny_4bit_llama(path):
                                                 attn_implementation="sdpa")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 @pytest.mark.parametrize("layers", ["fused", "peft", "fused, scales unnested"])
 def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
@@ -591,6 +592,7 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
 
 
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     """bf16 compute: Inductor would keep float32 inside its fused kernels where the eager layers round
     to bf16 (RMSNorm, SwiGLU); the compiled layers emulate those casts, so they stay at the eager
@@ -625,6 +627,7 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     assert diff / sum(float(g.norm()) ** 2 for g in eager.values()) ** 0.5 < 6e-3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_layers_compute(tmp_path):
     """Packed rows (several examples a row, positions restarting, no attention mask) change width every
@@ -672,6 +675,7 @@ def test_compiled_layers_on_packed_rows_compile_once_and_compute_what_eager_laye
             assert torch.allclose(grads[name], eager[name], rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler")
 def test_compiled_layers_keep_no_dequantized_weight_for_backward(tmp_path):
     """The fused layer dequantizes in forward and again in backward; a compiler that merged the two

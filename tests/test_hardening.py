@@ -478,6 +478,7 @@ def test_kill_9_leaves_nothing_that_lingers(project):
     assert len(steps) == len(set(steps)) and max(steps) == 150
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
     path = write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"),
                                                         train={"learning_rate": 1e30, "max_grad_norm": 0,

@@ -124,6 +124,7 @@ def test_garbage_is_collected_at_step_boundaries_and_the_collector_restored():
         gc.enable()
 
 
+@pytest.mark.slow
 def test_two_seeded_runs_are_identical(prepared, tmp_path):
     """LoRA weights are initialised after the seed is set: two CPU runs give the same result."""
     a, b = _train(prepared, tmp_path / "a"), _train(prepared, tmp_path / "b")
@@ -133,6 +134,7 @@ def test_two_seeded_runs_are_identical(prepared, tmp_path):
     assert a["steps"] == 8 and _history(a)[-1]["step"] == 8
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_exactly(prepared, tmp_path):
     """Stop after the step-4 checkpoint; the re-run resumes at step 4 with optimizer, scheduler,
     RNG and data order restored, and ends where an uninterrupted run ends (no loss jump, no
@@ -167,6 +169,7 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path):
     assert not partial[0].exists(), "checkpoints are cleared once the stage completes"
 
 
+@pytest.mark.slow
 def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared, tmp_path, monkeypatch):
     """CUDA running out of memory in step 3 (simulated): a checkpoint of step 2 is written though the
     recipe's save_steps is far off, the error names train.max_memory_gib with a value, and the next
@@ -223,6 +226,7 @@ def test_merge_dequantized_matches_adapter(prepared, tmp_path):
 
 @pytest.mark.parametrize("quantization, optim", [({"load_in_4bit": False, "load_in_8bit": True}, "paged_adamw_8bit"),
                                                  ({"load_in_4bit": False}, "paged_adamw_32bit")])
+@pytest.mark.slow
 def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_path, quantization, optim):
     """The same recipe with an 8-bit base, or none (plain LoRA), and bitsandbytes' paged optimizers."""
     r = recipe_from_dict(small_recipe(quantization=quantization, train={"optim": optim, "max_steps": 2}))
