@@ -3,7 +3,9 @@ quantize -> train -> evaluate -> merge -> evaluate merged -> package, each a cac
 whole run recorded in one MLflow run through a RunRecorder (qlora.tasks.tracking)."""
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,9 +34,8 @@ if TYPE_CHECKING:
 @flow(name="qlora-finetune", persist_result=False)
 def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
              overrides: Optional[list[str]] = None) -> dict[str, Any]:
-    """One pipeline run, of a recipe given as a dict, or read from recipe_file with `--set`-style
-    overrides (how prefect.yaml's deployments name it). parent_run_id nests its MLflow run under a
-    comparison or sweep run."""
+    """One pipeline run, of a recipe as a dict, or read from recipe_file with `--set`-style overrides (as
+    prefect.yaml's deployments give it). parent_run_id nests its MLflow run under a comparison or sweep."""
     r = _recipe(recipe, recipe_file, overrides)
     run = StageRunner(r.work_dir, r.name)
     signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
@@ -61,27 +62,18 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
     key = recipe_key(r, source, model)
-    experiment, run_id, resumed = tracking.start_run(r, key, uri, flow_run.get_id(), parent_run_id)
-    status = "FAILED"
-    unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
-    try:
-        record = tracking.RunRecorder(r, uri, experiment, run_id, resumed, flow_run.get_id())
+    with mlflow_run(r, key, uri, parent_run_id) as record:
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source_uri(source))
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size)
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
-            before = run(evaluate_model, {"hash": f"base-{quantized['hash']}", "base": True}, **evaluate,
-                         label="evaluate-base")
-            record.evaluation(before, "base")
-        trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, lora_cfg=r.lora, q=r.quantization,
-                      cfg=r.train, packing=r.tokenize.packing, max_length=r.tokenize.max_length,
-                      pad_to_max_length=causal and r.tokenize.padding == "max_length", run_id=run_id,
-                      tracking_uri=uri, launch=r.distributed, asset="adapter" if r.lora.enabled else "model",
-                      upstream=("tokenized",))
+            record.evaluation(run(evaluate_model, {"hash": f"base-{quantized['hash']}", "base": True}, **evaluate,
+                                  label="evaluate-base"), "base")
+        trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r), run_id=record.run_id,
+                      tracking_uri=uri, asset="adapter" if r.lora.enabled else "model", upstream=("tokenized",))
         record.training(trained)
         evaluated = run(evaluate_model, trained, **evaluate)
         record.evaluation(evaluated, "adapter")
-
         merged = merged_eval = None
         if r.merge.enabled and r.lora.enabled:
             merged = run(merge, trained, quantized, r.quantization, r.merge.base, r.merge.dtype,
@@ -99,9 +91,26 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
                               Path(merged_eval["dir"]))
         if r.tracking.promotion.enabled:
             record.promote()
-        summary = record.finish(run.lineage, run.seconds, key)
+        return record.finish(run.lineage, run.seconds, key)
+
+
+def train_settings(r: Recipe) -> dict:
+    """The train stage's inputs that come from the recipe alone."""
+    return dict(lora_cfg=r.lora, q=r.quantization, cfg=r.train, packing=r.tokenize.packing, launch=r.distributed,
+                max_length=r.tokenize.max_length,
+                pad_to_max_length=r.model.task == CAUSAL and r.tokenize.padding == "max_length")
+
+
+@contextlib.contextmanager
+def mlflow_run(r: Recipe, key: str, uri: str, parent_run_id: str | None) -> Iterator[tracking.RunRecorder]:
+    """The pipeline's MLflow run (new, or this recipe's unfinished one resumed) around the stages that
+    report to it; ended FINISHED, KILLED (a signal, or an emergency exit) or FAILED, whatever happened."""
+    experiment, run_id, resumed = tracking.start_run(r, key, uri, flow_run.get_id(), parent_run_id)
+    status = "FAILED"
+    unregister = signals.on_emergency(lambda: tracking.end_run(uri, run_id, "KILLED"))
+    try:
+        yield tracking.RunRecorder(r, uri, experiment, run_id, resumed, flow_run.get_id())
         status = "FINISHED"
-        return summary
     except KeyboardInterrupt:
         status = "KILLED"
         raise

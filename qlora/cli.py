@@ -340,7 +340,7 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field, e.g. --set train.learning_rate=1e-3 (repeatable)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description="Declarative QLoRA fine-tuning pipelines.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -421,9 +421,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = command_parser().parse_args(argv)
     signals.install()
-    starting, early = contextlib.ExitStack(), False
     try:
         if args.command in ("compare", "predict", "promote", "export", "merge", "chat"):
             return _registry_command(args)
@@ -436,37 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "join":
             return _join(args)
         _quiet_environment()  # before Prefect and MLflow are imported, here and in the processes started next
-        server, early = None, args.command == "run"
-        if early:
-            starting.enter_context(collector_paused())  # until the flow starts: mostly imports (qlora/runtime/startup.py)
-            server = _prefect_server()
-        from qlora.tasks.recipe import find_recipe, load_recipe
-
-        try:
-            args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
-            recipe = load_recipe(args.recipe, args.overrides)
-        except RecipeError:
-            if early:
-                _abandon(server)
-            raise
-        if args.command in ("methods", "sweep"):
-            return _experiment(args, recipe)
-        if args.command == "deploy":
-            return _deploy(args, recipe)
-        if args.command == "validate":
-            info = validate(recipe)
-            print(f"{args.recipe}: ok")
-            for k, v in info.items():
-                print(f"  {k}: {v}")
-            return 0
-        _preflight(recipe, server)
-        from qlora.flows.finetune import finetune
-
-        if server is not None:
-            server.wait()
-        starting.close()
-        with _without_heartbeats() if server else contextlib.nullcontext():
-            result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
+        return _run(args) if args.command == "run" else _recipe_command(args, _read_recipe(args))
     except RecipeError as e:
         if e.file is None and getattr(args, "recipe", None):
             e.file = args.recipe
@@ -479,9 +448,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstopped by {signal.Signals(signals.received_signal()).name}: run the same command again to resume",
               file=sys.stderr)
         return signals.exit_code()
-    finally:
-        starting.close()
-        if early:
+
+
+def _read_recipe(args) -> Recipe:
+    from qlora.tasks.recipe import find_recipe, load_recipe
+
+    args.recipe = str(find_recipe(args.recipe))  # a file, or a shipped recipe's name
+    return load_recipe(args.recipe, args.overrides)
+
+
+def _recipe_command(args, recipe: Recipe) -> int:
+    """validate, deploy, methods, sweep: commands that read a recipe but do not run it as `run` does."""
+    if args.command in ("methods", "sweep"):
+        return _experiment(args, recipe)
+    if args.command == "deploy":
+        return _deploy(args, recipe)
+    info = validate(recipe)
+    print(f"{args.recipe}: ok")
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _run(args) -> int:
+    """`qlora run`: the temporary Prefect server (when none is configured) boots while the recipe is
+    read and checked, with the garbage collector paused until the flow starts (mostly imports,
+    qlora/runtime/startup.py); then the flow, and its summary."""
+    with contextlib.ExitStack() as starting:
+        try:
+            starting.enter_context(collector_paused())
+            server = _prefect_server()
+            try:
+                recipe = _read_recipe(args)
+            except RecipeError:
+                _abandon(server)
+                raise
+            _preflight(recipe, server)
+            from qlora.flows.finetune import finetune
+
+            if server is not None:
+                server.wait()
+            starting.close()
+            with _without_heartbeats() if server else contextlib.nullcontext():
+                result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
+        finally:
+            starting.close()
             thaw()
     print(_summary(result))
     if args.json_out:

@@ -1,6 +1,6 @@
 """`qlora ui`: a Prefect server (UI, API and the scheduler that deployments need) and the MLflow UI
 on 127.0.0.1, over the project's own stores, stopped together on Ctrl-C. The shared team set-up
-(PostgreSQL, S3-compatible artifacts) is `mlflow/compose.yaml`; see the README."""
+(PostgreSQL, S3-compatible artifacts) is `mlflow/compose.yaml`; see docs/production.md."""
 from __future__ import annotations
 
 import os

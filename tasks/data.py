@@ -305,6 +305,26 @@ def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) 
 def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] | None):
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
     Returns the cleaned frames (text, label id), the class names and per-split counts."""
+    renamed = _mapped_labels(frames, data)
+    all_names = _all_label_names(renamed, labels)
+    names = _kept_label_names(all_names, data, labels)
+    out, stats = {}, {}
+    for split, df in renamed.items():
+        out[split], stats[split] = _clean_split(split, df, data, labels, all_names, names)
+    if not len(out["train"]):
+        raise RecipeError(f"no training rows left after cleaning ({stats['train']}): the label values "
+                          f"in the data do not match the label names {names}", "model.labels",
+                          hint="label names must match the data's values (or use data.label_map)")
+    absent = [n for i, n in enumerate(names) if i not in set(out["train"]["label"])]
+    if absent:
+        raise RecipeError(f"label names {absent} never occur in the training data", "model.labels",
+                          hint="label names must match the data's values (or use data.label_map)")
+    return out, names, stats
+
+
+def _mapped_labels(frames: dict[str, pd.DataFrame], data: DataSection) -> dict[str, pd.DataFrame]:
+    """Each split as (text, label), its raw label values mapped through data.label_map; a value the
+    map misses is an error unless data.keep_labels filters (its rows are then dropped and counted)."""
     import pandas as pd
 
     renamed = {}
@@ -318,59 +338,59 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
                 unmapped[value] = unmapped.get(value, 0) + int(n)
             df["label"] = df["label"].map(lambda v: mapping.get(str(v), v) if pd.notna(v) else v)
         renamed[split] = df
-    if unmapped and not data.keep_labels:  # else: rows of unmapped values are dropped and counted
+    if unmapped and not data.keep_labels:
         listed = ", ".join(f"{shorten(v, 40)!r} ({n} rows)" for v, n in sorted(unmapped.items(), key=lambda x: -x[1])[:10])
         raise RecipeError(f"raw label values not mapped: {listed}", "data.label_map",
                           hint="map every value the label column holds, or keep only some with data.keep_labels")
-    all_names = _all_label_names(renamed, labels)
-    names = all_names
-    if data.keep_labels:
-        missing = [n for n in data.keep_labels if n not in all_names]
-        if missing:
-            where = "model.labels" if labels else "the data's labels"
-            raise RecipeError(f"{[shorten(m, 40) for m in missing]} not among {where} "
-                              f"{[shorten(n, 40) for n in all_names[:20]]}", "data.keep_labels")
-        names = [n for n in data.keep_labels if n in all_names] if labels else list(data.keep_labels)
+    return renamed
+
+
+def _kept_label_names(all_names: list[str], data: DataSection, labels: list[str] | None) -> list[str]:
+    """The classes trained on: every label, or those data.keep_labels names (each checked to exist)."""
+    if not data.keep_labels:
+        return all_names
+    missing = [n for n in data.keep_labels if n not in all_names]
+    if missing:
+        where = "model.labels" if labels else "the data's labels"
+        raise RecipeError(f"{[shorten(m, 40) for m in missing]} not among {where} "
+                          f"{[shorten(n, 40) for n in all_names[:20]]}", "data.keep_labels")
+    return [n for n in data.keep_labels if n in all_names] if labels else list(data.keep_labels)
+
+
+def _clean_split(split: str, df: pd.DataFrame, data: DataSection, labels: list[str] | None, all_names: list[str],
+                 names: list[str]) -> tuple[pd.DataFrame, dict]:
+    """One split cleaned (text, label id) and the counts of what was dropped and why."""
+    import pandas as pd
+
+    counts = {"rows_read": len(df)}
+    if pd.api.types.is_numeric_dtype(df["label"]):  # class ids: check the range, then name them
+        ids = pd.to_numeric(df["label"], errors="coerce")
+        bad = ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna()
+        if len(bad):
+            raise RecipeError(
+                f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
+                f"{sorted(set(bad.astype(int).tolist()))[:5]}", "model.labels",
+                hint="name every class in model.labels, in label order, or map them with data.label_map")
+        df["label"] = [all_names[int(i)] if pd.notna(i) else None for i in ids]
+    text = df["text"].astype("string").str.strip()
+    empty = (text.isna() | (text == "")).astype(bool)
+    counts["dropped_empty_text"] = int(empty.sum())
+    df = df[~empty].assign(text=text[~empty].astype(str))
+    label = df["label"].astype("string")
+    kept = label.isin(names).fillna(False).astype(bool)
+    known = label.isin(all_names).fillna(False).astype(bool) | (bool(data.keep_labels) and not labels)
+    counts["dropped_filtered_label"] = int((~kept & known).sum())
+    counts["dropped_unknown_label"] = int((~kept & ~known).sum())
+    df = df[kept]
+    if data.drop_duplicates:
+        dup = df.duplicated(subset=["text"])
+        counts["dropped_duplicates"] = int(dup.sum())
+        df = df[~dup]
     class_id = {n: i for i, n in enumerate(names)}
-    out, stats = {}, {}
-    for split, df in renamed.items():
-        counts = {"rows_read": len(df)}
-        if pd.api.types.is_numeric_dtype(df["label"]):  # class ids: check the range, then name them
-            ids = pd.to_numeric(df["label"], errors="coerce")
-            bad = ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna()
-            if len(bad):
-                raise RecipeError(
-                    f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
-                    f"{sorted(set(bad.astype(int).tolist()))[:5]}", "model.labels",
-                    hint="name every class in model.labels, in label order, or map them with data.label_map")
-            df["label"] = [all_names[int(i)] if pd.notna(i) else None for i in ids]
-        text = df["text"].astype("string").str.strip()
-        empty = (text.isna() | (text == "")).astype(bool)
-        counts["dropped_empty_text"] = int(empty.sum())
-        df = df[~empty].assign(text=text[~empty].astype(str))
-        label = df["label"].astype("string")
-        kept = label.isin(names).fillna(False).astype(bool)
-        known = label.isin(all_names).fillna(False).astype(bool) | (bool(data.keep_labels) and not labels)
-        counts["dropped_filtered_label"] = int((~kept & known).sum())
-        counts["dropped_unknown_label"] = int((~kept & ~known).sum())
-        df = df[kept]
-        if data.drop_duplicates:
-            dup = df.duplicated(subset=["text"])
-            counts["dropped_duplicates"] = int(dup.sum())
-            df = df[~dup]
-        df = pd.DataFrame({"text": df["text"].astype(str).values,
-                           "label": df["label"].astype(str).map(class_id).astype("int64").values})
-        counts["rows_kept"] = len(df)
-        out[split], stats[split] = df, counts
-    if not len(out["train"]):
-        raise RecipeError(f"no training rows left after cleaning ({stats['train']}): the label values "
-                          f"in the data do not match the label names {names}", "model.labels",
-                          hint="label names must match the data's values (or use data.label_map)")
-    absent = [n for i, n in enumerate(names) if i not in set(out["train"]["label"])]
-    if absent:
-        raise RecipeError(f"label names {absent} never occur in the training data", "model.labels",
-                          hint="label names must match the data's values (or use data.label_map)")
-    return out, names, stats
+    df = pd.DataFrame({"text": df["text"].astype(str).values,
+                       "label": df["label"].astype(str).map(class_id).astype("int64").values})
+    counts["rows_kept"] = len(df)
+    return df, counts
 
 
 # --- stages ------------------------------------------------------------------------------------

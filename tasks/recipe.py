@@ -338,7 +338,7 @@ class DistributedSection(Section):
     nproc_per_node: Union[Literal["auto"], int] = "auto"
     """Processes on each node; auto: one per visible GPU (one on a CPU machine)."""
     nnodes: int = Field(1, gt=0)
-    """Machines taking part; each runs the same command (see the README's "More than one machine")."""
+    """Machines taking part; each runs the same command (see docs/scaling.md)."""
     rdzv_endpoint: Optional[str] = None
     """HOST:PORT where the nodes' torchrun agents meet (c10d rendezvous); needed with nnodes above 1."""
     rdzv_timeout_s: float = Field(900, gt=0)

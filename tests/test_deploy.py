@@ -371,7 +371,7 @@ def test_every_prefect_yaml_deployment_and_the_k8s_nodes_are_valid():
     multi-node deployment names."""
     import yaml
 
-    from qlora.cli import _parser
+    from qlora.cli import command_parser
     from qlora.tasks.recipe import load_recipe
 
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
@@ -386,5 +386,5 @@ def test_every_prefect_yaml_deployment_and_the_k8s_nodes_are_valid():
     nodes = [doc for doc in yaml.safe_load_all((REPO / "scripts" / "k8s" / "train-nodes.yaml").read_text())
              if doc["kind"] == "StatefulSet"][0]
     command = nodes["spec"]["template"]["spec"]["containers"][0]["command"]
-    args = _parser().parse_args(command[1:])
+    args = command_parser().parse_args(command[1:])
     assert args.command == "join" and {args.rdzv_endpoint} == endpoints and args.work_dir == "/shared/.qlora"

@@ -1,5 +1,5 @@
 """The package's shape, as the README states it: one installed namespace (`qlora`), every module listed
-in the README's layout section, and every private library name the package uses listed there too, with
+in the layout page (docs/layout.md), and every private library name the package uses listed there too, with
 the behaviour each relies on pinned here."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE_FOLDERS = ("qlora", "tasks", "flows")  # qlora/ holds the CLI and qlora/runtime/
 
 
-def _readme_section(heading: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def _layout_section(heading: str) -> str:
+    text = (REPO / "docs" / "layout.md").read_text(encoding="utf-8")
     start = text.index(f"\n{heading}\n")
     end = re.compile(r"\n#{2,3} ").search(text, start + len(heading) + 2)
     return text[start:end.start() if end else len(text)]
@@ -30,8 +30,8 @@ def _modules() -> set[str]:
             if "__pycache__" not in p.parts and (p.name != "__init__.py" or p.read_text().strip())}
 
 
-def test_the_readme_lists_every_module_once():
-    block = _readme_section("### Layout").split("```")[1]
+def test_the_layout_page_lists_every_module_once():
+    block = _layout_section("## Modules").split("```")[1]
     listed = [line.split()[0] for line in block.strip().splitlines()]
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert set(listed) == _modules(), (f"not listed: {sorted(_modules() - set(listed))}; "
@@ -56,12 +56,12 @@ def _private_uses() -> dict[str, set[str]]:
     return found
 
 
-def test_every_private_library_name_the_package_uses_is_named_in_the_readme():
+def test_every_private_library_name_the_package_uses_is_named_in_the_layout_page():
     uses = _private_uses()
     assert "_abort_process_group" in uses  # the scan sees what it is meant to see
-    section = _readme_section("### Private library pieces we rely on")
+    section = _layout_section("## Private library pieces we rely on")
     unlisted = {name: sorted(where) for name, where in uses.items() if name not in section}
-    assert not unlisted, f"private names used but not named in the README: {unlisted}"
+    assert not unlisted, f"private names used but not named in docs/layout.md: {unlisted}"
 
 
 def test_the_scan_catches_each_kind_of_private_use(tmp_path):

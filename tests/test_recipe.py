@@ -97,8 +97,8 @@ def test_flatten_is_dotted_and_complete():
     assert len(flat["description"]) == 10_000  # truncation for MLflow happens where it is logged
 
 
-def test_the_readme_recipe_reference_is_the_generated_one():
-    """The README's recipe reference is generated from the schema: every field, its type, default and
+def test_the_recipe_reference_page_is_the_generated_one():
+    """The recipe reference page is generated from the schema: every field, its type, default and
     description. A field added or changed without `python scripts/recipe_reference.py --write` fails."""
     import importlib.util
 
@@ -106,9 +106,9 @@ def test_the_readme_recipe_reference_is_the_generated_one():
     spec = importlib.util.spec_from_file_location("recipe_reference", path)
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
-    copy = reference.readme_copy(reference.README.read_text())
-    assert copy is not None, "the README lost its recipe reference markers"
-    assert copy == reference.reference(), "README recipe reference is stale: python scripts/recipe_reference.py --write"
+    copy = reference.page_copy(reference.PAGE.read_text())
+    assert copy is not None, "docs/recipe-reference.md lost its recipe reference markers"
+    assert copy == reference.reference(), "the recipe reference is stale: python scripts/recipe_reference.py --write"
     for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
                   "tracking.promotion.metric"):
         assert f"| `{field}` |" in copy

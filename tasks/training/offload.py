@@ -18,6 +18,29 @@ _OFFLOAD_STATE: dict = {}  # CUDA device -> (copy stream, pinned byte buffers fr
 _OFFLOAD_LOCK = threading.Lock()  # packs run on the training thread, unpacks on autograd's device thread
 
 
+def _side_stream_and_pool(device):
+    """The device's side stream for every offload copy, and its pool of free pinned buffers."""
+    import torch
+
+    with _OFFLOAD_LOCK:
+        if device not in _OFFLOAD_STATE:
+            with torch.cuda.device(device):
+                _OFFLOAD_STATE[device] = (torch.cuda.Stream(), [])
+        return _OFFLOAD_STATE[device]
+
+
+def _fetch(item) -> None:
+    """An offloaded tensor's copy back to its GPU, queued on the side stream (once)."""
+    import torch
+
+    if item.gpu is None:
+        stream, _ = _side_stream_and_pool(item.device)
+        with torch.cuda.stream(stream):
+            item.gpu = torch.empty(item.cpu.shape, dtype=item.cpu.dtype, device=item.device)
+            item.gpu.copy_(item.cpu, non_blocking=True)
+            item.ready = stream.record_event()
+
+
 def offload_to_cpu(min_bytes: int = 2**20):
     """Saved-for-backward tensors (with checkpointing: each layer's input) kept in pinned CPU memory,
     without stalling the GPU or the CPU. torch's save_on_cpu copies on the compute stream and waits for
@@ -31,21 +54,7 @@ def offload_to_cpu(min_bytes: int = 2**20):
     import torch
 
     saved: list = []  # in the order saved; backward unpacks them roughly in reverse
-
-    def state(device):
-        with _OFFLOAD_LOCK:
-            if device not in _OFFLOAD_STATE:
-                with torch.cuda.device(device):
-                    _OFFLOAD_STATE[device] = (torch.cuda.Stream(), [])
-            return _OFFLOAD_STATE[device]
-
-    def fetch(item):
-        if item.gpu is None:
-            stream, _ = state(item.device)
-            with torch.cuda.stream(stream):
-                item.gpu = torch.empty(item.cpu.shape, dtype=item.cpu.dtype, device=item.device)
-                item.gpu.copy_(item.cpu, non_blocking=True)
-                item.ready = stream.record_event()
+    state, fetch = _side_stream_and_pool, _fetch
 
     def pack(tensor):
         nbytes = tensor.numel() * tensor.element_size()
