@@ -25,7 +25,8 @@ from qlora.tasks.package import base_reference, package
 from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from qlora.tasks.stage import materializing
 from qlora.tasks.store import dir_size, hash_value
-from qlora.tasks.train import check_memory_budget, train
+from qlora.tasks.train import train
+from qlora.tasks.training.plan import check_memory_budget
 
 if TYPE_CHECKING:
     import pandas as pd

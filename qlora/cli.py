@@ -226,7 +226,7 @@ def validate(recipe: Recipe) -> dict:
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
     info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
-    from qlora.tasks.train import check_memory_budget, training_processes
+    from qlora.tasks.training.plan import check_memory_budget, training_processes
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
     strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import collections
 import json
-import warnings
 from pathlib import Path
 from typing import Callable
 
-from qlora.tasks.training import loading
 from qlora.tasks.training import trainer
 from qlora.runtime.secrets import redact_text
 from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.stage import run_logger, stage
-from qlora.tasks.training import distributed, kernels, memory
+from qlora.tasks.training import distributed, memory, plan
 
 
 @stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint", "launch"))
@@ -37,26 +35,10 @@ def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: Lor
             "tracking_uri": tracking_uri}
     launch = launch or DistributedSection()
     spec.update(strategy=launch.strategy, cpu_offload=launch.cpu_offload)
-    processes = training_processes(launch) // launch.nnodes
+    processes = plan.training_processes(launch) // launch.nnodes
     if processes * launch.nnodes == 1:
         return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)
     return train_with_torchrun(spec, out, scratch, launch, processes)
-
-
-def training_processes(launch: DistributedSection) -> int:
-    """How many processes train in all (the world size); more processes per node than its visible
-    GPUs is a recipe error."""
-    if launch.strategy == "none":
-        return 1
-    try:
-        processes = distributed.processes_per_node(launch.nproc_per_node) * launch.nnodes
-    except ValueError as e:
-        raise RecipeError(str(e), "distributed.nproc_per_node", hint="auto: one process per visible GPU") from None
-    missing = distributed.missing_backend() if processes > 1 else None
-    if missing:
-        raise RecipeError(f"{processes} processes need {missing}, which this torch build lacks", "distributed.strategy",
-                          hint="set distributed.strategy: none, or install a torch build with it")
-    return processes
 
 
 def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: DistributedSection, processes: int) -> dict:
@@ -102,7 +84,6 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
     raise RuntimeError(f"torchrun exited with code {code} and no result; its last lines:\n" + "\n".join(last_lines))
 
 
-
 def _raise_worker_error(scratch: Path, code: int) -> None:
     """A worker's own error (one line, as in one process), or a stop by signal."""
     from qlora.runtime import signals
@@ -117,31 +98,4 @@ def _raise_worker_error(scratch: Path, code: int) -> None:
     if signals.stop_requested():
         signals.raise_if_requested()
 
-
-def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
-                        max_length: int | None, causal: bool, trust_remote_code: bool = False,
-                        launch: DistributedSection | None = None, with_estimate: bool = False,
-                        dropout: bool = False) -> dict | None:
-    """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
-    small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
-    with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget. The
-    world size is resolved only past that point: counting GPUs imports torch, which an unchanged
-    re-run without a budget never needs."""
-    if cfg.max_memory_gib is None and not with_estimate:
-        return None
-    launch = launch or DistributedSection()
-    processes = training_processes(launch)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    dev = loading.device()
-    with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
-        warnings.simplefilter("ignore")
-        liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
-    world = distributed.World(0, processes)
-    strategy = trainer.training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev,
-                                         dropout)
-    plan = trainer.memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
-                               sharded=strategy == "fsdp", dropout=dropout)
-    return {**plan, "strategy": strategy}
 

@@ -330,7 +330,7 @@ def test_a_rendezvous_no_other_node_reaches_fails_in_bounded_time(prepared, tmp_
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch):
-    from qlora.tasks.train import training_processes
+    from qlora.tasks.training.plan import training_processes
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -374,7 +374,7 @@ def test_a_failed_rank_aborts_the_group_instead_of_waiting_for_it(monkeypatch):
 def test_the_memory_check_without_a_budget_counts_no_gpus():
     """Counting GPUs imports torch (over a second): the flow's memory check runs on every re-run, and
     without a budget it must not pay that (an unchanged re-run never imports torch otherwise)."""
-    code = ("import sys; from qlora.tasks.recipe import *; from qlora.tasks.train import check_memory_budget; "
+    code = ("import sys; from qlora.tasks.recipe import *; from qlora.tasks.training.plan import check_memory_budget; "
             "assert check_memory_budget('unread', TrainSection(), QuantizationSection(), {}, None, False, "
             "launch=DistributedSection()) is None; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
@@ -389,7 +389,7 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
 
     from test_fast_paths import _llama
     from qlora.tasks.recipe import QuantizationSection, TrainSection
-    from qlora.tasks.training.trainer import training_strategy
+    from qlora.tasks.training.plan import training_strategy
     from qlora.tasks.training.distributed import World
 
     config, gpu = _llama("70b"), SimpleNamespace(type="cuda")

@@ -29,7 +29,7 @@ from qlora.tasks.measure import training_state_bytes
 from qlora.runtime.progress import bar as progress_bar
 from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.tracking import Tracker
-from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, step as steps
+from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, plan, step as steps
 from qlora.tasks.training.collection import StepCollection
 from qlora.tasks.training.distributed import World
 from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
@@ -393,61 +393,6 @@ def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
     return max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
 
 
-def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
-                fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False,
-                dropout: bool = False) -> dict:
-    """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
-    own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
-    fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
-    the whole model and its share of each step's examples (its gradients are averaged in place);
-    sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole.
-    dropout: LoRA dropout is on (layers not checkpointed keep each adapter's dropped input)."""
-    recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-                   "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
-    if cfg.max_memory_gib is None and not with_estimate:
-        return recipe_plan
-    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
-    seq = max_length or getattr(config, "max_position_embeddings", 512)
-    shards = processes if sharded else None
-
-    layers = memory.layer_count(config)
-
-    def estimate(micro: int, checkpointed: int, offload: bool) -> int:
-        return memory.estimate_memory(
-            config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
-            gradient_checkpointing=checkpointed > 0, checkpointed_layers=checkpointed, offload=offload,
-            fused_ce=fused_ce, causal=causal, shards=shards, dropout=dropout)["peak"]
-    if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
-        peak = estimate(cfg.per_device_train_batch_size, layers if cfg.gradient_checkpointing else 0,
-                        cfg.offload_activations)
-        return {**recipe_plan, "estimated_peak_gib": round(peak / memory.GIB, 2)}
-    examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    try:
-        return memory.plan_memory(cfg.max_memory_gib, math.ceil(examples_per_step / processes), estimate, layers,
-                                  allow_offload=dev.type == "cuda")
-    except ValueError as e:
-        raise RecipeError(str(e), "train.max_memory_gib",
-                          hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
-
-
-def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: dict,
-                      max_length: int | None, causal: bool, fused_ce: bool, dev, dropout: bool = False) -> str:
-    """distributed.strategy for this run (tasks.training.fsdp.choose_strategy). auto: DDP when every
-    GPU can hold the whole model and its training state, by the memory estimate of the DDP plan
-    against the budget (train.max_memory_gib) or, without one, the GPU's memory; else FSDP."""
-    fits = True
-    if world.distributed and requested == "auto" and dev.type == "cuda":
-        import torch
-
-        try:
-            plan = memory_plan(config, cfg, q, lora, max_length, causal, fused_ce, dev, world.size, with_estimate=True,
-                               dropout=dropout)
-            fits = plan["estimated_peak_gib"] * memory.GIB <= torch.cuda.get_device_properties(dev).total_memory
-        except RecipeError:  # no DDP plan fits the budget
-            fits = False
-    return fsdp.choose_strategy(requested, world, fits)
-
-
 def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
                  on_checkpoint: Callable[[int], None] | None = None, warn: Callable[[str], None] = print) -> dict:
     """One training run from its spec (the train stage's inputs, as JSON-able values): in the stage's
@@ -465,10 +410,10 @@ def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
     config = AutoConfig.from_pretrained(loading.quantized_path(quantized))
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
-    run.strategy = training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
+    run.strategy = plan.training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
                                      run.causal, fast["liger"], run.dev, dropout)
     run.cpu_offload = bool(spec.get("cpu_offload"))
-    run.plan = memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
+    run.plan = plan.memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
                            sharded=run.sharded, dropout=dropout)
     free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
 
