@@ -78,9 +78,8 @@ def pinned(recipe: Recipe, promote: bool) -> dict:
 def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None, interval: float | None,
            pool: str | None, promote: bool = True, limit: int = 1) -> str | None:
     """Serve (blocks until interrupted) or register with a work pool (returns the deployment id)."""
-    from qlora.tasks.evaluate import check_promotion
-
     from qlora.flows.finetune import finetune
+    from qlora.tasks.evaluate import check_promotion
 
     check_schedule(cron, interval)
     raw = pinned(recipe, promote)

@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from qlora.flows.finetune import finetune
-from qlora.tasks import tracking
 from qlora.runtime import secrets
+from qlora.tasks import tracking
 from qlora.tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
 
 METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",

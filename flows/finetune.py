@@ -12,20 +12,19 @@ from typing import TYPE_CHECKING, Any, Optional
 from prefect import flow
 from prefect.runtime import flow_run
 
-from qlora.runtime import signals
-from qlora.runtime import secrets
+from qlora.runtime import secrets, signals
 from qlora.tasks import lineage, tracking
 from qlora.tasks.comparison import comparison_table
 from qlora.tasks.data import describe_source, load, split, tokenize
 from qlora.tasks.evaluate import check_metrics, evaluate_model
 from qlora.tasks.merge import VARIANT_OF, merge
 from qlora.tasks.model import convert_gguf, converted, plan_lora, quantize, resolve_model
-from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.package import base_reference, package
 from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from qlora.tasks.stage import materializing
 from qlora.tasks.store import dir_size, hash_value
 from qlora.tasks.train import train
+from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.training.plan import check_memory_budget
 
 if TYPE_CHECKING:

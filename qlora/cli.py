@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.servers import free_port, logged_process, wait_healthy
 from qlora.runtime import signals
 from qlora.runtime.errors import RecipeError
 from qlora.runtime.secrets import redact, redact_text
 from qlora.runtime.startup import collector_paused, thaw
+from qlora.servers import free_port, logged_process, wait_healthy
 from qlora.tasks.training.memory import OutOfMemory
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class TemporaryPrefectServer:
         import prefect.artifacts  # noqa: F401
         import prefect.flow_engine  # noqa: F401
         import prefect.task_engine  # noqa: F401
+
         from qlora.tasks.tracking import import_mlflow
 
         import_mlflow()  # the flow's first MLflow write would import it otherwise

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora.tasks.recipe import RecipeError
-
 from qlora.tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
+from qlora.tasks.recipe import RecipeError
 
 
 def client(uri: str):

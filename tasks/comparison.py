@@ -116,7 +116,6 @@ def load_comparison(client, run_id: str) -> pd.DataFrame:
     import tempfile
 
     import pandas as pd
-
     from mlflow.exceptions import MlflowException
 
     try:

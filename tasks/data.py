@@ -241,6 +241,7 @@ def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.Data
 
 def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
     import datasets
+
     from qlora.tasks.hub import hub_error
 
     try:

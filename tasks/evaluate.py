@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlora.tasks.training import loading
-from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
-from qlora.tasks.stage import stage
 from qlora.tasks.batches import collate, pad_token_id
 from qlora.tasks.inference import lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
+from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
+from qlora.tasks.stage import stage
+from qlora.tasks.training import loading
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd

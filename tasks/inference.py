@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlora.tasks.batches import collate, collate_lm
 from qlora.runtime.progress import bar as progress_bar
+from qlora.tasks.batches import collate, collate_lm
 
 if TYPE_CHECKING:
     import torch

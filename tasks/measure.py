@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+
 def _release_free_memory() -> None:
     """Hand memory freed by earlier work back to the OS (glibc malloc_trim), so that resident memory
     measures what is live: two trainings in one process then measure alike."""

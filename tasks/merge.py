@@ -11,10 +11,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-
-from qlora.tasks.training import loading
 from qlora.tasks.recipe import QuantizationSection
 from qlora.tasks.stage import stage
+from qlora.tasks.training import loading
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch

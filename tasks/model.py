@@ -10,7 +10,17 @@ from pathlib import Path
 from qlora.tasks import store
 from qlora.tasks.recipe import LoraSection, ModelSection, QuantizationSection, RecipeError
 from qlora.tasks.stage import stage
-from qlora.tasks.training.loading import bnb_config, CAUSAL, copy_tokenizer, device, dtype_of, load_model, OUTPUT_HEADS, skeleton, TOKENIZER_FILES
+from qlora.tasks.training.loading import (
+    CAUSAL,
+    OUTPUT_HEADS,
+    TOKENIZER_FILES,
+    bnb_config,
+    copy_tokenizer,
+    device,
+    dtype_of,
+    load_model,
+    skeleton,
+)
 from qlora.tasks.training.lora import lora_config
 
 log = logging.getLogger("qlora")

@@ -17,9 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
-from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.recipe import ModelSection
 from qlora.tasks.stage import stage
+from qlora.tasks.training.loading import CAUSAL
 
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What can you help me with?"}], "max_tokens": 64}
 CLASSIFY_EXAMPLE = ["An example text to classify."]

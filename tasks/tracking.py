@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from qlora.tasks.recipe import Recipe, RecipeError, flatten
 from qlora.runtime.secrets import redact, redact_text
+from qlora.tasks.recipe import Recipe, RecipeError, flatten
 
 log = logging.getLogger("qlora")
 

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from qlora.tasks.training import trainer
 from qlora.runtime.secrets import redact_text
 from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.stage import run_logger, stage
-from qlora.tasks.training import distributed, memory, plan
+from qlora.tasks.training import distributed, memory, plan, trainer
 
 
 @stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint", "launch"))

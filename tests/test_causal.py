@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import minilm_dir, serve_and_invoke, write_recipe
 
-from conftest import serve_and_invoke, minilm_dir, write_recipe
+from qlora.tasks.batches import collate_lm, pack
 from qlora.tasks.data import _tokenize_causal, check_data, render_prompt
 from qlora.tasks.model import check_gguf, resolve_model
 from qlora.tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
-from qlora.tasks.batches import collate_lm, pack
 
 REPO = Path(__file__).resolve().parent.parent
 

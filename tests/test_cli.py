@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import small_recipe, write_recipe
+
 from qlora.cli import EXIT_USER_ERROR, main
 from qlora.tasks.recipe import QuantizationSection, RecipeError
 
@@ -70,11 +70,11 @@ def test_a_rerun_reads_its_data_once(project, monkeypatch):
     """Once the load stage holds this data's content, the preflight takes its checks from there (an
     unchanged re-run does not read and clean the data before the flow takes it from the cache); a
     changed file, or another data section, is read and checked again."""
+    import shutil
+
     import qlora.tasks.data
     from qlora.cli import data_already_loaded, preflight
     from qlora.tasks.recipe import recipe_from_dict
-
-    import shutil
 
     corpus = shutil.copytree(small_recipe()["data"]["path"], project / "reviews")
     r = recipe_from_dict({**small_recipe(), "data": {**small_recipe()["data"], "path": str(corpus)}})

@@ -7,8 +7,8 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import minilm_dir
+
 from qlora.tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
 from qlora.tasks.model import resolve_model
 from qlora.tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection

@@ -8,16 +8,15 @@ import contextlib
 import json
 import os
 import signal
-import uuid
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import labelled_corpus, small_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_dir, small_recipe, stages_before_training
 from safetensors.torch import load_file
 
-from conftest import minilm_dir, small_recipe, stages_before_training
 from qlora.tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
 from qlora.tasks.train import train
 from qlora.tasks.training.kernels import can_compile
@@ -263,6 +263,7 @@ def test_validate_prints_the_distributed_plan(project, capsys):
     """`qlora validate` says how training would spread: strategy, processes, nodes, and the memory
     plan with its per-GPU estimate; a bad section is one line and exit 2."""
     from conftest import write_recipe
+
     from qlora.cli import main
 
     recipe = write_recipe(project / "r.yaml", small_recipe())
@@ -388,9 +389,10 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
     from types import SimpleNamespace
 
     from test_fast_paths import _llama
+
     from qlora.tasks.recipe import QuantizationSection, TrainSection
-    from qlora.tasks.training.plan import training_strategy
     from qlora.tasks.training.distributed import World
+    from qlora.tasks.training.plan import training_strategy
 
     config, gpu = _llama("70b"), SimpleNamespace(type="cuda")
     lora = {"trainable_params": 207_093_760}

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import small_recipe, write_recipe
+
 from qlora.flows.experiments import expand_grid, method_recipes
 from qlora.tasks.recipe import RecipeError, recipe_from_dict
 

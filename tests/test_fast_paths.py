@@ -10,11 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import minilm_dir, small_recipe, stages_before_training, write_recipe
+
 from qlora.tasks.batches import collate_lm
 from qlora.tasks.training.fused_lora import _dense_weight, fuse_lora_layers
-from qlora.tasks.training.kernels import attention_implementation, can_compile, compile_layers, liger_kernels, liger_layer_kernels, use_compile, use_liger
+from qlora.tasks.training.kernels import (
+    attention_implementation,
+    can_compile,
+    compile_layers,
+    liger_kernels,
+    liger_layer_kernels,
+    use_compile,
+    use_liger,
+)
 from qlora.tasks.training.lora import model_for_training
 from qlora.tasks.training.memory import GIB, _shape, estimate_memory, plan_memory
 from qlora.tasks.training.optimizer import flatten_parameters
@@ -187,8 +195,13 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
     weights and optimizer state into the flattened model."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from qlora.tasks.training.checkpoint import (apply_checkpoint, optimizer_state_by_name, read_checkpoint,
-                                           save_checkpoint, training_state)
+    from qlora.tasks.training.checkpoint import (
+        apply_checkpoint,
+        optimizer_state_by_name,
+        read_checkpoint,
+        save_checkpoint,
+        training_state,
+    )
 
     per_weight, per_weight_optimizer = _train_steps(flat=False)
     model, optimizer = _train_steps(flat=True)
@@ -681,7 +694,6 @@ def test_compiled_layers_keep_no_dequantized_weight_for_backward(tmp_path):
     """The fused layer dequantizes in forward and again in backward; a compiler that merged the two
     would keep every dense weight alive until backward (on a 7B model, 0.36 GiB a layer)."""
     import bitsandbytes as bnb
-
     import torch._dynamo
 
     torch._dynamo.reset()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import MINILM, write_recipe
+
 from qlora.cli import EXIT_USER_ERROR, main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import small_recipe, write_recipe
 
 pytestmark = pytest.mark.slow

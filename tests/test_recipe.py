@@ -112,8 +112,8 @@ def test_the_recipe_reference_page_is_the_generated_one():
     for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
                   "tracking.promotion.metric"):
         assert f"| `{field}` |" in copy
-    from qlora.tasks.training.loading import NOT_QUANTIZED
     from qlora.tasks.recipe import QuantizationSection
+    from qlora.tasks.training.loading import NOT_QUANTIZED
 
     skip = QuantizationSection.model_fields["llm_int8_skip_modules"].description
     assert all(name in skip for name in NOT_QUANTIZED), skip

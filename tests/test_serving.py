@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REVIEW_LABELS, minilm_dir, serve_and_invoke, small_recipe, write_recipe
 
 pytestmark = pytest.mark.slow

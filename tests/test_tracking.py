@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
-
 from conftest import small_recipe
+
+import mlflow
 from qlora.tasks import tracking
 from qlora.tasks.recipe import RecipeError, recipe_from_dict
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_recipe, stages_before_training
 from safetensors.torch import load_file
 
-from conftest import small_recipe, stages_before_training
+from qlora.tasks.batches import batch_order
 from qlora.tasks.merge import merge
 from qlora.tasks.model import plan_lora, quantize
-from qlora.tasks.training.loading import load_base
 from qlora.tasks.recipe import LoraSection, RecipeError, recipe_from_dict
-from qlora.tasks.batches import batch_order
 from qlora.tasks.train import train
+from qlora.tasks.training.loading import load_base
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +241,8 @@ def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_pa
 def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
     """A mid-training evaluation (eval mode, no grad) must not switch 4-bit layers to an inference
     kernel: afterwards the first layer's LoRA weights still get gradients."""
-    from qlora.tasks.training.lora import model_for_training
     from qlora.tasks.batches import collate
+    from qlora.tasks.training.lora import model_for_training
 
     r = prepared["recipe"]
     model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization),

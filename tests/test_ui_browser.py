@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import small_recipe, write_recipe
 from test_deploy import _cli, _mlflow_run_of, prefect_api, running_servers
 

@@ -2,6 +2,7 @@
 to train (only adapters and heads trainable, in float32; the base in its compute dtype).
 """
 from __future__ import annotations
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

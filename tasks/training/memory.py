@@ -3,7 +3,6 @@ the fastest plan (micro-batch, checkpointing, offload) that fits a budget.
 """
 from __future__ import annotations
 
-
 GIB = 2**30
 
 

@@ -21,15 +21,16 @@ from typing import Callable
 
 import numpy as np
 
-from qlora.tasks.training import loading
 from qlora.runtime import signals
+from qlora.runtime.progress import bar as progress_bar
 from qlora.tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
 from qlora.tasks.inference import accuracy, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
-from qlora.runtime.progress import bar as progress_bar
 from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.tracking import Tracker
-from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, memory, optimizer as optimizers, plan, step as steps
+from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, loading, memory, plan
+from qlora.tasks.training import optimizer as optimizers
+from qlora.tasks.training import step as steps
 from qlora.tasks.training.collection import StepCollection
 from qlora.tasks.training.distributed import World
 from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
