@@ -100,10 +100,13 @@ def load_predictor(directory: Path):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from qlora.tasks.store import PACKAGE_PREFIX, resolve_location
         from qlora.tasks.training.loading import load_model
 
         config = json.loads((directory / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
+        if base and base.startswith(PACKAGE_PREFIX):  # a base inside a package: found where it is installed here
+            base = str(resolve_location(base, "--variant"))
         local = bool(base) and (base.startswith(("/", ".", "~")) or Path(base).exists())
         if not base or (local and not Path(base).expanduser().exists()):
             raise RecipeError(f"the adapter's base model {base!r} is not on this machine", "--variant",
@@ -201,7 +204,7 @@ def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Pa
                               hint="export it with --format hf")
         card = (directory / "model_card.md").read_text() if (directory / "model_card.md").is_file() else None
         if fmt == "hf":
-            return export_hf(weights, tokenizer, out, card)
+            return export_hf(weights, tokenizer, out, card, _is_causal(directory))
         out.parent.mkdir(parents=True, exist_ok=True)
         return export_gguf(weights, tokenizer, out, quant, name=source)
 

@@ -15,16 +15,29 @@ GGUF_ARCHITECTURES = {"llama": "llama"}  # transformers model_type -> GGUF archi
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, card: str | None) -> Path:
-    """One folder that plain transformers loads: weights, config, tokenizer, the model card."""
+def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, card: str | None, causal: bool = False) -> Path:
+    """One folder that plain transformers loads: weights, config, tokenizer, and a model card of its own
+    (the MLflow model's provenance and metrics; how to load this folder, not the MLflow model)."""
     out.mkdir(parents=True, exist_ok=True)
     for folder in (model_dir, tokenizer_dir):
         for path in folder.iterdir():
             if path.is_file():
                 shutil.copy2(path, out / path.name)
     if card:
-        (out / "README.md").write_text(card)
+        (out / "README.md").write_text(folder_card(card, causal))
     return out
+
+
+def folder_card(card: str, causal: bool) -> str:
+    """The model card of an exported folder: what the MLflow model's card says of the model, its
+    "Load it" section replaced by plain transformers loading this folder."""
+    head = card.split("\n## Load it", 1)[0].rstrip()
+    cls = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    return "\n".join([head, "", "## Load it", "",
+                      "A plain transformers checkpoint: weights (safetensors), config and tokenizer in this folder.", "",
+                      "```python", f"from transformers import {cls}, AutoTokenizer", "",
+                      f"model = {cls}.from_pretrained(\".\")  # this folder",
+                      "tokenizer = AutoTokenizer.from_pretrained(\".\")", "```", ""])
 
 
 def _permute(weights, n_head: int):

