@@ -146,7 +146,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     work = tmp_path / "stopped"
     script = (
         "import json, sys\n"
-        "from qlora.tasks import signals\n"
+        "from qlora.runtime import signals\n"
         "from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, TrainSection\n"
         "from qlora.tasks.train import train\n"
         "signals.install()\n"

@@ -609,7 +609,9 @@ def test_compiled_layers_compute_what_eager_layers_compute(tmp_path, layers):
 def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
     """bf16 compute: Inductor would keep float32 inside its fused kernels where the eager layers round
     to bf16 (RMSNorm, SwiGLU); the compiled layers emulate those casts, so they stay at the eager
-    loss (measured: 3e-6 apart with the emulation, 2e-4 without) and gradients (4.6e-3 vs 8.2e-3)."""
+    loss and gradients (4.6e-3 vs 8.2e-3). The loss measured 3e-6 apart with the emulation and 2e-4
+    without on 2026-11-30; on a fresh install on 2026-12-06 (torch 2.13.0, transformers 5.20-5.24
+    alike) 3.9e-5 with it and 1.9e-4 without: the bound sits between the two."""
     import torch._dynamo
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -635,7 +637,7 @@ def test_compiled_layers_round_to_bf16_where_eager_layers_do(tmp_path):
                                          torch.device("cpu"), "bfloat16", False)
         results[compiled] = float(loss), {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n}
     (eager_loss, eager), (loss, grads) = results[False], results[True]
-    assert abs(loss - eager_loss) < 2e-5, (loss, eager_loss)
+    assert abs(loss - eager_loss) < 8e-5, (loss, eager_loss)
     diff = sum(float((grads[n] - eager[n]).norm()) ** 2 for n in eager) ** 0.5
     assert diff / sum(float(g.norm()) ** 2 for g in eager.values()) ** 0.5 < 6e-3
 
