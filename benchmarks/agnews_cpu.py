@@ -48,10 +48,15 @@ def qlora_run(project: Path, data: Path, *overrides: str) -> tuple[dict, float]:
 
 def direct(recipe_path: str, overrides: list[str]) -> None:
     """The same stages as the flow, called as plain functions: no Prefect, no MLflow."""
-    from qlora.tasks.data import describe_source, load, split, tokenize
+    from qlora.tasks.data import describe_source
+    from qlora.tasks.load import load
+    from qlora.tasks.split import split
+    from qlora.tasks.tokenize import tokenize
     from qlora.tasks.evaluate import evaluate_model
     from qlora.tasks.merge import merge
-    from qlora.tasks.model import plan_lora, quantize, resolve_model
+    from qlora.tasks.lora_plan import plan_lora
+    from qlora.tasks.model import resolve_model
+    from qlora.tasks.quantize import quantize
     from qlora.tasks.recipe import load_recipe
     from qlora.tasks.train import train
 
@@ -60,9 +65,9 @@ def direct(recipe_path: str, overrides: list[str]) -> None:
     model = resolve_model(r.model)
     loaded = load.fn(describe_source(r.data), r.data, r.model.labels, work_dir=w)
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=w)
-    tok = tokenize.fn(splits, model["tokenizer"], r.tokenize, work_dir=w)
-    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, work_dir=w)
-    lora = plan_lora.fn(model, r.lora, loaded["label_names"], work_dir=w)
+    tok = tokenize.fn(splits, model.tokenizer, r.tokenize, work_dir=w)
+    quantized = quantize.fn(model, r.quantization, loaded.label_names, r.train.seed, work_dir=w)
+    lora = plan_lora.fn(model, r.lora, loaded.label_names, work_dir=w)
     trained = train.fn(tok, quantized, lora, r.lora, r.quantization, r.train, work_dir=w)
     evaluated = evaluate_model.fn(trained, tok, quantized, r.quantization, r.evaluate,
                                   r.train.per_device_eval_batch_size, work_dir=w)
@@ -73,7 +78,7 @@ def direct(recipe_path: str, overrides: list[str]) -> None:
             merged = merge.fn(trained, quantized, r.quantization, strategy, r.merge.dtype, work_dir=w)
             evaluate_model.fn(merged, tok, quantized, r.quantization, r.evaluate, r.train.per_device_eval_batch_size,
                               work_dir=w)
-    print("DIRECT", json.dumps({"accuracy": evaluated["metrics"]["accuracy"]}))
+    print("DIRECT", json.dumps({"accuracy": evaluated.metrics["accuracy"]}))
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ def main() -> None:
     rows = []
     for name, s in (("packed", packed), ("padded", padded)):
         t, m, b = s["train"], s["test_metrics"], s["base_test_metrics"]
-        rows.append((name, t["steps"], t["train_samples"] / t["steps"], t["train_runtime_s"], t["tokens_per_s"],
+        rows.append((name, t.steps, t.train_samples / t.steps, t.train_runtime_s, t.tokens_per_s,
                      b["loss"], m["loss"], b["rougeL"], m["rougeL"]))
     print(f"\nchat-smollm2 on CPU ({os.cpu_count()} cores), {args.train_rows} training pairs, {args.epochs} epoch(s)")
     print(f"{'run':<8}{'steps':>7}{'ex/step':>8}{'train s':>9}{'tokens/s':>10}{'loss before':>13}{'loss after':>12}"

@@ -94,9 +94,10 @@ def worker(args) -> None:
         scope.enter_context(liger_kernels(base, liger_layer_kernels(compiled)))
     from types import SimpleNamespace
 
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
-                                          if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
+    from qlora.tasks.results import LoraPlan
+
+    resolved = LoraPlan.uncounted("causal-lm", sorted({n.split(".")[-1] for n, m in base.named_modules()
+                                                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}))
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
                                lora_dropout=0.0)  # no dropout: the runs draw no masks and compare step by step
     torch.manual_seed(0)

@@ -281,9 +281,9 @@ def run_pipeline(args) -> dict:
     scope = contextlib.ExitStack()  # held to the end of the run (closing it undoes Liger's module-level patches)
     if liger:
         scope.enter_context(liger_kernels(base, liger_layers(options, compiled)))
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": sorted({n.split(".")[-1] for n, m in base.named_modules()
-                                          if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})}
+    from qlora.tasks.results import LoraPlan
+    resolved = LoraPlan.uncounted("causal-lm", sorted({n.split(".")[-1] for n, m in base.named_modules()
+                                                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}))
     from types import SimpleNamespace
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
@@ -461,8 +461,8 @@ def check(trials: int = 3) -> dict:
     dev = torch.device("cuda")
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
                                lora_dropout=0.0)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    from qlora.tasks.results import LoraPlan
+    resolved = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])
     # The paths the train stage takes (each must stay within the bound), then the parts and the
     # alternatives it does not take, measured for the record (why the stage takes what it takes).
     fast_paths = {"fused LoRA (train.kernels: none, compile: false)": {"fused"},
@@ -498,7 +498,7 @@ def check(trials: int = 3) -> dict:
             base = load_quantized(path, dtype="float32" if name == "float32" else "bfloat16")
             if opts is None:  # float32, and the tutorial's upcast: peft on prepare_model_for_kbit_training
                 model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=True),
-                                       lora_config(resolved, lora_cfg))
+                                       lora_config(resolved.task, resolved.target_modules, resolved.modules_to_save, lora_cfg))
             else:
                 compiled = "compile" in opts and use_compile("auto", dev)
                 wants_liger = any(o.split(":")[0] == "liger" for o in opts)

@@ -45,8 +45,8 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
 
     lora = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=64, lora_alpha=128,
                            lora_dropout=0.05)
-    resolved = {"task": "causal-lm", "modules_to_save": [],
-                "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+    from qlora.tasks.results import LoraPlan
+    resolved = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])
     model = model_for_training(base, resolved, lora, True, True)
     if variant != "peft":
         fuse_lora_layers(model)

@@ -15,14 +15,21 @@ from prefect.runtime import flow_run
 from qlora.runtime import secrets, signals
 from qlora.tasks import lineage, tracking
 from qlora.tasks.comparison import comparison_table
-from qlora.tasks.data import describe_source, load, split, tokenize
+from qlora.tasks.convert import convert_gguf
+from qlora.tasks.data import describe_source
 from qlora.tasks.evaluate import check_metrics, evaluate_model
+from qlora.tasks.load import load
+from qlora.tasks.lora_plan import plan_lora
 from qlora.tasks.merge import VARIANT_OF, merge
-from qlora.tasks.model import convert_gguf, converted, plan_lora, quantize, resolve_model
+from qlora.tasks.model import resolve_model
 from qlora.tasks.package import base_reference, package
+from qlora.tasks.quantize import quantize
 from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from qlora.tasks.results import BaseModelFiles, DataSource, Evaluated, Merged, StageResult, Trained, UntrainedBase
+from qlora.tasks.split import split
 from qlora.tasks.stage import materializing
 from qlora.tasks.store import dir_size, hash_value
+from qlora.tasks.tokenize import tokenize
 from qlora.tasks.train import train
 from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.training.plan import check_memory_budget
@@ -44,16 +51,16 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     check_metrics(r.evaluate, r.model.task)
     model = original = resolve_model(r.model)
-    if "gguf" in model:  # dequantized once into a cached 16-bit model directory
-        model = converted(run(convert_gguf, model))
+    if model.gguf:  # dequantized once into a cached 16-bit model directory
+        model = run(convert_gguf, model).as_base()
     source = describe_source(r.data)
     loaded = run(load, source, r.data, r.model.labels, r.prompt.columns if causal else None, asset="dataset")
-    labels = loaded["label_names"]
+    labels = loaded.label_names
     splits = run(split, loaded, r.split, r.data.sample)
-    tokenized = run(tokenize, splits, model["tokenizer"], r.tokenize, r.prompt if causal else None,
+    tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None,
                     asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
-    check_memory_budget(model["path"], r.train, r.quantization, lora, r.tokenize.max_length, causal,
+    check_memory_budget(model.path, r.train, r.quantization, lora, r.tokenize.max_length, causal,
                         r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds). Not earlier: a failing recipe leaves no store.
@@ -63,11 +70,11 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
 
     key = recipe_key(r, source, model)
     with mlflow_run(r, key, uri, parent_run_id) as record:
-        record.inputs(recipe_file, loaded, splits, tokenized, lora, source_uri(source))
+        record.inputs(recipe_file, loaded, splits, tokenized, lora, source.uri())
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size)
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
-            record.evaluation(run(evaluate_model, {"hash": f"base-{quantized['hash']}", "base": True}, **evaluate,
+            record.evaluation(run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
                                   label="evaluate-base"), "base")
         trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r), run_id=record.run_id,
                       tracking_uri=uri, asset="adapter" if r.lora.enabled else "model", upstream=("tokenized",))
@@ -88,7 +95,7 @@ def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, p
             record.register(trained, merged)
         if merged is not None and r.merge.compare:
             record.comparison(compare_variants(run, r, trained, evaluated, merged, merged_eval, evaluate),
-                              Path(merged_eval["dir"]))
+                              Path(merged_eval.dir))
         if r.tracking.promotion.enabled:
             record.promote()
         return record.finish(run.lineage, run.seconds, key)
@@ -139,11 +146,11 @@ def _recipe(recipe: dict | None, recipe_file: str | None, overrides: list[str] |
     return recipe_from_dict(apply_overrides(raw, overrides) if overrides else raw, recipe_file)
 
 
-def recipe_key(recipe: Recipe, source: dict, model: dict) -> str:
+def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
     fields = recipe.model_dump(mode="json", exclude={"tracking": True, "work_dir": True, "description": True,
                                                      "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
-    return hash_value({"recipe": fields, "data": source["hash"], "model": model["hash"]})
+    return hash_value({"recipe": fields, "data": source.hash, "model": model.hash})
 
 
 class StageRunner:
@@ -156,7 +163,7 @@ class StageRunner:
         self.lineage: list[dict] = []
 
     def __call__(self, stage_task, *args, label: str | None = None, asset: str | None = None,
-                 upstream: tuple[str, ...] = (), **kwargs) -> dict:
+                 upstream: tuple[str, ...] = (), **kwargs) -> StageResult:
         start = time.perf_counter()
         if label:
             stage_task = stage_task.with_options(task_run_name=label)
@@ -167,42 +174,34 @@ class StageRunner:
         result = state.result()  # re-raises the task's exception
         name = label or stage_task.name
         self.seconds[name] = round(time.perf_counter() - start, 3)
-        self.lineage.append({"stage": name, "key": result["hash"],
-                             "cached": state.name == "Cached" or bool(result.get("cache_hit")),
-                             "built_by_flow_run": result.get("built_by_flow_run")})
+        self.lineage.append({"stage": name, "key": result.hash, "cached": state.name == "Cached" or result.cache_hit,
+                             "built_by_flow_run": result.built_by_flow_run})
         return result
 
 
-def compare_variants(run: StageRunner, r: Recipe, trained: dict, evaluated: dict, merged: dict, merged_eval: dict,
-                     evaluate: dict) -> pd.DataFrame:
+def compare_variants(run: StageRunner, r: Recipe, trained: Trained, evaluated: Evaluated, merged: Merged,
+                     merged_eval: Evaluated, evaluate: dict) -> pd.DataFrame:
     """Build and evaluate the merge variants not built yet; tabulate all four against the adapter."""
     quantized = evaluate["quantized"]
-    adapter_bytes = dir_size(Path(trained["dir"]) / trained["adapter"])
-    base_bytes = quantized.get("size_bytes") or dir_size(quantized["original_path"])
-    evaluations = {"adapter": evaluated, merged["variant"]: merged_eval}
-    sizes = {"adapter": (adapter_bytes, adapter_bytes + base_bytes),
-             merged["variant"]: (merged["size_bytes"], merged["size_bytes"])}
+    adapter_bytes = dir_size(trained.weights_dir)
+    base_bytes = quantized.size_bytes or dir_size(quantized.original_path)
+    evaluations = {"adapter": evaluated, merged.variant: merged_eval}
+    sizes = {"adapter": (adapter_bytes, adapter_bytes + base_bytes), merged.variant: (merged.size_bytes, merged.size_bytes)}
     for strategy, variant in VARIANT_OF.items():
         if variant in evaluations:
             continue
         built = run(merge, trained, quantized, r.quantization, strategy, r.merge.dtype, label=f"merge-{variant}")
         evaluations[variant] = run(evaluate_model, built, **evaluate, label=f"evaluate-{variant}")
-        sizes[variant] = (built["size_bytes"], built["size_bytes"])
+        sizes[variant] = (built.size_bytes, built.size_bytes)
     return comparison_table(evaluations, sizes)
 
 
-def model_card(r: Recipe, model: dict, source: dict, trained: dict, evaluated: dict, merged_eval: dict | None,
-               registered: str) -> dict:
+def model_card(r: Recipe, model: BaseModelFiles, source: DataSource, trained: Trained, evaluated: Evaluated,
+               merged_eval: Evaluated | None, registered: str) -> dict:
     """What the model cards say: provenance, test metrics, how to load."""
     return {"recipe": r.name, "method": r.method, "task": r.model.task, "reference": r.model.name_or_path,
-            "base": base_reference(r.model, model), "labels": trained["label_names"] if r.model.task != CAUSAL else [],
-            "data": source_uri(source), "data_hash": source["hash"], "steps": trained["steps"],
-            "metrics": evaluated["metrics"], "merged_metrics": merged_eval["metrics"] if merged_eval else None,
+            "base": base_reference(r.model, model), "labels": trained.label_names if r.model.task != CAUSAL else [],
+            "data": source.uri(), "data_hash": source.hash, "steps": trained.steps,
+            "metrics": evaluated.metrics, "merged_metrics": merged_eval.metrics if merged_eval else None,
             "registered_name": f"{registered}-merged" if merged_eval else f"{registered}-model",
             "model_kind": "merged model" if merged_eval else "fine-tuned model"}
-
-
-def source_uri(source: dict) -> str:
-    if "hub" in source:
-        return f"https://huggingface.co/datasets/{source['hub']}"
-    return str(Path(source["files"]["train"][0]).resolve())

@@ -184,7 +184,8 @@ def data_already_loaded(recipe: Recipe) -> bool:
     if recipe.data.hub:
         return False
     from qlora.tasks import store
-    from qlora.tasks.data import describe_source, load
+    from qlora.tasks.data import describe_source
+    from qlora.tasks.load import load
 
     source = describe_source(recipe.data)  # names a missing file or directory, as the checks would
     _, directory = load.key_of({"source": source, "data": recipe.data, "labels": recipe.model.labels,
@@ -205,7 +206,8 @@ def check_labels(recipe: Recipe) -> None:
     a mistake there is reported before any stage runs."""
     if recipe.model.task == "causal-lm" or recipe.data.hub:
         return
-    from qlora.tasks.data import clean, read_source, required_columns
+    from qlora.tasks.data import read_source, required_columns
+    from qlora.tasks.load import clean
 
     clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
 
@@ -218,7 +220,8 @@ def validate(recipe: Recipe) -> dict:
     """Everything that can be checked without training. The run's own preflight first (paths,
     columns, labels, metrics, tracking store: seconds), then what needs the model's config
     (quantization, LoRA targets, the memory plan)."""
-    from qlora.tasks.model import check_model, resolve_lora_targets
+    from qlora.tasks.lora_plan import resolve_lora_targets
+    from qlora.tasks.model import check_model
 
     preflight(recipe)
     from qlora.tasks.data import check_data
@@ -226,18 +229,18 @@ def validate(recipe: Recipe) -> dict:
 
     model = check_model(recipe.model, recipe.quantization)
     data = check_data(recipe.data, _prompt_columns(recipe))
-    info = {"model": model.get("path") or model["gguf"], "data": data.get("files") or data.get("hub")}
+    info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
     strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"
     info["distributed"] = {"strategy": strategy, "processes": processes,
                            "nodes": d.nnodes, **({"rendezvous": d.rdzv_endpoint} if d.rdzv_endpoint else {})}
-    if "gguf" not in model and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
+    if model.gguf is None and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
-        lora = resolve_lora_targets(model["path"], recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
-        info.update(target_modules=lora["target_modules"], trainable_params=lora["trainable_params"])
-        plan = check_memory_budget(model["path"], recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
+        lora = resolve_lora_targets(model.path, recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
+        info.update(target_modules=lora.target_modules, trainable_params=lora.trainable_params)
+        plan = check_memory_budget(model.path, recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
                                    with_estimate=True, dropout=recipe.lora.drops_inputs)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model

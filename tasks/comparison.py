@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qlora.tasks.recipe import RecipeError
+from qlora.tasks.results import Evaluated
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd
@@ -39,15 +40,14 @@ def agreement(reference: pd.DataFrame, other: pd.DataFrame, reference_logits: np
     return {"agreement_pct": 100 * float(same), "max_abs_logit_diff": float(diff)}
 
 
-def _read(result: dict) -> tuple[pd.DataFrame, np.ndarray | None]:
+def _read(result: Evaluated) -> tuple[pd.DataFrame, np.ndarray | None]:
     import pandas as pd
 
-    directory = Path(result["dir"])
-    logits = np.load(directory / result["logits"]) if result.get("logits") else None
-    return pd.read_parquet(directory / result["predictions"]), logits
+    logits = np.load(result.file(result.logits)) if result.logits else None
+    return pd.read_parquet(result.file(result.predictions)), logits
 
 
-def comparison_table(evaluations: dict[str, dict], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+def comparison_table(evaluations: dict[str, Evaluated], sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
     """evaluations: variant -> evaluate-stage result; sizes: variant -> (artifact bytes, deploy bytes)."""
     import pandas as pd
 
@@ -56,9 +56,9 @@ def comparison_table(evaluations: dict[str, dict], sizes: dict[str, tuple[int, i
     rows = []
     for variant in [v for v in VARIANTS if v in evaluations]:
         result = evaluations[variant]
-        m = result["metrics"]
+        m = result.metrics
         preds, logits = _read(result)
-        row = {"variant": variant, "dtype": result.get("dtype"), **agreement(reference, preds, reference_logits, logits),
+        row = {"variant": variant, "dtype": result.dtype, **agreement(reference, preds, reference_logits, logits),
                "peak_memory_mb": m["peak_memory_bytes"] / 2**20, "weights_mb": m["weights_bytes"] / 2**20,
                "size_mb": sizes[variant][0] / 2**20, "deploy_size_mb": sizes[variant][1] / 2**20}
         if causal:

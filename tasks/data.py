@@ -1,12 +1,9 @@
-"""Data stages: load (read and clean the source), split, tokenize.
+"""The data source: which files (or which Hub dataset), read into tables, fingerprinted, checked.
 
 Sources: local files (csv, tsv, json, jsonl, parquet, optionally .gz/.bz2, read by `datasets`' own
 builders; yaml, read here; a directory of split-named files), the first rows only for `qlora
 validate`, the line of an undecodable byte found for the message; or a Hub dataset through
-`datasets`. Split through `datasets` (stratified by class for a classifier). Loaded and split data
-are parquet files: for a classifier `text` (str) and `label` (class id); for a causal LM the prompt
-template's columns and the response, as text. Tokenized data is a datasets DatasetDict on disk.
-Every dropped row is counted, never silent.
+`datasets`. The stages that use it: load (tasks/load.py), split, tokenize.
 """
 from __future__ import annotations
 
@@ -19,8 +16,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from qlora.tasks import store
-from qlora.tasks.recipe import SPLITS, DataSection, PromptSection, RecipeError, SplitSection, TokenizeSection, shorten
-from qlora.tasks.stage import stage
+from qlora.tasks.recipe import SPLITS, DataSection, RecipeError, shorten
+from qlora.tasks.results import DataSource
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd
@@ -264,306 +261,27 @@ def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFr
     return frames
 
 
-def describe_source(data: DataSection) -> dict:
+def describe_source(data: DataSection) -> DataSource:
     """The source's identity and content fingerprint: the load stage's cache input."""
     if data.hub:
         from qlora.tasks.hub import dataset_commit
 
         commit = dataset_commit(data.hub, data.revision)
-        return {"hash": store.hash_value([data.hub, data.config, commit]), "hub": data.hub, "commit": commit}
+        return DataSource(hash=store.hash_value([data.hub, data.config, commit]), hub=data.hub, commit=commit)
     files = source_files(data)
     fingerprint = store.hash_value({s: [store.file_fingerprint(p) for p in ps] for s, ps in files.items()})
-    return {"hash": fingerprint, "files": {s: [str(p) for p in ps] for s, ps in files.items()}}
+    return DataSource(hash=fingerprint, files={s: [str(p) for p in ps] for s, ps in files.items()})
 
 
-def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> dict:
+def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> DataSource | None:
     """Preflight: the files exist, are readable UTF-8 and have the named columns (first rows only)."""
     if data.hub:
         from qlora.tasks.hub import check_hub_repo
 
         check_hub_repo(data.hub, "dataset", data.revision, "data.hub")
-        return {"hub": data.hub}
+        return None
     columns = required_columns(data, prompt_columns)
     for split, paths in source_files(data).items():
         for path in paths:
             check_columns(read_table(path, data, nrows=50), columns, str(path))
     return describe_source(data)
-
-
-# --- cleaning ----------------------------------------------------------------------------------
-
-def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) -> list[str]:
-    import pandas as pd
-
-    if labels:
-        return list(labels)
-    values = pd.concat([f["label"] for f in frames.values()]).dropna()
-    if pd.api.types.is_numeric_dtype(values):
-        return [str(i) for i in range(int(values.max()) + 1)]
-    return sorted(values.astype(str).unique())
-
-
-def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] | None):
-    """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
-    Returns the cleaned frames (text, label id), the class names and per-split counts."""
-    renamed = _mapped_labels(frames, data)
-    all_names = _all_label_names(renamed, labels)
-    names = _kept_label_names(all_names, data, labels)
-    out, stats = {}, {}
-    for split, df in renamed.items():
-        out[split], stats[split] = _clean_split(split, df, data, labels, all_names, names)
-    if not len(out["train"]):
-        raise RecipeError(f"no training rows left after cleaning ({stats['train']}): the label values "
-                          f"in the data do not match the label names {names}", "model.labels",
-                          hint="label names must match the data's values (or use data.label_map)")
-    absent = [n for i, n in enumerate(names) if i not in set(out["train"]["label"])]
-    if absent:
-        raise RecipeError(f"label names {absent} never occur in the training data", "model.labels",
-                          hint="label names must match the data's values (or use data.label_map)")
-    return out, names, stats
-
-
-def _mapped_labels(frames: dict[str, pd.DataFrame], data: DataSection) -> dict[str, pd.DataFrame]:
-    """Each split as (text, label), its raw label values mapped through data.label_map; a value the
-    map misses is an error unless data.keep_labels filters (its rows are then dropped and counted)."""
-    import pandas as pd
-
-    renamed = {}
-    unmapped: dict[str, int] = {}
-    for split, df in frames.items():
-        df = pd.DataFrame({"text": df[data.text_column], "label": df[data.label_column]})
-        if data.label_map is not None:
-            mapping = {str(k): v for k, v in data.label_map.items()}
-            raw = df["label"].dropna().astype(str)
-            for value, n in raw[~raw.isin(list(mapping))].value_counts().items():
-                unmapped[value] = unmapped.get(value, 0) + int(n)
-            df["label"] = df["label"].map(lambda v: mapping.get(str(v), v) if pd.notna(v) else v)
-        renamed[split] = df
-    if unmapped and not data.keep_labels:
-        listed = ", ".join(f"{shorten(v, 40)!r} ({n} rows)" for v, n in sorted(unmapped.items(), key=lambda x: -x[1])[:10])
-        raise RecipeError(f"raw label values not mapped: {listed}", "data.label_map",
-                          hint="map every value the label column holds, or keep only some with data.keep_labels")
-    return renamed
-
-
-def _kept_label_names(all_names: list[str], data: DataSection, labels: list[str] | None) -> list[str]:
-    """The classes trained on: every label, or those data.keep_labels names (each checked to exist)."""
-    if not data.keep_labels:
-        return all_names
-    missing = [n for n in data.keep_labels if n not in all_names]
-    if missing:
-        where = "model.labels" if labels else "the data's labels"
-        raise RecipeError(f"{[shorten(m, 40) for m in missing]} not among {where} "
-                          f"{[shorten(n, 40) for n in all_names[:20]]}", "data.keep_labels")
-    return [n for n in data.keep_labels if n in all_names] if labels else list(data.keep_labels)
-
-
-def _clean_split(split: str, df: pd.DataFrame, data: DataSection, labels: list[str] | None, all_names: list[str],
-                 names: list[str]) -> tuple[pd.DataFrame, dict]:
-    """One split cleaned (text, label id) and the counts of what was dropped and why."""
-    import pandas as pd
-
-    counts = {"rows_read": len(df)}
-    if pd.api.types.is_numeric_dtype(df["label"]):  # class ids: check the range, then name them
-        ids = pd.to_numeric(df["label"], errors="coerce")
-        bad = ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna()
-        if len(bad):
-            raise RecipeError(
-                f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
-                f"{sorted(set(bad.astype(int).tolist()))[:5]}", "model.labels",
-                hint="name every class in model.labels, in label order, or map them with data.label_map")
-        df["label"] = [all_names[int(i)] if pd.notna(i) else None for i in ids]
-    text = df["text"].astype("string").str.strip()
-    empty = (text.isna() | (text == "")).astype(bool)
-    counts["dropped_empty_text"] = int(empty.sum())
-    df = df[~empty].assign(text=text[~empty].astype(str))
-    label = df["label"].astype("string")
-    kept = label.isin(names).fillna(False).astype(bool)
-    known = label.isin(all_names).fillna(False).astype(bool) | (bool(data.keep_labels) and not labels)
-    counts["dropped_filtered_label"] = int((~kept & known).sum())
-    counts["dropped_unknown_label"] = int((~kept & ~known).sum())
-    df = df[kept]
-    if data.drop_duplicates:
-        dup = df.duplicated(subset=["text"])
-        counts["dropped_duplicates"] = int(dup.sum())
-        df = df[~dup]
-    class_id = {n: i for i, n in enumerate(names)}
-    df = pd.DataFrame({"text": df["text"].astype(str).values,
-                       "label": df["label"].astype(str).map(class_id).astype("int64").values})
-    counts["rows_kept"] = len(df)
-    return df, counts
-
-
-# --- stages ------------------------------------------------------------------------------------
-
-def clean_pairs(frames: dict[str, pd.DataFrame], data: DataSection, columns: list[str]):
-    """causal-lm rows: the template's columns and the response as text; rows with an empty one
-    dropped (and, optionally, duplicates), all counted."""
-    import pandas as pd
-
-    out, stats = {}, {}
-    for split, df in frames.items():
-        counts = {"rows_read": len(df)}
-        df = pd.DataFrame({c: df[c].astype("string").str.strip() for c in columns})
-        empty = df.isna().any(axis=1) | (df == "").any(axis=1)
-        counts["dropped_empty_text"] = int(empty.sum())
-        df = df[~empty.astype(bool)]
-        if data.drop_duplicates:
-            dup = df.duplicated()
-            counts["dropped_duplicates"] = int(dup.sum())
-            df = df[~dup]
-        out[split] = df.astype(str).reset_index(drop=True)
-        counts["rows_kept"] = len(out[split])
-        stats[split] = counts
-    if not len(out["train"]):
-        raise RecipeError(f"no training rows left after dropping empty ones ({stats['train']})", "data.path")
-    return out, stats
-
-
-@stage("load")
-def load(out: Path, source: dict, data: DataSection, labels: list[str] | None,
-         prompt_columns: list[str] | None = None) -> dict:
-    """Classification (prompt_columns None): text and label id. causal-lm: the prompt's columns."""
-    raw = read_source(data, required_columns(data, prompt_columns))
-    if prompt_columns is None:
-        frames, names, stats = clean(raw, data, labels)
-    else:
-        (frames, stats), names = clean_pairs(raw, data, prompt_columns), []
-    for split, df in frames.items():
-        df.to_parquet(out / f"{split}.parquet", index=False)
-    return {"splits": sorted(frames), "label_names": names, "stats": stats}
-
-
-def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """n rows of train split off at random (datasets' train_test_split), in the classes' proportions
-    when stratify."""
-    import datasets
-
-    table = datasets.Dataset.from_pandas(train, preserve_index=False)
-    if stratify:
-        table = table.cast_column("label", datasets.ClassLabel(num_classes=int(train["label"].max()) + 1))
-    try:
-        parts = table.train_test_split(test_size=n, seed=seed, stratify_by_column="label" if stratify else None)
-    except ValueError as e:  # e.g. fewer rows split off than there are classes
-        raise RecipeError(f"cannot split {n} of {len(train)} rows off by class: {str(e).splitlines()[0]}", field,
-                          hint="a larger fraction, or split.stratify: false") from None
-    return parts["train"].to_pandas(), parts["test"].to_pandas()
-
-
-@stage("split")
-def split(out: Path, loaded: dict, cfg: SplitSection, sample: dict | None) -> dict:
-    import pandas as pd
-
-    frames = {s: pd.read_parquet(Path(loaded["dir"]) / f"{s}.parquet") for s in loaded["splits"]}
-    train = frames["train"]
-    for name, size, field in (("test", cfg.test_size, "split.test_size"),
-                              ("validation", cfg.validation_size, "split.validation_size")):
-        if name in frames:
-            continue
-        n = round(len(frames["train"]) * size)  # fractions are of the source's training rows
-        if n < 1 or n >= len(train):
-            raise RecipeError(f"{size} of {len(frames['train'])} rows leaves the {name} split "
-                              f"{'empty' if n < 1 else 'with all rows'}", field,
-                              hint="the source has no such split: give a fraction that leaves rows on both sides")
-        stratify = cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
-        train, frames[name] = _split_off(train, n, cfg.seed, stratify, field)
-    frames["train"] = train
-    counts = {}
-    for name in SPLITS:
-        df = frames[name]
-        limit = (sample or {}).get(name)
-        if limit and len(df) > limit:
-            df = df.sample(n=limit, random_state=cfg.seed)
-        if df.empty:
-            raise RecipeError(f"the {name} split is empty", "split")
-        df.reset_index(drop=True).to_parquet(out / f"{name}.parquet", index=False)
-        counts[name] = len(df)
-    return {"rows": counts, "label_names": loaded["label_names"]}
-
-
-def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
-    """(prompt text, response text) of one row: the template or the chat template; the response
-    ends the way the model must learn to stop (end of turn, or end of sequence)."""
-    user = prompt.template.format(**row) if prompt.template is not None else row[prompt.prompt_column]
-    if not prompt.chat_template:
-        return user, row[prompt.response_column] + (tok.eos_token or "")
-    if not getattr(tok, "chat_template", None):
-        raise RecipeError("the tokenizer has no chat template", "prompt.chat_template",
-                          hint="set prompt.chat_template: false and give prompt.template")
-    messages = ([{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []) + \
-        [{"role": "user", "content": user}]
-    prompt_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": row[prompt.response_column]}],
-                                   tokenize=False)
-    if full.startswith(prompt_text):
-        return prompt_text, full[len(prompt_text):].rstrip("\n")
-    return prompt_text, row[prompt.response_column] + (tok.eos_token or "")
-
-
-def _tokenize_causal(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: PromptSection):
-    """input_ids = prompt + response; labels mask the prompt (unless train_on_prompt). Rows longer
-    than max_length are truncated (the response's end) or dropped, per tokenize.truncation; rows
-    whose prompt alone fills max_length are always dropped. Both counted."""
-    chat = prompt.chat_template
-    rows = {"input_ids": [], "labels": [], "prompt_ids": [], "reference": [], "prompt_text": []}
-    counts = {"truncated": 0, "dropped_too_long": 0}
-    for row in df.to_dict(orient="records"):
-        prompt_text, response_text = render_prompt(row, prompt, tok)
-        p_ids = tok(prompt_text, add_special_tokens=not chat)["input_ids"]
-        r_ids = tok(response_text, add_special_tokens=False)["input_ids"]
-        if len(p_ids) >= cfg.max_length or (len(p_ids) + len(r_ids) > cfg.max_length and not cfg.truncation):
-            counts["dropped_too_long"] += 1
-            continue
-        if len(p_ids) + len(r_ids) > cfg.max_length:
-            counts["truncated"] += 1
-            r_ids = r_ids[: cfg.max_length - len(p_ids)]
-        rows["input_ids"].append(p_ids + r_ids)
-        rows["labels"].append((p_ids if prompt.train_on_prompt else [-100] * len(p_ids)) + r_ids)
-        rows["prompt_ids"].append(p_ids)
-        rows["reference"].append(row[prompt.response_column])
-        rows["prompt_text"].append(prompt_text)
-    rows["length"] = [len(ids) for ids in rows["input_ids"]]
-    return rows, counts
-
-
-def _tokenize_classification(df: pd.DataFrame, tok, cfg: TokenizeSection):
-    # Tokenize without truncation first, to count what truncation cuts.
-    lengths = [len(ids) for ids in tok(df["text"].tolist(), return_token_type_ids=False, verbose=False)["input_ids"]]
-    too_long = sum(n > cfg.max_length for n in lengths)
-    keep = list(range(len(df)))
-    if cfg.truncation:
-        enc = tok(df["text"].tolist(), return_token_type_ids=False, truncation=True,
-                  max_length=cfg.max_length, padding="max_length" if cfg.padding == "max_length" else False)
-    else:
-        enc = tok(df["text"].tolist(), return_token_type_ids=False)
-        keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
-    rows = {"text": [df["text"].iloc[i] for i in keep],
-            "input_ids": [enc["input_ids"][i] for i in keep],
-            "labels": [int(df["label"].iloc[i]) for i in keep],
-            "length": [sum(enc["attention_mask"][i]) for i in keep]}
-    return rows, {"truncated" if cfg.truncation else "dropped_too_long": too_long}
-
-
-@stage("tokenize")
-def tokenize(out: Path, split_result: dict, tokenizer: dict, cfg: TokenizeSection,
-             prompt: PromptSection | None = None) -> dict:
-    """Classification rows (prompt None), or causal-lm prompt/response rows."""
-    import pandas as pd
-    from datasets import Dataset, DatasetDict
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer["path"])
-    splits, stats = {}, {}
-    for name in SPLITS:
-        df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
-        rows, counts = (_tokenize_classification(df, tok, cfg) if prompt is None
-                        else _tokenize_causal(df, tok, cfg, prompt))
-        ds = Dataset.from_dict(rows)
-        if not len(ds):
-            raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
-                              "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
-        splits[name] = ds
-        stats[name] = {"rows": len(ds), **counts, "tokens": int(sum(rows["length"])),
-                       "mean_length": round(sum(rows["length"]) / len(ds), 1)}
-    DatasetDict(splits).save_to_disk(str(out / "dataset"))
-    return {"stats": stats, "label_names": split_result["label_names"]}

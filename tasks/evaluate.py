@@ -6,7 +6,7 @@ import difflib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -14,12 +14,14 @@ from qlora.tasks.batches import collate, pad_token_id
 from qlora.tasks.inference import lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
 from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
+from qlora.tasks.results import Evaluated, Merged, Quantized, Tokenized, Trained, UntrainedBase
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
     import pandas as pd
 
+Variant = Union[Trained, Merged, UntrainedBase]
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
 PER_CLASS = {"f1", "precision", "recall"}
@@ -120,26 +122,26 @@ def confusion_plot(references, predictions, label_names: list[str], path: Path) 
     plt.close(fig)
 
 
-def load_for_eval(variant: dict, quantized: dict, q: QuantizationSection, label_names: list[str]):
-    """variant: a train result (adapter on the quantized base), a merge or full fine-tuning result
-    (a whole model), or {"base": True} (the base before training)."""
+def load_for_eval(variant: Variant, quantized: Quantized, q: QuantizationSection, label_names: list[str]):
+    """variant: a train result (adapter on the quantized base, or a fully fine-tuned model), a merge
+    result (a whole model), or the base before training."""
     from peft import PeftModel
 
-    if variant.get("base"):
+    if isinstance(variant, UntrainedBase):
         return loading.load_base(quantized, label_names, q)
-    if "adapter" in variant:
+    if isinstance(variant, Trained) and variant.adapter:
         base = loading.load_base(quantized, label_names, q)
-        return PeftModel.from_pretrained(base, str(Path(variant["dir"]) / variant["adapter"]))
-    return loading.load_model(str(Path(variant["dir"]) / variant["model"]), quantized["task"], label_names,
-                             run_dtype(variant, q))
+        return PeftModel.from_pretrained(base, str(variant.weights_dir))
+    path = variant.weights_dir if isinstance(variant, Trained) else variant.file(variant.model)
+    return loading.load_model(str(path), quantized.task, label_names, run_dtype(variant, q))
 
 
-def run_dtype(variant: dict, q: QuantizationSection):
+def run_dtype(variant: Variant, q: QuantizationSection):
     """Merged 16-bit models run in their saved dtype, as deployed, where the device computes it
     natively; the adapter, the base and a 4-bit merge (its own quantization config) in the compute dtype."""
-    if variant.get("strategy") in (None, "4bit"):
+    if not isinstance(variant, Merged) or variant.strategy == "4bit":
         return loading.dtype_of(q.bnb_4bit_compute_dtype)
-    return loading.inference_dtype(variant["dtype"], q.bnb_4bit_compute_dtype)
+    return loading.inference_dtype(variant.dtype, q.bnb_4bit_compute_dtype)
 
 
 def latency(model, dataset, pad_id: int, dev, n: int = 64) -> dict:
@@ -246,26 +248,27 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 
 
 @stage("evaluate", modules=("qlora.tasks.metrics",))  # metric scripts are loaded by path
-def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q: QuantizationSection,
-                   cfg: EvaluateSection, batch_size: int) -> dict:
+def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized: Quantized, q: QuantizationSection,
+                   cfg: EvaluateSection, batch_size: int) -> Evaluated:
     import pandas as pd
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    if quantized["task"] == loading.CAUSAL:
-        test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
-        tok = AutoTokenizer.from_pretrained(quantized["original_path"])
+    dtype = str(run_dtype(variant, q)).removeprefix("torch.")
+    if quantized.task == loading.CAUSAL:
+        test = load_from_disk(str(tokenized.dataset_dir))["test"]
+        tok = AutoTokenizer.from_pretrained(quantized.original_path)
         dev = loading.device()
         with PeakMemory(dev) as memory:
             model = load_for_eval(variant, quantized, q, [])
             result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size)
         result["metrics"]["peak_memory_bytes"] = memory.peak
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
-        return {**result, "dtype": str(run_dtype(variant, q)).removeprefix("torch.")}
-    label_names = tokenized["label_names"]
-    test = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))["test"]
-    tok = AutoTokenizer.from_pretrained(quantized["original_path"])
+        return Evaluated(**result, dtype=dtype)
+    label_names = tokenized.label_names
+    test = load_from_disk(str(tokenized.dataset_dir))["test"]
+    tok = AutoTokenizer.from_pretrained(quantized.original_path)
     pad_id = pad_token_id(tok)
     dev = loading.device()
     with PeakMemory(dev) as memory:
@@ -275,7 +278,7 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
         seconds = time.perf_counter() - start
     preds = logits.argmax(-1)
     refs = np.asarray(test["labels"])
-    metrics = compute_metrics(cfg.metric_names(quantized["task"]), preds.tolist(), refs.tolist(), label_names)
+    metrics = compute_metrics(cfg.metric_names(quantized.task), preds.tolist(), refs.tolist(), label_names)
     metrics.update(loss=loss, examples_per_s=len(test) / seconds, **latency(model, test, pad_id, dev),
                    peak_memory_bytes=memory.peak, weights_bytes=weights_bytes(model))
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
@@ -284,5 +287,5 @@ def evaluate_model(out: Path, variant: dict, tokenized: dict, quantized: dict, q
                  ).to_parquet(out / "predictions.parquet", index=False)
     confusion_plot(refs, preds, label_names, out / "confusion_matrix.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return {"metrics": metrics, "predictions": "predictions.parquet", "confusion_matrix": "confusion_matrix.png",
-            "examples": len(test), "dtype": str(run_dtype(variant, q)).removeprefix("torch.")}
+    return Evaluated(metrics=metrics, predictions="predictions.parquet", confusion_matrix="confusion_matrix.png",
+                     examples=len(test), dtype=dtype)

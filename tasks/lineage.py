@@ -8,9 +8,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlora.runtime.secrets import redact_text
+
+if TYPE_CHECKING:
+    from qlora.tasks.results import StageResult
 
 log = logging.getLogger("qlora")
 
@@ -38,7 +41,7 @@ def _scalar(value: Any) -> str | None:
 
 
 def stage_summary(name: str, key: str, directory: Path, seconds: float, inputs: dict[str, Any],
-                  result: dict) -> None:
+                  result: StageResult) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     from qlora.tasks.store import dir_size
@@ -48,10 +51,11 @@ def stage_summary(name: str, key: str, directory: Path, seconds: float, inputs: 
              f"| time | {seconds:.1f} s |"]
     for arg, fingerprint in inputs.items():
         lines.append(f"| input `{arg}` | `{fingerprint}` |")
-    for k, v in result.items():
-        if k not in ("hash", "dir") and _scalar(v) is not None:
+    fields = result.model_dump(mode="json", exclude={"hash", "dir", "cache_hit"})
+    for k, v in fields.items():
+        if _scalar(v) is not None:
             lines.append(f"| {k} | {_scalar(v)} |")
-    stats = result.get("stats")
+    stats = fields.get("stats")
     if isinstance(stats, dict):
         lines += ["", "```json", json.dumps(stats, indent=1, default=str)[:4000], "```"]
     _safe(create_markdown_artifact, markdown="\n".join(lines), description=f"{name}: what was built")

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from qlora.tasks.recipe import ModelSection
+from qlora.tasks.results import BaseModelFiles, Merged, Packaged, Quantized, Trained
 from qlora.tasks.stage import stage
 from qlora.tasks.store import PACKAGE_PREFIX
 from qlora.tasks.training.loading import CAUSAL
@@ -26,14 +27,14 @@ CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What can you help me w
 CLASSIFY_EXAMPLE = ["An example text to classify."]
 
 
-def base_reference(model: ModelSection, resolved: dict) -> str:
+def base_reference(model: ModelSection, resolved: BaseModelFiles) -> str:
     """The base as another machine names it: a Hub id as given; a base inside an installed package as
     `package:NAME/sub/path` (resolved on the machine that loads it: this machine's site-packages path
     means nothing elsewhere); a local directory by its resolved absolute path (a GGUF base by its file)."""
     if model.name_or_path.startswith(PACKAGE_PREFIX):
         return model.name_or_path
     if Path(model.name_or_path).expanduser().exists():
-        return resolved.get("path") or resolved["gguf"]
+        return resolved.path or resolved.gguf
     return model.name_or_path
 
 
@@ -201,18 +202,18 @@ def _version(name: str) -> str:
 
 
 @stage("package", libraries=("torch", "transformers", "peft", "mlflow", "huggingface_hub"))
-def package(out: Path, trained: dict, quantized: dict, merged: dict | None, info: dict) -> dict:
+def package(out: Path, trained: Trained, quantized: Quantized, merged: Merged | None, info: dict) -> Packaged:
     """`info`: what the model card says (recipe, base reference, data and its digest, metrics).
     LoRA: the portable adapter, and the merged model as an MLflow model when there is one; full
     fine-tuning: the trained model as an MLflow model."""
     result = {}
-    if "adapter" in trained:
-        portable_adapter(out / "adapter", Path(trained["dir"]) / trained["adapter"], quantized["original_path"], info)
+    if trained.adapter:
+        portable_adapter(out / "adapter", trained.weights_dir, quantized.original_path, info)
         result["adapter"] = "adapter"
-    whole = Path(merged["dir"]) / merged["model"] if merged else None
-    if "model" in trained:
-        whole = Path(trained["dir"]) / trained["model"]
+    whole = merged.file(merged.model) if merged else None
+    if trained.model:
+        whole = trained.weights_dir
     if whole is not None:
         mlflow_model(out / "mlflow_model", whole, info)
         result["mlflow_model"] = "mlflow_model"
-    return result
+    return Packaged(**result)

@@ -1,15 +1,15 @@
 """`@stage`: a pipeline stage as a Prefect task with a content cache key and an atomic work directory.
 
     @stage("tokenize")
-    def tokenize(out: Path, split: dict, cfg: TokenizeSection) -> dict: ...
+    def tokenize(out: Path, split: Split, cfg: TokenizeSection) -> Tokenized: ...
 
 becomes a Prefect task called as `tokenize(split, cfg, work_dir=...)`. Its key hashes, for each
-argument, the upstream result's "hash" (for dicts that carry one), a recipe section's fields, or
-the plain value; plus the source of the stage's module. Arguments named in `ignore` (run ids,
-progress callbacks) are passed through but never part of the key. The stage writes into `out`, a
-temporary directory renamed into `<work_dir>/<name>/<key>` when it returns; its result dict is
-stored there as result.json (with manifest.json: size and digest of every file, checked whenever
-the cached result is used), and gets "hash" (the key) and "dir" added. One process builds a key at
+argument, the upstream result's `hash` (any `Keyed` record, tasks/results.py), a recipe section's
+fields, or the plain value; plus the source of the stage's module. Arguments named in `ignore` (run
+ids, progress callbacks) are passed through but never part of the key. The stage writes into `out`, a
+temporary directory renamed into `<work_dir>/<name>/<key>` when it returns; its typed result gets
+`hash` (the key) and `dir` added and is stored there as result.json (with manifest.json: size and
+digest of every file, checked whenever the cached result is used), read back into the same type. One process builds a key at
 a time (a file lock beside the directory); a cache hit ends the Prefect task in state Cached. A stage that declares a
 keyword `scratch` gets `<work_dir>/<name>/<key>.partial/`, kept across failures (checkpoints).
 """
@@ -20,6 +20,7 @@ import inspect
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,14 +30,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import Completed
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from qlora.tasks import lineage, store
+from qlora.tasks.results import Keyed, StageResult
 
 
 def _key_part(value: Any) -> Any:
-    if isinstance(value, dict) and "hash" in value:
-        return value["hash"]
+    if isinstance(value, Keyed):
+        return value.hash
     if isinstance(value, BaseModel):  # less the fields that only say how fast (e.g. memory budgets)
         return value.model_dump(mode="json", exclude=set(getattr(value, "NOT_IN_CACHE_KEY", ())))
     if isinstance(value, (list, tuple)):
@@ -44,12 +46,19 @@ def _key_part(value: Any) -> Any:
     return value
 
 
-def _intact_result(name: str, directory: Path, logger) -> dict | None:
+def _intact_result(name: str, directory: Path, result_type: type[StageResult], logger) -> StageResult | None:
     """The stored result of a stage, or None if it must be built: absent, or corrupted (reported,
     naming the file, and discarded: the stage and what follows are rebuilt, never published)."""
     store.sweep_orphans(directory)
     try:
-        return store.read_result(directory)
+        stored = store.read_result(directory)
+        if stored is None:
+            return None
+        try:
+            return result_type.model_validate(stored)
+        except ValidationError as e:
+            raise store.CorruptCache(f"{directory / store.RESULT_FILE} is not a {result_type.__name__}: "
+                                     f"{e.errors()[0]['msg']}") from None
     except store.CorruptCache as e:
         logger.warning("%s: cached result not used, rebuilding it: %s", name, e)
         store.discard(directory)
@@ -62,8 +71,8 @@ def _flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arguments: dict,
-           wants_scratch: bool, logger) -> dict:
+def _build(build: Callable[..., StageResult], name: str, result_type: type, key: str, directory: Path,
+           arguments: dict, wants_scratch: bool, logger) -> StageResult:
     logger.info("%s: building %s", name, directory)
     del arguments["work_dir"]
     # Scratch space that outlives a crash (checkpoints), removed once the stage completes.
@@ -73,12 +82,14 @@ def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arg
         arguments["scratch"] = scratch
     started = time.perf_counter()
     with store.building(directory) as tmp:
-        result = build(tmp, **arguments) or {}
+        result = build(tmp, **arguments)
+        if not isinstance(result, result_type):
+            raise TypeError(f"stage {name} returned {type(result).__name__}, not its {result_type.__name__}")
         # The flow run that built it: a later run's lineage links cache hits back to their builder.
-        result.update(hash=key, dir=str(directory.resolve()), built_by_flow_run=_flow_run_id())
-        store.write_result(tmp, result)
+        result = result.model_copy(update=dict(hash=key, dir=str(directory.resolve()), built_by_flow_run=_flow_run_id()))
+        store.write_result(tmp, result.model_dump(mode="json", exclude={"cache_hit"}))
     shutil.rmtree(scratch, ignore_errors=True)
-    inputs = {k: v["hash"] for k, v in arguments.items() if isinstance(v, dict) and "hash" in v}
+    inputs = {k: v.hash for k, v in arguments.items() if isinstance(v, Keyed)}
     lineage.stage_summary(name, key, directory, time.perf_counter() - started, inputs, result)
     _describe_assets(key, directory)
     return result
@@ -86,8 +97,9 @@ def _build(build: Callable[..., dict], name: str, key: str, directory: Path, arg
 
 def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = (),
           libraries: tuple[str, ...] = store.STAGE_LIBRARIES):
-    def decorate(build: Callable[..., dict]):
+    def decorate(build: Callable[..., StageResult]):
         module = sys.modules[build.__module__]
+        result_type = typing.get_type_hints(build)["return"]
         # The stage's module and every project module it imports (found by reading the code, so no
         # list can drift), `modules` it loads otherwise (metric scripts), the libraries' versions.
         source = store.source_fingerprint(module.__name__, *modules, libraries=libraries)
@@ -115,15 +127,15 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
                 logger.info("%s: another run is building %s; waiting for it", name, directory)
                 lock.acquire()
             try:
-                cached = _intact_result(name, directory, logger)
+                cached = _intact_result(name, directory, result_type, logger)
                 if cached is not None:
                     logger.info("%s: cache hit %s", name, directory)
-                    cached["cache_hit"] = True
+                    cached = cached.model_copy(update={"cache_hit": True})
                     if TaskRunContext.get() is None:  # called as a plain function (.fn)
                         return cached
                     # Shown as Cached in the Prefect UI, as Prefect's own cache hits are.
                     return Completed(data=cached, name="Cached", message=f"cache hit {directory}")
-                return _build(build, name, key, directory, arguments, wants_scratch, logger)
+                return _build(build, name, result_type, key, directory, arguments, wants_scratch, logger)
             finally:
                 lock.release()
 

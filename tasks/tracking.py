@@ -20,6 +20,7 @@ from typing import Any
 
 from qlora.runtime.secrets import redact, redact_text
 from qlora.tasks.recipe import Recipe, RecipeError, flatten
+from qlora.tasks.results import Evaluated, Loaded, LoraPlan, Merged, Packaged, Split, Tokenized, Trained
 
 log = logging.getLogger("qlora")
 
@@ -407,7 +408,7 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     mlflow_client(uri).log_text(run_id, text, artifact_file)
 
 
-def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None:
+def log_datasets(uri: str, run_id: str, split_result: Split, source: str) -> None:
     import mlflow.data
     import pandas as pd
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -415,7 +416,7 @@ def log_datasets(uri: str, run_id: str, split_result: dict, source: str) -> None
     client = mlflow_client(uri)
     inputs = []
     for name in ("train", "validation", "test"):
-        df = pd.read_parquet(Path(split_result["dir"]) / f"{name}.parquet")
+        df = pd.read_parquet(split_result.file(f"{name}.parquet"))
         ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label" if "label" in df else None)
         context = {"train": "training", "validation": "validation", "test": "testing"}[name]
         fields = ds.to_dict()  # the dataset's public description: name, digest, source, schema, profile
@@ -507,7 +508,7 @@ class RunRecorder:
     def _write(self, write, *args: Any) -> None:
         write(self.uri, self.run_id, *args)
 
-    def inputs(self, recipe_file: str | None, loaded: dict, splits: dict, tokenized: dict, lora: dict,
+    def inputs(self, recipe_file: str | None, loaded: Loaded, splits: Split, tokenized: Tokenized, lora: LoraPlan,
                source_uri: str) -> None:
         """The recipe, its data (datasets, counts) and what LoRA will train; links between the runs."""
         from qlora.tasks import lineage
@@ -518,27 +519,28 @@ class RunRecorder:
         lineage.link_or_note(lineage.mlflow_run_url(self.uri, self.experiment, self.run_id),
                              f"MLflow run {self.run_id}", f"{self.r.name}-mlflow-run",
                              "the MLflow run of this flow run", self.uri)
-        self._write(set_tags, {"qlora.labels": json.dumps(loaded["label_names"]), "qlora.task": self.r.model.task})
+        self._write(set_tags, {"qlora.labels": json.dumps(loaded.label_names), "qlora.task": self.r.model.task})
         self._write(log_params, recipe_params(self.r))
         for artifact_file, text in recipe_texts(self.r, recipe_file).items():
             self._write(log_text, text, artifact_file)
         if not self.summary["resumed_run"]:
             self._write(log_datasets, splits, source_uri)
-        counts = {f"data_{split}_{k}": v for split, stats in loaded["stats"].items() for k, v in stats.items()}
-        counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized["stats"].items() for k, v in stats.items()})
+        counts = {f"data_{split}_{k}": v for split, stats in loaded.stats.items() for k, v in stats.items()}
+        counts.update({f"tokens_{split}_{k}": v for split, stats in tokenized.stats.items() for k, v in stats.items()})
         self._write(log_summary, counts)
-        self._write(log_summary, {k: lora[k] for k in ("trainable_params", "base_params", "trainable_percent")})
-        self.summary.update(lora=lora, data=loaded["stats"], tokenize=tokenized["stats"])
+        self._write(log_summary, lora.model_dump(include={"trainable_params", "base_params", "trainable_percent"}))
+        self.summary.update(lora=lora.model_dump(mode="json"), data=loaded.stats,
+                            tokenize=tokenized.stats)
 
-    def training(self, trained: dict) -> None:
-        self._write(log_history, str(Path(trained["dir"]) / trained["history"]))
-        self._write(log_summary, {k: trained[k] for k in (
+    def training(self, trained: Trained) -> None:
+        self._write(log_history, str(trained.file(trained.history)))
+        self._write(log_summary, trained.model_dump(include={
             "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "steps", "weights_bytes",
-            "gradient_bytes", "optimizer_state_bytes") if k in trained})
-        artifact = "adapter" if self.r.lora.enabled else "model"
-        self.summary.update(train=trained, adapter_dir=str(Path(trained["dir"]) / trained[artifact]))
+            "gradient_bytes", "optimizer_state_bytes"}))
+        self.summary.update(train=trained.model_dump(mode="json"),
+                            adapter_dir=str(trained.weights_dir))
 
-    def evaluation(self, evaluated: dict, variant: str) -> None:
+    def evaluation(self, evaluated: Evaluated, variant: str) -> None:
         """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
         reference and generated text) as an MLflow table; the metrics as a Prefect table artifact too.
         variant: base (the untrained causal LM), adapter or merged."""
@@ -546,34 +548,35 @@ class RunRecorder:
 
         prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "adapter": ("test_", "eval"),
                                 "merged": ("merged_test_", "eval_merged")}[variant]
-        directory = Path(evaluated["dir"])
-        self._write(log_summary, evaluated["metrics"], prefix)
-        lineage.metrics_table(evaluated["metrics"], f"{self.r.name}-{artifact_dir}",
+        directory = Path(evaluated.dir)
+        self._write(log_summary, evaluated.metrics, prefix)
+        lineage.metrics_table(evaluated.metrics, f"{self.r.name}-{artifact_dir}",
                               f"{prefix}metrics of MLflow run {self.run_id}")
         self._write(log_artifacts, str(directory), artifact_dir)
-        self._write(log_parquet_table, str(directory / evaluated["predictions"]),
+        self._write(log_parquet_table, str(evaluated.file(evaluated.predictions)),
                     f"{artifact_dir}/predictions_table.json")
-        self.summary[f"{prefix}metrics"] = evaluated["metrics"]
+        self.summary[f"{prefix}metrics"] = evaluated.metrics
 
-    def merged(self, merged: dict) -> None:
-        self.summary["merged_dir"] = str(Path(merged["dir"]) / merged["model"])
+    def merged(self, merged: Merged) -> None:
+        self.summary["merged_dir"] = str(merged.file(merged.model))
 
-    def packages(self, packaged: dict, merged: bool) -> None:
+    def packages(self, packaged: Packaged, merged: bool) -> None:
         """What users take away, logged where the registry's versions point: the portable adapter, and
         the merged (or fully fine-tuned) model as an MLflow model."""
         for name, logged_as in (("adapter", "adapter"), ("mlflow_model", "merged_model" if merged else "model")):
-            if name in packaged:
-                self._write(log_artifacts, str(Path(packaged["dir"]) / packaged[name]), logged_as)
-                self.summary[f"{logged_as}_package"] = str(Path(packaged["dir"]) / packaged[name])
+            folder = getattr(packaged, name)
+            if folder:
+                self._write(log_artifacts, str(packaged.file(folder)), logged_as)
+                self.summary[f"{logged_as}_package"] = str(packaged.file(folder))
 
-    def register(self, trained: dict, merged: dict | None) -> None:
+    def register(self, trained: Trained, merged: Merged | None) -> None:
         """One registry version per content: the adapter (or fully fine-tuned model), the merged model."""
         from qlora.tasks import lineage, promotion
 
         artifact = "adapter" if self.r.lora.enabled else "model"
-        versions = [(artifact, artifact, trained["hash"], f"{artifact}_version")]
+        versions = [(artifact, artifact, trained.hash, f"{artifact}_version")]
         if merged is not None:
-            versions.append(("merged_model", "merged", merged["hash"], "merged_version"))
+            versions.append(("merged_model", "merged", merged.hash, "merged_version"))
         for logged_as, suffix, content_hash, key in versions:
             name = f"{self.registered}-{suffix}"
             self.summary[key] = version = promotion.register(self.uri, self.run_id, logged_as, name, content_hash)

@@ -15,32 +15,33 @@ from typing import Callable
 
 from qlora.runtime.secrets import redact_text
 from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.results import LoraPlan, Quantized, Tokenized, Trained
 from qlora.tasks.stage import run_logger, stage
 from qlora.tasks.training import distributed, memory, plan, trainer
 
 
 @stage("train", ignore=("run_id", "tracking_uri", "on_checkpoint", "launch"))
-def train(out: Path, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection,
+def train(out: Path, tokenized: Tokenized, quantized: Quantized, lora: LoraPlan, lora_cfg: LoraSection,
           q: QuantizationSection, cfg: TrainSection, packing: bool = False, max_length: int | None = None,
           pad_to_max_length: bool = False, run_id: str | None = None, tracking_uri: str | None = None,
           on_checkpoint: Callable[[int], None] | None = None, launch: DistributedSection | None = None,
-          *, scratch: Path) -> dict:
+          *, scratch: Path) -> Trained:
     """The train stage. on_checkpoint(step) is called after each periodic checkpoint (tests interrupt
     a run there). launch: how many processes train (the recipe's `distributed` section). Neither is
     part of the cache key: the same recipe on 1, 2 or 8 GPUs builds the same adapter."""
-    spec = {"tokenized": tokenized, "quantized": quantized, "lora": lora, "lora_cfg": lora_cfg.model_dump(mode="json"),
-            "q": q.model_dump(mode="json"), "cfg": cfg.model_dump(mode="json"), "packing": packing,
-            "max_length": max_length, "pad_to_max_length": pad_to_max_length, "run_id": run_id,
-            "tracking_uri": tracking_uri}
     launch = launch or DistributedSection()
-    spec.update(strategy=launch.strategy, cpu_offload=launch.cpu_offload)
+    spec = trainer.TrainingSpec(tokenized=tokenized, quantized=quantized, lora=lora, lora_cfg=lora_cfg, q=q, cfg=cfg,
+                                packing=packing, max_length=max_length, pad_to_max_length=pad_to_max_length,
+                                run_id=run_id, tracking_uri=tracking_uri, strategy=launch.strategy,
+                                cpu_offload=launch.cpu_offload)
     processes = plan.training_processes(launch) // launch.nnodes
     if processes * launch.nnodes == 1:
         return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)
     return train_with_torchrun(spec, out, scratch, launch, processes)
 
 
-def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: DistributedSection, processes: int) -> dict:
+def train_with_torchrun(spec: trainer.TrainingSpec, out: Path, scratch: Path, launch: DistributedSection,
+                        processes: int) -> Trained:
     """Workers started by torchrun on this node (and, with several nodes, by `qlora join` on the others,
     meeting at the rendezvous); rank 0's lines go to the Prefect log as they come."""
     log = run_logger()
@@ -48,9 +49,9 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
         stale.unlink(missing_ok=True)
     spec_path = scratch / "worker-spec.json"
     # A tracking URI with a password in it travels only through this node's environment.
-    uri = spec["tracking_uri"]
-    spec_path.write_text(json.dumps({**spec, "tracking_uri": uri if uri == redact_text(uri or "") else None,
-                                     "scratch": str(scratch), "out": str(out)}))
+    uri = spec.tracking_uri
+    on_disk = spec.model_copy(update={"tracking_uri": uri if uri == redact_text(uri or "") else None})
+    spec_path.write_text(json.dumps({**on_disk.model_dump(mode="json"), "scratch": str(scratch), "out": str(out)}))
     rdzv_id = scratch.name.split(".")[0]
     command = distributed.torchrun_command("qlora.tasks.training.trainer", str(spec_path), processes, launch.nnodes,
                                            launch.rdzv_endpoint, launch.max_restarts, rdzv_id, launch.rdzv_timeout_s)
@@ -74,7 +75,7 @@ def train_with_torchrun(spec: dict, out: Path, scratch: Path, launch: Distribute
         if pointer is not None:
             pointer.unlink(missing_ok=True)
     if code == 0 and (scratch / trainer.RESULT_FILE).is_file():  # an attempt torchrun restarted may have failed
-        return json.loads((scratch / trainer.RESULT_FILE).read_text())
+        return Trained.model_validate_json((scratch / trainer.RESULT_FILE).read_text())
     _raise_worker_error(scratch, code)
     if code != 0 and launch.nnodes > 1 and not (scratch / trainer.STARTED_FILE).exists():
         raise RecipeError(f"the {launch.nnodes} nodes did not all meet at the rendezvous {launch.rdzv_endpoint} "

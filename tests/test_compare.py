@@ -9,6 +9,7 @@ import pytest
 
 from qlora.tasks.comparison import agreement, check_comparable, comparison_table
 from qlora.tasks.recipe import RecipeError
+from qlora.tasks.results import Evaluated
 
 
 def _preds(logits) -> pd.DataFrame:
@@ -40,7 +41,8 @@ def test_table_rows_follow_variant_order(tmp_path):
     for name, logits in (("merged-4bit", [[0, 1], [0, 1]]), ("adapter", [[1, 0], [0, 1]])):
         (tmp_path / name).mkdir()
         _preds(logits).to_parquet(tmp_path / name / "p.parquet")
-        evaluations[name] = {"dir": str(tmp_path / name), "predictions": "p.parquet", "metrics": metrics}
+        evaluations[name] = Evaluated(dir=str(tmp_path / name), predictions="p.parquet", metrics=metrics, examples=2,
+                                      dtype="float32")
     table = comparison_table(evaluations, {"adapter": (2**20, 3 * 2**20), "merged-4bit": (2**21, 2**21)})
     assert table["variant"].tolist() == ["adapter", "merged-4bit"]
     assert table["agreement_pct"].tolist() == [100.0, 50.0]

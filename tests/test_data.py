@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 from conftest import minilm_dir
 
-from qlora.tasks.data import check_data, clean, describe_source, load, read_source, required_columns, split, tokenize
+from qlora.tasks.data import check_data, describe_source, read_source, required_columns
+from qlora.tasks.load import clean, load
 from qlora.tasks.model import resolve_model
 from qlora.tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
+from qlora.tasks.split import split
+from qlora.tasks.tokenize import tokenize
 
 ROWS = [("good film", "pos"), ("bad film", "neg"), ("", "pos"), ("fine", "meh"), ("good film", "pos"),
         ("great", "pos"), ("awful", "neg"), ("   ", "neg"), ("superb", "pos"), ("dull", "neg")]
@@ -126,16 +129,16 @@ def test_reading_leaves_no_cache_and_sees_every_edit(tmp_path, monkeypatch):
 def test_directory_splits_and_aliases(tmp_path):
     for name in ("train", "dev", "test"):
         _frame().to_csv(tmp_path / f"{name}.csv", index=False)
-    files = describe_source(DataSection(path=str(tmp_path)))["files"]
+    files = describe_source(DataSection(path=str(tmp_path))).files
     assert sorted(files) == ["test", "train", "validation"] and files["validation"][0].endswith("dev.csv")
 
 
 def test_source_fingerprint_follows_content(tmp_path):
     path = tmp_path / "d.csv"
     _frame().to_csv(path, index=False)
-    before = describe_source(_data(path))["hash"]
+    before = describe_source(_data(path)).hash
     path.write_text(path.read_text() + "more,pos\n")
-    assert describe_source(_data(path))["hash"] != before
+    assert describe_source(_data(path)).hash != before
 
 
 def _stages(tmp_path, rows=200, split_cfg=None):
@@ -152,13 +155,13 @@ def _stages(tmp_path, rows=200, split_cfg=None):
 
 def test_stratified_split_and_cache(tmp_path):
     loaded, splitted, work = _stages(tmp_path)
-    assert splitted["rows"] == {"train": 160, "validation": 20, "test": 20}
-    test = pd.read_parquet(f"{splitted['dir']}/test.parquet")
+    assert splitted.rows == {"train": 160, "validation": 20, "test": 20}
+    test = pd.read_parquet(f"{splitted.dir}/test.parquet")
     assert test["label"].value_counts().tolist() == [10, 10]  # stratified
     again = split.fn(loaded, SplitSection(), None, work_dir=work)
-    assert again["hash"] == splitted["hash"] and again.get("cache_hit")
+    assert again.hash == splitted.hash and again.cache_hit
     other = split.fn(loaded, SplitSection(seed=1), None, work_dir=work)
-    assert other["hash"] != splitted["hash"]
+    assert other.hash != splitted.hash
 
 
 def test_split_that_leaves_a_split_empty(tmp_path):
@@ -171,20 +174,20 @@ def test_split_that_leaves_a_split_empty(tmp_path):
 def test_tokenize_dynamic_padding_and_truncation_counted(tmp_path):
     _, splitted, work = _stages(tmp_path)
     model = resolve_model(ModelSection(name_or_path=str(minilm_dir())))
-    tok = tokenize.fn(splitted, model["tokenizer"], TokenizeSection(max_length=16), work_dir=work)
+    tok = tokenize.fn(splitted, model.tokenizer, TokenizeSection(max_length=16), work_dir=work)
     from datasets import load_from_disk
 
-    ds = load_from_disk(f"{tok['dir']}/dataset")["train"]
+    ds = load_from_disk(f"{tok.dir}/dataset")["train"]
     lengths = [len(x) for x in ds["input_ids"]]
     assert max(lengths) == 16 and min(lengths) < 16, "rows are not padded to max_length"
     from transformers import AutoTokenizer
 
-    texts = pd.read_parquet(f"{splitted['dir']}/train.parquet")["text"].tolist()
-    full = AutoTokenizer.from_pretrained(model["path"])(texts)["input_ids"]
-    assert tok["stats"]["train"]["truncated"] == sum(len(ids) > 16 for ids in full) > 0
-    padded = tokenize.fn(splitted, model["tokenizer"], TokenizeSection(max_length=16, padding="max_length"), work_dir=work)
-    assert padded["hash"] != tok["hash"]
+    texts = pd.read_parquet(f"{splitted.dir}/train.parquet")["text"].tolist()
+    full = AutoTokenizer.from_pretrained(model.path)(texts)["input_ids"]
+    assert tok.stats["train"]["truncated"] == sum(len(ids) > 16 for ids in full) > 0
+    padded = tokenize.fn(splitted, model.tokenizer, TokenizeSection(max_length=16, padding="max_length"), work_dir=work)
+    assert padded.hash != tok.hash
     # a changed tokenizer (its files' content) re-tokenizes
-    changed = dict(model["tokenizer"], hash="different-tokenizer")
+    changed = model.tokenizer.model_copy(update={"hash": "different-tokenizer"})
     assert tokenize.key_of({"split_result": splitted, "tokenizer": changed, "cfg": TokenizeSection(max_length=16),
-                            "work_dir": work})[0] != tok["hash"]
+                            "work_dir": work})[0] != tok.hash

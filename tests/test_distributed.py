@@ -18,6 +18,7 @@ from conftest import minilm_dir, small_recipe, stages_before_training
 from safetensors.torch import load_file
 
 from qlora.tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
+from qlora.tasks.results import LoraPlan
 from qlora.tasks.train import train
 from qlora.tasks.training.kernels import can_compile
 
@@ -49,12 +50,12 @@ def _train(p, work_dir, launch=None, **overrides):
 
 
 def _losses(result) -> list[float]:
-    lines = (Path(result["dir"]) / result["history"]).read_text().splitlines()
+    lines = (Path(result.dir) / result.history).read_text().splitlines()
     return [json.loads(line)["train_loss"] for line in lines if "train_loss" in json.loads(line)]
 
 
 def _adapter(result) -> dict:
-    return load_file(Path(result["dir"]) / result["adapter"] / "adapter_model.safetensors")
+    return load_file(Path(result.dir) / result.adapter / "adapter_model.safetensors")
 
 
 def _close(a: dict, b: dict) -> None:
@@ -71,11 +72,11 @@ def test_two_processes_train_what_one_trains(prepared, tmp_path, strategy):
     (float reductions in another order aside)."""
     one = _train(prepared, tmp_path / "one")
     two = _train(prepared, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
-    assert one["processes"] == 1 and two["processes"] == 2 and two["distributed"] == strategy
-    assert ("ddp:2" in two["fast_paths"]) == (strategy == "ddp")
-    assert any(f.startswith("fsdp:2x") for f in two["fast_paths"]) == (strategy == "fsdp")
-    assert two["steps"] == STEPS and two["train_samples"] == one["train_samples"] == STEPS * 16
-    assert two["train_tokens"] == one["train_tokens"]
+    assert one.processes == 1 and two.processes == 2 and two.distributed == strategy
+    assert ("ddp:2" in two.fast_paths) == (strategy == "ddp")
+    assert any(f.startswith("fsdp:2x") for f in two.fast_paths) == (strategy == "fsdp")
+    assert two.steps == STEPS and two.train_samples == one.train_samples == STEPS * 16
+    assert two.train_tokens == one.train_tokens
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
     assert not list((tmp_path / "two" / "train").glob("*.partial")), "scratch cleared after success"
@@ -115,7 +116,7 @@ def prepared_llama(tmp_path_factory):
 def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, strategy):
     one = _train(prepared_llama, tmp_path / "one")
     two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
-    assert two["distributed"] == strategy and two["train_tokens"] == one["train_tokens"]
+    assert two.distributed == strategy and two.train_tokens == one.train_tokens
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 
@@ -128,7 +129,7 @@ def test_compiled_layers_train_sharded_as_eager_layers_train(prepared_llama, tmp
     one = _train(prepared_llama, tmp_path / "one")
     two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy="fsdp", nproc_per_node=2),
                  compile=True, require_fast_paths=True)
-    assert "compiled_layers:2" in two["fast_paths"] and "fsdp:2x2" in two["fast_paths"]
+    assert "compiled_layers:2" in two.fast_paths and "fsdp:2x2" in two.fast_paths
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 
@@ -148,19 +149,21 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
         "import json, sys\n"
         "from qlora.runtime import signals\n"
         "from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, TrainSection\n"
+        "from qlora.tasks.results import LoraPlan, Quantized, Tokenized\n"
         "from qlora.tasks.train import train\n"
         "signals.install()\n"
         "a = json.loads(open(sys.argv[1]).read())\n"
         "try:\n"
-        "    train.fn(a['tokenized'], a['quantized'], a['lora'], LoraSection(**a['lora_cfg']),\n"
+        "    train.fn(Tokenized(**a['tokenized']), Quantized(**a['quantized']), LoraPlan(**a['lora']),\n"
+        "             LoraSection(**a['lora_cfg']),\n"
         "             QuantizationSection(**a['q']), TrainSection(**a['cfg']),\n"
         "             launch=DistributedSection(strategy=sys.argv[3], nproc_per_node=2), work_dir=sys.argv[2])\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(143)\n")
     r = prepared["recipe"]
     args = tmp_path / "args.json"
-    args.write_text(json.dumps({"tokenized": prepared["tokenized"], "quantized": prepared["quantized"],
-                                "lora": prepared["lora"], "lora_cfg": r.lora.model_dump(mode="json"),
+    args.write_text(json.dumps({**{k: prepared[k].model_dump(mode="json") for k in ("tokenized", "quantized", "lora")},
+                                "lora_cfg": r.lora.model_dump(mode="json"),
                                 "q": r.quantization.model_dump(mode="json"),
                                 "cfg": r.train.model_copy(update={"max_steps": steps}).model_dump(mode="json")}))
     env = dict(os.environ)
@@ -178,7 +181,7 @@ def test_stopped_on_two_processes_resumes_on_one(prepared, tmp_path, strategy):
     saved = sorted(p.name for p in partial.glob("checkpoint-*"))
     assert saved and saved[-1] < f"checkpoint-{steps:07d}", saved
     resumed = _train(prepared, work, DistributedSection(strategy="none"), max_steps=steps)
-    assert resumed["resumed_from_step"] == int(saved[-1].split("-")[1]) and resumed["steps"] == steps
+    assert resumed.resumed_from_step == int(saved[-1].split("-")[1]) and resumed.steps == steps
     _close(_adapter(resumed), _adapter(straight))
 
 
@@ -198,7 +201,7 @@ def test_stopped_in_one_process_resumes_sharded_on_two(prepared, tmp_path):
         train.fn(prepared["tokenized"], prepared["quantized"], prepared["lora"], r.lora, r.quantization, r.train,
                  on_checkpoint=crash, work_dir=str(tmp_path / "stopped"))
     resumed = _train(prepared, tmp_path / "stopped", DistributedSection(strategy="fsdp", nproc_per_node=2))
-    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == STEPS and resumed["distributed"] == "fsdp"
+    assert resumed.resumed_from_step == 2 and resumed.steps == STEPS and resumed.distributed == "fsdp"
     assert _losses(resumed)[2:] == pytest.approx(_losses(straight)[2:], rel=1e-4)
     _close(_adapter(resumed), _adapter(straight))
 
@@ -223,7 +226,7 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
         assert joiner.wait(timeout=120) == 0, joiner.stdout.read()[-3000:]
     finally:
         joiner.kill()
-    assert two["processes"] == 2
+    assert two.processes == 2
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 
@@ -311,7 +314,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(prepared, t
     resumed = _train(prepared, work, DistributedSection(strategy="ddp", nproc_per_node=2, max_restarts=1))
     killer.join(timeout=5)
     assert killed, "no worker was found to kill"
-    assert resumed["steps"] == STEPS and resumed["resumed_from_step"] >= 2
+    assert resumed.steps == STEPS and resumed.resumed_from_step >= 2
     _close(_adapter(resumed), _adapter(straight))
 
 
@@ -395,7 +398,7 @@ def test_auto_shards_what_one_gpu_cannot_hold(monkeypatch):
     from qlora.tasks.training.plan import training_strategy
 
     config, gpu = _llama("70b"), SimpleNamespace(type="cuda")
-    lora = {"trainable_params": 207_093_760}
+    lora = LoraPlan.uncounted("causal-lm", []).model_copy(update={"trainable_params": 207_093_760})
     q, train_cfg = QuantizationSection(), TrainSection(per_device_train_batch_size=1, gradient_checkpointing=True)
 
     def strategy(requested, gib, world=World(0, 2), cfg=train_cfg):
@@ -417,7 +420,7 @@ def test_a_rank_left_without_rows_trains_at_zero_weight(prepared, tmp_path):
                  gradient_accumulation_steps=1, save_steps=100)
     two = _train(prepared, tmp_path / "two", DistributedSection(strategy="ddp", nproc_per_node=2), max_steps=3,
                  per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=100)
-    assert two["steps"] == 3 and two["train_samples"] == one["train_samples"] == 3
+    assert two.steps == 3 and two.train_samples == one.train_samples == 3
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import minilm_dir, small_recipe, stages_before_training, write_recipe
 
+from qlora.tasks.results import LoraPlan
 from qlora.tasks.batches import collate_lm
 from qlora.tasks.training.fused_lora import _dense_weight, fuse_lora_layers
 from qlora.tasks.training.kernels import (
@@ -28,8 +29,7 @@ from qlora.tasks.training.memory import GIB, _shape, estimate_memory, plan_memor
 from qlora.tasks.training.optimizer import flatten_parameters
 from qlora.tasks.training.step import forward_backward
 
-LORA_TARGETS = {"task": "sequence-classification", "modules_to_save": ["classifier"],
-                "target_modules": ["query", "key", "value", "dense"]}  # "dense" includes the 16-bit pooler
+LORA_TARGETS = LoraPlan.uncounted("sequence-classification", ["query", "key", "value", "dense"], ["classifier"])  # "dense" includes the 16-bit pooler
 
 
 def _lora_cfg(dropout: float):
@@ -270,8 +270,8 @@ def test_the_train_stage_trains_alike_with_one_flat_optimizer_tensor(project, mo
         r = load_recipe(str(write_recipe(project / "r.yaml", recipe)), [f"work_dir={project / f'work-{flat}'}"])
         p = stages_before_training(r, r.work_dir)
         trained = train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization, r.train, work_dir=r.work_dir)
-        assert trained["steps"] == 6
-        adapters[flat] = load_file(Path(trained["dir"], trained["adapter"], "adapter_model.safetensors"))
+        assert trained.steps == 6
+        adapters[flat] = load_file(trained.weights_dir / "adapter_model.safetensors")
     assert adapters[True].keys() == adapters[False].keys() and len(adapters[True]) > 20
     for name, value in adapters[False].items():
         assert torch.equal(adapters[True][name], value), name
@@ -534,8 +534,7 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
 # LoRA r=8 on every linear layer of a Llama, no dropout (so two runs compute the same thing).
 _LORA_R8 = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
                            lora_dropout=0.0)
-_ALL_LINEAR = {"task": "causal-lm", "modules_to_save": [],
-               "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
+_ALL_LINEAR = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])
 
 
 def _seed_lora_weights(model, scale: float) -> None:

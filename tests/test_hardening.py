@@ -199,7 +199,8 @@ def test_refused_run_leaves_nothing(project, capsys):
 
 def test_new_user_data_options(project, capsys):
     """data.encoding, data.column_names and data.files make the files above usable."""
-    from qlora.tasks.data import clean, read_source, required_columns
+    from qlora.tasks.data import read_source, required_columns
+    from qlora.tasks.load import clean
     from qlora.tasks.recipe import recipe_from_dict
 
     latin = project / "latin.csv"

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from qlora.tasks.batches import batch_order
 from qlora.tasks.merge import merge
-from qlora.tasks.model import plan_lora, quantize
+from qlora.tasks.lora_plan import plan_lora
+from qlora.tasks.quantize import quantize
 from qlora.tasks.recipe import LoraSection, RecipeError, recipe_from_dict
 from qlora.tasks.train import train
 from qlora.tasks.training.loading import load_base
@@ -33,11 +34,11 @@ def _train(p, work_dir, on_checkpoint=None, **train_overrides):
 
 
 def _adapter(result) -> dict[str, torch.Tensor]:
-    return load_file(Path(result["dir"]) / result["adapter"] / "adapter_model.safetensors")
+    return load_file(Path(result.dir) / result.adapter / "adapter_model.safetensors")
 
 
 def _history(result) -> list[dict]:
-    return [json.loads(line) for line in (Path(result["dir"]) / result["history"]).read_text().splitlines()]
+    return [json.loads(line) for line in (Path(result.dir) / result.history).read_text().splitlines()]
 
 
 def test_head_stays_out_of_quantization(prepared):
@@ -51,12 +52,12 @@ def test_head_stays_out_of_quantization(prepared):
 
 def test_lora_targets_resolved_and_counted(prepared):
     lora = prepared["lora"]
-    assert lora["target_modules"] == ["query", "value"] and lora["modules_to_save"] == ["classifier"]
+    assert lora.target_modules == ["query", "value"] and lora.modules_to_save == ["classifier"]
     # 6 layers x 2 targets x r*(384+384), plus the 3-class head (384*3 + 3)
-    assert lora["trainable_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 3 + 3
+    assert lora.trainable_params == 6 * 2 * 8 * (384 + 384) + 384 * 3 + 3
     all_linear = plan_lora.fn(prepared["model"], LoraSection(target_modules="all-linear"), ["a", "b"],
                                 work_dir=prepared["work"])
-    assert all_linear["target_modules"] == ["dense", "key", "query", "value"]
+    assert all_linear.target_modules == ["dense", "key", "query", "value"]
     with pytest.raises(RecipeError, match=r"\['q_proj'\] match no linear layer") as e:
         plan_lora.fn(prepared["model"], LoraSection(target_modules=["query", "q_proj"]), ["a", "b"],
                        work_dir=prepared["work"])
@@ -131,7 +132,7 @@ def test_two_seeded_runs_are_identical(prepared, tmp_path):
     assert [h.get("train_loss") for h in _history(a)] == [h.get("train_loss") for h in _history(b)]
     for k, v in _adapter(a).items():
         assert torch.equal(v, _adapter(b)[k]), k
-    assert a["steps"] == 8 and _history(a)[-1]["step"] == 8
+    assert a.steps == 8 and _history(a)[-1]["step"] == 8
 
 
 @pytest.mark.slow
@@ -157,7 +158,7 @@ def test_interrupted_training_resumes_exactly(prepared, tmp_path):
     assert not [p for p in (tmp_path / "resumed" / "train").iterdir() if not p.name.endswith(".partial")], \
         "no completed-looking directory after a crash"
     resumed = _train(prepared, tmp_path / "resumed")
-    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 8
+    assert resumed.resumed_from_step == 4 and resumed.steps == 8
     h_straight, h_resumed = _history(straight), _history(resumed)
     assert [h["step"] for h in h_resumed] == [h["step"] for h in h_straight]
     for x, y in zip(h_straight, h_resumed):
@@ -193,8 +194,8 @@ def test_out_of_memory_keeps_a_checkpoint_says_what_to_set_and_resumes(prepared,
     assert len(partial) == 1 and (partial[0] / "checkpoint-0000002").is_dir()
     monkeypatch.setattr(step, "forward_backward", real)
     resumed = _train(prepared, tmp_path, save_steps=1000, max_memory_gib=4.0)
-    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 8
-    assert resumed["memory_plan"]["micro_batch"] * resumed["memory_plan"]["accumulation"] == 16
+    assert resumed.resumed_from_step == 2 and resumed.steps == 8
+    assert resumed.memory_plan["micro_batch"] * resumed.memory_plan["accumulation"] == 16
 
 
 def test_merge_dequantized_matches_adapter(prepared, tmp_path):
@@ -206,11 +207,11 @@ def test_merge_dequantized_matches_adapter(prepared, tmp_path):
     trained = _train(prepared, tmp_path)
     q = prepared["recipe"].quantization
     merged = merge.fn(trained, prepared["quantized"], q, "dequantized", "float32", work_dir=str(tmp_path))
-    model_dir = Path(merged["dir"]) / "model"
+    model_dir = Path(merged.dir) / "model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     config = json.loads((model_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["id2label"]["1"] == "rotten"
-    labels = trained["label_names"]
+    labels = trained.label_names
     adapter_model = load_for_eval(trained, prepared["quantized"], q, labels)
     assert isinstance(adapter_model, PeftModel)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -231,11 +232,11 @@ def test_8bit_and_unquantized_bases_train_with_paged_optimizers(prepared, tmp_pa
     """The same recipe with an 8-bit base, or none (plain LoRA), and bitsandbytes' paged optimizers."""
     r = recipe_from_dict(small_recipe(quantization=quantization, train={"optim": optim, "max_steps": 2}))
     work = str(tmp_path)
-    labels = prepared["tokenized"]["label_names"]
+    labels = prepared["tokenized"].label_names
     quantized = quantize.fn(prepared["model"], r.quantization, labels, r.train.seed, work_dir=work)
-    assert quantized["quantized"] == (r.quantization.mode == "8bit")
+    assert quantized.quantized == (r.quantization.mode == "8bit")
     result = train.fn(prepared["tokenized"], quantized, prepared["lora"], r.lora, r.quantization, r.train, work_dir=work)
-    assert result["steps"] == 2 and result["final_train_loss"] > 0
+    assert result.steps == 2 and result.final_train_loss > 0
 
 
 def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
@@ -245,11 +246,11 @@ def test_gradients_still_reach_every_layer_after_a_validation_pass(prepared):
     from qlora.tasks.training.lora import model_for_training
 
     r = prepared["recipe"]
-    model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization),
+    model = model_for_training(load_base(prepared["quantized"], prepared["tokenized"].label_names, r.quantization),
                                prepared["lora"], r.lora, True, False)
     from datasets import load_from_disk
 
-    ds = load_from_disk(f"{prepared['tokenized']['dir']}/dataset")["train"]
+    ds = load_from_disk(f"{prepared['tokenized'].dir}/dataset")["train"]
     batch = collate([ds[i] for i in range(4)], 0, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
@@ -268,8 +269,8 @@ def test_encoder_rows_rounded_up_to_a_multiple_of_8_give_the_same_logits(prepare
     from qlora.tasks.batches import collate
 
     r = prepared["recipe"]
-    model = load_base(prepared["quantized"], prepared["tokenized"]["label_names"], r.quantization).eval()
-    ds = load_from_disk(f"{prepared['tokenized']['dir']}/dataset")["train"]
+    model = load_base(prepared["quantized"], prepared["tokenized"].label_names, r.quantization).eval()
+    ds = load_from_disk(f"{prepared['tokenized'].dir}/dataset")["train"]
     long_rows = [ds[i] for i in range(len(ds)) if len(ds[i]["input_ids"]) >= 45][:4]
     rows = [dict(row, input_ids=row["input_ids"][:n], length=n) for row, n in zip(long_rows, (13, 21, 30, 45))]
     plain, rounded = collate(rows, 0, torch.device("cpu")), collate(rows, 0, torch.device("cpu"), multiple_of=8)
@@ -290,7 +291,7 @@ def test_training_path_matches_the_plain_peft_path(prepared):
     from qlora.tasks.training.lora import keep_4bit_layers_trainable, lora_config, model_for_training
 
     r = prepared["recipe"]
-    labels = prepared["tokenized"]["label_names"]
+    labels = prepared["tokenized"].label_names
     torch.manual_seed(1)
     ours = model_for_training(load_base(prepared["quantized"], labels, r.quantization), prepared["lora"], r.lora,
                               True, True)
@@ -298,7 +299,7 @@ def test_training_path_matches_the_plain_peft_path(prepared):
     plain = prepare_model_for_kbit_training(load_base(prepared["quantized"], labels, r.quantization),
                                             use_gradient_checkpointing=True)
     keep_4bit_layers_trainable(plain)
-    plain = get_peft_model(plain, lora_config(prepared["lora"], r.lora))
+    plain = get_peft_model(plain, lora_config(prepared["lora"].task, prepared["lora"].target_modules, prepared["lora"].modules_to_save, r.lora))
     assert all(p.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     ids = torch.randint(1000, 20000, (4, 24), generator=generator)

@@ -4,7 +4,6 @@ engine and the stages share it.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +12,8 @@ from qlora.tasks.recipe import QuantizationSection, RecipeError
 
 if TYPE_CHECKING:  # torch is imported where it is used: a cached run never needs it
     import torch
+
+    from qlora.tasks.results import Quantized
 
 # Output heads: never LoRA targets (a classification head is trained fully; a causal LM's lm_head is
 # often tied to its input embeddings). They, and an encoder's pooler, stay out of quantization (4-bit
@@ -129,22 +130,18 @@ def copy_tokenizer(src: str, dst: Path) -> None:
             shutil.copy2(Path(src) / name, dst / name)
 
 
-def quantized_path(quantized: dict) -> str:
-    return os.path.join(quantized["dir"], quantized["path"]) if quantized["quantized"] else quantized["path"]
-
-
-def load_base(quantized: dict, label_names: list[str], q: QuantizationSection, attention: str | None = None,
+def load_base(quantized: Quantized, label_names: list[str], q: QuantizationSection, attention: str | None = None,
               on_cpu: bool = False):
     """The base exactly as quantize saved it (or the original, unquantized, with the seed set before).
     on_cpu: into CPU memory (a sharded run moves each layer's shard to its GPU)."""
-    path = quantized_path(quantized)
+    path = quantized.model_path
     dtype = dtype_of(q.bnb_4bit_compute_dtype)
     try:
-        return load_model(path, quantized["task"], label_names, dtype, attention=attention, on_cpu=on_cpu)
+        return load_model(path, quantized.task, label_names, dtype, attention=attention, on_cpu=on_cpu)
     except (ValueError, ImportError) as e:
         if not attention or attention in ("sdpa", "eager") or "attn" not in str(e).lower():
             raise
         import warnings
 
         warnings.warn(f"train.attention: {attention} is not available for this model here ({e}); using sdpa")
-        return load_model(path, quantized["task"], label_names, dtype, attention="sdpa", on_cpu=on_cpu)
+        return load_model(path, quantized.task, label_names, dtype, attention="sdpa", on_cpu=on_cpu)

@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qlora.tasks.recipe import LoraSection
+    from qlora.tasks.results import LoraPlan
 
 
-def lora_config(resolved: dict, cfg: LoraSection):
+def lora_config(task: str, target_modules: list[str], modules_to_save: list[str], cfg: LoraSection):
     from peft import LoraConfig, TaskType
 
-    task_type = TaskType.CAUSAL_LM if resolved.get("task") == "causal-lm" else TaskType.SEQ_CLS
+    task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS
     return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(resolved["target_modules"]), bias=cfg.bias, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=list(resolved["modules_to_save"]))  # peft extends it in place
+                      target_modules=list(target_modules), bias=cfg.bias, use_dora=cfg.use_dora,
+                      use_rslora=cfg.use_rslora, modules_to_save=list(modules_to_save))  # a copy: peft extends it in place
 
 
 def keep_4bit_layers_trainable(model) -> None:
@@ -65,7 +66,7 @@ def draw_adapter_weights(model, seed: int) -> None:
                 p.copy_(drawn)
 
 
-def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
+def model_for_training(base, lora: LoraPlan, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
     """The base with LoRA attached (only the adapters and the head train), or, for full
     fine-tuning, the base itself with every weight trainable.
 
@@ -85,7 +86,7 @@ def model_for_training(base, resolved: dict, cfg: LoraSection, quantized: bool, 
         base.requires_grad_(True)
         model = base
     else:
-        model = get_peft_model(base, lora_config(resolved, cfg))
+        model = get_peft_model(base, lora_config(lora.task, lora.target_modules, lora.modules_to_save, cfg))
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()

@@ -9,6 +9,7 @@ import math
 import warnings
 
 from qlora.tasks.recipe import DistributedSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.results import LoraPlan
 from qlora.tasks.training import distributed, fsdp, kernels, loading, memory
 from qlora.tasks.training.distributed import World
 
@@ -29,7 +30,7 @@ def training_processes(launch: DistributedSection) -> int:
     return processes
 
 
-def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: dict,
+def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
                         launch: DistributedSection | None = None, with_estimate: bool = False,
                         dropout: bool = False) -> dict | None:
@@ -57,7 +58,7 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     return {**plan, "strategy": strategy}
 
 
-def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, max_length: int | None, causal: bool,
+def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, max_length: int | None, causal: bool,
                 fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False,
                 dropout: bool = False) -> dict:
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
@@ -78,7 +79,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
 
     def estimate(micro: int, checkpointed: int, offload: bool) -> int:
         return memory.estimate_memory(
-            config, weight_bits=bits, trainable_params=lora["trainable_params"], optim=cfg.optim, tokens=micro * seq,
+            config, weight_bits=bits, trainable_params=lora.trainable_params, optim=cfg.optim, tokens=micro * seq,
             gradient_checkpointing=checkpointed > 0, checkpointed_layers=checkpointed, offload=offload,
             fused_ce=fused_ce, causal=causal, shards=shards, dropout=dropout)["peak"]
     if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
@@ -94,7 +95,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: dict, m
                           hint="raise the budget, shorten tokenize.max_length, or use a paged 8-bit optimizer") from None
 
 
-def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: dict,
+def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan,
                       max_length: int | None, causal: bool, fused_ce: bool, dev, dropout: bool = False) -> str:
     """distributed.strategy for this run (tasks.training.fsdp.choose_strategy). auto: DDP when every
     GPU can hold the whole model and its training state, by the memory estimate of the DDP plan

@@ -17,9 +17,10 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from qlora.runtime import signals
 from qlora.runtime.progress import bar as progress_bar
@@ -27,6 +28,7 @@ from qlora.tasks.batches import batch_order, collate, collate_lm, pack, pad_toke
 from qlora.tasks.inference import accuracy, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
 from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.results import LoraPlan, Quantized, Tokenized, Trained
 from qlora.tasks.tracking import Tracker
 from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, loading, memory, plan
 from qlora.tasks.training import optimizer as optimizers
@@ -36,6 +38,27 @@ from qlora.tasks.training.distributed import World
 from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
 
 # torch is imported where it is used: a cached run never needs it.
+
+
+class TrainingSpec(BaseModel):
+    """Everything a training run needs, as the train stage gives it: the upstream stages' results
+    and the recipe's sections (JSON on disk for torchrun's workers)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tokenized: Tokenized
+    quantized: Quantized
+    lora: LoraPlan
+    lora_cfg: LoraSection
+    q: QuantizationSection
+    cfg: TrainSection
+    packing: bool = False
+    max_length: Optional[int] = None
+    pad_to_max_length: bool = False
+    run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    """Where training logs live; None in a spec on disk when the URI carries credentials (the
+    workers take it from their environment)."""
+    strategy: str = "auto"
+    cpu_offload: bool = False
 # What the loop logs per step (MLflow metric names).
 TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
                     "eval_loss", "eval_accuracy"]
@@ -65,21 +88,21 @@ class TrainingRun:
     """One training run's state: its data, model, optimizer and progress, and the steps of the stage
     as methods (setup_model, resume, loop, save), so no closure shares mutable state."""
 
-    def __init__(self, tokenized: dict, quantized: dict, lora: dict, lora_cfg: LoraSection, q: QuantizationSection,
-                 cfg: TrainSection, packing: bool, max_length: int | None, pad_to_max_length: bool,
-                 tracker: Tracker, scratch: Path, world: World = World()):
+    def __init__(self, spec: TrainingSpec, tracker: Tracker, scratch: Path, world: World = World()):
         from datasets import load_from_disk
         from transformers import AutoTokenizer
 
-        self.quantized, self.lora, self.lora_cfg, self.q, self.cfg = quantized, lora, lora_cfg, q, cfg
+        self.quantized, self.lora, self.lora_cfg, self.q = spec.quantized, spec.lora, spec.lora_cfg, spec.q
+        self.cfg = cfg = spec.cfg
+        packing, max_length = spec.packing, spec.max_length
         self.scratch, self.dev, self.world = scratch, loading.device(), world
         self.tracker = tracker if world.main else Tracker(None, None)  # rank 0 alone talks to MLflow
-        self.label_names = tokenized["label_names"]
-        data = load_from_disk(str(Path(tokenized["dir"]) / "dataset"))
+        self.label_names = spec.tokenized.label_names
+        data = load_from_disk(str(spec.tokenized.dataset_dir))
         self.train_ds, self.val_ds = data["train"], data["validation"]
-        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(quantized["original_path"]))
-        self.causal = quantized["task"] == loading.CAUSAL
-        self.width = max_length if pad_to_max_length else None
+        self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(self.quantized.original_path))
+        self.causal = self.quantized.task == loading.CAUSAL
+        self.width = max_length if spec.pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
         lengths = self.train_ds["length"]
         self.units = pack(lengths, max_length, cfg.seed) if packing else [[i] for i in range(len(self.train_ds))]
@@ -112,7 +135,7 @@ class TrainingRun:
             layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
             scoped.enter_context(kernels.liger_kernels(base, layer_kernels))
             fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
-        model = model_for_training(base, self.lora, self.lora_cfg, self.quantized["quantized"],
+        model = model_for_training(base, self.lora, self.lora_cfg, self.quantized.quantized,
                                    plan["gradient_checkpointing"])
         if plan.get("checkpointed_layers") is not None:  # the budget's plan: only as many as it needs
             checkpoint_some_layers(model, plan["checkpointed_layers"])
@@ -332,21 +355,21 @@ class TrainingRun:
         return memory.OutOfMemory.at_step(step, self.plan, peak, (free_at_start or 0) / memory.GIB, self.cfg.max_memory_gib,
                                   resumable=step > 0 and not self.sharded)
 
-    def save(self, out: Path, peak_bytes: int) -> dict:
+    def save(self, out: Path, peak_bytes: int) -> Trained | None:
         """LoRA: the adapter (small, needs the base); full fine-tuning: the whole model. And the
-        stage's result: counts, speed, memory and the plan. Rank 0 writes (the others return {});
+        stage's result: counts, speed, memory and the plan. Rank 0 writes (the others return None);
         sharded, every rank first sends its shards of the trained weights."""
         weights = fsdp.full_trainable_weights(self.model) if self.sharded else None
         if not self.world.main:
-            return {}
+            return None
         p = self.progress
         artifact = "adapter" if self.lora_cfg.enabled else "model"
         self.model.save_pretrained(out / artifact, **({"state_dict": weights} if weights is not None else {}))
-        loading.copy_tokenizer(self.quantized["original_path"], out / artifact)
+        loading.copy_tokenizer(self.quantized.original_path, out / artifact)
         shutil.copy2(self.history, out / "history.jsonl")
         history = [json.loads(line) for line in self.history.read_text().splitlines()]
         train_losses = [h["train_loss"] for h in history if "train_loss" in h]
-        return {
+        return Trained(**{
             artifact: artifact, "history": "history.jsonl", "steps": p.step, "resumed_from_step": self.resumed_at,
             "train_runtime_s": round(p.elapsed_s, 3), "train_samples": p.samples, "train_tokens": p.tokens,
             "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
@@ -354,9 +377,9 @@ class TrainingRun:
             "distributed": self.strategy,  # none, ddp or fsdp
             **training_state_bytes(self.model, self.optimizer),
             "final_train_loss": train_losses[-1] if train_losses else None,
-            "trainable_params": self.lora["trainable_params"], "trainable_percent": self.lora["trainable_percent"],
+            "trainable_params": self.lora.trainable_params, "trainable_percent": self.lora.trainable_percent,
             "label_names": self.label_names, "fast_paths": self.fast_paths, "memory_plan": self.plan,
-        }
+        })
 
 
 class Clock:
@@ -394,26 +417,23 @@ def training_steps(steps_per_epoch: int, cfg: TrainSection) -> int:
     return max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
 
 
-def run_training(spec: dict, out: Path, scratch: Path, world: World = World(),
-                 on_checkpoint: Callable[[int], None] | None = None, warn: Callable[[str], None] = print) -> dict:
+def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = World(),
+                 on_checkpoint: Callable[[int], None] | None = None, warn: Callable[[str], None] = print) -> Trained | None:
     """One training run from its spec (the train stage's inputs, as JSON-able values): in the stage's
-    own process, or in each torchrun worker. Returns rank 0's result ({} on the other ranks)."""
+    own process, or in each torchrun worker. Returns rank 0's result (None on the other ranks)."""
     import torch
     from transformers import AutoConfig
 
     from qlora.tasks.measure import PeakMemory
 
-    q = QuantizationSection.model_validate(spec["q"])
-    cfg, lora_cfg = TrainSection.model_validate(spec["cfg"]), LoraSection.model_validate(spec["lora_cfg"])
-    quantized, lora, max_length = spec["quantized"], spec["lora"], spec["max_length"]
-    run = TrainingRun(spec["tokenized"], quantized, lora, lora_cfg, q, cfg, spec["packing"], max_length,
-                      spec["pad_to_max_length"], Tracker(spec["tracking_uri"], spec["run_id"], background=True), scratch, world)
-    config = AutoConfig.from_pretrained(loading.quantized_path(quantized))
+    q, cfg, lora_cfg, lora, max_length = spec.q, spec.cfg, spec.lora_cfg, spec.lora, spec.max_length
+    run = TrainingRun(spec, Tracker(spec.tracking_uri, spec.run_id, background=True), scratch, world)
+    config = AutoConfig.from_pretrained(spec.quantized.model_path)
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
-    run.strategy = plan.training_strategy(spec.get("strategy", "auto"), world, config, cfg, q, lora, max_length,
+    run.strategy = plan.training_strategy(spec.strategy, world, config, cfg, q, lora, max_length,
                                      run.causal, fast["liger"], run.dev, dropout)
-    run.cpu_offload = bool(spec.get("cpu_offload"))
+    run.cpu_offload = spec.cpu_offload
     run.plan = plan.memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
                            sharded=run.sharded, dropout=dropout)
     free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
@@ -448,10 +468,11 @@ RESULT_FILE, ERROR_FILE, STARTED_FILE = "worker-result.json", "worker-error-{ran
 
 def worker_main(spec_path: str) -> int:
     signals.install()  # SIGTERM from the agent: checkpoint at the step boundary, then exit
-    spec = json.loads(Path(spec_path).read_text())
+    on_disk = json.loads(Path(spec_path).read_text())
+    scratch, out = Path(on_disk.pop("scratch")), Path(on_disk.pop("out"))
+    spec = TrainingSpec.model_validate(on_disk)
     # A URI with credentials comes from the launching node's environment, never from the spec on disk.
-    spec["tracking_uri"] = os.environ.get("QLORA_WORKER_TRACKING_URI") or spec.get("tracking_uri")
-    scratch, out = Path(spec["scratch"]), Path(spec["out"])
+    spec = spec.model_copy(update={"tracking_uri": os.environ.get("QLORA_WORKER_TRACKING_URI") or spec.tracking_uri})
     world = distributed.init_from_env()  # after the rendezvous: every node is there
     (scratch / ERROR_FILE.format(rank=world.rank)).unlink(missing_ok=True)  # a restarted attempt's own
     if world.main:
@@ -460,7 +481,7 @@ def worker_main(spec_path: str) -> int:
     try:
         result = run_training(spec, out, scratch, world, warn=lambda text: print(text, file=sys.stderr, flush=True))
         if world.main:
-            (scratch / RESULT_FILE).write_text(json.dumps(result))
+            (scratch / RESULT_FILE).write_text(result.model_dump_json())
         failed = False
         return 0
     except (RecipeError, memory.OutOfMemory) as e:
