@@ -5,8 +5,8 @@
   (`prefect worker start --pool NAME`) runs it. `prefect.yaml` at the repository root does the same
   for `prefect deploy`.
 
-The recipe travels as the deployment's parameter, validated and with its paths made absolute, so a
-run finds the same data, work directory and tracking store whatever directory it starts in. Each
+The deployment's parameters are the recipe file and `--set` overrides that make its paths absolute,
+so a run finds the same data, work directory and tracking store whatever directory it starts in. Each
 run fingerprints its data: unchanged data and recipe are cache hits end to end; changed data
 retrains and the candidate is promoted only if it beats the champion (tracking.promotion).
 """
@@ -17,6 +17,7 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+from qlora.runtime.secrets import holds_secret, reveal
 from qlora.tasks.recipe import Recipe, RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,40 +59,48 @@ def prefect_api_url() -> str:
     return url
 
 
-def pinned(recipe: Recipe, promote: bool) -> dict:
-    """The recipe as a deployment parameter: local paths absolute, the tracking store named, and
-    promotion on unless turned off."""
+def pinned(recipe: Recipe, overrides: list[str], promote: bool) -> list[str]:
+    """The deployment's `--set` overrides: the user's, then the local paths made absolute, the
+    tracking store named and promotion on unless turned off, so a run finds the same data, work
+    directory and store whatever directory it starts in. Credentials never travel here (Prefect
+    stores a deployment's parameters): they stay in the recipe file or the runs' environment."""
     from qlora.tasks.tracking import tracking_uri_of
 
-    raw = recipe.model_dump(mode="json")
-    for section, key in (("data", "path"), ("model", "name_or_path")):
-        value = raw[section].get(key)
+    pins = list(overrides)
+    for field, value in (("data.path", reveal(recipe.data.path)), ("model.name_or_path", reveal(recipe.model.name_or_path))):
         if value and not value.startswith("package:") and Path(value).exists():
-            raw[section][key] = str(Path(value).resolve())
-    raw["work_dir"] = str(Path(recipe.work_dir).resolve())
-    raw["tracking"]["tracking_uri"] = tracking_uri_of(recipe)
+            pins.append(f"{field}={Path(value).resolve()}")
+    pins.append(f"work_dir={Path(recipe.work_dir).resolve()}")
+    uri = tracking_uri_of(recipe)
+    if recipe.tracking.tracking_uri is None and not holds_secret(uri):  # else the file or the environment names it
+        pins.append(f"tracking.tracking_uri={uri}")
     if promote:
-        raw["tracking"]["promotion"]["enabled"] = True
-    return raw
+        pins.append("tracking.promotion.enabled=true")
+    for text in pins:
+        if holds_secret(text):
+            raise RecipeError("carries credentials, which a deployment would store in Prefect's parameters",
+                              f"--set {text.split('=', 1)[0]}",
+                              hint="put them in the recipe file, or in the environment of the process that runs "
+                                   "the deployment (e.g. MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
+    return pins
 
 
-def deploy(recipe: Recipe, recipe_file: str, name: str | None, cron: str | None, interval: float | None,
-           pool: str | None, promote: bool = True, limit: int = 1) -> str | None:
-    """Serve (blocks until interrupted) or register with a work pool (returns the deployment id)."""
+def deploy(recipe: Recipe, recipe_file: str, overrides: list[str], name: str | None, cron: str | None,
+           interval: float | None, pool: str | None, promote: bool = True, limit: int = 1) -> str | None:
+    """Serve (blocks until interrupted) or register with a work pool (returns the deployment id). Each
+    run reads the recipe file with the pinned overrides, as `qlora run FILE --set ...` would."""
     from qlora.flows.finetune import finetune
     from qlora.tasks.evaluate import check_promotion
+    from qlora.tasks.recipe import load_recipe
 
     check_schedule(cron, interval)
-    raw = pinned(recipe, promote)
-    from qlora.tasks.recipe import recipe_from_dict
-
-    check_promotion(recipe_from_dict(raw, recipe_file))
+    pins = pinned(recipe, overrides, promote)
+    check_promotion(load_recipe(recipe_file, pins))
     prefect_api_url()
     name = name or recipe.name
-    from qlora.runtime import secrets
+    from qlora.tasks.recipe import find_recipe
 
-    parameters = {"recipe": secrets.redact(raw), "recipe_file": str(Path(recipe_file).resolve())}
-    secrets.share_with_children()  # the runs `serve` starts restore them; a work pool's worker cannot
+    parameters = {"recipe_file": str(find_recipe(recipe_file).resolve()), "overrides": pins}
     schedule = {"cron": cron} if cron else {"interval": timedelta(seconds=interval)}
     description = f"{recipe.name}: {recipe.description or ''} (recipe {recipe_file})"
     tags = ["qlora", recipe.name]

@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from qlora.flows.finetune import finetune
 from qlora.runtime import secrets
 from qlora.tasks import tracking
-from qlora.tasks.recipe import RecipeError, apply_overrides, recipe_from_dict
+from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
 
 METHOD_COLUMNS = ["method", "learning_rate", "trainable_params", "trainable_percent", "weights_mb", "gradients_mb",
                   "optimizer_state_mb", "train_peak_memory_mb", "train_runtime_s", "samples_per_s", "accuracy",
@@ -56,6 +56,11 @@ def expand_grid(recipe: dict, grid: dict[str, list], file: str | None = None) ->
     return trials
 
 
+def _revealed(r: Recipe) -> dict:
+    """The recipe as a dict to derive variants from, kept in this process: its secrets included."""
+    return r.model_dump(mode="json", context=secrets.REVEALING)
+
+
 def _yaml(value: Any) -> str:
     import yaml
 
@@ -82,45 +87,45 @@ def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path
 
 
 @flow(name="qlora-compare-methods", persist_result=False)
-def compare_methods(recipe: dict, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
-    r = recipe_from_dict(secrets.restore(recipe), recipe_file)
+def compare_methods(recipe: Recipe, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
+    r = recipe
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-methods", {"qlora.kind": "method-comparison"})
     status = "FAILED"
     try:
         rows = []
-        for method, variant in method_recipes(recipe, full_learning_rate).items():
-            summary = finetune(variant, recipe_file, parent_run_id=parent)
+        for method, variant in method_recipes(_revealed(r), full_learning_rate).items():
+            summary = finetune(recipe_from_dict(variant, recipe_file), recipe_file, parent_run_id=parent)
             rows.append({"method": method, "learning_rate": variant["train"].get("learning_rate", r.train.learning_rate),
                          **_row(summary)})
         table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
         _log_table(uri, parent, table, "methods", Path(r.work_dir) / "reports")
         status = "FINISHED"
-        return {"run_id": parent, "tracking_uri": uri, "table": table.to_dict(orient="records")}
+        return {"run_id": parent, "tracking_uri": secrets.mask(uri), "table": table.to_dict(orient="records")}
     finally:
         tracking.end_run(uri, parent, status)
 
 
 @task(name="trial", cache_policy=NO_CACHE, persist_result=False)
-def trial(recipe: dict, recipe_file: Optional[str], parent: str) -> dict:
+def trial(recipe: Recipe, recipe_file: Optional[str], parent: str) -> dict:
     return finetune(recipe, recipe_file, parent_run_id=parent)
 
 
 @flow(name="qlora-sweep", persist_result=False)
-def sweep(recipe: dict, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
-    r = recipe_from_dict(secrets.restore(recipe), recipe_file)
-    trials = expand_grid(recipe, grid, recipe_file)
+def sweep(recipe: Recipe, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
+    r = recipe
+    trials = expand_grid(_revealed(r), grid, recipe_file)
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-sweep", {"qlora.kind": "sweep",
                                                                     "qlora.sweep_fields": ",".join(grid)})
     status = "FAILED"
     try:
-        futures = [trial.submit(t, recipe_file, parent) for _, t in trials]
+        futures = [trial.submit(recipe_from_dict(t, recipe_file), recipe_file, parent) for _, t in trials]
         rows = [{**params, **_row(f.result())} for (params, _), f in zip(trials, futures)]
         table = pd.DataFrame(rows)
         _log_table(uri, parent, table, "sweep", Path(r.work_dir) / "reports")
         status = "FINISHED"
-        return {"run_id": parent, "tracking_uri": uri, "table": table.to_dict(orient="records")}
+        return {"run_id": parent, "tracking_uri": secrets.mask(uri), "table": table.to_dict(orient="records")}
     finally:
         tracking.end_run(uri, parent, status)
 

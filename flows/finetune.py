@@ -39,10 +39,11 @@ if TYPE_CHECKING:
 
 
 @flow(name="qlora-finetune", persist_result=False)
-def finetune(recipe: Optional[dict] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
+def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None, parent_run_id: Optional[str] = None,
              overrides: Optional[list[str]] = None) -> dict[str, Any]:
-    """One pipeline run, of a recipe as a dict, or read from recipe_file with `--set`-style overrides (as
-    prefect.yaml's deployments give it). parent_run_id nests its MLflow run under a comparison or sweep."""
+    """One pipeline run, of a validated recipe, or of recipe_file read with `--set`-style overrides (as
+    deployments give it). parent_run_id nests its MLflow run under a comparison or sweep. Prefect
+    keeps the recipe's JSON as the flow run's parameters: its secret-bearing fields are masked there."""
     r = _recipe(recipe, recipe_file, overrides)
     run = StageRunner(r.work_dir, r.name)
     signals.install()  # ours, not Prefect's: training stops at a step boundary, with a checkpoint
@@ -137,18 +138,20 @@ def _end_run(uri: str, run_id: str, status: str) -> None:
         tracking.log.warning("MLflow: %s", e)
 
 
-def _recipe(recipe: dict | None, recipe_file: str | None, overrides: list[str] | None) -> Recipe:
+def _recipe(recipe: Recipe | None, recipe_file: str | None, overrides: list[str] | None) -> Recipe:
     if recipe is None:
         if recipe_file is None:
             raise RecipeError("give a recipe or a recipe_file", "recipe")
         return load_recipe(recipe_file, overrides or [])
-    raw = secrets.restore(recipe)  # the parameters shown in Prefect carry placeholders, not secrets
-    return recipe_from_dict(apply_overrides(raw, overrides) if overrides else raw, recipe_file)
+    if not overrides:
+        return recipe
+    return recipe_from_dict(apply_overrides(recipe.model_dump(mode="json", context=secrets.REVEALING), overrides),
+                            recipe_file)
 
 
 def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
-    fields = recipe.model_dump(mode="json", exclude={"tracking": True, "work_dir": True, "description": True,
+    fields = recipe.model_dump(mode="json", context=secrets.REVEALING, exclude={"tracking": True, "work_dir": True, "description": True,
                                                      "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
     return hash_value({"recipe": fields, "data": source.hash, "model": model.hash})
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from qlora.runtime import signals
 from qlora.runtime.errors import RecipeError
-from qlora.runtime.secrets import redact, redact_text
+from qlora.runtime.secrets import REVEALING, mask
 from qlora.runtime.startup import collector_paused, thaw
 from qlora.servers import free_port, logged_process, wait_healthy
 from qlora.tasks.training.memory import OutOfMemory
@@ -299,7 +299,7 @@ def _summary(result: dict) -> str:
     lines.append(f"adapter: {result.get('adapter_package') or result['adapter_dir']}")
     if "merged_dir" in result:
         lines.append(f"merged model: {result['merged_dir']}")
-    uri = redact_text(result["tracking_uri"])
+    uri = mask(result["tracking_uri"])
     lines.append(f"MLflow run: {result['run_id']} ({uri})")
     lines.append(f"  browse: mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)
@@ -470,7 +470,7 @@ def _recipe_command(args, recipe: Recipe) -> int:
     info = validate(recipe)
     print(f"{args.recipe}: ok")
     for k, v in info.items():
-        print(f"  {k}: {v}")
+        print(f"  {k}: {mask(v)}")
     return 0
 
 
@@ -494,7 +494,7 @@ def _run(args) -> int:
                 server.wait()
             starting.close()
             with _without_heartbeats() if server else contextlib.nullcontext():
-                result = finetune(redact(recipe.model_dump(mode="json")), str(Path(args.recipe).resolve()))
+                result = finetune(recipe, str(Path(args.recipe).resolve()))
         finally:
             starting.close()
             thaw()
@@ -537,7 +537,6 @@ def _experiment(args, recipe: Recipe) -> int:
     from qlora.tasks.recipe import parse_override
 
     file = str(Path(args.recipe).resolve())
-    raw = redact(recipe.model_dump(mode="json"))
     if args.command == "sweep":
         grid = {}
         for text in args.grid:
@@ -545,7 +544,7 @@ def _experiment(args, recipe: Recipe) -> int:
             grid[".".join(path)] = values
         from qlora.flows.experiments import expand_grid
 
-        trials = expand_grid(raw, grid, args.recipe)  # every trial valid before anything runs
+        trials = expand_grid(recipe.model_dump(mode="json", context=REVEALING), grid, args.recipe)  # all valid first
     server = _prefect_server()
     _preflight(recipe, server)
     from qlora.flows import experiments
@@ -554,10 +553,10 @@ def _experiment(args, recipe: Recipe) -> int:
         server.wait()
     with _without_heartbeats() if server else contextlib.nullcontext():
         if args.command == "methods":
-            result = experiments.compare_methods(raw, file, args.full_learning_rate)
+            result = experiments.compare_methods(recipe, file, args.full_learning_rate)
         else:
             print(f"sweep: {len(trials)} trials, {args.parallel} at a time")
-            result = experiments.sweep_with_workers(max(1, args.parallel))(raw, grid, file)
+            result = experiments.sweep_with_workers(max(1, args.parallel))(recipe, grid, file)
     import pandas as pd
 
     with pd_options():
@@ -576,8 +575,8 @@ def _deploy(args, recipe: Recipe) -> int:
               f"Ctrl-C stops serving", flush=True)
     if args.limit < 1:
         raise RecipeError(f"--limit must be at least 1, got {args.limit}", "--limit")
-    deployment = deploy(recipe, args.recipe, args.name, args.cron, args.interval, args.pool, not args.no_promote,
-                        args.limit)
+    deployment = deploy(recipe, args.recipe, args.overrides, args.name, args.cron, args.interval, args.pool,
+                        not args.no_promote, args.limit)
     if not served:
         print(f"deployment {deployment} on work pool '{args.pool}'; start a worker with: "
               f"prefect worker start --pool {args.pool}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from qlora.runtime.secrets import SecretText
 from qlora.tasks.recipe import Recipe
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
@@ -28,7 +29,8 @@ def type_name(annotation) -> str:
         return f"list of {type_name(args[0])}"
     if origin is dict:
         return f"{{{type_name(args[0])}: {type_name(args[1])}}}"
-    return {str: "string", int: "integer", float: "number", bool: "true \\| false"}.get(annotation, annotation.__name__)
+    return {str: "string", SecretText: "string (credentials masked when shown)", int: "integer", float: "number",
+            bool: "true \\| false"}.get(annotation, annotation.__name__)
 
 
 SHOWN_DEFAULTS = {"name": "the file's stem"}  # filled in when the recipe file is read

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora.runtime.secrets import redact_text
+from qlora.runtime.secrets import mask
 
 if TYPE_CHECKING:
     from qlora.tasks.results import StageResult
@@ -120,7 +120,7 @@ def link_or_note(url: str | None, text: str, key: str, description: str, trackin
     if url:
         link(url, text, key, description)
     else:
-        markdown(f"{text}, in the tracking store `{redact_text(tracking_uri)}`: browse it with `qlora ui`", key,
+        markdown(f"{text}, in the tracking store `{mask(tracking_uri)}`: browse it with `qlora ui`", key,
                  description)
 
 

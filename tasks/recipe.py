@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora.runtime.errors import RecipeError, shorten  # noqa: F401 - RecipeError: imported from here too
+from qlora.runtime.secrets import SecretText
 
 SPLITS = ("train", "validation", "test")
 
@@ -26,7 +27,7 @@ Seed = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
 
 
 class ModelSection(Section):
-    name_or_path: str
+    name_or_path: SecretText
     """A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package); or a
     GGUF file (dequantized once into a cached 16-bit model directory)."""
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
@@ -41,7 +42,7 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    path: Optional[str] = None
+    path: Optional[SecretText] = None
     """A local file or directory (csv, tsv, json, jsonl, parquet, yaml; each optionally .gz or .bz2), or
     `package:NAME/file`. A directory holds train.*, dev.* or validation.*, test.* (else all its files are
     the train split); a YAML conversation corpus gives prompt/response rows."""
@@ -51,7 +52,7 @@ class DataSection(Section):
     """The Hub dataset's configuration name, where it has several."""
     revision: Optional[str] = None
     """The Hub dataset's revision (branch, tag or commit)."""
-    files: Optional[dict[Literal["train", "validation", "test"], Union[str, list[str]]]] = None
+    files: Optional[dict[Literal["train", "validation", "test"], Union[SecretText, list[SecretText]]]] = None
     """Or a file (or list of files) for each split, e.g. {train: a.csv, validation: b.csv, test: c.csv}: a test
     set kept apart. Splits not given are carved out of train (see split)."""
     splits: Optional[dict[Literal["train", "validation", "test"], str]] = None
@@ -457,8 +458,10 @@ def registry_name(value: str | None) -> str | None:
 class TrackingSection(Section):
     experiment_name: str = "qlora"
     """The MLflow experiment the runs go to."""
-    tracking_uri: Optional[str] = None
-    """Default: the local sqlite store under mlflow/ in the current directory."""
+    tracking_uri: Optional[SecretText] = None
+    """Default: the local sqlite store under mlflow/ in the current directory. Credentials in it
+    (`https://user:password@host`) are used, never shown; or give them as MLflow takes them, in
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
     register_models: bool = True
     """Register the adapter and the merged model in the MLflow model registry (each new version gets the alias
     candidate)."""
@@ -480,8 +483,8 @@ class TrackingSection(Section):
 class Recipe(Section):
     name: str
     """Names the MLflow runs and registered models; default: the recipe file's stem."""
-    description: Optional[str] = None
-    """Free text, logged with the run."""
+    description: Optional[str] = Field(None, max_length=20_000)
+    """Free text, logged with the run (at most 20,000 characters)."""
     model: ModelSection
     """The base model."""
     data: DataSection

@@ -52,9 +52,12 @@ class DataSource(Keyed):
     commit: Optional[str] = None
 
     def uri(self) -> str:
+        """Where the data came from, as shown in MLflow and the model cards (credentials masked)."""
+        from qlora.runtime.secrets import mask
+
         if self.hub:
             return f"https://huggingface.co/datasets/{self.hub}"
-        return str(Path(self.files["train"][0]).resolve())
+        return mask(str(Path(self.files["train"][0]).resolve()))
 
 
 # --- stage results, in the order the flow builds them ----------------------------------------------

@@ -32,6 +32,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, ValidationError
 
+from qlora.runtime.secrets import REVEALING
 from qlora.tasks import lineage, store
 from qlora.tasks.results import Keyed, StageResult
 
@@ -40,7 +41,7 @@ def _key_part(value: Any) -> Any:
     if isinstance(value, Keyed):
         return value.hash
     if isinstance(value, BaseModel):  # less the fields that only say how fast (e.g. memory budgets)
-        return value.model_dump(mode="json", exclude=set(getattr(value, "NOT_IN_CACHE_KEY", ())))
+        return value.model_dump(mode="json", context=REVEALING, exclude=set(getattr(value, "NOT_IN_CACHE_KEY", ())))
     if isinstance(value, (list, tuple)):
         return [_key_part(v) for v in value]
     return value

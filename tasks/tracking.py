@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from qlora.runtime.secrets import redact, redact_text
+from qlora.runtime.secrets import mask, reveal
 from qlora.tasks.recipe import Recipe, RecipeError, flatten
 from qlora.tasks.results import Evaluated, Loaded, LoraPlan, Merged, Packaged, Split, Tokenized, Trained
 
@@ -33,7 +33,8 @@ def default_tracking_uri() -> str:
 
 
 def tracking_uri_of(recipe: Recipe) -> str:
-    return recipe.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """The tracking store's URI, credentials included (what MLflow connects with): print `mask(uri)`."""
+    return reveal(recipe.tracking.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def check_tracking(uri: str) -> None:
@@ -41,7 +42,7 @@ def check_tracking(uri: str) -> None:
     field = "tracking.tracking_uri"
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            with urllib.request.urlopen(_health_request(uri), timeout=5) as r:
                 if r.status != 200:
                     raise RecipeError(f"MLflow server at {uri} answered {r.status} to /health", field)
         except (urllib.error.URLError, OSError) as e:
@@ -62,6 +63,25 @@ def check_tracking(uri: str) -> None:
 
 
 _DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET /health of an MLflow server, its credentials (in the URI, as `user:password@`, or in
+    MLFLOW_TRACKING_USERNAME/_PASSWORD, as MLflow takes them) sent as HTTP basic auth, never
+    left in the host name for the resolver."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    user = urllib.parse.unquote(parts.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    headers = {}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.request.Request(url, headers=headers)
 
 
 def _check_database_driver(uri: str, field: str) -> None:
@@ -375,22 +395,22 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 
 def recipe_params(recipe: Recipe) -> dict[str, str]:
-    """The recipe as MLflow parameters: flattened, secrets redacted, each value within MLflow's limit
+    """The recipe as MLflow parameters: flattened, secrets masked, each value within MLflow's limit
     (the logged recipe file has it all)."""
     params = {}
     for k, v in flatten(recipe).items():
-        v = redact_text(v)
+        v = mask(v)
         params[k] = v if len(v) <= MAX_PARAM_CHARS else v[: MAX_PARAM_CHARS - 15] + "...[truncated]"
     return params
 
 
 def recipe_texts(recipe: Recipe, recipe_file: str | None) -> dict[str, str]:
-    """The resolved recipe, and the file it came from, as logged artifacts (secrets redacted)."""
+    """The resolved recipe, and the file it came from, as logged artifacts (secrets masked)."""
     import yaml
 
-    texts = {"recipe/resolved.yaml": yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)}
+    texts = {"recipe/resolved.yaml": mask(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))}
     if recipe_file and Path(recipe_file).is_file():
-        texts[f"recipe/{Path(recipe_file).name}"] = redact_text(Path(recipe_file).read_text(encoding="utf-8"))
+        texts[f"recipe/{Path(recipe_file).name}"] = mask(Path(recipe_file).read_text(encoding="utf-8"))
     return texts
 
 
@@ -502,7 +522,7 @@ class RunRecorder:
         self.r, self.uri, self.run_id, self.flow_run_id = recipe, uri, run_id, flow_run_id
         self.experiment = experiment
         self.registered = recipe.tracking.registered_model_name or recipe.name
-        self.summary: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "resumed_run": resumed,
+        self.summary: dict[str, Any] = {"run_id": run_id, "tracking_uri": mask(uri), "resumed_run": resumed,
                                         "method": recipe.method}
 
     def _write(self, write, *args: Any) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from qlora.runtime.secrets import redact_text
+from qlora.runtime.secrets import holds_secret
 from qlora.tasks.recipe import DistributedSection, LoraSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.results import LoraPlan, Quantized, Tokenized, Trained
 from qlora.tasks.stage import run_logger, stage
@@ -50,7 +50,7 @@ def train_with_torchrun(spec: trainer.TrainingSpec, out: Path, scratch: Path, la
     spec_path = scratch / "worker-spec.json"
     # A tracking URI with a password in it travels only through this node's environment.
     uri = spec.tracking_uri
-    on_disk = spec.model_copy(update={"tracking_uri": uri if uri == redact_text(uri or "") else None})
+    on_disk = spec.model_copy(update={"tracking_uri": None if holds_secret(uri or "") else uri})
     spec_path.write_text(json.dumps({**on_disk.model_dump(mode="json"), "scratch": str(scratch), "out": str(out)}))
     rdzv_id = scratch.name.split(".")[0]
     command = distributed.torchrun_command("qlora.tasks.training.trainer", str(spec_path), processes, launch.nnodes,

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import MINILM, write_recipe
 
 from qlora.cli import EXIT_USER_ERROR, main
@@ -299,24 +298,6 @@ def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
         store.read_result(d)
 
 
-def test_secrets_are_redacted_and_restored():
-    from qlora.runtime import secrets
-
-    recipe = {"tracking": {"tracking_uri": "postgresql://bob:s3cret@db.internal:5432/mlflow"},
-              "description": f"token {TOKEN}; key AKIAABCDEFGHIJKLMNOP; https://x/y?token=abc&page=2",
-              "data": {"path": "train.csv"}}
-    shown = json.dumps(secrets.redact(recipe))
-    for secret in ("s3cret", TOKEN, "AKIAABCDEFGHIJKLMNOP", "token=abc"):
-        assert secret not in shown
-    assert "postgresql://bob:***redacted-" in shown and "train.csv" in shown
-    assert secrets.restore(json.loads(shown)) == recipe
-    unknown = {"tracking": {"tracking_uri": "postgresql://bob:***redacted-00000000***@db/ml"}}
-    from qlora.tasks.recipe import RecipeError
-
-    with pytest.raises(RecipeError, match="tracking.tracking_uri: holds a secret that was redacted"):
-        secrets.restore(unknown)
-
-
 # --- end to end: real runs through the CLI (temporary Prefect server, sqlite MLflow) -----------
 
 def _env(project: Path, **extra) -> dict:
@@ -349,7 +330,12 @@ def _flow_run_states(project: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_poisoned_and_corrupted_cache_and_secrets(project):
-    write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"), description=f"made with {TOKEN}"))
+    from test_secrets import SECRET_TEXT, SECRETS
+
+    # Every secret shape: in the description (free text), and a token= pair in the data's path.
+    data_dir = project / "token=DATAPATHSECRET99"
+    data_dir.mkdir()
+    write_recipe(project / "r.yaml", tiny_recipe(write_csv(data_dir / "d.csv"), description=SECRET_TEXT))
     first, _ = _finish(_start(project), project)
     assert not (project / ".qlora" / "prefect-results").exists(), "nothing pickled into a Prefect result store"
 
@@ -378,15 +364,17 @@ def test_poisoned_and_corrupted_cache_and_secrets(project):
     assert adapter.stat().st_size == size and second["cached"]["load"]
     assert second["test_metrics"] == first["test_metrics"]  # rebuilt deterministically
 
+    # Nowhere a run writes (MLflow's database and artifacts, Prefect's database, the stage store with
+    # its packaged adapter and model cards) holds any of them; the masks are there instead.
     run = _client(project).get_run(second["run_id"])
-    assert TOKEN not in json.dumps(run.data.params) and "***redacted-" in run.data.params["description"]
-    artifacts = Path(run.info.artifact_uri.removeprefix("file://")) / "recipe"
-    for name in ("resolved.yaml", "r.yaml"):
-        text = (artifacts / name).read_text()
-        assert TOKEN not in text and "***redacted-" in text
-    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
-        parameters = [row[0] for row in db.execute("select parameters from flow_run")]
-    assert parameters and all(TOKEN not in p for p in parameters) and "***redacted-" in parameters[0]
+    assert "***" in run.data.params["description"] and "token=***" in run.data.params["data.path"]
+    secrets = [s.encode() for s in SECRETS + ["DATAPATHSECRET99"]]
+    for root in (project / "mlflow", project / ".prefect", project / ".qlora"):
+        for path in [p for p in root.rglob("*") if p.is_file() and "prefect-results" not in p.parts]:
+            content = path.read_bytes()
+            assert not [s for s in secrets if s in content], f"{path} holds a secret"
+    readme = next((project / ".qlora" / "package").glob("*/adapter/README.md")).read_text()
+    assert "token=***" in readme
 
 
 @pytest.mark.slow

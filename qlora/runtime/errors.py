@@ -3,6 +3,8 @@ the MLflow recording process raise and report it without importing pydantic and 
 (a tenth of a second before `qlora run` can start anything)."""
 from __future__ import annotations
 
+from qlora.runtime.secrets import mask
+
 
 class RecipeError(Exception):
     """A mistake the user can fix: carries the file, the field path and a hint.
@@ -18,7 +20,8 @@ class RecipeError(Exception):
         where = ": ".join(p for p in (self.file, self.field) if p)
         text = f"{where}: {self.message}" if where else self.message
         text = f"{text} ({self.hint})" if self.hint else text
-        return shorten(" ".join(text.split("\n")), MAX_MESSAGE_CHARS)
+        # Masked whatever the message quotes: a mistyped URI or path may carry a password.
+        return shorten(mask(" ".join(text.split("\n"))), MAX_MESSAGE_CHARS)
 
 
 MAX_MESSAGE_CHARS = 600  # an offending value is quoted, never pasted whole (a YAML anchor bomb is megabytes)

@@ -1,89 +1,113 @@
-"""Secrets in recipes: token-like values and passwords in URIs never reach MLflow params, the
-recipe artifacts or the Prefect flow-run parameters.
+"""Secrets: a type for recipe fields that can carry credentials, and one masking function for
+everything that is printed or logged.
 
-Each secret is replaced by a placeholder `***redacted-<digest>***`. The process that redacts keeps
-the real values (and hands them to the processes it starts, such as the runs a served deployment
-starts, through QLORA_REDACTED), so the flow it runs restores them; a process that has not got
-them (a work-pool worker) says which field to set through its environment instead.
+Fields that name a location (the tracking URI, the model and data paths) are `SecretText` by schema.
+The value itself is what code opens and connects with (`Path(value)`, `value.startswith(...)`,
+`reveal(value)`); printing, formatting, logging and JSON serialisation show it masked: the password
+or token of `scheme://user:password@host` and `scheme://token@host`, secret `key=value` pairs,
+`Bearer` tokens and token-shaped values. So the recipe's JSON (MLflow parameters and artifacts,
+Prefect's flow-run parameters, model cards) never holds them, and neither does an error message.
+`mask` is the one masking function; on free text (a description, a recipe file) its patterns are a
+second net.
+
+Every pattern here runs in time linear in the text: a long description costs milliseconds.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from typing import Any
 
-ENV = "QLORA_REDACTED"
-_TOKEN = re.compile(r"\*\*\*redacted-[0-9a-f]{8}\*\*\*")
+MASK = "***"
+# key=value or key: value, where the key names a secret (alone, or as the end of a longer name).
+_SECRET_KEYS = (r"password|passwd|pwd|passphrase|token|secret|api[_-]?key|apikey|access[_-]?key|private[_-]?key|"
+                r"client[_-]?secret|credentials?|sig|signature|auth")
+_KEY_VALUE = re.compile(r"(?i)(?<![A-Za-z0-9_-])(?P<head>(?:[A-Za-z0-9]+[_-])*(?:" + _SECRET_KEYS + r")"
+                        r"[\"']?\s*[=:]\s*[\"']?)(?P<secret>[^\s&;,\"']+)")
+_BEARER = re.compile(r"(?i)(?<![A-Za-z0-9_-])(?P<head>bearer\s+)(?P<secret>[A-Za-z0-9._~+/=-]{8,})")
 # Whole values that are secrets: Hugging Face, OpenAI/Anthropic-style, GitHub, Slack tokens, AWS key ids.
-_PATTERNS = [
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
-    re.compile(r"\bxox[abpr]-[A-Za-z0-9-]{10,}"),
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-]
-# Parts of values: the password of scheme://user:password@host, and key=value pairs of secret names.
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)(?P<secret>[^@/\s]+)(?=@)")
-_KEY_VALUE = re.compile(r"(?i)(?P<head>\b(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|"
-                        r"aws_secret_access_key|sig|signature)=)(?P<secret>[^&\s;]+)")
-
-_known: dict[str, str] = {}
+_TOKENS = re.compile(r"(?<![A-Za-z0-9_-])(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{30,}|"
+                     r"xox[abpr]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9]))")
+# AWS secret access keys: 40 characters of base64, with upper and lower case letters and digits
+# (a 40-character hex digest, such as a git commit, is not one).
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 
 
-def _placeholder(secret: str) -> str:
-    token = f"***redacted-{hashlib.sha256(secret.encode()).hexdigest()[:8]}***"
-    _known[token] = secret
-    return token
+def _userinfo_masked(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`; `scheme://token@host` ->
+    `scheme://***@host`. Found with str.find: each `://` is looked at once, up to the next `/`."""
+    out, start = [], 0
+    while (i := text.find("://", start)) >= 0:
+        authority_start = i + 3
+        end = authority_start
+        while end < len(text) and text[end] not in "/?#@ \t\r\n":
+            end += 1
+        if end < len(text) and text[end] == "@":
+            userinfo = text[authority_start:end]
+            user, colon, _ = userinfo.partition(":")
+            masked = f"{user}:{MASK}" if colon else MASK
+            out.append(text[start:authority_start] + masked + "@")
+            start = end + 1
+        else:
+            out.append(text[start:authority_start])
+            start = authority_start
+    out.append(text[start:])
+    return "".join(out)
 
 
-def redact_text(text: str) -> str:
-    """The text with every secret replaced by its placeholder (remembered in this process)."""
-    if _TOKEN.fullmatch(text):
-        return text
-    for pattern in (_URI_PASSWORD, _KEY_VALUE):
-        text = pattern.sub(lambda m: m.group("head") + (m.group("secret") if _TOKEN.fullmatch(m.group("secret"))
-                                                         else _placeholder(m.group("secret"))), text)
-    for pattern in _PATTERNS:
-        text = pattern.sub(lambda m: _placeholder(m.group(0)), text)
-    return text
+def _aws_secret(m: re.Match) -> str:
+    value = m.group(0)
+    mixed = any(c.isupper() for c in value) and any(c.islower() for c in value) and any(c.isdigit() for c in value)
+    return MASK if mixed else value
 
 
-def redact(value: Any) -> Any:
-    """A recipe dict (or any JSON-like value) with its secrets redacted."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
+def mask(text: Any) -> str:
+    """The text with every credential it holds masked. The one function through which anything that
+    may hold a secret is printed or logged."""
+    text = reveal(text) if isinstance(text, SecretText) else str(text)
+    if "://" in text:
+        text = _userinfo_masked(text)
+    text = _KEY_VALUE.sub(lambda m: m.group("head") + (m.group("secret") if m.group("secret") == MASK else MASK), text)
+    text = _BEARER.sub(lambda m: m.group("head") + MASK, text)
+    text = _TOKENS.sub(MASK, text)
+    return _AWS_SECRET.sub(_aws_secret, text)
 
 
-def share_with_children() -> None:
-    """Processes started from now on (served deployment runs) can restore what this one redacted."""
-    if _known:
-        os.environ[ENV] = json.dumps(_known)
+def holds_secret(text: str) -> bool:
+    return mask(text) != text
 
 
-def restore(value: Any, path: str = "") -> Any:
-    """The value with placeholders replaced by the secrets they stand for; a placeholder this process
-    does not know is an error naming the field."""
-    from qlora.tasks.recipe import RecipeError
+def reveal(value: Any) -> Any:
+    """The real value of a SecretText (a plain str), for the code that opens or connects with it."""
+    return str.__str__(value) if isinstance(value, SecretText) else value
 
-    if isinstance(value, str):
-        def real(m: re.Match) -> str:
-            secret = _known.get(m.group(0)) or json.loads(os.environ.get(ENV, "{}")).get(m.group(0))
-            if secret is None:
-                raise RecipeError("holds a secret that was redacted from the flow run's parameters and is not "
-                                  "known to this process", path or None,
-                                  hint="give it through the environment of the process that runs the flow (e.g. "
-                                       "MLFLOW_TRACKING_URI, HF_TOKEN) instead of the recipe")
-            return secret
-        return _TOKEN.sub(real, value)
-    if isinstance(value, dict):
-        return {k: restore(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [restore(v, f"{path}.{i}") for i, v in enumerate(value)]
-    return value
+
+class SecretText(str):
+    """A recipe value that may carry credentials: itself for every string operation, masked when
+    printed, formatted or serialised (pydantic's JSON, unless the context asks to reveal)."""
+
+    def __str__(self) -> str:
+        return mask(self)
+
+    def __repr__(self) -> str:
+        return repr(mask(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(mask(self), spec)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(),
+            serialization=core_schema.plain_serializer_function_ser_schema(_serialize, info_arg=True))
+
+
+def _serialize(value: SecretText, info) -> str:
+    """Masked, except where the dump is one the process keeps to itself (`revealing`)."""
+    return reveal(value) if (info.context or {}).get("reveal") else mask(value)
+
+
+REVEALING = {"reveal": True}
+"""model_dump(mode="json", context=REVEALING): the recipe with its secrets, for a copy kept in this
+process (a sweep's trials, a methods comparison's variants), never for anything written or logged."""
