@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from qlora.runtime.secrets import reveal
 from qlora.tasks.recipe import ModelSection
 from qlora.tasks.results import BaseModelFiles, Merged, Packaged, Quantized, Trained
 from qlora.tasks.stage import stage
@@ -33,7 +34,7 @@ def base_reference(model: ModelSection, resolved: BaseModelFiles) -> str:
     means nothing elsewhere); a local directory by its resolved absolute path (a GGUF base by its file)."""
     if model.name_or_path.startswith(PACKAGE_PREFIX):
         return model.name_or_path
-    if Path(model.name_or_path).expanduser().exists():
+    if Path(reveal(model.name_or_path)).expanduser().exists():
         return resolved.path or resolved.gguf
     return model.name_or_path
 

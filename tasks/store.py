@@ -147,6 +147,9 @@ def source_fingerprint(*modules: str, libraries: tuple[str, ...] = STAGE_LIBRARI
 def resolve_location(location: str, field: str) -> Path | None:
     """A local path, or `package:NAME/sub/path` inside an installed package (found without
     importing it). Returns None for anything else (a Hub id)."""
+    from qlora.runtime.secrets import reveal
+
+    location = reveal(location)  # pathlib takes str() of a str subclass: a SecretText's masked form
     if location.startswith(PACKAGE_PREFIX):
         package, _, rest = location[len(PACKAGE_PREFIX):].partition("/")
         try:

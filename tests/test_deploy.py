@@ -193,8 +193,10 @@ def test_served_deployment_retrains_only_on_new_data(project, against_servers):
     try:
         deployment = _wait_for_deployment("qlora-finetune/weekly", serve)
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
-        assert deployment.parameters["recipe"]["tracking"]["promotion"]["enabled"] is True
-        assert deployment.parameters["recipe"]["data"]["path"] == str(data.resolve())
+        # The recipe file and the overrides that pin its paths: a run reads the file as `qlora run` does.
+        overrides = deployment.parameters["overrides"]
+        assert deployment.parameters["recipe_file"] == str((project / "r.yaml").resolve())
+        assert "tracking.promotion.enabled=true" in overrides and f"data.path={data.resolve()}" in overrides
 
         first = _trigger(deployment.id)
         assert first.state.is_completed(), first.state
@@ -264,7 +266,7 @@ def test_work_pool_deployment_runs_on_a_worker(project, against_servers):
         deployment = client.read_deployment_by_name("qlora-finetune/hourly")
     assert deployment.work_pool_name == "local"
     assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [3600]
-    assert deployment.parameters["recipe"]["tracking"]["promotion"]["enabled"] is False
+    assert "tracking.promotion.enabled=true" not in deployment.parameters["overrides"]
 
     from prefect.deployments import run_deployment
 

@@ -82,8 +82,9 @@ def reveal(value: Any) -> Any:
 
 
 class SecretText(str):
-    """A recipe value that may carry credentials: itself for every string operation, masked when
-    printed, formatted or serialised (pydantic's JSON, unless the context asks to reveal)."""
+    """A recipe value that may carry credentials: itself for string methods and comparisons, masked
+    when printed, formatted or serialised (pydantic's JSON, unless the context asks to reveal).
+    pathlib takes str() of its argument: give it `reveal(value)`."""
 
     def __str__(self) -> str:
         return mask(self)
