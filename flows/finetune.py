@@ -1,8 +1,8 @@
 """The pipeline flow. Its body is the DAG, top to bottom: load -> split -> tokenize -> LoRA plan ->
 quantize -> train -> evaluate -> merge -> evaluate merged -> package, each a cached Prefect task; the
 whole run recorded in one MLflow run through a RunRecorder (qlora.tasks.tracking)."""
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from these
+# annotations in the module a deployment loads by path, where string annotations do not resolve.
 import contextlib
 import time
 from collections.abc import Iterator
@@ -183,7 +183,7 @@ class StageRunner:
 
 
 def compare_variants(run: StageRunner, r: Recipe, trained: Trained, evaluated: Evaluated, merged: Merged,
-                     merged_eval: Evaluated, evaluate: dict) -> pd.DataFrame:
+                     merged_eval: Evaluated, evaluate: dict) -> "pd.DataFrame":
     """Build and evaluate the merge variants not built yet; tabulate all four against the adapter."""
     quantized = evaluate["quantized"]
     adapter_bytes = dir_size(trained.weights_dir)

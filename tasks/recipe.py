@@ -483,7 +483,7 @@ class TrackingSection(Section):
 class Recipe(Section):
     name: str
     """Names the MLflow runs and registered models; default: the recipe file's stem."""
-    description: Optional[str] = Field(None, max_length=20_000)
+    description: Optional[SecretText] = Field(None, max_length=20_000)
     """Free text, logged with the run (at most 20,000 characters)."""
     model: ModelSection
     """The base model."""
