@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from qlora.runtime.secrets import holds_secret, reveal
-from qlora.tasks.recipe import Recipe, RecipeError
+from qlora.tasks.recipe import Recipe, RecipeError, find_recipe, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,15 +91,12 @@ def deploy(recipe: Recipe, recipe_file: str, overrides: list[str], name: str | N
     run reads the recipe file with the pinned overrides, as `qlora run FILE --set ...` would."""
     from qlora.flows.finetune import finetune
     from qlora.tasks.evaluate import check_promotion
-    from qlora.tasks.recipe import load_recipe
 
     check_schedule(cron, interval)
     pins = pinned(recipe, overrides, promote)
     check_promotion(load_recipe(recipe_file, pins))
     prefect_api_url()
     name = name or recipe.name
-    from qlora.tasks.recipe import find_recipe
-
     parameters = {"recipe_file": str(find_recipe(recipe_file).resolve()), "overrides": pins}
     schedule = {"cron": cron} if cron else {"interval": timedelta(seconds=interval)}
     description = f"{recipe.name}: {recipe.description or ''} (recipe {recipe_file})"

@@ -56,11 +56,6 @@ def expand_grid(recipe: dict, grid: dict[str, list], file: str | None = None) ->
     return trials
 
 
-def _revealed(r: Recipe) -> dict:
-    """The recipe as a dict to derive variants from, kept in this process: its secrets included."""
-    return r.model_dump(mode="json", context=secrets.REVEALING)
-
-
 def _yaml(value: Any) -> str:
     import yaml
 
@@ -94,7 +89,7 @@ def compare_methods(recipe: Recipe, recipe_file: Optional[str] = None, full_lear
     status = "FAILED"
     try:
         rows = []
-        for method, variant in method_recipes(_revealed(r), full_learning_rate).items():
+        for method, variant in method_recipes(r.with_secrets(), full_learning_rate).items():
             summary = finetune(recipe_from_dict(variant, recipe_file), recipe_file, parent_run_id=parent)
             rows.append({"method": method, "learning_rate": variant["train"].get("learning_rate", r.train.learning_rate),
                          **_row(summary)})
@@ -114,7 +109,7 @@ def trial(recipe: Recipe, recipe_file: Optional[str], parent: str) -> dict:
 @flow(name="qlora-sweep", persist_result=False)
 def sweep(recipe: Recipe, grid: dict[str, list], recipe_file: Optional[str] = None) -> dict:
     r = recipe
-    trials = expand_grid(_revealed(r), grid, recipe_file)
+    trials = expand_grid(r.with_secrets(), grid, recipe_file)
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-sweep", {"qlora.kind": "sweep",
                                                                     "qlora.sweep_fields": ",".join(grid)})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from prefect import flow
 from prefect.runtime import flow_run
 
-from qlora.runtime import secrets, signals
+from qlora.runtime import signals
 from qlora.tasks import lineage, tracking
 from qlora.tasks.comparison import comparison_table
 from qlora.tasks.convert import convert_gguf
@@ -145,14 +145,13 @@ def _recipe(recipe: Recipe | None, recipe_file: str | None, overrides: list[str]
         return load_recipe(recipe_file, overrides or [])
     if not overrides:
         return recipe
-    return recipe_from_dict(apply_overrides(recipe.model_dump(mode="json", context=secrets.REVEALING), overrides),
-                            recipe_file)
+    return recipe_from_dict(apply_overrides(recipe.with_secrets(), overrides), recipe_file)
 
 
 def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
-    fields = recipe.model_dump(mode="json", context=secrets.REVEALING, exclude={"tracking": True, "work_dir": True, "description": True,
-                                                     "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
+    fields = recipe.with_secrets(exclude={"tracking": True, "work_dir": True, "description": True,
+                                          "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
     return hash_value({"recipe": fields, "data": source.hash, "model": model.hash})
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from qlora.runtime import signals
 from qlora.runtime.errors import RecipeError
-from qlora.runtime.secrets import REVEALING, mask
+from qlora.runtime.secrets import mask
 from qlora.runtime.startup import collector_paused, thaw
 from qlora.servers import free_port, logged_process, wait_healthy
 from qlora.tasks.training.memory import OutOfMemory
@@ -544,7 +544,7 @@ def _experiment(args, recipe: Recipe) -> int:
             grid[".".join(path)] = values
         from qlora.flows.experiments import expand_grid
 
-        trials = expand_grid(recipe.model_dump(mode="json", context=REVEALING), grid, args.recipe)  # all valid first
+        trials = expand_grid(recipe.with_secrets(), grid, args.recipe)  # every trial valid before anything runs
     server = _prefect_server()
     _preflight(recipe, server)
     from qlora.flows import experiments

@@ -132,8 +132,7 @@ def load_for_eval(variant: Variant, quantized: Quantized, q: QuantizationSection
     if isinstance(variant, Trained) and variant.adapter:
         base = loading.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(variant.weights_dir))
-    path = variant.weights_dir if isinstance(variant, Trained) else variant.file(variant.model)
-    return loading.load_model(str(path), quantized.task, label_names, run_dtype(variant, q))
+    return loading.load_model(str(variant.weights_dir), quantized.task, label_names, run_dtype(variant, q))
 
 
 def run_dtype(variant: Variant, q: QuantizationSection):

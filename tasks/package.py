@@ -211,7 +211,7 @@ def package(out: Path, trained: Trained, quantized: Quantized, merged: Merged | 
     if trained.adapter:
         portable_adapter(out / "adapter", trained.weights_dir, quantized.original_path, info)
         result["adapter"] = "adapter"
-    whole = merged.file(merged.model) if merged else None
+    whole = merged.weights_dir if merged else None
     if trained.model:
         whole = trained.weights_dir
     if whole is not None:

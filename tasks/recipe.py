@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora.runtime.errors import RecipeError, shorten  # noqa: F401 - RecipeError: imported from here too
-from qlora.runtime.secrets import SecretText
+from qlora.runtime.secrets import REVEALING, SecretText
 
 SPLITS = ("train", "validation", "test")
 
@@ -536,6 +536,12 @@ class Recipe(Section):
         if self.tokenize.packing and self.model.task != "causal-lm":
             raise ValueError("tokenize.packing is for causal-lm models")
         return self
+
+    def with_secrets(self, **dump_options) -> dict:
+        """The recipe as a JSON-like dict with its secret-bearing fields real, not masked: for copies
+        this process derives or hashes (overrides, sweep trials, method variants, the run's key),
+        never for anything written or logged."""
+        return self.model_dump(mode="json", context=REVEALING, **dump_options)
 
     @property
     def method(self) -> str:

@@ -173,6 +173,10 @@ class Merged(StageResult):
     size_bytes: int
     label_names: list[str]
 
+    @property
+    def weights_dir(self) -> Path:
+        return self.file(self.model)
+
 
 class Evaluated(StageResult):
     """evaluate: test metrics, predictions (parquet) and, per task, a confusion matrix or the

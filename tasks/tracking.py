@@ -578,7 +578,7 @@ class RunRecorder:
         self.summary[f"{prefix}metrics"] = evaluated.metrics
 
     def merged(self, merged: Merged) -> None:
-        self.summary["merged_dir"] = str(merged.file(merged.model))
+        self.summary["merged_dir"] = str(merged.weights_dir)
 
     def packages(self, packaged: Packaged, merged: bool) -> None:
         """What users take away, logged where the registry's versions point: the portable adapter, and
