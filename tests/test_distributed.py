@@ -235,7 +235,7 @@ def test_two_agents_join_through_a_c10d_rendezvous(prepared, tmp_path):
 def test_a_crashing_worker_is_reported_with_its_traceback(prepared, tmp_path):
     """A defect in a worker (here: its tokenized data gone) fails the stage with that rank's
     traceback, not a bare exit code."""
-    broken = {**prepared, "tokenized": {**prepared["tokenized"], "dir": str(tmp_path / "gone")}}
+    broken = {**prepared, "tokenized": prepared["tokenized"].model_copy(update={"dir": str(tmp_path / "gone")})}
     with pytest.raises(RuntimeError, match=r"(?s)training rank \d failed:.*Traceback.*(FileNotFound|gone)"):
         _train(broken, tmp_path / "work", DistributedSection(strategy="ddp", nproc_per_node=2))
 
