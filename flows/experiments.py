@@ -84,15 +84,16 @@ def _log_table(uri: str, parent: str, table: pd.DataFrame, name: str, work: Path
 @flow(name="qlora-compare-methods", persist_result=False)
 def compare_methods(recipe: Recipe, recipe_file: Optional[str] = None, full_learning_rate: float = 5e-5) -> dict:
     r = recipe
+    # Every variant valid before the first trains (a bad full-fine-tuning learning rate fails now).
+    variants = {m: recipe_from_dict(v, recipe_file) for m, v in method_recipes(r.with_secrets(), full_learning_rate).items()}
     uri = tracking.tracking_uri_of(r)
     parent = tracking.start_parent_run(r, uri, f"{r.name}-methods", {"qlora.kind": "method-comparison"})
     status = "FAILED"
     try:
         rows = []
-        for method, variant in method_recipes(r.with_secrets(), full_learning_rate).items():
-            summary = finetune(recipe_from_dict(variant, recipe_file), recipe_file, parent_run_id=parent)
-            rows.append({"method": method, "learning_rate": variant["train"].get("learning_rate", r.train.learning_rate),
-                         **_row(summary)})
+        for method, variant in variants.items():
+            summary = finetune(variant, recipe_file, parent_run_id=parent)
+            rows.append({"method": method, "learning_rate": variant.train.learning_rate, **_row(summary)})
         table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
         _log_table(uri, parent, table, "methods", Path(r.work_dir) / "reports")
         status = "FINISHED"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.runtime import signals
-from qlora.runtime.errors import RecipeError
+from qlora.runtime.errors import DiskFull, RecipeError
 from qlora.runtime.secrets import mask
 from qlora.runtime.startup import collector_paused, thaw
 from qlora.servers import free_port, logged_process, wait_healthy
@@ -53,7 +53,7 @@ def _quiet_environment() -> None:
 
 
 def _without_user_error_traceback(record: logging.LogRecord) -> bool:
-    if record.exc_info and isinstance(record.exc_info[1], (RecipeError, OutOfMemory)):
+    if record.exc_info and isinstance(record.exc_info[1], (RecipeError, OutOfMemory, DiskFull)):
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -146,7 +146,7 @@ def preflight(recipe: Recipe) -> None:
     resolve_model(recipe.model)
     if not data_already_loaded(recipe):
         check_data(recipe.data, _prompt_columns(recipe))
-        check_labels(recipe)
+        check_rows(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
@@ -195,21 +195,31 @@ def data_already_loaded(recipe: Recipe) -> bool:
 
 def check_work_dir(work_dir: str) -> None:
     """The stage cache can be written (checked before any work, creating nothing)."""
-    path = Path(work_dir).expanduser().absolute()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RecipeError(f"cannot write the stage cache {path}: {existing} is not a writable directory", "work_dir")
+    from qlora.tasks.store import check_writable
+
+    path = check_writable(Path(work_dir), "work_dir", "the stage cache")
+    locks = path / ".locks"
+    if locks.exists() and not locks.is_dir():
+        raise RecipeError(f"{locks} is a file, where the stage cache keeps its lock files", "work_dir",
+                          hint="move that file away, or choose another work_dir")
 
 
-def check_labels(recipe: Recipe) -> None:
-    """Every row's label as the load stage will see them (label_map, keep_labels, model.labels):
-    a mistake there is reported before any stage runs."""
-    if recipe.model.task == "causal-lm" or recipe.data.hub:
+def check_rows(recipe: Recipe) -> None:
+    """Every row as the load and split stages will see them (label_map, keep_labels, model.labels,
+    empty rows, the split fractions): a mistake there is reported before any stage runs."""
+    if recipe.data.hub:
         return
     from qlora.tasks.data import read_source, required_columns
-    from qlora.tasks.load import clean
+    from qlora.tasks.load import clean, clean_pairs
+    from qlora.tasks.split import carve
 
-    clean(read_source(recipe.data, required_columns(recipe.data, None)), recipe.data, recipe.model.labels)
+    columns = _prompt_columns(recipe)
+    frames = read_source(recipe.data, required_columns(recipe.data, columns))
+    if columns is None:
+        cleaned = clean(frames, recipe.data, recipe.model.labels)[0]
+    else:
+        cleaned = clean_pairs(frames, recipe.data, columns)[0]
+    carve(cleaned, recipe.split)
 
 
 def _prompt_columns(recipe: Recipe) -> list[str] | None:
@@ -305,11 +315,14 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _tracking_uri(explicit: str | None) -> str:
+def _tracking_uri(explicit: str | None, existing: bool = True) -> str:
+    """The store a command reads: --tracking-uri, MLFLOW_TRACKING_URI, or the local one. existing: the
+    command only reads (or changes what is there), so a store that is not there is an error, not created."""
     from qlora.tasks.tracking import check_tracking, default_tracking_uri
 
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    check_tracking(uri)
+    from_environment = not explicit and os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit or from_environment or default_tracking_uri()
+    check_tracking(uri, "MLFLOW_TRACKING_URI" if from_environment else "--tracking-uri", existing)
     return uri
 
 
@@ -433,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ui":
             from qlora.servers import ui
 
-            return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri))
+            return ui(args.prefect_port, args.mlflow_port, _tracking_uri(args.tracking_uri, existing=False))
         if args.command == "recipes":
             return _recipes(args)
         if args.command == "join":
@@ -445,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             e.file = args.recipe
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OutOfMemory as e:  # not a mistake in the recipe, but no traceback either: what to set
+    except (OutOfMemory, DiskFull) as e:  # not a mistake in the recipe, but no traceback either: what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -537,6 +550,8 @@ def _experiment(args, recipe: Recipe) -> int:
     from qlora.tasks.recipe import parse_override
 
     file = str(Path(args.recipe).resolve())
+    if args.command == "methods":
+        _check_number(args.full_learning_rate, "--full-learning-rate", positive=True)
     if args.command == "sweep":
         grid = {}
         for text in args.grid:
@@ -590,6 +605,8 @@ def _registry_command(args) -> int:
     from qlora import registry
     from qlora.tasks.comparison import format_table
 
+    if args.command == "promote":
+        _check_number(args.min_delta, "--min-delta", positive=False)
     if args.command == "merge":
         print(f"merged model: {registry.merge_adapter(Path(args.adapter), Path(args.out), args.dtype)}")
         return 0
@@ -608,6 +625,14 @@ def _registry_command(args) -> int:
     else:
         print(registry.promote(uri, args.name, args.metric, args.min_delta, args.mode)["reason"])
     return 0
+
+
+def _check_number(value: float, option: str, positive: bool) -> None:
+    """A flag's number: finite, and above (or at least) 0, as the recipe field it stands for."""
+    import math
+
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise RecipeError(f"must be a finite number {'above' if positive else 'of at least'} 0, got {value}", option)
 
 
 def _join(args) -> int:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from qlora.tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
 from qlora.tasks.recipe import RecipeError
+from qlora.tasks.weights import safetensors_files
 
 
 def client(uri: str):
@@ -77,6 +78,18 @@ def _version_by_alias(c, name: str, alias: str):
                                f"'{CHAMPION}'") from None
 
 
+def adapter_config(directory: Path) -> dict:
+    """An adapter's adapter_config.json, read as JSON (one line naming the file when it is not)."""
+    path = directory / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecipeError(f"not valid JSON: {str(e).splitlines()[0][:120]}", file=str(path)) from None
+    if not isinstance(config, dict):
+        raise RecipeError("not an adapter configuration (a JSON object)", file=str(path))
+    return config
+
+
 def checkpoint_of(directory: Path) -> tuple[Path, Path]:
     """(model folder, tokenizer folder) of a downloaded model: an MLflow transformers model keeps
     them under model/ and components/tokenizer/; a plain checkpoint or adapter holds both."""
@@ -88,7 +101,7 @@ def checkpoint_of(directory: Path) -> tuple[Path, Path]:
 def _is_causal(directory: Path) -> bool:
     directory, _ = checkpoint_of(directory)
     if (directory / "adapter_config.json").is_file():
-        return json.loads((directory / "adapter_config.json").read_text()).get("task_type") == "CAUSAL_LM"
+        return adapter_config(directory).get("task_type") == "CAUSAL_LM"
     architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
     return any(a.endswith("ForCausalLM") for a in architectures)
 
@@ -103,7 +116,8 @@ def load_predictor(directory: Path):
         from qlora.tasks.store import PACKAGE_PREFIX, resolve_location
         from qlora.tasks.training.loading import load_model
 
-        config = json.loads((directory / "adapter_config.json").read_text())
+        config = adapter_config(directory)
+        safetensors_files(directory, "ADAPTER", stem="adapter_model")
         base = config.get("base_model_name_or_path")
         if base and base.startswith(PACKAGE_PREFIX):  # a base inside a package: found where it is installed here
             base = str(resolve_location(base, "--variant"))
@@ -111,6 +125,12 @@ def load_predictor(directory: Path):
         if not base or (local and not Path(base).expanduser().exists()):
             raise RecipeError(f"the adapter's base model {base!r} is not on this machine", "--variant",
                               hint="predict with the merged model (--variant merged), which is self-contained")
+        if not local:  # a Hub id: from the local cache, or fetched within a bounded wait
+            from qlora.tasks.hub import download_model as hub_model
+
+            base = str(hub_model(base, config.get("revision"), "base_model_name_or_path"))
+        if not base.endswith(".gguf"):
+            safetensors_files(Path(base).expanduser(), "base_model_name_or_path")
         # Label names travel with the adapter (its config.json); older adapters name them in the base's.
         head = directory / "config.json" if (directory / "config.json").is_file() else Path(base) / "config.json"
         labels = json.loads(head.read_text()).get("id2label", {}) if head.is_file() else {}
@@ -122,8 +142,9 @@ def load_predictor(directory: Path):
             base_model = load_model(base, task, names, _compute_dtype(base))
         model = PeftModel.from_pretrained(base_model, str(directory))
     else:
+        safetensors_files(directory, "SOURCE")
         cls = AutoModelForCausalLM if _is_causal(directory) else AutoModelForSequenceClassification
-        model = cls.from_pretrained(directory)
+        model = cls.from_pretrained(directory, use_safetensors=True)
     return model.eval(), AutoTokenizer.from_pretrained(tokenizer)
 
 
@@ -182,8 +203,12 @@ def _source_args(source: str) -> tuple[str | None, str | None]:
 
 
 def _refuse_to_overwrite(out: Path) -> None:
-    if out.exists() and (out.is_file() or any(out.iterdir())):
+    """--out is new (or an empty directory) and can be written, checked before anything is fetched."""
+    from qlora.tasks.store import check_writable
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RecipeError("exists and is not empty: not overwritten", file=str(out))
+    check_writable(out, "--out", "the output")
 
 
 def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Path:

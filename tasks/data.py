@@ -7,6 +7,7 @@ validate`, the line of an undecodable byte found for the message; or a Hub datas
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from qlora.tasks import store
-from qlora.tasks.recipe import SPLITS, DataSection, RecipeError, shorten
+from qlora.tasks.recipe import SPLITS, DataSection, RecipeError, read_yaml, shorten
 from qlora.tasks.results import DataSource
 
 if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
@@ -55,6 +56,9 @@ def source_files(data: DataSection) -> dict[str, list[Path]]:
                                                   "validation: ..., test: ...}")
         return {"train": [path]}
     data_files = [f for f in sorted(path.iterdir()) if _format_of(f) is not None]
+    for f in data_files:
+        if not f.is_file():
+            raise RecipeError(f"{f} is not a regular file", "data.path", hint="a data directory holds data files")
     mapped = data.splits or {}
     wanted = {stem: split for split, stem in mapped.items()}  # source stem -> our split
     files: dict[str, list[Path]] = {}
@@ -83,6 +87,9 @@ def _data_file(location: str, field: str, directory_ok: bool = False) -> Path:
         raise RecipeError(f"path does not exist: {location}", field, hint="for a Hub dataset use data.hub instead")
     if path.is_dir() and not directory_ok:
         raise RecipeError(f"{location} is a directory; give a data file", field)
+    if not path.is_dir() and not path.is_file():  # a FIFO, a device such as /dev/zero, a socket
+        raise RecipeError(f"{location} is not a regular file (a pipe, device or socket never ends or cannot be "
+                          f"read twice)", field, hint="copy the data into a file")
     if path.is_file() and _format_of(path) is None:
         raise RecipeError(f"unsupported file type: {path.name}", field,
                           hint="csv, tsv, json, jsonl, parquet or yaml, optionally .gz or .bz2")
@@ -161,17 +168,27 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
             options["column_names"] = data.column_names
     elif fmt == "json":
         options = {"encoding": data.encoding}
-    quiet = logging.getLogger("datasets")  # a file it cannot read is logged there too; we raise one line
-    level, bars = quiet.level, not datasets.are_progress_bars_disabled()
-    quiet.setLevel(logging.CRITICAL)
-    datasets.disable_progress_bars()  # a bar per file read says nothing the load stage's log does not
-    try:
+    with quiet_datasets():
         if nrows:
             rows = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
             return pd.DataFrame.from_records(list(rows.take(nrows)))
         with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
             return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options).to_pandas()
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """`datasets` without its progress bars (a bar per file read or column cast says nothing the
+    stage's log does not) and its error logging (a file it cannot read: we raise one line)."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")
+    level, bars = quiet.level, not datasets.are_progress_bars_disabled()
+    quiet.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
     finally:
         quiet.setLevel(level)
         if bars:
@@ -193,7 +210,7 @@ def _read_yaml(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     import pandas as pd
 
     with pd.io.common.get_handle(path, "r", compression="infer", encoding=encoding) as h:
-        doc = yaml.safe_load(h.handle)
+        doc = read_yaml(h.handle.read())
     if isinstance(doc, dict) and "conversations" in doc:
         category = (doc.get("categories") or [path.stem])[0]
         rows = [{"prompt": str(turns[i]), "response": str(turns[i + 1]), "category": str(category)}

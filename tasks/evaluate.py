@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -37,8 +38,27 @@ def metric_path(name: str) -> Path:
 
 
 def check_metrics(cfg: EvaluateSection, task: str) -> None:
+    """Every metric names a bundled module, or a script the recipe trusts that loads (it is run to
+    see: a broken script fails here, not after training)."""
     for name in cfg.metric_names(task):
-        metric_path(name)
+        path = metric_path(name)
+        if path.parent == METRICS_DIR:
+            continue
+        if not cfg.trust_metric_code:
+            raise RecipeError(f"'{name}' is a Python file, run as code to score the model", "evaluate.metrics",
+                              hint="set evaluate.trust_metric_code: true for a script you trust")
+        _load_metric(path, name)
+
+
+def _load_metric(path: Path, name: str):
+    import evaluate
+
+    try:
+        return evaluate.load(str(path.resolve()))
+    except Exception as e:  # noqa: BLE001 - the user's script: whatever it raises is theirs to fix
+        message = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise RecipeError(f"metric script {name} cannot be loaded: {type(e).__name__}: {message[:200]}",
+                          "evaluate.metrics") from None
 
 
 def logged_metrics(recipe) -> set[str] | None:
@@ -51,7 +71,7 @@ def logged_metrics(recipe) -> set[str] | None:
         if not (METRICS_DIR / f"{stem}.py").is_file() or Path(metric).suffix:
             return None
         if stem in PER_CLASS:
-            names |= {f"{stem}_macro"} | {f"{stem}_{label}" for label in recipe.model.labels or []}
+            names |= {f"{stem}_macro"} | {f"{stem}_{key}" for key in label_keys(recipe.model.labels or [])}
         elif stem == "rouge":
             names |= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
         else:
@@ -78,7 +98,7 @@ def check_promotion(recipe) -> None:
         raise RecipeError("promotion of the merged model, but the recipe does not merge", "tracking.promotion.model",
                           hint="set merge.enabled: true, or promotion.model: adapter")
     known = logged_metrics(recipe)
-    per_class = tuple(f"_{label}" for label in recipe.model.labels or []) or ("\0",)
+    per_class = tuple(f"_{key}" for key in label_keys(recipe.model.labels or [])) or ("\0",)
     metric = promotion.metric_for(recipe.merge.enabled and recipe.lora.enabled, recipe.model.task)
     if known is not None and metric not in known:
         close = difflib.get_close_matches(metric, sorted(known), n=1)
@@ -88,21 +108,38 @@ def check_promotion(recipe) -> None:
 
 
 def compute_metrics(names: list[str], predictions, references, label_names: list[str]) -> dict[str, float]:
-    import evaluate
-
     out: dict[str, float] = {}
     for name in names:
-        metric = evaluate.load(str(metric_path(name).resolve()))
+        metric = _load_metric(metric_path(name), name)
         if Path(name).stem in PER_CLASS:
             key = Path(name).stem
             labels = list(range(len(label_names)))
             out[f"{key}_macro"] = metric.compute(predictions=predictions, references=references,
                                                  labels=labels, average="macro")[key]
             per_class = metric.compute(predictions=predictions, references=references, labels=labels, average=None)[key]
-            out.update({f"{key}_{label}": v for label, v in zip(label_names, per_class)})
+            out.update({f"{key}_{label}": v for label, v in zip(label_keys(label_names), per_class)})
         else:
-            out.update(metric.compute(predictions=predictions, references=references))
+            out.update({metric_key(k): v for k, v in metric.compute(predictions=predictions, references=references).items()})
     return {k: float(v) for k, v in out.items()}
+
+
+# MLflow's metric names: word characters, '.', '-', ' ', ':' and '/' ('/' left out here: a path
+# MLflow normalises, "a/../b", is refused), at most 250 characters.
+_METRIC_NAME_CHARACTER = re.compile(r"[\w.\- :]")
+MAX_LABEL_KEY = 180  # room for merged_test_precision_ before MLflow's 250
+
+
+def metric_key(text: str, limit: int = MAX_LABEL_KEY) -> str:
+    """A name MLflow takes as a metric key: other characters (emoji, '&', '!') become '_'."""
+    return "".join(c if _METRIC_NAME_CHARACTER.fullmatch(c) else "_" for c in str(text))[:limit] or "_"
+
+
+def label_keys(label_names: list[str]) -> list[str]:
+    """Each class's part of its per-class metric names (test_f1_LABEL): the label where MLflow takes
+    it, else made safe; labels that become the same key get their class id appended."""
+    keys = [metric_key(n) for n in label_names]
+    clashing = {k for k in keys if keys.count(k) > 1}
+    return [f"{k[:MAX_LABEL_KEY - 6]}_{i}" if k in clashing else k for i, k in enumerate(keys)]
 
 
 def confusion_plot(references, predictions, label_names: list[str], path: Path) -> None:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) -> list[str]:
+def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None, mixed_ok: bool = False) -> list[str]:
     import pandas as pd
 
     if labels:
@@ -24,14 +24,23 @@ def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None) 
     values = pd.concat([f["label"] for f in frames.values()]).dropna()
     if pd.api.types.is_numeric_dtype(values):
         return [str(i) for i in range(int(values.max()) + 1)]
-    return sorted(values.astype(str).unique())
+    names = sorted(values.astype(str).unique())
+    ids = [n for n in names if n.strip().lstrip("-").isdigit()]
+    if ids and len(ids) < len(names) and not mixed_ok:
+        words = [shorten(n, 30) for n in names if n not in ids]
+        raise RecipeError(f"the label column mixes class ids ({', '.join(ids[:4])}) and class names "
+                          f"({', '.join(words[:4])})", "data.label_column",
+                          hint="map every value to a class name with data.label_map, e.g. {0: neg, 1: pos}")
+    return names
 
 
 def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] | None):
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
     Returns the cleaned frames (text, label id), the class names and per-split counts."""
     renamed = _mapped_labels(frames, data)
-    all_names = _all_label_names(renamed, labels)
+    # Without a label_map, "1" and "pos" in one column are two spellings, not two classes (with
+    # one, values it leaves unmapped are refused, or dropped by keep_labels).
+    all_names = _all_label_names(renamed, labels, mixed_ok=data.label_map is not None or bool(data.keep_labels))
     names = _kept_label_names(all_names, data, labels)
     out, stats = {}, {}
     for split, df in renamed.items():
@@ -40,7 +49,12 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
         raise RecipeError(f"no training rows left after cleaning ({stats['train']}): the label values "
                           f"in the data do not match the label names {names}", "model.labels",
                           hint="label names must match the data's values (or use data.label_map)")
-    absent = [n for i, n in enumerate(names) if i not in set(out["train"]["label"])]
+    present = set(out["train"]["label"])
+    if len(present) < 2:
+        raise RecipeError(f"the training rows hold one class ({shorten(names[present.pop()], 40)!r}): a classifier "
+                          f"learns to tell two or more apart", "data.label_column",
+                          hint="check the label column, data.keep_labels and data.label_map")
+    absent = [n for i, n in enumerate(names) if i not in present]
     if absent:
         raise RecipeError(f"label names {absent} never occur in the training data", "model.labels",
                           hint="label names must match the data's values (or use data.label_map)")

@@ -9,8 +9,7 @@ from qlora.tasks.quantize import check_quantization
 from qlora.tasks.recipe import ModelSection, QuantizationSection, RecipeError
 from qlora.tasks.results import BaseModelFiles, TokenizerFiles
 from qlora.tasks.training.loading import TOKENIZER_FILES, skeleton
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+from qlora.tasks.weights import safetensors_files
 
 
 def resolve_model(model: ModelSection) -> BaseModelFiles:
@@ -25,9 +24,7 @@ def resolve_model(model: ModelSection) -> BaseModelFiles:
         return BaseModelFiles(hash=store.file_fingerprint(path), gguf=str(path.resolve()))
     if not path.is_dir() or not (path / "config.json").is_file():
         raise RecipeError(f"not a model directory (no config.json): {path}", "model.name_or_path")
-    weights = [p.name for p in sorted(path.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)]
-    if not weights:
-        raise RecipeError(f"no weights (*.safetensors, *.bin) in {path}", "model.name_or_path")
+    weights = [p.name for p in safetensors_files(path, "model.name_or_path")]
     tokenizer = [n for n in TOKENIZER_FILES if (path / n).is_file()]
     if not tokenizer:
         raise RecipeError(f"no tokenizer files in {path}", "model.name_or_path")

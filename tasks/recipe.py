@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,8 +22,26 @@ class Section(BaseModel):
     # allow_inf_nan: a learning rate of inf or nan is a mistake, never a setting.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value, info):
+        """`max_length: true` is a mistake, not 1 (pydantic's lax mode reads a bool as a number)."""
+        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a value of this field (a number or a name is expected)")
+        return value
+
+
+def _takes_bool(annotation) -> bool:
+    """Whether a field's type has a place for true/false (bool itself, or True/False in a Literal)."""
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_takes_bool(a) for a in get_args(annotation))
+
 
 Seed = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
+MAX_STEPS = 10**9  # beyond any real run; a bound that keeps step counts in the integers every library takes
 
 
 class ModelSection(Section):
@@ -257,8 +275,8 @@ class LoraSection(Section):
 class TrainSection(Section):
     num_train_epochs: float = Field(1.0, gt=0)
     """Passes over the training data (fractions allowed); see max_steps."""
-    max_steps: int = -1
-    """Optimizer steps to train; when above 0 it overrides num_train_epochs."""
+    max_steps: int = Field(-1, le=MAX_STEPS)
+    """Optimizer steps to train; when set (1 or more) it overrides num_train_epochs; -1: unset."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
@@ -317,6 +335,13 @@ class TrainSection(Section):
     """Checkpoint every this many optimizer steps (resumable after a crash or a signal)."""
     save_total_limit: int = Field(2, gt=0)
     """Checkpoints kept; older ones are deleted."""
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v):
+        if v != -1 and v < 1:
+            raise ValueError("must be a number of optimizer steps (1 or more), or -1 to train num_train_epochs")
+        return v
 
     # How fast and in how much memory, not what is computed: left out of the train stage's cache key,
     # so a run stopped (say, out of memory) resumes under a new budget.
@@ -380,6 +405,9 @@ class EvaluateSection(Section):
     """Metric modules under tasks/metrics/ by name (accuracy, f1, precision, recall, rouge; f1, precision and
     recall macro and per class), or paths to evaluate-compatible metric scripts. Default: accuracy, f1,
     precision, recall (classification); rouge (causal-lm, on generations)."""
+    trust_metric_code: bool = False
+    """Let evaluate.metrics name your own metric scripts (Python files, run as code: only scripts you
+    trust). Off: only the bundled metrics."""
     generation: GenerationSection = GenerationSection()
     """causal-lm: generated answers for held-out prompts."""
 
@@ -439,6 +467,12 @@ def lower_is_better(metric: str) -> str:
     return "min" if metric.endswith(("loss", "perplexity")) else "max"
 
 
+# MLflow keeps registered model names and metric keys to 250 characters; Prefect's asset keys
+# (qlora://NAME/merged-model) to 512. Room for the -adapter / -merged suffixes.
+MAX_NAME_LENGTH = 200
+MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's limit
+
+
 def registry_name(value: str | None) -> str | None:
     """What MLflow accepts as a registered model name, and what `NAME@ALIAS` and the registry's
     filter strings can carry."""
@@ -452,6 +486,9 @@ def registry_name(value: str | None) -> str | None:
                          f"NAME@ALIAS references)")
     if value in (".", ".."):
         raise ValueError("is not a name")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"at most {MAX_NAME_LENGTH} characters, got {len(value)} (it names registered models, "
+                         f"NAME-adapter and NAME-merged, and Prefect assets)")
     return value
 
 
@@ -475,6 +512,10 @@ class TrackingSection(Section):
     def _experiment(cls, v):
         if not v.strip():
             raise ValueError("must be a non-empty name")
+        if len(v) > MAX_EXPERIMENT_NAME_LENGTH:
+            raise ValueError(f"at most {MAX_EXPERIMENT_NAME_LENGTH} characters (MLflow's limit), got {len(v)}")
+        if not v.isprintable():
+            raise ValueError("cannot contain control characters (newline, tab, NUL)")
         return v
 
     _registered = field_validator("registered_model_name")(registry_name)
@@ -581,12 +622,61 @@ def _explain(err: ValidationError, file: str | None) -> RecipeError:
     return RecipeError(msg, field, file)
 
 
+MAX_NESTING = 50  # a recipe is a few levels deep; deeper is a generated or hostile file
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing what would silently lose a setting or exhaust the stack: a key
+    given twice in one mapping (the second `train:` would replace the whole first section), and
+    nesting deeper than MAX_NESTING."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise yaml.constructor.ConstructorError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                        self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, then keys overriding them
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                where = f"lines {first} and {line}" if first != line else f"line {line}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {shorten(str(key), 60)!r} given twice ({where}): the second would replace "
+                                f"the first", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python values, through RecipeLoader."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"--set expects KEY=VALUE, got {text!r}", hint="e.g. --set train.learning_rate=1e-3")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise RecipeError(f"value {shorten(raw, 80)!r} is not valid YAML: {_yaml_problem(e)}", f"--set {key.strip()}",
                           hint="quote it, e.g. --set 'data.path=\"a,b\"'") from None
@@ -644,7 +734,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = find_recipe(path)
     file = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise RecipeError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
     except yaml.YAMLError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlora.tasks.data import quiet_datasets
 from qlora.tasks.recipe import SPLITS, RecipeError, SplitSection
 from qlora.tasks.results import Loaded, Split
 from qlora.tasks.stage import stage
@@ -18,22 +19,22 @@ def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: st
     when stratify."""
     import datasets
 
-    table = datasets.Dataset.from_pandas(train, preserve_index=False)
-    if stratify:
-        table = table.cast_column("label", datasets.ClassLabel(num_classes=int(train["label"].max()) + 1))
     try:
-        parts = table.train_test_split(test_size=n, seed=seed, stratify_by_column="label" if stratify else None)
+        with quiet_datasets():
+            table = datasets.Dataset.from_pandas(train, preserve_index=False)
+            if stratify:
+                table = table.cast_column("label", datasets.ClassLabel(num_classes=int(train["label"].max()) + 1))
+            parts = table.train_test_split(test_size=n, seed=seed, stratify_by_column="label" if stratify else None)
     except ValueError as e:  # e.g. fewer rows split off than there are classes
         raise RecipeError(f"cannot split {n} of {len(train)} rows off by class: {str(e).splitlines()[0]}", field,
                           hint="a larger fraction, or split.stratify: false") from None
     return parts["train"].to_pandas(), parts["test"].to_pandas()
 
 
-@stage("split")
-def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> Split:
-    import pandas as pd
-
-    frames = {s: pd.read_parquet(loaded.file(f"{s}.parquet")) for s in loaded.splits}
+def carve(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> dict[str, pd.DataFrame]:
+    """Every split: the source's own, and those it lacks carved out of its training rows. Also the
+    preflight's check (on the cleaned rows) that the data is large enough for the fractions."""
+    frames = dict(frames)
     train = frames["train"]
     for name, size, field in (("test", cfg.test_size, "split.test_size"),
                               ("validation", cfg.validation_size, "split.validation_size")):
@@ -47,6 +48,14 @@ def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> 
         stratify = cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
         train, frames[name] = _split_off(train, n, cfg.seed, stratify, field)
     frames["train"] = train
+    return frames
+
+
+@stage("split")
+def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> Split:
+    import pandas as pd
+
+    frames = carve({s: pd.read_parquet(loaded.file(f"{s}.parquet")) for s in loaded.splits}, cfg)
     counts = {}
     for name in SPLITS:
         df = frames[name]

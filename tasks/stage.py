@@ -32,6 +32,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, ValidationError
 
+from qlora.runtime.errors import DiskFull, is_disk_full
 from qlora.runtime.secrets import REVEALING
 from qlora.tasks import lineage, store
 from qlora.tasks.results import Keyed, StageResult
@@ -83,12 +84,17 @@ def _build(build: Callable[..., StageResult], name: str, result_type: type, key:
         arguments["scratch"] = scratch
     started = time.perf_counter()
     with store.building(directory) as tmp:
-        result = build(tmp, **arguments)
-        if not isinstance(result, result_type):
-            raise TypeError(f"stage {name} returned {type(result).__name__}, not its {result_type.__name__}")
-        # The flow run that built it: a later run's lineage links cache hits back to their builder.
-        result = result.model_copy(update=dict(hash=key, dir=str(directory.resolve()), built_by_flow_run=_flow_run_id()))
-        store.write_result(tmp, result.model_dump(mode="json", exclude={"cache_hit"}))
+        try:
+            result = build(tmp, **arguments)
+            if not isinstance(result, result_type):
+                raise TypeError(f"stage {name} returned {type(result).__name__}, not its {result_type.__name__}")
+            # The flow run that built it: a later run's lineage links cache hits back to their builder.
+            result = result.model_copy(update=dict(hash=key, dir=str(directory.resolve()), built_by_flow_run=_flow_run_id()))
+            store.write_result(tmp, result.model_dump(mode="json", exclude={"cache_hit"}))
+        except Exception as e:
+            if is_disk_full(e):  # one line, where and how much; the partial directory goes (building())
+                raise DiskFull(name, directory, store.dir_size(tmp)) from None
+            raise
     shutil.rmtree(scratch, ignore_errors=True)
     inputs = {k: v.hash for k, v in arguments.items() if isinstance(v, Keyed)}
     lineage.stage_summary(name, key, directory, time.perf_counter() - started, inputs, result)

@@ -144,6 +144,23 @@ def source_fingerprint(*modules: str, libraries: tuple[str, ...] = STAGE_LIBRARI
     return sha256_bytes(b"\0".join(parts))[:20]
 
 
+def check_writable(path: Path, field: str, what: str) -> Path:
+    """`path` can be created (or written, where it is a directory already), checked by creating and
+    removing a probe beside it: os.access says yes for root where the file system says no (/proc, a
+    read-only mount). Nothing is left behind. Returns the absolute path."""
+    import tempfile
+
+    path = path.expanduser().absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"cannot write {what} {path}: {existing} is a file, not a directory", field)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-check-", dir=existing))
+    except OSError as e:
+        raise RecipeError(f"cannot write {what} {path}: {e.strerror} in {existing}", field) from None
+    return path
+
+
 def resolve_location(location: str, field: str) -> Path | None:
     """A local path, or `package:NAME/sub/path` inside an installed package (found without
     importing it). Returns None for anything else (a Hub id)."""

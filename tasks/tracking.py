@@ -6,6 +6,7 @@ run's final status, so a failed write still fails the run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
@@ -37,9 +38,10 @@ def tracking_uri_of(recipe: Recipe) -> str:
     return reveal(recipe.tracking.tracking_uri) or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def check_tracking(uri: str) -> None:
-    """The tracking store answers (servers within a few seconds), or a RecipeError."""
-    field = "tracking.tracking_uri"
+def check_tracking(uri: str, field: str = "tracking.tracking_uri", existing: bool = False) -> None:
+    """The tracking store answers (servers and databases within a few seconds), or a RecipeError.
+    existing: for commands that only read (predict, export, compare): a local store must be there
+    already; nothing is created for them."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(_health_request(uri), timeout=5) as r:
@@ -50,13 +52,21 @@ def check_tracking(uri: str) -> None:
                               hint="start it, or leave tracking.tracking_uri unset for the local store") from None
     elif uri.startswith("sqlite:///"):
         # Nothing is created here: a recipe refused later leaves no empty store behind.
-        parent = Path(uri[len("sqlite:///"):]).parent
-        existing = next(p for p in [parent, *parent.parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise RecipeError(f"tracking store directory {parent} cannot be created: {existing} is not a "
+        database = Path(uri[len("sqlite:///"):])
+        if database.exists():
+            _check_sqlite_file(database, field)
+        elif existing:
+            raise RecipeError(f"no MLflow tracking store at {database}", field,
+                              hint="run from the directory you ran the recipe in, or name the store with "
+                                   "--tracking-uri")
+        parent = database.parent
+        writable = next(p for p in [parent, *parent.parents] if p.exists())
+        if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
+            raise RecipeError(f"tracking store directory {parent} cannot be created: {writable} is not a "
                               f"writable directory", field)
     elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES:
         _check_database_driver(uri, field)
+        _check_database_listens(uri, field)
     elif "://" in uri and not uri.startswith(("file://", "databricks")):
         raise RecipeError(f"unsupported tracking URI scheme '{uri.split('://', 1)[0]}'", field,
                           hint="http(s)://, sqlite:///, postgresql://, mysql://, mssql:// or file://")
@@ -84,6 +94,58 @@ def _health_request(uri: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)
 
 
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+def _check_sqlite_file(path: Path, field: str) -> None:
+    """A local store's file is a whole SQLite database (its header: the magic string, and as many
+    pages as the header counts), read without writing: a truncated or overwritten store is named
+    here, not as a DatabaseError traceback mid-run."""
+    import sqlite3
+
+    if not path.is_file():
+        raise RecipeError(f"tracking store {path} is not a file", field)
+    size = path.stat().st_size
+    if size == 0:
+        return  # an empty file is an empty database: MLflow creates its tables
+    with path.open("rb") as f:
+        header = f.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise RecipeError(f"tracking store {path} is not a SQLite database", field,
+                          hint="restore it from a backup, or move it away to start a new store")
+    page_size = int.from_bytes(header[16:18], "big")
+    pages = int.from_bytes(header[28:32], "big")
+    expected = pages * (65536 if page_size == 1 else page_size)
+    if size < expected:
+        raise RecipeError(f"tracking store {path} is truncated ({size} of the {expected} bytes its header "
+                          f"counts)", field, hint="restore it from a backup, or move it away to start a new store")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise RecipeError(f"tracking store {path} is not a readable SQLite database ({e})", field,
+                          hint="restore it from a backup, or move it away to start a new store") from None
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _check_database_listens(uri: str, field: str) -> None:
+    """Something listens at the database's host and port (within seconds; MLflow's own connection
+    retries take minutes). A Unix-socket URI (no host) is left to the driver."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    if not url.host:
+        return
+    port = url.port or _DEFAULT_PORTS[url.get_backend_name()]
+    try:
+        socket.create_connection((url.host, port), timeout=5).close()
+    except OSError as e:
+        raise RecipeError(f"cannot reach the database at {url.host}:{port}: {e.strerror or e}", field,
+                          hint="start the database, or leave tracking.tracking_uri unset for the local store") from None
+
+
 def _check_database_driver(uri: str, field: str) -> None:
     """A database URI whose SQLAlchemy dialect or Python driver is not installed fails here, not
     after training."""
@@ -96,8 +158,8 @@ def _check_database_driver(uri: str, field: str) -> None:
         raise RecipeError(f"not a usable database URI: {str(e).splitlines()[0][:200]}", field) from None
     except ImportError as e:
         raise RecipeError(f"the database driver for {uri.split(':', 1)[0]} is not installed ({e.name or e})", field,
-                          hint="pip install it (postgresql: psycopg2-binary; mysql: mysqlclient or pymysql "
-                               "with mysql+pymysql://)") from None
+                          hint="pip install it (postgresql://: psycopg[binary], or postgresql+psycopg2:// with "
+                               "psycopg2-binary; mysql: mysqlclient, or mysql+pymysql:// with pymysql)") from None
 
 
 def store_lock(uri: str):

@@ -74,7 +74,58 @@ def _files(project: Path) -> dict[str, Path]:
     f["nodir"].mkdir()
     f["afile"] = project / "afile"
     f["afile"].write_text("x")
+    f["oneclass"] = project / "oneclass.csv"
+    f["oneclass"].write_text("text,label\n" + "".join(f"review {i},1\n" for i in range(40)))
+    f["mixed"] = project / "mixed.csv"  # 1 and pos, 0 and neg: two spellings of two classes
+    f["mixed"].write_text("text,label\n" + "".join(f"review {i},{['1', 'pos', '0', 'neg'][i % 4]}\n" for i in range(40)))
+    f["small"] = write_csv(project / "small.csv", n=4)
+    f["fifo"] = project / "fifo.csv"
+    os.mkfifo(f["fifo"])
+    f["zerolink"] = project / "zero.csv"
+    f["zerolink"].symlink_to("/dev/zero")
+    f["fifodir"] = project / "fifodir"
+    f["fifodir"].mkdir()
+    os.mkfifo(f["fifodir"] / "train.csv")
+    f["lockclash"] = project / "cache"
+    f["lockclash"].mkdir()
+    (f["lockclash"] / ".locks").write_text("a file where the lock directory goes")
+    f["metric"] = project / "mymetric.py"
+    f["metric"].write_text("raise SystemExit('a metric script that was not trusted ran')\n")
+    f["brokenmetric"] = project / "broken_metric.py"
+    f["brokenmetric"].write_text("import no_such_module_xyz\n")
+    f["badsyntax"] = project / "bad_syntax.py"
+    f["badsyntax"].write_text("def metric(:\n")
+    f.update(_model_dirs(project))
+    f["randomdb"] = project / "random.db"
+    f["randomdb"].write_bytes(os.urandom(8192))
+    f["truncdb"] = project / "trunc.db"
+    with sqlite3.connect(f["truncdb"]) as db:
+        db.execute("CREATE TABLE t (x TEXT)")
+        db.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 100)
+    db.close()
+    f["truncdb"].write_bytes(f["truncdb"].read_bytes()[:8192])
     return f
+
+
+def _model_dirs(project: Path) -> dict[str, Path]:
+    """Copies of the MiniLM encoder's directory whose weights are broken: truncated, garbage, or a
+    pickle-based file only (its tokenizer and config linked, not copied)."""
+    from qlora.tasks.store import resolve_location
+
+    source = resolve_location(MINILM, "model")
+    weights = (source / "model.safetensors").read_bytes()
+    out = {}
+    for name, files in (("truncated", {"model.safetensors": weights[: len(weights) // 2]}),
+                        ("garbage", {"model.safetensors": b"\xff" * 64}),
+                        ("pickled", {"pytorch_model.bin": pickle.dumps({"weight": [0.0]})})):
+        directory = project / f"model-{name}"
+        directory.mkdir()
+        for link in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            (directory / link).symlink_to(source / link)
+        for file, data in files.items():
+            (directory / file).write_bytes(data)
+        out[f"model_{name}"] = directory
+    return out
 
 
 CASES = [
@@ -147,6 +198,44 @@ CASES = [
     ("model-missing", ["model.name_or_path=./no/model"], "model.name_or_path: path does not exist"),
     ("task-unknown", ["model.task=regression"], "model.task"),
     ("budget-tiny", ["train.max_memory_gib=0.001"], "train.max_memory_gib"),
+    # names MLflow and Prefect refuse, found before anything runs
+    ("name-long", ["name=" + "n" * 250], "name: at most 200 characters, got 250"),
+    ("registered-name-long", ["tracking.registered_model_name=" + "m" * 300], "tracking.registered_model_name: at most 200"),
+    ("experiment-long", ["tracking.experiment_name=" + "e" * 501], "tracking.experiment_name: at most 500 characters"),
+    ("experiment-nul", ['tracking.experiment_name="a\\0b"'], "tracking.experiment_name: cannot contain control characters"),
+    ("experiment-newline", ['tracking.experiment_name="a\\nb"'], "tracking.experiment_name: cannot contain control"),
+    # data that would train the wrong model, or fail in a later stage
+    ("one-class", ["data.path={oneclass}"], "data.label_column: the training rows hold one class ('1')"),
+    ("labels-mixed", ["data.path={mixed}"], "data.label_column: the label column mixes class ids (0, 1) and class names (neg, pos)"),
+    ("too-small-to-split", ["data.path={small}"], "split.test_size: cannot split 1 of 4 rows off by class"),
+    ("max-steps-huge", ["train.max_steps=100000000000000000000000000000"], "train.max_steps: Input should be less than or equal to 1000000000"),
+    ("max-steps-negative", ["train.max_steps=-5"], "train.max_steps: must be a number of optimizer steps"),
+    ("max-steps-zero", ["train.max_steps=0"], "train.max_steps: must be a number of optimizer steps"),
+    ("max-length-true", ["tokenize.max_length=true"], "tokenize.max_length: true is not a value of this field"),
+    ("learning-rate-false", ["train.learning_rate=false"], "train.learning_rate: false is not a value"),
+    ("nproc-true", ["distributed.nproc_per_node=true"], "distributed.nproc_per_node: true is not a value"),
+    # files that are not files
+    ("data-fifo", ["data.path={fifo}"], "data.path: " + "{fifo} is not a regular file"),
+    ("data-dev-zero", ["data.path=/dev/zero"], "data.path: /dev/zero is not a regular file"),
+    ("data-dev-urandom", ["data.path=/dev/urandom"], "data.path: /dev/urandom is not a regular file"),
+    ("data-link-to-dev-zero", ["data.path={zerolink}"], "is not a regular file"),
+    ("data-dir-holding-fifo", ["data.path={fifodir}"], "train.csv is not a regular file"),
+    ("work-dir-proc", ["work_dir=/proc/qlora-cache"], "work_dir: cannot write the stage cache /proc/qlora-cache"),
+    ("work-dir-locks-a-file", ["work_dir={lockclash}"], "work_dir: " + "{lockclash}/.locks is a file"),
+    # code and weights
+    ("metric-file-untrusted", ["evaluate.metrics=[{metric}]"], "set evaluate.trust_metric_code: true"),
+    ("metric-file-broken", ["evaluate.metrics=[{brokenmetric}]", "evaluate.trust_metric_code=true"],
+     "evaluate.metrics: metric script " + "{brokenmetric} cannot be loaded: ImportError"),
+    ("metric-file-syntax", ["evaluate.metrics=[{badsyntax}]", "evaluate.trust_metric_code=true"],
+     "evaluate.metrics: metric script " + "{badsyntax} cannot be loaded"),
+    ("model-truncated", ["model.name_or_path={model_truncated}"], "model.name_or_path: " + "{model_truncated}/model.safetensors is truncated"),
+    ("model-garbage", ["model.name_or_path={model_garbage}"], "model.safetensors is truncated or not a safetensors file"),
+    ("model-pickled", ["model.name_or_path={model_pickled}"], "refusing to load a pickle-based weight file (pytorch_model.bin"),
+    # tracking stores that cannot be used
+    ("store-random-bytes", ["tracking.tracking_uri=sqlite:///{randomdb}"], "tracking.tracking_uri: tracking store " + "{randomdb} is not a SQLite database"),
+    ("store-truncated", ["tracking.tracking_uri=sqlite:///{truncdb}"], "{truncdb} is truncated"),
+    ("postgres-nothing-listening", ["tracking.tracking_uri=postgresql+psycopg2://u:pw@127.0.0.1:1/db"],
+     "tracking.tracking_uri: cannot reach the database at 127.0.0.1:1"),
 ]
 
 
@@ -154,8 +243,9 @@ CASES = [
 def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, overrides, expected):
     files = _files(project)
     path = write_recipe(project / "r.yaml", tiny_recipe(files["data"]))
-    for name, file in files.items():
+    for name, file in sorted(files.items(), key=lambda f: -len(f[0])):  # {model_pickled} before {model}
         overrides = [o.replace("{" + name + "}", str(file)) for o in overrides]
+        expected = expected.replace("{" + name + "}", str(file))
     before = set(project.iterdir())
     code = main(["validate", str(path)] + [a for o in overrides for a in ("--set", o)])
     err = capsys.readouterr().err
@@ -164,6 +254,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, overrides
     assert "Traceback" not in err and len(err) < 700, err
     assert expected in err, err
     assert set(project.iterdir()) == before, "nothing written (no mlflow/, no .qlora/)"
+    assert "not trusted ran" not in err
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -174,6 +265,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, overrides
     ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
      "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
      "model: {name_or_path: x, labels: [*e, *e]}\ndata: {path: x}\n", "model.labels.0: Input should be a valid string"),
+    # a second section of one name would silently replace the first
+    ("train:\n  max_steps: 2\nmodel: {name_or_path: x}\ndata: {path: x}\ntrain:\n  learning_rate: 1.0\n",
+     "r.yaml:5:1: not valid YAML: key 'train' given twice (lines 1 and 5)"),
+    ("model: {name_or_path: x, name_or_path: y}\ndata: {path: x}\n", "key 'name_or_path' given twice"),
+    # nested past what a recipe needs (and what Python's stack holds)
+    ("model: " + "[" * 3000 + "]" * 3000 + "\n", "not valid YAML: nested more than 50 levels deep"),
+    ("model: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "nested more than 50 levels deep"),
 ])
 def test_bad_recipe_files(project, capsys, text, expected):
     path = project / "r.yaml"
@@ -216,10 +314,12 @@ def test_new_user_data_options(project, capsys):
     cleaned, names, stats = clean(frames, r.data, None)
     assert names == ["0", "1"] and stats["train"]["rows_kept"] == 60
     # keep_labels with a partial label_map: unmapped rows are dropped and counted, not an error
-    r = recipe_from_dict(tiny_recipe(headerless, data={"column_names": ["text", "label"], "label_map": {1: "pos"},
-                                                       "keep_labels": ["pos"]}))
+    three = project / "three.csv"
+    three.write_text("".join(f"review {i},{i % 3}\n" for i in range(60)))
+    r = recipe_from_dict(tiny_recipe(three, data={"column_names": ["text", "label"], "label_map": {1: "pos", 2: "neg"},
+                                                  "keep_labels": ["pos", "neg"]}))
     _, names, stats = clean(read_source(r.data, required_columns(r.data, None)), r.data, None)
-    assert names == ["pos"] and stats["train"]["dropped_unknown_label"] + stats["train"]["dropped_filtered_label"] == 30
+    assert names == ["pos", "neg"] and stats["train"]["dropped_unknown_label"] + stats["train"]["dropped_filtered_label"] == 20
 
 
 # --- the cache never executes what is in it; corruption is found -------------------------------
@@ -507,3 +607,126 @@ def test_sigterm_to_qlora_ui_stops_both_servers(project):
     while time.monotonic() < deadline and not (port_free(ports[0]) and port_free(ports[1])):
         time.sleep(0.5)
     assert port_free(ports[0]) and port_free(ports[1]), "a server outlived `qlora ui`"
+
+
+# --- the other commands: flags and files they are given -----------------------------------------
+
+def _command_files(project: Path) -> dict[str, Path]:
+    """An empty store to read, and adapters that cannot be merged: not JSON, a Hub base while
+    offline, no weights, a pickle-based weight file."""
+    import torch
+    from safetensors.torch import save_file
+
+    f = {"store": project / "store.db", "afile": project / "afile"}
+    f["store"].write_bytes(b"")  # an empty SQLite file: a store with nothing in it yet
+    f["afile"].write_text("x")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    for name, base, files in (
+            ("notjson", None, {"adapter_config.json": b"{not json"}),
+            ("hubbase", "HuggingFaceTB/not-in-this-cache", {}),
+            ("noweights", str(project), {"adapter_model.safetensors": None}),
+            ("pickled", str(project), {"adapter_model.safetensors": None, "adapter_model.bin": pickle.dumps({"w": 1})})):
+        directory = project / f"adapter-{name}"
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        save_file({"base_model.model.w.lora_A.weight": torch.zeros(4, 4)}, str(directory / "adapter_model.safetensors"))
+        for file, data in files.items():
+            (directory / file).unlink(missing_ok=True) if data is None else (directory / file).write_bytes(data)
+        f[f"adapter_{name}"] = directory
+    return f
+
+
+COMMAND_CASES = [
+    # (id, the command's arguments, expected in the message)
+    ("promote-min-delta-nan", ["promote", "m-merged", "--min-delta", "nan", "--tracking-uri", "sqlite:///{store}"],
+     "--min-delta: must be a finite number of at least 0, got nan"),
+    ("promote-min-delta-negative", ["promote", "m-merged", "--min-delta", "-0.5", "--tracking-uri", "sqlite:///{store}"],
+     "--min-delta: must be a finite number of at least 0"),
+    ("methods-full-lr-nan", ["methods", "{recipe}", "--full-learning-rate", "nan"], "--full-learning-rate: must be a finite number above 0"),
+    ("methods-full-lr-zero", ["methods", "{recipe}", "--full-learning-rate", "0"], "--full-learning-rate"),
+    # commands that only read never create a store
+    ("predict-no-store", ["predict", "--run", "0123abcd", "great film"], "--tracking-uri: no MLflow tracking store at"),
+    ("predict-mistyped-store", ["predict", "--run", "0123abcd", "--tracking-uri", "sqlite:///{project}/mlfow/mlflow.db", "hi"],
+     "no MLflow tracking store at {project}/mlfow/mlflow.db"),
+    ("compare-no-store", ["compare", "0123abcd", "4567ef01"], "no MLflow tracking store"),
+    ("export-no-store", ["export", "m-merged@champion", "--out", "out"], "no MLflow tracking store"),
+    ("export-out-proc", ["export", "m-merged@champion", "--out", "/proc/qlora-export", "--tracking-uri", "sqlite:///{store}"],
+     "--out: cannot write the output /proc/qlora-export"),
+    ("export-out-under-file", ["export", "m-merged@champion", "--out", "{afile}/model", "--tracking-uri", "sqlite:///{store}"],
+     "--out: cannot write the output {afile}/model: {afile} is a file"),
+    ("merge-config-not-json", ["merge", "{adapter_notjson}", "--out", "merged"], "adapter_config.json: not valid JSON"),
+    ("merge-hub-base-offline", ["merge", "{adapter_hubbase}", "--out", "merged"],
+     "base_model_name_or_path: cannot reach the Hugging Face Hub for 'HuggingFaceTB/not-in-this-cache'"),
+    ("merge-weights-missing", ["merge", "{adapter_noweights}", "--out", "merged"], "ADAPTER: no weights (*.safetensors) in"),
+    ("merge-pickled-weights", ["merge", "{adapter_pickled}", "--out", "merged"],
+     "refusing to load a pickle-based weight file (adapter_model.bin"),
+    ("merge-out-proc", ["merge", "{adapter_notjson}", "--out", "/proc/qlora-merged"], "--out: cannot write the output"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [c[1:] for c in COMMAND_CASES], ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input_is_one_line_exit_2_nothing_written(project, capsys, monkeypatch, argv, expected):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    files = {**_command_files(project), "project": project,
+             "recipe": write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv")))}
+    for name, file in sorted(files.items(), key=lambda f: -len(f[0])):
+        argv = [a.replace("{" + name + "}", str(file)) for a in argv]
+        expected = expected.replace("{" + name + "}", str(file))
+    before = {p: p.stat().st_size for p in project.rglob("*")}
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
+    assert {p: p.stat().st_size for p in project.rglob("*")} == before, "nothing written, no store created"
+
+
+@pytest.mark.parametrize("label", ["great & good", "wow!", "😀", "x" * 300, "a/../b", "naïve", "tab\there"])
+def test_every_label_names_metrics_mlflow_accepts(tmp_path, label):
+    """Per-class metric names (test_f1_LABEL) from any class name, logged to a real MLflow store; two
+    labels that make the same key stay apart."""
+    from mlflow.entities import Metric
+
+    from qlora.tasks.evaluate import compute_metrics, label_keys
+    from qlora.tasks.tracking import mlflow_client
+
+    names = [label, "other", label + "?"]
+    metrics = compute_metrics(["f1", "precision"], [0, 1, 2, 0], [0, 1, 2, 1], names)
+    assert len(set(label_keys(names))) == 3 and len(metrics) == 2 + 2 * 3
+    client = mlflow_client(f"sqlite:///{tmp_path / 'm.db'}")
+    run = client.create_run(client.create_experiment("labels")).info.run_id
+    for prefix in ("test_", "merged_test_"):
+        client.log_batch(run, metrics=[Metric(prefix + k, v, 0, 0) for k, v in metrics.items()])
+    assert len(client.get_run(run).data.metrics) == 2 * len(metrics)
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_the_same_command_resumes(project):
+    """work_dir on a 30 MiB file system: the stage that fills it is named with its path, the partial
+    directory removed, the MLflow run FAILED; with room made, the same command resumes (the stages
+    already built are cache hits, the MLflow run is the same one)."""
+    full = project / "small-disk"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root with CAP_SYS_ADMIN")
+    try:
+        write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv"), work_dir=str(full / "cache")))
+        process = _start(project)
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"error: no space left on the device holding {full}/cache/"), last
+        assert "the same command again" in last and "Traceback" not in out, out[-3000:]
+        assert not list(full.rglob(".tmp-*")), "the partial stage directory is removed"
+        client = _client(project)
+        experiment = client.get_experiment_by_name("hardening")  # none yet when the disk fills before training
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        assert all(r.info.status == "FAILED" for r in runs)
+        mount = subprocess.run(["mount", "-o", "remount,size=2g", str(full)], capture_output=True)
+        assert mount.returncode == 0, mount.stderr
+        summary, _ = _finish(_start(project), project)
+        assert summary["resumed_run"] == bool(runs) and (not runs or summary["run_id"] == runs[0].info.run_id)
+        assert summary["cached"]["load"] and summary["cached"]["tokenize"], summary["cached"]
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)

@@ -29,3 +29,39 @@ MAX_MESSAGE_CHARS = 600  # an offending value is quoted, never pasted whole (a Y
 
 def shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else f"{text[:limit - 40]} ... [{len(text) - limit + 40} more characters]"
+
+
+class DiskFull(Exception):
+    """The file system under a stage's directory filled while the stage wrote: not a mistake in the
+    recipe, but one line saying where, how much the stage had written, and that the same command
+    resumes (finished stages stay cached; the partial directory is removed)."""
+
+    def __init__(self, stage: str, directory, written_bytes: int):
+        self.stage, self.directory, self.written_bytes = stage, directory, written_bytes
+        super().__init__(stage, str(directory), written_bytes)
+
+    def __str__(self) -> str:
+        import shutil
+        from pathlib import Path
+
+        existing = next(p for p in [Path(self.directory), *Path(self.directory).parents] if p.exists())
+        free = shutil.disk_usage(existing).free  # after the partial directory was removed
+        return (f"no space left on the device holding {existing}: the {self.stage} stage had written "
+                f"{self.written_bytes / 2**20:.1f} MiB when it filled ({free / 2**20:.1f} MiB free now); free space "
+                f"or set work_dir elsewhere, then run the same command again: finished stages are kept")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an error (or what it was raised from) is the file system out of space or quota; some
+    writers (safetensors) report it as text only."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -118,6 +118,7 @@ def load_model(path: str, task: str, label_names: list[str], dtype: torch.dtype,
     try:
         return auto_class(task).from_pretrained(
             path, dtype=dtype, device_map={"": "cpu" if on_cpu else device()}, trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never a pickle-based file, even beside the safetensors
             **extra, **_label_kwargs(label_names))
     finally:
         hf_logging.set_verbosity(verbosity)
