@@ -7,7 +7,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import numpy as np
 
@@ -19,8 +19,6 @@ from qlora.tasks.results import Evaluated, Merged, Quantized, Tokenized, Trained
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 
-if TYPE_CHECKING:  # imported where used: a cached run never loads pandas
-    import pandas as pd
 
 Variant = Union[Trained, Merged, UntrainedBase]
 METRICS_DIR = Path(__file__).parent / "metrics"
