@@ -41,6 +41,10 @@ def _quiet_environment() -> None:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",  # nothing pickled into a result store
     }.items():
         os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():  # into a log file each bar redraw is a line: the libraries' bars off
+        for key in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(key, "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # MLflow's dataset-schema hints about integer label columns are noise in a CLI run.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
@@ -56,6 +60,10 @@ def _without_user_error_traceback(record: logging.LogRecord) -> bool:
     if record.exc_info and isinstance(record.exc_info[1], (RecipeError, OutOfMemory, DiskFull)):
         record.exc_info, record.exc_text = None, None
     return True
+
+
+DEFAULT_PREFECT_PORT = 4200  # `qlora ui`'s Prefect server
+TEMPORARY_SERVER = "QLORA_TEMPORARY_PREFECT_SERVER"  # set while a run reports to its own temporary server
 
 
 class TemporaryPrefectServer:
@@ -86,6 +94,10 @@ class TemporaryPrefectServer:
              "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env,
             "qlora-prefect-server", None)
         os.environ["PREFECT_API_URL"] = self.url
+        # The flow run pages this server would show go away with it; its database stays, and
+        # `qlora ui` serves it on its default port: the links the run leaves point there.
+        os.environ.setdefault("PREFECT_UI_URL", f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}")
+        os.environ[TEMPORARY_SERVER] = "1"
         atexit.register(self.stop)
         signals.on_emergency(self.stop)
 
@@ -312,7 +324,22 @@ def _summary(result: dict) -> str:
     uri = mask(result["tracking_uri"])
     lines.append(f"MLflow run: {result['run_id']} ({uri})")
     lines.append(f"  browse: mlflow ui --backend-store-uri {uri}")
+    lines += _registered_lines(result.get("registered_models") or {}, uri)
     return "\n".join(lines)
+
+
+def _registered_lines(registered: dict, uri: str) -> list[str]:
+    """The registry versions the run made (or found: one version per content), and the one line that
+    loads each: MLflow looks for its store in MLFLOW_TRACKING_URI, so the line sets it."""
+    if not registered:
+        return []
+    lines = ["registered: " + ", ".join(f"{name} v{v['version']}" for name, v in registered.items())]
+    for name, v in registered.items():
+        source = f"models:/{name}/{v['version']}"
+        load = (f"mlflow.pyfunc.load_model('{source}')" if v["mlflow_model"] else
+                f"mlflow.artifacts.download_artifacts('{source}')")  # the adapter folder peft loads
+        lines.append(f"  MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; print({load})\"")
+    return lines
 
 
 def _tracking_uri(explicit: str | None, existing: bool = True) -> str:
@@ -386,7 +413,7 @@ def command_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-promote", action="store_true",
                    help="never move the champion alias (default: promote by tracking.promotion's metric)")
     p = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1 (Ctrl-C stops both)")
-    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI and API port (default 4200)")
+    p.add_argument("--prefect-port", type=int, default=DEFAULT_PREFECT_PORT, help="Prefect UI and API port (default 4200)")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under mlflow/)")
     p = sub.add_parser("recipes", help="list the shipped recipes; `qlora recipes copy NAME [DEST]` copies one to edit")

@@ -249,11 +249,36 @@ def merge_adapter(adapter: Path, out: Path, dtype: str = "bfloat16") -> Path:
     return out
 
 
+class TokenStreamer:
+    """Each new token's text written as soon as it is whole. transformers' TextStreamer holds text
+    back until the next space, so a model repeating a word without spaces looked hung for minutes."""
+
+    def __init__(self, tok, write):
+        self.tok, self.write, self.ids, self.shown, self.prompt_seen = tok, write, [], 0, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        # Without clean-up (" ." -> "."), text once written is never changed by the tokens after it.
+        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its other bytes
+            return
+        self.write(text[self.shown:], end="", flush=True)
+        self.shown = len(text)
+
+    def end(self) -> None:
+        self.write("", flush=True)
+        self.ids, self.shown, self.prompt_seen = [], 0, False
+
+
 def chat(uri: str, source: str, max_new_tokens: int = 256, read=input, write=print) -> None:
     """`qlora chat`: talk to a trained causal LM in the terminal: its chat template, tokens streamed
-    as they are generated, /reset forgets the conversation, /exit (or Ctrl-D) leaves."""
+    as they are generated, its own generation config (sampling, repetition penalty) where it has
+    one, a note when an answer reaches max_new_tokens; /reset forgets the conversation, /exit (or
+    Ctrl-D) leaves."""
     import torch
-    from transformers import TextStreamer
 
     run_id, model = _source_args(source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +289,7 @@ def chat(uri: str, source: str, max_new_tokens: int = 256, read=input, write=pri
         net, tok = load_predictor(directory)
     if not getattr(tok, "chat_template", None):
         raise RecipeError("the model's tokenizer has no chat template", "SOURCE")
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer = TokenStreamer(tok, write)
     history: list[dict] = []
     write(f"chatting with {source}: /reset forgets the conversation, /exit leaves")
     while True:
@@ -283,8 +308,10 @@ def chat(uri: str, source: str, max_new_tokens: int = 256, read=input, write=pri
             continue
         history.append({"role": "user", "content": text})
         ids = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = net.generate(**ids.to(net.device), max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+        with torch.no_grad():  # the model's generation_config decides greedy or sampled
+            out = net.generate(**ids.to(net.device), max_new_tokens=max_new_tokens, streamer=streamer,
                                pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": answer})
+        new = out[0, ids["input_ids"].shape[1]:]
+        if len(new) >= max_new_tokens and int(new[-1]) != tok.eos_token_id:
+            write(f"(stopped at {max_new_tokens} tokens: --max-new-tokens sets the limit)")
+        history.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})

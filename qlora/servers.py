@@ -119,7 +119,9 @@ def ui(prefect_port: int, mlflow_port: int, tracking_uri: str) -> int:
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
         wait_healthy(f"{prefect_url}/api/health", prefect, "the Prefect server")
         wait_healthy(f"{mlflow_url}/health", mlflow, "the MLflow server")
-        print(f"Prefect UI: {prefect_url}\nMLflow UI:  {mlflow_url}  (store: {tracking_uri})\n"
+        from qlora.tasks.lineage import mlflow_page
+
+        print(f"Prefect UI: {prefect_url}\nMLflow UI:  {mlflow_page(mlflow_url, 'experiments')}  (store: {tracking_uri})\n"
               f"Runs from another shell report here after:\n"
               f"  export PREFECT_API_URL={prefect_url}/api QLORA_MLFLOW_UI_URL={mlflow_url}\n"
               f"Server logs: {prefect.log_path}, {mlflow.log_path}\n"

@@ -105,14 +105,26 @@ def _mlflow_ui(tracking_uri: str) -> str | None:
     return (os.environ.get("QLORA_MLFLOW_UI_URL") or "").rstrip("/") or None
 
 
+# MLflow 3's UI chooses between its GenAI views (traces) and its machine-learning views (runs) by the
+# page's `workflowType` query parameter, else by the browser's last choice (GenAI at first); the
+# experiment's mlflow.experimentKind tag is not read while that switch is shown. Every link we give
+# names the runs view.
+MLFLOW_RUNS_VIEW = "workflowType=machine_learning"
+
+
+def mlflow_page(base: str, page: str) -> str:
+    """An MLflow UI page (`experiments/1/runs/abc`), opened in the machine-learning view."""
+    return f"{base.rstrip('/')}/#/{page}?{MLFLOW_RUNS_VIEW}"
+
+
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     base = _mlflow_ui(tracking_uri)
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
+    return mlflow_page(base, f"experiments/{experiment_id}/runs/{run_id}") if base else None
 
 
 def mlflow_model_url(tracking_uri: str, name: str, version: str) -> str | None:
     base = _mlflow_ui(tracking_uri)
-    return f"{base}/#/models/{name}/versions/{version}" if base else None
+    return mlflow_page(base, f"models/{name}/versions/{version}") if base else None
 
 
 def link_or_note(url: str | None, text: str, key: str, description: str, tracking_uri: str) -> None:

@@ -597,7 +597,12 @@ class RunRecorder:
 
         page = lineage.prefect_ui_url(self.flow_run_id)
         if page:
-            self._write(set_tags, {"prefect.flow_run_url": page})
+            tags = {"prefect.flow_run_url": page}
+            if os.environ.get("QLORA_TEMPORARY_PREFECT_SERVER"):
+                tags["qlora.prefect_server"] = ("temporary: started for this run and stopped with it; the flow run "
+                                                "stays in the project's Prefect database, whose pages `qlora ui` "
+                                                "serves at prefect.flow_run_url")
+            self._write(set_tags, tags)
         lineage.link_or_note(lineage.mlflow_run_url(self.uri, self.experiment, self.run_id),
                              f"MLflow run {self.run_id}", f"{self.r.name}-mlflow-run",
                              "the MLflow run of this flow run", self.uri)
@@ -662,6 +667,8 @@ class RunRecorder:
         for logged_as, suffix, content_hash, key in versions:
             name = f"{self.registered}-{suffix}"
             self.summary[key] = version = promotion.register(self.uri, self.run_id, logged_as, name, content_hash)
+            self.summary.setdefault("registered_models", {})[name] = {"version": version,
+                                                                      "mlflow_model": logged_as != "adapter"}
             lineage.link_or_note(lineage.mlflow_model_url(self.uri, name, version), f"registered model {name} v{version}",
                                  f"{name}-version", f"registered model {name}, version {version}", self.uri)
 

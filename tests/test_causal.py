@@ -374,3 +374,34 @@ def test_gpu_pipeline_benchmark_runs_the_whole_flow(tmp_path):
     assert result["loss_history"][-1] < result["loss_history"][0]
     assert metrics["test_loss"] < metrics["base_test_loss"] and "merged_test_loss" in metrics
     assert "train.fast_paths" in done.stdout
+
+
+def test_chat_streams_each_token_as_it_comes(tiny_llama):
+    """`qlora chat`'s streamer writes every token's text at its own step (transformers' TextStreamer
+    holds it back to the next space: a word repeated without spaces looked hung), and what it wrote
+    is the answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.registry import TokenStreamer
+
+    tok, net = AutoTokenizer.from_pretrained(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama)
+    steps: list[str] = []
+    written: list[str] = []
+
+    def write(text="", end="\n", flush=False):
+        written.append(text + end)
+
+    class Counting(TokenStreamer):
+        def put(self, value):
+            before = len(written)
+            super().put(value)
+            steps.append("".join(written[before:]))
+
+    ids = tok("what is ai?", return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        out = net.generate(**ids, max_new_tokens=12, do_sample=False, streamer=Counting(tok, write),
+                           pad_token_id=tok.pad_token_id, eos_token_id=None, suppress_tokens=tok.all_special_ids)
+    new = out[0, ids["input_ids"].shape[1]:]
+    assert len(new) == 12 and len(steps) == 13  # the prompt, then one call per token
+    assert all(steps[1:]), f"a token's text was held back: {steps}"
+    assert "".join(written).strip() == tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()

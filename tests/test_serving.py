@@ -33,6 +33,7 @@ def finished(tmp_path_factory):
     write_recipe(project / "r.yaml", small_recipe(merge={"enabled": True}))
     done = _qlora(project, "run", "r.yaml", "--json", "summary.json")
     assert done.returncode == 0, done.stderr[-4000:]
+    (project / "stdout.txt").write_text(done.stdout)
     return project, json.loads((project / "summary.json").read_text())
 
 
@@ -155,3 +156,40 @@ def test_export_merge_and_the_mistakes_users_make(finished, tmp_path):
         assert done.returncode == 2 and expected in done.stderr, (args, done.stderr[-2000:])
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert "qlora promote" in _qlora(project, "export", "reviews-test-merged@nope", "--out", str(tmp_path / "x")).stderr
+
+
+def test_the_readme_snippet_loads_the_registered_model_as_written(finished):
+    """The README's two lines, run in the project directory by a shell with no MLflow settings: the
+    registered merged model predicts, and MLflow's own default store (./mlflow.db) is never made."""
+    project, summary = finished
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("export MLFLOW_TRACKING_URI=")
+    snippet = readme[start:readme.index("\n\n", start)]
+    assert snippet.count("\n") == 1 and "models:/quickstart-merged@candidate" in snippet
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(["bash", "-c", snippet.replace("quickstart", "reviews-test")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"\b(plot|rotten|fresh)\b", done.stdout) and "score" in done.stdout, done.stdout
+    assert not (project / "mlflow.db").exists()
+    # The run's summary named each version it registered, with the line that loads it.
+    registered = summary["registered_models"]
+    assert set(registered) == {"reviews-test-adapter", "reviews-test-merged"}
+    assert registered["reviews-test-merged"]["mlflow_model"] and not registered["reviews-test-adapter"]["mlflow_model"]
+    printed = [line.strip() for line in (project / "stdout.txt").read_text().splitlines()
+               if line.strip().startswith("MLFLOW_TRACKING_URI=")]
+    assert len(printed) == 2, printed
+    for line in printed:
+        done = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "-adapter/" not in line or Path(done.stdout.strip()).joinpath("adapter_config.json").is_file(), done.stdout
+
+
+def test_a_run_on_the_temporary_prefect_server_links_where_qlora_ui_serves_it(finished):
+    """The run reported to a temporary Prefect server (gone now): its MLflow run's flow-run link
+    points at `qlora ui`'s Prefect server, which serves the same database, and says so."""
+    project, summary = finished
+    tags = _client(project).get_run(summary["run_id"]).data.tags
+    assert re.fullmatch(r"http://127\.0\.0\.1:4200/runs/flow-run/[0-9a-f-]{36}", tags["prefect.flow_run_url"]), tags
+    assert tags["prefect.flow_run_url"].endswith(tags["prefect.flow_run_id"])
+    assert tags["qlora.prefect_server"].startswith("temporary") and "qlora ui" in tags["qlora.prefect_server"]
