@@ -167,6 +167,7 @@ def test_the_readme_snippet_loads_the_registered_model_as_written(finished):
     snippet = readme[start:readme.index("\n\n", start)]
     assert snippet.count("\n") == 1 and "models:/quickstart-merged@candidate" in snippet
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `python` is the activated environment's
     done = subprocess.run(["bash", "-c", snippet.replace("quickstart", "reviews-test")], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

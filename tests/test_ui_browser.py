@@ -106,6 +106,14 @@ def test_prefect_and_mlflow_uis_show_the_run(project, browser):
         browser.save_screenshot(str(shots / "prefect-lineage.png"))
 
         experiment = run.info.experiment_id
+        # The experiment as our links open it: on its runs (MLflow's machine-learning view), not on
+        # the GenAI traces overview a fresh browser would show.
+        from qlora.tasks.lineage import mlflow_page
+
+        browser.get(mlflow_page(urls["mlflow"], f"experiments/{experiment}"))
+        _wait_for_text(browser, ["Run Name", run.info.run_name])
+        assert "/runs" in browser.current_url and "workflowType=machine_learning" in browser.current_url
+        browser.save_screenshot(str(shots / "mlflow-experiment.png"))
         browser.get(f"{urls['mlflow']}/#/experiments/{experiment}/runs/{run.info.run_id}")
         # The comparison: one nested run per variant, listed on the run's page.
         _wait_for_text(browser, ["adapter", "merged-dequant", "merged-original", "merged-4bit", "Finished"],
