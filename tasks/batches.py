@@ -31,9 +31,17 @@ def width_multiple(compiled: bool) -> int:
     return 8 if compiled else 1
 
 
-def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
+def lengths_of(dataset) -> np.ndarray:
+    """A tokenized dataset's row lengths as one array, fetched once: `dataset["length"]` is a lazy
+    column whose every element access is an Arrow lookup (sorting a million rows through it took
+    minutes); a full slice of it is one read."""
+    return np.asarray(dataset["length"][:], dtype=np.int64)
+
+
+def pack(lengths, max_length: int, seed: int) -> list[list[int]]:
     """Examples packed into rows of at most max_length tokens, next-fit in a seeded random order.
     Fixed for the whole run: each epoch shuffles the rows, so a step count means the same data."""
+    lengths = np.asarray(lengths).tolist()  # Python ints: the loop below indexes them one by one
     rows, current, used = [], [], 0
     for i in np.random.default_rng([seed, 2**31 - 1]).permutation(len(lengths)).tolist():
         if current and used + lengths[i] > max_length:
@@ -44,18 +52,27 @@ def pack(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
     return rows + ([current] if current else [])
 
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def unit_lengths(lengths: np.ndarray, units: list[list[int]]) -> np.ndarray:
+    """Tokens in each packed row (the sum of its examples' lengths), in one pass."""
+    sizes = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
+    flat = np.fromiter((i for u in units for i in u), dtype=np.int64, count=int(sizes.sum()))
+    return np.add.reduceat(lengths[flat], np.concatenate([[0], np.cumsum(sizes)[:-1]])) if len(units) else sizes
+
+
+def batch_order(lengths, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
     """The row indices of each batch of one epoch: a pure function of (seed, epoch), so a resumed
-    run sees exactly the batches the interrupted one would have."""
+    run sees exactly the batches the interrupted one would have. O(rows) numpy work."""
+    lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    if group_by_length:
+    if group_by_length:  # within each block of MEGABATCH batches, longest first (stable: ties keep their order)
         block = batch_size * MEGABATCH
-        order = np.concatenate([sorted(order[i:i + block], key=lambda j: -lengths[j])
-                                for i in range(0, len(order), block)])
-    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    if group_by_length:  # keep the longest batch first (a memory spike shows at once), shuffle the rest
-        longest = max(range(len(batches)), key=lambda b: max(lengths[j] for j in batches[b]))
+        order = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
+                                for part in (order[i:i + block] for i in range(0, len(order), block))] or [order])
+    starts = np.arange(0, len(order), batch_size)
+    batches = [order[i:i + batch_size].tolist() for i in starts.tolist()]
+    if group_by_length and batches:  # keep the longest batch first (a memory spike shows at once), shuffle the rest
+        longest = int(np.argmax(np.maximum.reduceat(lengths[order], starts)))
         batches.insert(0, batches.pop(longest))
         rest = batches[1:]
         rng.shuffle(rest)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qlora.runtime.progress import bar as progress_bar
-from qlora.tasks.batches import collate, collate_lm
+from qlora.tasks.batches import collate, collate_lm, lengths_of
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +21,7 @@ def predict_logits(model, dataset, batch_size: int, pad_id: int, dev: torch.devi
     import torch
 
     model.eval()
-    lengths = dataset["length"]
-    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    order = np.argsort(lengths_of(dataset), kind="stable").tolist()  # shortest first, ties in row order
     logits = [None] * len(dataset)
     loss_sum = 0.0
     shown = progress_bar(len(order), desc, "row") if desc else None
@@ -47,8 +46,7 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int 
     import torch
 
     model.eval()
-    lengths = dataset["length"]
-    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+    order = np.argsort(lengths_of(dataset), kind="stable").tolist()  # shortest first, ties in row order
     total, count = 0.0, 0
     shown = progress_bar(len(order), desc, "row") if desc else None
     with torch.no_grad():

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict
 
 from qlora.runtime import signals
 from qlora.runtime.progress import bar as progress_bar
-from qlora.tasks.batches import batch_order, collate, collate_lm, pack, pad_token_id, width_multiple
+from qlora.tasks.batches import (batch_order, collate, collate_lm, lengths_of, pack, pad_token_id, unit_lengths,
+                                 width_multiple)
 from qlora.tasks.inference import accuracy, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
 from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
@@ -104,9 +105,9 @@ class TrainingRun:
         self.causal = self.quantized.task == loading.CAUSAL
         self.width = max_length if spec.pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
-        lengths = self.train_ds["length"]
+        lengths = lengths_of(self.train_ds)
         self.units = pack(lengths, max_length, cfg.seed) if packing else [[i] for i in range(len(self.train_ds))]
-        self.unit_lengths = [sum(lengths[i] for i in u) for u in self.units] if packing else lengths
+        self.unit_lengths = unit_lengths(lengths, self.units) if packing else lengths
         # An optimizer step takes examples_per_step units whatever the micro-batch: the data of each
         # step, and so the result, do not depend on the memory plan.
         self.examples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
