@@ -30,7 +30,14 @@ def merged_model(adapter_dir: str, quantized: Quantized, q: QuantizationSection,
 
     if base == "dequantized" and quantized.quantized:
         model = loading.load_base(quantized, label_names, q)
-        model = model.dequantize()  # Linear4bit/Linear8bitLt -> nn.Linear holding the dequantized weights
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "dequantized in float32 and cast to float32" note is noise here
+        try:
+            model = model.dequantize()  # Linear4bit/Linear8bitLt -> nn.Linear holding the dequantized weights
+        finally:
+            hf_logging.set_verbosity(verbosity)
     else:  # the original checkpoint (for an unquantized run both bases are the same)
         model = loading.load_model(quantized.original_path, quantized.task, label_names, torch.float32)
     model = model.to(torch.float32)  # merge in full precision, cast once at the end

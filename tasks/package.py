@@ -138,7 +138,10 @@ def load_snippet(info: dict) -> list[str]:
                 "answer = tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True)"]
     return ["import torch",
             "from peft import PeftModel",
-            "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer", "",
+            "from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, logging", "",
+            "# The base has no trained task head (transformers reports it MISSING, newly initialized): the",
+            "# adapter carries the trained one, which PeftModel puts in its place.",
+            "logging.set_verbosity_error()",
             *_base_path_lines(info["base"]),
             "adapter = \".\"  # this folder",
             "config = AutoConfig.from_pretrained(adapter)  # label names and head size",

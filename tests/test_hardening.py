@@ -587,7 +587,10 @@ def test_non_finite_loss_stops_training_naming_the_step(project, capsys):
 
 
 @pytest.mark.slow
-def test_sigterm_to_qlora_ui_stops_both_servers(project):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_to_qlora_ui_stops_both_servers(project, signum):
+    """Ctrl-C (SIGINT to the terminal's process group) is how a person leaves it, SIGTERM how a
+    service manager stops it: both servers gone, exit 0 (stopped as asked, not a failure)."""
     from qlora.servers import free_port, port_free
 
     ports = [free_port(), free_port()]
@@ -601,8 +604,9 @@ def test_sigterm_to_qlora_ui_stops_both_servers(project):
             break
     assert process.poll() is None, "".join(lines)
     assert not port_free(ports[0]) and not port_free(ports[1])
-    os.killpg(process.pid, signal.SIGTERM)
-    process.communicate(timeout=30)
+    os.killpg(process.pid, signum)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not (port_free(ports[0]) and port_free(ports[1])):
         time.sleep(0.5)

@@ -89,6 +89,7 @@ def test_adapter_loads_with_plain_peft_on_the_original_base_as_its_card_says(fin
     assert done.returncode == 0, done.stderr[-3000:]
     (labels,) = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert eval(labels)[0] in REVIEW_LABELS  # names, not ids  # noqa: S307
+    assert "MISSING" not in done.stdout + done.stderr, done.stderr[-2000:]  # the card says why, instead
 
 
 def test_promote_judges_the_merged_model_by_its_own_metric(finished):
