@@ -98,33 +98,37 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 
 
 def _check_sqlite_file(path: Path, field: str) -> None:
-    """A local store's file is a whole SQLite database (its header: the magic string, and as many
-    pages as the header counts), read without writing: a truncated or overwritten store is named
-    here, not as a DatabaseError traceback mid-run."""
+    """A local store's file is a whole SQLite database: its schema reads (first, so that a crashed
+    writer's hot journal is rolled back, as MLflow's first read would), then its header (the magic
+    string, and as many pages as it counts). A truncated or overwritten store is named here, not as
+    a DatabaseError traceback mid-run."""
     import sqlite3
 
+    broken = "restore it from a backup, or move it away to start a new store"
     if not path.is_file():
         raise RecipeError(f"tracking store {path} is not a file", field)
-    size = path.stat().st_size
-    if size == 0:
+    if path.stat().st_size == 0:
         return  # an empty file is an empty database: MLflow creates its tables
     with path.open("rb") as f:
+        if not f.read(16).startswith(SQLITE_MAGIC):
+            raise RecipeError(f"tracking store {path} is not a SQLite database", field, hint=broken)
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        unreadable = None
+    except sqlite3.DatabaseError as e:
+        unreadable = e
+    size = path.stat().st_size
+    with path.open("rb") as f:
         header = f.read(100)
-    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
-        raise RecipeError(f"tracking store {path} is not a SQLite database", field,
-                          hint="restore it from a backup, or move it away to start a new store")
     page_size = int.from_bytes(header[16:18], "big")
-    pages = int.from_bytes(header[28:32], "big")
-    expected = pages * (65536 if page_size == 1 else page_size)
+    expected = int.from_bytes(header[28:32], "big") * (65536 if page_size == 1 else page_size)
     if size < expected:
         raise RecipeError(f"tracking store {path} is truncated ({size} of the {expected} bytes its header "
-                          f"counts)", field, hint="restore it from a backup, or move it away to start a new store")
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise RecipeError(f"tracking store {path} is not a readable SQLite database ({e})", field,
-                          hint="restore it from a backup, or move it away to start a new store") from None
+                          f"counts)", field, hint=broken)
+    if unreadable is not None:
+        raise RecipeError(f"tracking store {path} is not a readable SQLite database ({unreadable})", field,
+                          hint=broken)
 
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
