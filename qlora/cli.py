@@ -223,7 +223,7 @@ def check_rows(recipe: Recipe) -> None:
         return
     from qlora.tasks.data import read_source, required_columns
     from qlora.tasks.load import clean, clean_pairs
-    from qlora.tasks.split import carve
+    from qlora.tasks.split import check_split
 
     columns = _prompt_columns(recipe)
     frames = read_source(recipe.data, required_columns(recipe.data, columns))
@@ -231,7 +231,7 @@ def check_rows(recipe: Recipe) -> None:
         cleaned = clean(frames, recipe.data, recipe.model.labels)[0]
     else:
         cleaned = clean_pairs(frames, recipe.data, columns)[0]
-    carve(cleaned, recipe.split)
+    check_split(cleaned, recipe.split)
 
 
 def _prompt_columns(recipe: Recipe) -> list[str] | None:

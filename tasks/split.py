@@ -31,6 +31,15 @@ def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: st
     return parts["train"].to_pandas(), parts["test"].to_pandas()
 
 
+def _carved_rows(rows: int, remaining: int, size: float, name: str, field: str) -> int:
+    """Rows carved off for a split: a fraction of the source's training rows, leaving rows on both sides."""
+    n = round(rows * size)
+    if n < 1 or n >= remaining:
+        raise RecipeError(f"{size} of {rows} rows leaves the {name} split {'empty' if n < 1 else 'with all rows'}",
+                          field, hint="the source has no such split: give a fraction that leaves rows on both sides")
+    return n
+
+
 def carve(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> dict[str, pd.DataFrame]:
     """Every split: the source's own, and those it lacks carved out of its training rows. Also the
     preflight's check (on the cleaned rows) that the data is large enough for the fractions."""
@@ -40,15 +49,30 @@ def carve(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> dict[str, pd.Da
                               ("validation", cfg.validation_size, "split.validation_size")):
         if name in frames:
             continue
-        n = round(len(frames["train"]) * size)  # fractions are of the source's training rows
-        if n < 1 or n >= len(train):
-            raise RecipeError(f"{size} of {len(frames['train'])} rows leaves the {name} split "
-                              f"{'empty' if n < 1 else 'with all rows'}", field,
-                              hint="the source has no such split: give a fraction that leaves rows on both sides")
+        n = _carved_rows(len(frames["train"]), len(train), size, name, field)
         stratify = cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
         train, frames[name] = _split_off(train, n, cfg.seed, stratify, field)
     frames["train"] = train
     return frames
+
+
+# Up to this many training rows the preflight carves the splits for real (a small data set is where
+# a fraction or a stratified split can fail); above it, where a split can only fail by a fraction
+# leaving a side empty, it checks that arithmetic alone instead of splitting the data a second time.
+CARVE_IN_PREFLIGHT_ROWS = 20_000
+
+
+def check_split(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> None:
+    """The preflight's check that the cleaned rows can be split as the recipe says, with the split
+    stage's own messages."""
+    if len(frames["train"]) <= CARVE_IN_PREFLIGHT_ROWS:
+        carve(frames, cfg)
+        return
+    rows = remaining = len(frames["train"])
+    for name, size, field in (("test", cfg.test_size, "split.test_size"),
+                              ("validation", cfg.validation_size, "split.validation_size")):
+        if name not in frames:
+            remaining -= _carved_rows(rows, remaining, size, name, field)
 
 
 @stage("split")

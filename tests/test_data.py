@@ -191,3 +191,23 @@ def test_tokenize_dynamic_padding_and_truncation_counted(tmp_path):
     changed = model.tokenizer.model_copy(update={"hash": "different-tokenizer"})
     assert tokenize.key_of({"split_result": splitted, "tokenizer": changed, "cfg": TokenizeSection(max_length=16),
                             "work_dir": work})[0] != tok.hash
+
+
+def test_the_preflight_splits_small_data_for_real_and_checks_large_data_by_arithmetic(monkeypatch):
+    """Small data is carved as the split stage will (a stratified split can fail there); above the
+    threshold the preflight checks only the fractions, never splitting the rows a second time."""
+    import pandas as pd
+
+    from qlora.tasks import split
+    from qlora.tasks.recipe import RecipeError, SplitSection
+
+    frames = {"train": pd.DataFrame({"text": [f"row {i}" for i in range(40)], "label": [i % 2 for i in range(40)]})}
+    split.check_split(frames, SplitSection(test_size=0.1, validation_size=0.1))  # carved: fine
+    with pytest.raises(RecipeError, match="cannot split 1 of 12 rows off by class"):
+        split.check_split({"train": frames["train"].head(12)}, SplitSection(test_size=0.05, validation_size=0.1))
+    monkeypatch.setattr(split, "CARVE_IN_PREFLIGHT_ROWS", 10)
+    monkeypatch.setattr(split, "carve", lambda *a: pytest.fail("large data split again in the preflight"))
+    split.check_split(frames, SplitSection(test_size=0.1, validation_size=0.1))
+    with pytest.raises(RecipeError, match="0.01 of 40 rows leaves the test split empty") as e:
+        split.check_split(frames, SplitSection(test_size=0.01))
+    assert e.value.field == "split.test_size"
