@@ -70,9 +70,10 @@ def _tokenize_classification(df: pd.DataFrame, tok, cfg: TokenizeSection):
     else:
         enc = tok(df["text"].tolist(), return_token_type_ids=False)
         keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
-    rows = {"text": [df["text"].iloc[i] for i in keep],
+    texts, labels = df["text"].tolist(), df["label"].astype(int).tolist()  # columns fetched once, not per row
+    rows = {"text": [texts[i] for i in keep],
             "input_ids": [enc["input_ids"][i] for i in keep],
-            "labels": [int(df["label"].iloc[i]) for i in keep],
+            "labels": [labels[i] for i in keep],
             "length": [sum(enc["attention_mask"][i]) for i in keep]}
     return rows, {"truncated" if cfg.truncation else "dropped_too_long": too_long}
 
