@@ -480,10 +480,10 @@ def registry_name(value: str | None) -> str | None:
         return value
     if not value.strip() or value != value.strip():
         raise ValueError("must be a non-empty name without leading or trailing spaces")
-    bad = sorted({c for c in value if c in "/:@'\"\\" or not c.isprintable()})
-    if bad:
+    bad = sorted({c for c in value if c in "/:@?'\"\\" or not c.isprintable()})
+    if bad:  # '?' would start the query of a models:/NAME/VERSION URI
         raise ValueError(f"cannot contain {' '.join(repr(c) for c in bad)} (MLflow registered model names and "
-                         f"NAME@ALIAS references)")
+                         f"NAME@ALIAS and models:/ references)")
     if value in (".", ".."):
         raise ValueError("is not a name")
     if len(value) > MAX_NAME_LENGTH:

@@ -146,6 +146,7 @@ CASES = [
     ("model-name-alias", ["tracking.registered_model_name=m@champion"], "tracking.registered_model_name: cannot contain '@'"),
     ("model-name-quote", ["tracking.registered_model_name=it's"], "tracking.registered_model_name"),
     ("recipe-name-slash", ["name=a/b"], "name: cannot contain '/'"),
+    ("recipe-name-question-mark", ["name=what?"], "name: cannot contain '?'"),  # models:/what?-merged/1 breaks
     ("mysql-driver", ["tracking.tracking_uri=mysql://u:p@127.0.0.1/db"], "tracking.tracking_uri: the database driver for mysql is not installed"),
     ("uri-scheme", ["tracking.tracking_uri=foo://bar"], "tracking.tracking_uri: unsupported tracking URI scheme 'foo'"),
     ("uri-unreachable", ["tracking.tracking_uri=http://127.0.0.1:9"], "tracking.tracking_uri: cannot reach the MLflow tracking server"),
