@@ -128,6 +128,15 @@ def _model_dirs(project: Path) -> dict[str, Path]:
     return out
 
 
+def _filled_in(args: list[str], expected: str, files: dict[str, Path]) -> tuple[list[str], str]:
+    """A case's arguments and expected message with each {name} replaced by its file's path (longer
+    names first: {model_pickled} before {model})."""
+    for name, file in sorted(files.items(), key=lambda f: -len(f[0])):
+        args = [a.replace("{" + name + "}", str(file)) for a in args]
+        expected = expected.replace("{" + name + "}", str(file))
+    return args, expected
+
+
 CASES = [
     # (id, recipe changes as --set overrides, expected in the message)
     ("lr-inf", ["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
@@ -244,9 +253,7 @@ CASES = [
 def test_bad_input_is_one_line_exit_2_nothing_written(project, capsys, overrides, expected):
     files = _files(project)
     path = write_recipe(project / "r.yaml", tiny_recipe(files["data"]))
-    for name, file in sorted(files.items(), key=lambda f: -len(f[0])):  # {model_pickled} before {model}
-        overrides = [o.replace("{" + name + "}", str(file)) for o in overrides]
-        expected = expected.replace("{" + name + "}", str(file))
+    overrides, expected = _filled_in(overrides, expected, files)
     before = set(project.iterdir())
     code = main(["validate", str(path)] + [a for o in overrides for a in ("--set", o)])
     err = capsys.readouterr().err
@@ -674,9 +681,7 @@ def test_bad_command_input_is_one_line_exit_2_nothing_written(project, capsys, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     files = {**_command_files(project), "project": project,
              "recipe": write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv")))}
-    for name, file in sorted(files.items(), key=lambda f: -len(f[0])):
-        argv = [a.replace("{" + name + "}", str(file)) for a in argv]
-        expected = expected.replace("{" + name + "}", str(file))
+    argv, expected = _filled_in(argv, expected, files)
     before = {p: p.stat().st_size for p in project.rglob("*")}
     code = main(argv)
     err = capsys.readouterr().err
