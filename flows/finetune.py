@@ -18,12 +18,13 @@ from qlora.tasks.comparison import comparison_table
 from qlora.tasks.convert import convert_gguf
 from qlora.tasks.data import describe_source
 from qlora.tasks.evaluate import check_metrics, evaluate_model
-from qlora.tasks.load import load
+from qlora.tasks.load import load, load_arguments
 from qlora.tasks.lora_plan import plan_lora
 from qlora.tasks.merge import VARIANT_OF, merge
 from qlora.tasks.model import resolve_model
 from qlora.tasks.package import base_reference, package
 from qlora.tasks.quantize import quantize
+from qlora.tasks.reference import score_reference
 from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from qlora.tasks.results import BaseModelFiles, DataSource, Evaluated, Merged, StageResult, Trained, UntrainedBase
 from qlora.tasks.split import split
@@ -33,6 +34,7 @@ from qlora.tasks.tokenize import tokenize
 from qlora.tasks.train import train
 from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.training.plan import check_memory_budget
+from qlora.tasks.training.preference import rows_per_example
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,14 +57,16 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     if model.gguf:  # dequantized once into a cached 16-bit model directory
         model = run(convert_gguf, model).as_base()
     source = describe_source(r.data)
-    loaded = run(load, source, r.data, r.model.labels, r.prompt.columns if causal else None, asset="dataset")
+    loaded = run(load, source, **load_arguments(r), asset="dataset")
     labels = loaded.label_names
     splits = run(split, loaded, r.split, r.data.sample)
-    tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None,
+    preference = r.preference if r.preference.enabled else None
+    tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None, preference,
                     asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model.path, r.train, r.quantization, lora, r.tokenize.max_length, causal,
-                        r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs)
+                        r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs,
+                        sequences=rows_per_example(preference))
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds). Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)
@@ -72,13 +76,17 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     key = recipe_key(r, source, model)
     with mlflow_run(r, key, uri, parent_run_id) as record:
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source.uri())
+        # Preference losses with a reference: the starting model scores every row once (cached).
+        reference = run(score_reference, tokenized, quantized, r.quantization, r.train.per_device_eval_batch_size) \
+            if r.preference.needs_reference else None
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
-                        batch_size=r.train.per_device_eval_batch_size)
+                        batch_size=r.train.per_device_eval_batch_size, preference=preference, reference=reference)
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
             record.evaluation(run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
                                   label="evaluate-base"), "base")
         trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r), run_id=record.run_id,
-                      tracking_uri=uri, asset="adapter" if r.lora.enabled else "model", upstream=("tokenized",))
+                      tracking_uri=uri, reference=reference, asset="adapter" if r.lora.enabled else "model",
+                      upstream=("tokenized",))
         record.training(trained)
         evaluated = run(evaluate_model, trained, **evaluate)
         record.evaluation(evaluated, "adapter")
@@ -106,7 +114,8 @@ def train_settings(r: Recipe) -> dict:
     """The train stage's inputs that come from the recipe alone."""
     return dict(lora_cfg=r.lora, q=r.quantization, cfg=r.train, packing=r.tokenize.packing, launch=r.distributed,
                 max_length=r.tokenize.max_length,
-                pad_to_max_length=r.model.task == CAUSAL and r.tokenize.padding == "max_length")
+                pad_to_max_length=r.model.task == CAUSAL and r.tokenize.padding == "max_length",
+                preference=r.preference if r.preference.enabled else None)
 
 
 @contextlib.contextmanager

@@ -157,7 +157,7 @@ def preflight(recipe: Recipe) -> None:
     check_work_dir(recipe.work_dir)
     resolve_model(recipe.model)
     if not data_already_loaded(recipe):
-        check_data(recipe.data, _prompt_columns(recipe))
+        check_data(recipe.data, _data_columns(recipe))
         check_rows(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
@@ -197,11 +197,10 @@ def data_already_loaded(recipe: Recipe) -> bool:
         return False
     from qlora.tasks import store
     from qlora.tasks.data import describe_source
-    from qlora.tasks.load import load
+    from qlora.tasks.load import load, load_arguments
 
     source = describe_source(recipe.data)  # names a missing file or directory, as the checks would
-    _, directory = load.key_of({"source": source, "data": recipe.data, "labels": recipe.model.labels,
-                                "prompt_columns": _prompt_columns(recipe), "work_dir": recipe.work_dir})
+    _, directory = load.key_of({"source": source, **load_arguments(recipe), "work_dir": recipe.work_dir})
     return (directory / store.RESULT_FILE).is_file() and (directory / store.MANIFEST_FILE).is_file()
 
 
@@ -218,24 +217,23 @@ def check_work_dir(work_dir: str) -> None:
 
 def check_rows(recipe: Recipe) -> None:
     """Every row as the load and split stages will see them (label_map, keep_labels, model.labels,
-    empty rows, the split fractions): a mistake there is reported before any stage runs."""
+    empty rows, preference pairs, the split fractions): a mistake there is reported before any stage runs."""
     if recipe.data.hub:
         return
-    from qlora.tasks.data import read_source, required_columns
-    from qlora.tasks.load import clean, clean_pairs
+    from qlora.tasks.load import load_arguments, read_and_clean
     from qlora.tasks.split import check_split
 
-    columns = _prompt_columns(recipe)
-    frames = read_source(recipe.data, required_columns(recipe.data, columns))
-    if columns is None:
-        cleaned = clean(frames, recipe.data, recipe.model.labels)[0]
-    else:
-        cleaned = clean_pairs(frames, recipe.data, columns)[0]
-    check_split(cleaned, recipe.split)
+    check_split(read_and_clean(**load_arguments(recipe))[0], recipe.split)
 
 
-def _prompt_columns(recipe: Recipe) -> list[str] | None:
-    return recipe.prompt.columns if recipe.model.task == "causal-lm" else None
+def _data_columns(recipe: Recipe) -> dict[str, str]:
+    """Recipe field -> column, for the columns every data file must have."""
+    from qlora.tasks.data import required_columns
+    from qlora.tasks.pairs import preference_columns
+
+    if recipe.preference.enabled:
+        return preference_columns(recipe.preference, recipe.prompt)
+    return required_columns(recipe.data, recipe.prompt.columns if recipe.model.task == "causal-lm" else None)
 
 
 def validate(recipe: Recipe) -> dict:
@@ -250,7 +248,7 @@ def validate(recipe: Recipe) -> dict:
     from qlora.tasks.tracking import tracking_uri_of
 
     model = check_model(recipe.model, recipe.quantization)
-    data = check_data(recipe.data, _prompt_columns(recipe))
+    data = check_data(recipe.data, _data_columns(recipe))
     info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
 
@@ -280,7 +278,8 @@ def _checkpointing(plan: dict) -> str:
 def _summary(result: dict) -> str:
     m = result["test_metrics"]
     lines = ["", "== qlora run complete =="]
-    shown = ("accuracy", "f1_macro", "loss", "perplexity", "rouge1", "rougeL")
+    shown = ("accuracy", "f1_macro", "loss", "perplexity", "preference_accuracy", "reward_margin", "logp_accuracy",
+             "rouge1", "rougeL")
     if "base_test_metrics" in result:
         b = result["base_test_metrics"]
         lines.append("before training: " + ", ".join(f"{k}={b[k]:.4f}" for k in shown if k in b))

@@ -130,3 +130,55 @@ def collate_lm(units: list[list[dict]], pad_id: int, dev, width: int | None = No
     batch["real_tokens"] = int(mask.sum())
     batch["targets"] = int((labels[:, 1:] != -100).sum())  # tokens the loss averages over
     return batch
+
+
+def _completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple_of: int):
+    """Prompt + completion rows, right-padded to the longest (rounded up to multiple_of): input ids,
+    attention mask, and labels that score the completion only."""
+    import torch
+
+    width = round_up(max(len(p) + len(c) for p, c in zip(prompts, completions)), multiple_of)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = torch.as_tensor(p + c, dtype=torch.long)
+        ids[i, :len(row)] = row
+        labels[i, len(p):len(row)] = row[len(p):]
+        mask[i, :len(row)] = 1
+    return ids, mask, labels
+
+
+def collate_pairs(rows: list[dict], pad_id: int, dev, multiple_of: int = 1, reference: dict | None = None) -> dict:
+    """Preference pairs as one batch: the chosen rows, then the rejected rows (one forward for both),
+    and, for losses with a reference model, its log-probabilities (reference: name -> one float per row,
+    for these rows)."""
+    import torch
+
+    prompts = [r["prompt_ids"] for r in rows]
+    ids, mask, labels = _completion_rows(prompts + prompts, [r["chosen_ids"] for r in rows] +
+                                         [r["rejected_ids"] for r in rows], pad_id, multiple_of)
+    batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
+    for name, values in (reference or {}).items():
+        batch[f"ref_{name}"] = torch.as_tensor(values, dtype=torch.float32).to(dev)
+    batch["real_tokens"] = int(mask.sum())
+    batch["targets"] = len(rows)  # the loss is a mean over pairs
+    return batch
+
+
+def collate_unpaired(rows: list[dict], pad_id: int, dev, multiple_of: int = 1, reference: dict | None = None) -> dict:
+    """KTO's rows as one batch: prompt + completion, whether it is desirable, and the same prompts with
+    another row's completion (the KL term's rows); the reference's log-probabilities of both."""
+    import torch
+
+    prompts = [r["prompt_ids"] for r in rows]
+    ids, mask, labels = _completion_rows(prompts, [r["completion_ids"] for r in rows], pad_id, multiple_of)
+    kl_ids, kl_mask, kl_labels = _completion_rows(prompts, [r["kl_ids"] for r in rows], pad_id, multiple_of)
+    batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
+             "kl_input_ids": kl_ids.to(dev), "kl_attention_mask": kl_mask.to(dev), "kl_labels": kl_labels.to(dev),
+             "desirable": torch.as_tensor([bool(r["label"]) for r in rows]).to(dev)}
+    for name, values in (reference or {}).items():
+        batch[f"ref_{name}"] = torch.as_tensor(values, dtype=torch.float32).to(dev)
+    batch["real_tokens"] = int(mask.sum())
+    batch["targets"] = len(rows)
+    return batch

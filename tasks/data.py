@@ -290,14 +290,16 @@ def describe_source(data: DataSection) -> DataSource:
     return DataSource(hash=fingerprint, files={s: [str(p) for p in ps] for s, ps in files.items()})
 
 
-def check_data(data: DataSection, prompt_columns: list[str] | None = None) -> DataSource | None:
-    """Preflight: the files exist, are readable UTF-8 and have the named columns (first rows only)."""
+def check_data(data: DataSection, columns: dict[str, str] | list[str] | None = None) -> DataSource | None:
+    """Preflight: the files exist, are readable UTF-8 and have the columns (first rows only): recipe field ->
+    column, or a causal LM's prompt columns, or (None) a classifier's text and label."""
     if data.hub:
         from qlora.tasks.hub import check_hub_repo
 
         check_hub_repo(data.hub, "dataset", data.revision, "data.hub")
         return None
-    columns = required_columns(data, prompt_columns)
+    if not isinstance(columns, dict):
+        columns = required_columns(data, columns)
     for split, paths in source_files(data).items():
         for path in paths:
             check_columns(read_table(path, data, nrows=50), columns, str(path))

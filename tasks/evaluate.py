@@ -12,12 +12,13 @@ from typing import Union
 import numpy as np
 
 from qlora.tasks.batches import collate, pad_token_id
-from qlora.tasks.inference import lm_loss, predict_logits
+from qlora.tasks.inference import completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
-from qlora.tasks.recipe import EvaluateSection, QuantizationSection, RecipeError
-from qlora.tasks.results import Evaluated, Merged, Quantized, Tokenized, Trained, UntrainedBase
+from qlora.tasks.recipe import EvaluateSection, PreferenceSection, QuantizationSection, RecipeError
+from qlora.tasks.results import Evaluated, Merged, Quantized, ReferenceScores, Tokenized, Trained, UntrainedBase
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
+from qlora.tasks.training.preference import PAIR_METRICS, UNPAIRED_METRICS, preference_metrics
 
 
 Variant = Union[Trained, Merged, UntrainedBase]
@@ -75,9 +76,11 @@ def logged_metrics(recipe) -> set[str] | None:
         else:
             names.add(stem)
     if task == loading.CAUSAL:
+        if recipe.preference.enabled:
+            names |= set(PAIR_METRICS if recipe.preference.paired else UNPAIRED_METRICS)
         if recipe.evaluate.generation.temperature:
             names |= {f"sampled_{n}" for n in names if n.startswith("rouge")}
-        names |= {"perplexity", "generation_s_per_example"}
+        names |= {"generation_s_per_example"} | (set() if recipe.preference.enabled else {"perplexity"})
     else:
         names |= {"examples_per_s", "latency_p50_ms", "latency_p95_ms"}
     prefixes = ["test_"] + (["merged_test_"] if recipe.merge.enabled and recipe.lora.enabled else [])
@@ -249,16 +252,24 @@ def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_s
     return np.concatenate(rows)
 
 
-def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int) -> dict:
-    """Held-out loss and perplexity; generations for the first held-out prompts, scored (ROUGE);
-    the next-token logits of those prompts kept for comparing variants."""
+def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int,
+                     preference: PreferenceSection | None = None, reference: dict | None = None) -> dict:
+    """Held-out loss and perplexity (preference rows: the loss, preference accuracy, reward margins and
+    log-probabilities, against the reference's scores); generations for the first held-out prompts,
+    scored (ROUGE, against the chosen completion for pairs); the next-token logits of those prompts
+    kept for comparing variants."""
     import math
 
     import pandas as pd
     import torch
 
     torch.manual_seed(0)  # sampled decoding: the same draws for every model evaluated
-    loss = lm_loss(model, test, batch_size, pad_id, dev, desc="evaluate")
+    if preference is None:
+        loss = lm_loss(model, test, batch_size, pad_id, dev, desc="evaluate")
+        figures = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    else:
+        figures = preference_metrics(preference, completion_scores(model, test, batch_size, pad_id, dev,
+                                                                   desc="evaluate"), reference)
     g = cfg.generation
     examples = test.select(range(min(g.num_examples, len(test))))
     np.save(out / "next_token_logits.npy", next_token_logits(model, examples["prompt_ids"], pad_id, dev))
@@ -266,8 +277,7 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
     greedy = generate(model, tok, examples["prompt_ids"], pad_id, dev, g.max_new_tokens)
     seconds = time.perf_counter() - start
     references = examples["reference"]
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "generation_s_per_example": seconds / len(greedy),
-               "weights_bytes": weights_bytes(model)}
+    metrics = {**figures, "generation_s_per_example": seconds / len(greedy), "weights_bytes": weights_bytes(model)}
     metrics.update(compute_metrics(cfg.metric_names(loading.CAUSAL), greedy, references, []))
     table = {"prompt": examples["prompt_text"], "reference": references, "greedy": greedy}
     if g.temperature:
@@ -283,7 +293,8 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 
 @stage("evaluate", modules=("qlora.tasks.metrics",))  # metric scripts are loaded by path
 def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized: Quantized, q: QuantizationSection,
-                   cfg: EvaluateSection, batch_size: int) -> Evaluated:
+                   cfg: EvaluateSection, batch_size: int, preference: PreferenceSection | None = None,
+                   reference: ReferenceScores | None = None) -> Evaluated:
     import pandas as pd
     import torch
     from datasets import load_from_disk
@@ -296,7 +307,8 @@ def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized:
         dev = loading.device()
         with PeakMemory(dev) as memory:
             model = load_for_eval(variant, quantized, q, [])
-            result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size)
+            result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size, preference,
+                                      reference.scores("test") if reference is not None else None)
         result["metrics"]["peak_memory_bytes"] = memory.peak
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
         return Evaluated(**result, dtype=dtype)

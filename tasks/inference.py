@@ -67,3 +67,51 @@ def lm_loss(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int 
 
 def accuracy(logits: np.ndarray, labels) -> float:
     return float((logits.argmax(-1) == np.asarray(labels)).mean())
+
+
+def completion_scores(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int = 1,
+                      desc: str | None = None) -> dict[str, np.ndarray]:
+    """Each preference row's summed completion log-probabilities and token counts, in dataset order:
+    chosen and rejected (pairs), or the completion and the KL term's completion (KTO's rows). The
+    reference stage, validation and evaluation all score rows this way."""
+    import torch
+
+    from qlora.tasks.batches import collate_pairs, collate_unpaired
+    from qlora.tasks.training.preference import completion_logps
+
+    paired = "chosen_ids" in dataset.column_names
+    names = ("chosen", "rejected") if paired else ("logps", "kl")
+    out = {name: np.zeros(len(dataset), dtype=np.float64) for name in names}
+    out |= {f"{name}_tokens": np.zeros(len(dataset), dtype=np.int64) for name in names}
+    if not paired:
+        out["desirable"] = np.asarray(dataset["label"][:], dtype=bool)
+    model.eval()
+    order = np.argsort(lengths_of(dataset), kind="stable")
+    shown = progress_bar(len(order), desc, "row") if desc else None
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [dataset[int(i)] for i in idx]
+            if paired:
+                b = collate_pairs(rows, pad_id, dev, multiple_of)
+                parts = [(b["input_ids"], b["attention_mask"], b["labels"])]
+            else:
+                b = collate_unpaired(rows, pad_id, dev, multiple_of)
+                parts = [(b["input_ids"], b["attention_mask"], b["labels"]),
+                         (b["kl_input_ids"], b["kl_attention_mask"], b["kl_labels"])]
+            values, counts = [], []
+            for ids, mask, labels in parts:
+                logps, tokens = completion_logps(model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                                                 labels)
+                values.append(logps.double().cpu().numpy())
+                counts.append(tokens.cpu().numpy())
+            values, counts = np.concatenate(values), np.concatenate(counts)
+            for k, name in enumerate(names):  # chosen rows, then rejected (or the KL rows)
+                out[name][idx] = values[k * len(idx):(k + 1) * len(idx)]
+                out[f"{name}_tokens"][idx] = counts[k * len(idx):(k + 1) * len(idx)]
+            if shown is not None:
+                shown.update(len(idx))
+    if shown is not None:
+        shown.close()
+    model.train()
+    return out

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.tasks.data import read_source, required_columns
-from qlora.tasks.recipe import DataSection, RecipeError, shorten
+from qlora.tasks.pairs import clean_preference, preference_columns
+from qlora.tasks.recipe import DataSection, PreferenceSection, PromptSection, Recipe, RecipeError, shorten
 from qlora.tasks.results import DataSource, Loaded
 from qlora.tasks.stage import stage
 
@@ -156,15 +157,36 @@ def clean_pairs(frames: dict[str, pd.DataFrame], data: DataSection, columns: lis
     return out, stats
 
 
-@stage("load")
-def load(out: Path, source: DataSource, data: DataSection, labels: list[str] | None,
-         prompt_columns: list[str] | None = None) -> Loaded:
-    """Classification (prompt_columns None): text and label id. causal-lm: the prompt's columns."""
+def load_arguments(recipe: Recipe) -> dict:
+    """The load stage's inputs from a recipe (the flow's call, and the preflight's cache probe)."""
+    causal, pref = recipe.model.task == "causal-lm", recipe.preference
+    return {"data": recipe.data, "labels": recipe.model.labels,
+            "prompt_columns": recipe.prompt.columns if causal and not pref.enabled else None,
+            "preference": pref if pref.enabled else None, "prompt": recipe.prompt if pref.enabled else None}
+
+
+def read_and_clean(data: DataSection, labels: list[str] | None, prompt_columns: list[str] | None = None,
+                   preference: PreferenceSection | None = None, prompt: PromptSection | None = None):
+    """The source read and cleaned as the task reads it: (frames, class names, counts per split)."""
+    if preference is not None:
+        prompt = prompt or PromptSection()
+        frames, stats = clean_preference(read_source(data, preference_columns(preference, prompt)), data,
+                                         preference, prompt)
+        return frames, [], stats
     raw = read_source(data, required_columns(data, prompt_columns))
     if prompt_columns is None:
-        frames, names, stats = clean(raw, data, labels)
-    else:
-        (frames, stats), names = clean_pairs(raw, data, prompt_columns), []
+        return clean(raw, data, labels)
+    frames, stats = clean_pairs(raw, data, prompt_columns)
+    return frames, [], stats
+
+
+@stage("load")
+def load(out: Path, source: DataSource, data: DataSection, labels: list[str] | None,
+         prompt_columns: list[str] | None = None, preference: PreferenceSection | None = None,
+         prompt: PromptSection | None = None) -> Loaded:
+    """Classification: text and label id. causal-lm: the prompt's columns (prompt_columns), or preference
+    rows (preference, with the prompt section that renders their prompts)."""
+    frames, names, stats = read_and_clean(data, labels, prompt_columns, preference, prompt)
     for split, df in frames.items():
         df.to_parquet(out / f"{split}.parquet", index=False)
     return Loaded(splits=sorted(frames), label_names=names, stats=stats)

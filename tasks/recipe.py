@@ -197,6 +197,65 @@ class PromptSection(Section):
         return list(dict.fromkeys(names + [self.response_column]))
 
 
+PREFERENCE_LOSSES = ("dpo", "ipo", "orpo", "simpo", "kto")
+REFERENCE_LOSSES = ("dpo", "ipo", "kto")  # the others need no reference model
+
+
+class PreferenceSection(Section):
+    """causal-lm: preference tuning on chosen/rejected pairs (or KTO's unpaired rows) instead of supervised
+    fine-tuning. The names and formulas are TRL's, so its documentation applies."""
+    loss: Optional[Literal["dpo", "ipo", "orpo", "simpo", "kto"]] = None
+    """None: supervised fine-tuning on prompt/response rows. dpo: DPO's sigmoid loss against a reference model
+    (the starting model, its log-probabilities computed once and cached); ipo: IPO's squared loss (per-token
+    averaged log-ratios); orpo: ORPO's odds-ratio loss plus the chosen answers' NLL, no reference; simpo:
+    SimPO's length-normalised margin loss, no reference; kto: KTO on unpaired rows (prompt, completion,
+    desirable yes/no)."""
+    beta: float = Field(0.1, gt=0)
+    """How far the tuned model may move from the reference (dpo, ipo: IPO's tau; kto); ORPO's lambda (the
+    weight of its odds-ratio term); SimPO's reward scale."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo, simpo: the assumed share of flipped preference labels (conservative DPO); 0: labels trusted."""
+    gamma: float = Field(0.5, ge=0)
+    """simpo: the target reward margin (TRL's simpo_gamma)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the desirable rows' loss (raise it when they are fewer than the undesirable ones)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the undesirable rows' loss."""
+    max_prompt_length: Optional[int] = Field(None, gt=0)
+    """Longest prompt in tokens: a longer one keeps its end (with tokenize.truncation), or its row is dropped.
+    Completions keep their start, cut to tokenize.max_length less the prompt; a row whose prompt alone fills
+    tokenize.max_length is dropped. All counted. None: only tokenize.max_length limits."""
+    prompt_column: str = "prompt"
+    """The prompt (text, or a list of role/content messages). Optional for conversations: their shared
+    first turns are the prompt."""
+    chosen_column: str = "chosen"
+    """The preferred completion (text, or messages)."""
+    rejected_column: str = "rejected"
+    """The dispreferred completion (text, or messages)."""
+    completion_column: str = "completion"
+    """kto: the completion (text, or messages)."""
+    label_column: str = "label"
+    """kto: whether the completion is desirable (true/false, 1/0, yes/no)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss is not None
+
+    @property
+    def paired(self) -> bool:
+        return self.loss is not None and self.loss != "kto"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss in REFERENCE_LOSSES
+
+    @model_validator(mode="after")
+    def _settings_of_the_loss(self):
+        if self.label_smoothing and self.loss not in ("dpo", "simpo"):
+            raise ValueError(f"preference.label_smoothing applies to dpo and simpo, not {self.loss}")
+        return self
+
+
 class GenerationSection(Section):
     """causal-lm evaluation: continuations generated for held-out prompts."""
     num_examples: int = Field(32, gt=0)
@@ -536,6 +595,8 @@ class Recipe(Section):
     """How rows become tokens."""
     prompt: PromptSection = PromptSection()
     """causal-lm: how a row becomes a prompt and a response."""
+    preference: PreferenceSection = PreferenceSection()
+    """causal-lm: preference tuning (DPO, IPO, ORPO, SimPO, KTO) instead of supervised fine-tuning."""
     quantization: QuantizationSection = QuantizationSection()
     """How the base is loaded (bitsandbytes' BitsAndBytesConfig fields)."""
     lora: LoraSection = LoraSection()
@@ -576,6 +637,14 @@ class Recipe(Section):
     def _task_fields(self):
         if self.tokenize.packing and self.model.task != "causal-lm":
             raise ValueError("tokenize.packing is for causal-lm models")
+        if self.preference.enabled:
+            if self.model.task != "causal-lm":
+                raise ValueError(f"preference.loss {self.preference.loss} tunes a causal-lm model (model.task)")
+            if self.tokenize.packing:
+                raise ValueError("tokenize.packing cannot pack preference pairs (each pair's completions share "
+                                 "their prompt): set it to false")
+            if self.prompt.train_on_prompt:
+                raise ValueError("prompt.train_on_prompt: preference losses score the completions only")
         return self
 
     def with_secrets(self, **dump_options) -> dict:

@@ -97,6 +97,20 @@ class Tokenized(StageResult):
         return self.file("dataset")
 
 
+class ReferenceScores(StageResult):
+    """reference: the starting model's completion log-probabilities of every preference row, per split
+    (safetensors under `reference.safetensors`, arrays named `<split>.<name>`)."""
+    file_name: str = "reference.safetensors"
+    rows: dict[str, int]
+
+    def scores(self, split: str) -> dict:
+        """name -> one value per row of the split, in the tokenized dataset's order (numpy)."""
+        from safetensors.numpy import load_file
+
+        prefix = f"{split}."
+        return {k[len(prefix):]: v for k, v in load_file(str(self.file(self.file_name))).items() if k.startswith(prefix)}
+
+
 class LoraPlan(StageResult):
     """lora: what training will train, resolved on the meta device."""
     enabled: bool

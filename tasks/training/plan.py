@@ -33,12 +33,13 @@ def training_processes(launch: DistributedSection) -> int:
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
                         launch: DistributedSection | None = None, with_estimate: bool = False,
-                        dropout: bool = False) -> dict | None:
+                        dropout: bool = False, sequences: int = 1) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
     small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
     with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget. The
     world size is resolved only past that point: counting GPUs imports torch, which an unchanged
-    re-run without a budget never needs."""
+    re-run without a budget never needs. sequences: rows per example (2 for preference pairs, which
+    also score their logits without the fused loss)."""
     if cfg.max_memory_gib is None and not with_estimate:
         return None
     launch = launch or DistributedSection()
@@ -49,24 +50,25 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     dev = loading.device()
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
-        liger = kernels.use_liger(cfg.kernels, config, dev)  # as the stage decides: train.kernels none, no fused loss
+        liger = kernels.use_liger(cfg.kernels, config, dev) and sequences == 1  # as the stage decides
     world = distributed.World(0, processes)
     strategy = training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev,
-                                         dropout)
+                                 dropout, sequences=sequences)
     plan = memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
-                               sharded=strategy == "fsdp", dropout=dropout)
+                       sharded=strategy == "fsdp", dropout=dropout, sequences=sequences)
     return {**plan, "strategy": strategy}
 
 
 def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, max_length: int | None, causal: bool,
                 fused_ce: bool, dev, processes: int = 1, with_estimate: bool = False, sharded: bool = False,
-                dropout: bool = False) -> dict:
+                dropout: bool = False, sequences: int = 1) -> dict:
     """Micro-batch, accumulation, checkpointing and offload for this run, per process: the recipe's
     own (with its estimated peak, when with_estimate), or, with train.max_memory_gib, the fastest that
     fits the budget of each GPU (checked before the model is loaded). Under DDP every process holds
     the whole model and its share of each step's examples (its gradients are averaged in place);
     sharded (FSDP), its part of the weights and training state, and a layer or two gathered whole.
-    dropout: LoRA dropout is on (layers not checkpointed keep each adapter's dropped input)."""
+    dropout: LoRA dropout is on (layers not checkpointed keep each adapter's dropped input). sequences:
+    rows per example (a preference pair is two)."""
     recipe_plan = {"micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
     if cfg.max_memory_gib is None and not with_estimate:
@@ -79,7 +81,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPla
 
     def estimate(micro: int, checkpointed: int, offload: bool) -> int:
         return memory.estimate_memory(
-            config, weight_bits=bits, trainable_params=lora.trainable_params, optim=cfg.optim, tokens=micro * seq,
+            config, weight_bits=bits, trainable_params=lora.trainable_params, optim=cfg.optim, tokens=micro * seq * sequences,
             gradient_checkpointing=checkpointed > 0, checkpointed_layers=checkpointed, offload=offload,
             fused_ce=fused_ce, causal=causal, shards=shards, dropout=dropout)["peak"]
     if cfg.max_memory_gib is None:  # the recipe's own plan, with what it is estimated to need per GPU
@@ -96,7 +98,8 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPla
 
 
 def training_strategy(requested: str, world: World, config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan,
-                      max_length: int | None, causal: bool, fused_ce: bool, dev, dropout: bool = False) -> str:
+                      max_length: int | None, causal: bool, fused_ce: bool, dev, dropout: bool = False,
+                      sequences: int = 1) -> str:
     """distributed.strategy for this run (tasks.training.fsdp.choose_strategy). auto: DDP when every
     GPU can hold the whole model and its training state, by the memory estimate of the DDP plan
     against the budget (train.max_memory_gib) or, without one, the GPU's memory; else FSDP."""
@@ -106,7 +109,7 @@ def training_strategy(requested: str, world: World, config, cfg: TrainSection, q
 
         try:
             plan = memory_plan(config, cfg, q, lora, max_length, causal, fused_ce, dev, world.size, with_estimate=True,
-                               dropout=dropout)
+                               dropout=dropout, sequences=sequences)
             fits = plan["estimated_peak_gib"] * memory.GIB <= torch.cuda.get_device_properties(dev).total_memory
         except RecipeError:  # no DDP plan fits the budget
             fits = False

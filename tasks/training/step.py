@@ -23,11 +23,12 @@ def train_context(dev, compute_dtype: str, offload_activations: bool = False):
     return stack
 
 
-def forward_backward(model, batch: dict, dev, compute_dtype: str, offload: bool, share: float = 1.0):
+def forward_backward(model, batch: dict, dev, compute_dtype: str, offload: bool, share: float = 1.0, loss_of=None):
     """Forward and backward of one micro-batch, its gradient weighted by its share of the optimizer
     step (its targets over the step's), so that accumulating micro-batches gives the gradient of the
-    whole step; the loss (a tensor: no device sync here)."""
+    whole step; the loss (a tensor: no device sync here). loss_of(model, batch): the loss, when not
+    the model's own (preference losses)."""
     with train_context(dev, compute_dtype, offload):
-        loss = model(**batch).loss
+        loss = loss_of(model, batch) if loss_of is not None else model(**batch).loss
     (loss * share).backward()
     return loss.detach()

@@ -24,15 +24,16 @@ from pydantic import BaseModel, ConfigDict
 
 from qlora.runtime import signals
 from qlora.runtime.progress import bar as progress_bar
-from qlora.tasks.batches import (batch_order, collate, collate_lm, lengths_of, pack, pad_token_id, unit_lengths,
-                                 width_multiple)
-from qlora.tasks.inference import accuracy, lm_loss, predict_logits
+from qlora.tasks.batches import (batch_order, collate, collate_lm, collate_pairs, collate_unpaired, lengths_of, pack,
+                                 pad_token_id, unit_lengths, width_multiple)
+from qlora.tasks.inference import accuracy, completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
-from qlora.tasks.recipe import LoraSection, QuantizationSection, RecipeError, TrainSection
-from qlora.tasks.results import LoraPlan, Quantized, Tokenized, Trained
+from qlora.tasks.recipe import LoraSection, PreferenceSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.results import LoraPlan, Quantized, ReferenceScores, Tokenized, Trained
 from qlora.tasks.tracking import Tracker
 from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, loading, memory, plan
 from qlora.tasks.training import optimizer as optimizers
+from qlora.tasks.training import preference as preferences
 from qlora.tasks.training import step as steps
 from qlora.tasks.training.collection import StepCollection
 from qlora.tasks.training.distributed import World
@@ -60,9 +61,14 @@ class TrainingSpec(BaseModel):
     workers take it from their environment)."""
     strategy: str = "auto"
     cpu_offload: bool = False
+    preference: Optional[PreferenceSection] = None
+    """Preference tuning (None: supervised): the loss, and the rows are pairs or KTO's rows."""
+    reference: Optional[ReferenceScores] = None
+    """The reference model's log-probabilities of every row (losses that have a reference)."""
 # What the loop logs per step (MLflow metric names).
 TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
-                    "eval_loss", "eval_accuracy"]
+                    "eval_loss", "eval_accuracy", "eval_preference_accuracy", "eval_reward_margin",
+                    "eval_logp_accuracy"]
 
 
 def choose_fast_paths(cfg: TrainSection, config, dev) -> dict:
@@ -103,6 +109,9 @@ class TrainingRun:
         self.train_ds, self.val_ds = data["train"], data["validation"]
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(self.quantized.original_path))
         self.causal = self.quantized.task == loading.CAUSAL
+        self.preference = spec.preference
+        self.reference = {split: spec.reference.scores(split) for split in ("train", "validation")} \
+            if spec.reference is not None else None
         self.width = max_length if spec.pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
         lengths = lengths_of(self.train_ds)
@@ -277,7 +286,7 @@ class TrainingRun:
             sync = i == len(micro_batches) - 1 or not world.distributed
             with distributed.gradients_synced(self.model, sync):  # sharded: reduced over the ranks once per step
                 loss = steps.forward_backward(self.model, mb, self.dev, self.q.bnb_4bit_compute_dtype,
-                                              self.plan["offload_activations"], share)
+                                              self.plan["offload_activations"], share, self.loss_of)
             step_loss = step_loss + loss * share / world.size
         if world.distributed and not self.sharded:
             distributed.average_gradients(self.optimizer, world.size)
@@ -292,7 +301,25 @@ class TrainingRun:
                               hint="lower the learning rate, or set train.max_grad_norm")
         return step_loss, step_tokens, stop
 
+    def loss_of(self, model, batch: dict):
+        """A micro-batch's loss: the model's own (supervised), or the preference loss."""
+        if self.preference is None:
+            return model(**batch).loss
+        return preferences.batch_loss(model, batch, self.preference)[0]
+
+    def reference_of(self, split: str, rows: list[int]) -> dict | None:
+        """The reference's log-probabilities of these rows, as the collators take them."""
+        if self.reference is None:
+            return None
+        names = ("chosen", "rejected") if self.preference.paired else ("logps", "kl")
+        return {name: self.reference[split][name][rows] for name in names}
+
     def batch(self, unit_ids: list[int]) -> dict:
+        if self.preference is not None:
+            rows = [self.units[u][0] for u in unit_ids]
+            collate_rows = collate_pairs if self.preference.paired else collate_unpaired
+            return collate_rows([self.train_ds[i] for i in rows], self.pad_id, self.dev, self.multiple_of,
+                                self.reference_of("train", rows))
         if self.causal:
             return collate_lm([[self.train_ds[i] for i in self.units[u]] for u in unit_ids], self.pad_id, self.dev,
                               self.width, self.multiple_of)
@@ -303,6 +330,13 @@ class TrainingRun:
 
     def validate(self) -> dict:
         size = self.cfg.per_device_eval_batch_size
+        if self.preference is not None:
+            scores = completion_scores(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)
+            figures = preferences.preference_metrics(self.preference, scores,
+                                                     self.reference["validation"] if self.reference else None)
+            return {"eval_loss": figures["loss"], **{f"eval_{k}": figures[k] for k in
+                                                     ("preference_accuracy", "reward_margin", "logp_accuracy")
+                                                     if k in figures}}
         if self.causal:
             return {"eval_loss": lm_loss(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)}
         logits, loss = predict_logits(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)
@@ -432,11 +466,13 @@ def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = Wo
     config = AutoConfig.from_pretrained(spec.quantized.model_path)
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
+    sequences = preferences.rows_per_example(spec.preference)
+    fused_ce = fast["liger"] and spec.preference is None  # preference losses score the logits themselves
     run.strategy = plan.training_strategy(spec.strategy, world, config, cfg, q, lora, max_length,
-                                     run.causal, fast["liger"], run.dev, dropout)
+                                          run.causal, fused_ce, run.dev, dropout, sequences=sequences)
     run.cpu_offload = spec.cpu_offload
-    run.plan = plan.memory_plan(config, cfg, q, lora, max_length, run.causal, fast["liger"], run.dev, world.size,
-                           sharded=run.sharded, dropout=dropout)
+    run.plan = plan.memory_plan(config, cfg, q, lora, max_length, run.causal, fused_ce, run.dev, world.size,
+                                sharded=run.sharded, dropout=dropout, sequences=sequences)
     free_at_start = torch.cuda.mem_get_info(run.dev)[0] if run.dev.type == "cuda" else None
 
     set_seed(cfg.seed)  # before loading: the LoRA weights are initialised under the seed, alike on every rank

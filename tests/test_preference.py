@@ -1,0 +1,284 @@
+"""Preference tuning: each loss against TRL's own (the loss and the LoRA gradients on the same batch and
+the same reference log-probabilities, float32 on the CPU), the data formats users have, and the
+mistakes that must be one line naming the field."""
+from __future__ import annotations
+
+import json
+import tempfile
+import types
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import minilm_dir
+from qlora.tasks.batches import collate_pairs, collate_unpaired
+from qlora.tasks.recipe import PreferenceSection, PromptSection, TokenizeSection
+from qlora.tasks.training import preference as preferences
+
+
+PROMPTS = [[101, 2000, 2001], [101, 2002], [101, 2010, 2011, 2012]]
+CHOSEN = [[2003, 2004, 102], [2005, 102], [2013, 2014, 2015, 2016, 102]]
+REJECTED = [[2006, 102], [2007, 2008, 2009, 102], [2017, 102]]
+REF_CHOSEN, REF_REJECTED = [-9.5, -7.25, -16.0], [-6.75, -13.5, -8.0]
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+def _policy(tok):
+    """A tiny Llama with LoRA whose B is not zero: the policy differs from its base, every adapter
+    weight gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, attn_implementation="eager")
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                init_lora_weights=False))
+    model.train()
+    return model
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _ours(model, cfg: PreferenceSection, pad_id: int) -> tuple[float, dict]:
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    reference = {"chosen": REF_CHOSEN, "rejected": REF_REJECTED} if cfg.needs_reference else None
+    batch = collate_pairs(rows, pad_id, torch.device("cpu"), reference=reference)
+    model.zero_grad()
+    loss, _ = preferences.batch_loss(model, batch, cfg)
+    loss.backward()
+    return loss.item(), _lora_grads(model)
+
+
+def _trl_inputs(pad_id: int) -> dict:
+    """TRL's DPO batch: chosen rows then rejected rows, a completion mask, the reference's log-probs."""
+    rows = [p + c for p, c in zip(PROMPTS, CHOSEN)] + [p + r for p, r in zip(PROMPTS, REJECTED)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, prompt) in enumerate(zip(rows, PROMPTS + PROMPTS)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+        completion[i, len(prompt):len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
+            "ref_chosen_logps": torch.tensor(REF_CHOSEN), "ref_rejected_logps": torch.tensor(REF_REJECTED)}
+
+
+def _assert_close(ours: tuple[float, dict], theirs: tuple[float, dict]) -> None:
+    assert ours[0] == pytest.approx(theirs[0], rel=RTOL), (ours[0], theirs[0])
+    assert ours[1].keys() == theirs[1].keys() and ours[1]
+    for name, grad in theirs[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=RTOL, atol=1e-7, msg=name)
+        assert grad.abs().sum() > 0, name
+
+
+def _trl_dpo_trainer(model, tok, loss_type: str, beta: float):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], beta=beta, loss_type=[loss_type], use_cpu=True,
+                     bf16=False, precompute_ref_log_probs=False, disable_tqdm=True)
+    return DPOTrainer(model=model, args=args, processing_class=tok,
+                      train_dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}))
+
+
+@pytest.mark.parametrize("loss,trl_loss", [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_dpo_and_ipo_equal_trls_trainer(tok, loss, trl_loss):
+    """TRL's DPOTrainer.compute_loss on its own batch (its log-probabilities, its loss), against ours."""
+    model = _policy(tok)
+    cfg = PreferenceSection(loss=loss, beta=0.3)
+    trainer = _trl_dpo_trainer(model, tok, trl_loss, cfg.beta)
+    trainer.precompute_ref_logps = True  # the batch carries the reference's log-probs, as ours does
+    model.zero_grad()
+    theirs = trainer.compute_loss(trainer.model, _trl_inputs(tok.pad_token_id))
+    theirs.backward()
+    _assert_close(_ours(model, cfg, tok.pad_token_id), (theirs.item(), _lora_grads(model)))
+
+
+def _logps(model, pad_id: int, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probabilities computed apart from ours: per-token log-softmax of the
+    whole batch, gathered at the completion's tokens."""
+    inputs = _trl_inputs(pad_id)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    per_token = torch.log_softmax(logits, -1).gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = inputs["completion_mask"][:, 1:]
+    logps = (per_token * mask).sum(-1) / (mask.sum(-1) if average else 1)
+    n = len(PROMPTS)
+    return logps[:n], logps[n:]
+
+
+def _fake(**fields):
+    """What TRL's loss methods read of their trainer."""
+    return types.SimpleNamespace(accelerator=types.SimpleNamespace(device=torch.device("cpu")), **fields)
+
+
+def test_dpo_with_label_smoothing_equals_trls_conservative_sigmoid(tok):
+    """TRL's CPOTrainer.cpo_loss (sigmoid, label smoothing) on the DPO log-ratios."""
+    from trl.experimental.cpo import CPOTrainer
+
+    model = _policy(tok)
+    cfg = PreferenceSection(loss="dpo", beta=0.2, label_smoothing=0.15)
+    chosen, rejected = _logps(model, tok.pad_token_id, average=False)
+    losses, _, _ = CPOTrainer.cpo_loss(_fake(beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type="sigmoid",
+                                             alpha=0.0),
+                                       chosen - torch.tensor(REF_CHOSEN), rejected - torch.tensor(REF_REJECTED))
+    model.zero_grad()
+    losses.mean().backward()
+    _assert_close(_ours(model, cfg, tok.pad_token_id), (losses.mean().item(), _lora_grads(model)))
+
+
+def test_simpo_equals_trls(tok):
+    from trl.experimental.cpo import CPOTrainer
+
+    model = _policy(tok)
+    cfg = PreferenceSection(loss="simpo", beta=2.0, gamma=0.8, label_smoothing=0.1)
+    chosen, rejected = _logps(model, tok.pad_token_id, average=True)
+    losses, _, _ = CPOTrainer.cpo_loss(_fake(beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type="simpo",
+                                             alpha=0.0, simpo_gamma=cfg.gamma), chosen, rejected)
+    model.zero_grad()
+    losses.mean().backward()
+    _assert_close(_ours(model, cfg, tok.pad_token_id), (losses.mean().item(), _lora_grads(model)))
+
+
+def test_orpo_equals_trls_odds_ratio_plus_the_chosen_completions_nll(tok):
+    """TRL's ORPOTrainer.odds_ratio_loss on per-token averaged log-probs, plus the NLL of the chosen
+    completions (ORPO's paper; TRL's trainer also counts the prompt's tokens in it, ours masks them)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    model = _policy(tok)
+    cfg = PreferenceSection(loss="orpo", beta=0.25)
+    chosen, rejected = _logps(model, tok.pad_token_id, average=True)
+    ratio_losses = ORPOTrainer.odds_ratio_loss(_fake(beta=cfg.beta), chosen, rejected)[0]
+    inputs = _trl_inputs(tok.pad_token_id)
+    n = len(PROMPTS)
+    labels = inputs["input_ids"][:n].masked_fill(inputs["completion_mask"][:n] == 0, -100)
+    logits = model(input_ids=inputs["input_ids"][:n], attention_mask=inputs["attention_mask"][:n]).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    loss = nll - ratio_losses.mean()
+    model.zero_grad()
+    loss.backward()
+    _assert_close(_ours(model, cfg, tok.pad_token_id), (loss.item(), _lora_grads(model)))
+
+
+def test_kto_equals_trls_trainer(tok):
+    """TRL's KTOTrainer.compute_loss (its KL term from other rows' completions, the reference's
+    log-probs of both in the batch), against ours on the same rows."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    model = _policy(tok)
+    cfg = PreferenceSection(loss="kto", beta=0.4, desirable_weight=1.5, undesirable_weight=0.75)
+    completions = [CHOSEN[0], REJECTED[1], CHOSEN[2]]
+    labels = [True, False, True]
+    kl = [completions[(i + 1) % 3] for i in range(3)]
+    ref_logps, ref_kl = [-8.5, -12.25, -15.0], [-9.0, -14.5, -7.75]
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), report_to=[], beta=cfg.beta, use_cpu=True, bf16=False,
+                     desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+                     precompute_ref_log_probs=False, disable_tqdm=True)
+    data = Dataset.from_dict({"prompt": ["a", "b"], "completion": ["c", "d"], "label": [True, False]})
+    trainer = KTOTrainer(model=model, args=args, processing_class=tok, train_dataset=data)
+    trainer.precompute_ref_logps = True
+
+    def rows(parts):
+        seqs = [p + c for p, c in zip(PROMPTS, parts)]
+        width = max(map(len, seqs))
+        ids = torch.full((3, width), tok.pad_token_id)
+        mask, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, (s, p) in enumerate(zip(seqs, PROMPTS)):
+            ids[i, :len(s)], mask[i, :len(s)], completion[i, len(p):len(s)] = torch.tensor(s), 1, 1
+        return ids, mask, completion
+
+    ids, mask, completion = rows(completions)
+    kl_ids, kl_mask, kl_completion = rows(kl)
+    inputs = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion, "label": torch.tensor(labels),
+              "KL_input_ids": kl_ids, "KL_attention_mask": kl_mask, "KL_completion_mask": kl_completion,
+              "ref_logps": torch.tensor(ref_logps), "ref_KL_logps": torch.tensor(ref_kl)}
+    model.zero_grad()
+    theirs = trainer.compute_loss(trainer.model, inputs)
+    theirs.backward()
+    theirs = (theirs.item(), _lora_grads(model))
+
+    ours_rows = [{"prompt_ids": p, "completion_ids": c, "kl_ids": k, "label": int(d)}
+                 for p, c, k, d in zip(PROMPTS, completions, kl, labels)]
+    batch = collate_unpaired(ours_rows, tok.pad_token_id, torch.device("cpu"),
+                             reference={"logps": ref_logps, "kl": ref_kl})
+    model.zero_grad()
+    loss, figures = preferences.batch_loss(model, batch, cfg)
+    loss.backward()
+    assert figures["kl"] >= 0
+    _assert_close((loss.item(), _lora_grads(model)), theirs)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def _clean(df: pd.DataFrame, pref: PreferenceSection, prompt: PromptSection = PromptSection(), **data):
+    from qlora.tasks.pairs import clean_preference
+    from qlora.tasks.recipe import DataSection
+
+    return clean_preference({"train": df}, DataSection(path="x.jsonl", **data), pref, prompt)
+
+
+def test_conversations_split_at_their_shared_prefix():
+    """Anthropic HH-style rows: whole conversations that differ in the last answer; their shared turns
+    are the prompt."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "A film?"}]
+    df = pd.DataFrame({"chosen": [turns + [{"role": "assistant", "content": "Alien."}]],
+                       "rejected": [turns + [{"role": "assistant", "content": "No."}]]})
+    frames, stats = _clean(df, PreferenceSection(loss="dpo"))
+    row = frames["train"].iloc[0]
+    assert json.loads(row["prompt"]) == turns
+    assert json.loads(row["chosen"]) == [{"role": "assistant", "content": "Alien."}]
+    assert json.loads(row["rejected"]) == [{"role": "assistant", "content": "No."}]
+    assert bool(row["conversation"]) and stats["train"]["rows_kept"] == 1
+
+
+def test_identical_and_empty_pairs_are_dropped_and_counted():
+    df = pd.DataFrame({"prompt": ["p1", "p2", "p3", "p4"], "chosen": ["a", "same", "", "b"],
+                       "rejected": ["b", "same", "x", "a"]})
+    frames, stats = _clean(df, PreferenceSection(loss="dpo"))
+    assert stats["train"] == {"rows_read": 4, "dropped_empty_text": 1, "dropped_identical_pair": 1, "rows_kept": 2}
+    assert frames["train"]["prompt"].tolist() == ["p1", "p4"]
+
+
+def test_kto_labels_read_as_desirable_or_not():
+    df = pd.DataFrame({"prompt": ["p"] * 4, "completion": ["a", "b", "c", "d"], "label": [True, "no", 1, "yes"]})
+    frames, _ = _clean(df, PreferenceSection(loss="kto"))
+    assert frames["train"]["label"].tolist() == [1, 0, 1, 1]
+
+
+def test_prompt_end_and_completion_start_are_kept(tok):
+    """max_prompt_length keeps the prompt's end; completions keep their start, cut to max_length less
+    the prompt; a prompt that fills max_length drops its row; all counted."""
+    from qlora.tasks.tokenize import _tokenize_preference
+
+    words = " ".join(f"w{i}" for i in range(40))
+    df = pd.DataFrame({"prompt": [words, "short prompt", "x " * 200], "chosen": ["yes " * 50, "good", "a"],
+                       "rejected": ["no", "bad " * 50, "b"], "conversation": [False] * 3})
+    pref = PreferenceSection(loss="dpo", max_prompt_length=10)
+    rows, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32), PromptSection(), pref)
+    assert counts == {"truncated": 3, "dropped_too_long": 0}
+    full = tok(words)["input_ids"]
+    assert rows["prompt_ids"][0] == full[-10:]
+    assert all(len(p) + len(c) <= 32 for p, c in zip(rows["prompt_ids"], rows["chosen_ids"]))
+    assert rows["chosen_ids"][0] == tok("yes " * 50 + tok.eos_token, add_special_tokens=False)["input_ids"][:22]
+    strict, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32, truncation=False), PromptSection(),
+                                          pref.model_copy(update={"max_prompt_length": None}))
+    assert counts == {"truncated": 0, "dropped_too_long": 3} and not strict["prompt_ids"]
+    _, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32), PromptSection(),
+                                     pref.model_copy(update={"max_prompt_length": None}))
+    assert counts == {"truncated": 1, "dropped_too_long": 2}, "prompts alone past max_length are dropped"
