@@ -18,6 +18,7 @@ from qlora.tasks.comparison import comparison_table
 from qlora.tasks.convert import convert_gguf
 from qlora.tasks.data import describe_source
 from qlora.tasks.evaluate import check_metrics, evaluate_model
+from qlora.tasks.judge import resolve_judge
 from qlora.tasks.load import load, load_arguments
 from qlora.tasks.lora_plan import plan_lora
 from qlora.tasks.merge import VARIANT_OF, merge
@@ -71,6 +72,7 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     # seconds). Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)
     tracking.prepare_store(uri)
+    judge = resolve_judge(r.evaluate.judge, uri, r.work_dir)  # a registered classifier, fetched once
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
     key = recipe_key(r, source, model)
@@ -80,10 +82,14 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
         reference = run(score_reference, tokenized, quantized, r.quantization, r.train.per_device_eval_batch_size) \
             if r.preference.needs_reference else None
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
-                        batch_size=r.train.per_device_eval_batch_size, preference=preference, reference=reference)
+                        batch_size=r.train.per_device_eval_batch_size, preference=preference, reference=reference,
+                        judge=judge)
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
-            record.evaluation(run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
-                                  label="evaluate-base"), "base")
+            base_eval = run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
+                            label="evaluate-base")
+            record.evaluation(base_eval, "base")
+            if judge is not None:  # the tuned answers are judged against the starting model's
+                evaluate["against"] = base_eval
         trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r), run_id=record.run_id,
                       tracking_uri=uri, reference=reference, asset="adapter" if r.lora.enabled else "model",
                       upstream=("tokenized",))

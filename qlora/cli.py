@@ -162,6 +162,10 @@ def preflight(recipe: Recipe) -> None:
     check_metrics(recipe.evaluate, recipe.model.task)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
+    if recipe.evaluate.judge.model is not None:
+        from qlora.tasks.judge import check_judge
+
+        check_judge(recipe.evaluate.judge, tracking_uri_of(recipe))
 
 
 def _abandon(server: TemporaryPrefectServer | None) -> None:

@@ -15,7 +15,9 @@ from qlora.tasks.batches import collate, pad_token_id
 from qlora.tasks.inference import completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
 from qlora.tasks.recipe import EvaluateSection, PreferenceSection, QuantizationSection, RecipeError
-from qlora.tasks.results import Evaluated, Merged, Quantized, ReferenceScores, Tokenized, Trained, UntrainedBase
+from qlora.tasks.judge import judge_scores, win_rate
+from qlora.tasks.results import (Evaluated, JudgeModel, Merged, Quantized, ReferenceScores, Tokenized, Trained,
+                                 UntrainedBase)
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 from qlora.tasks.training.preference import PAIR_METRICS, UNPAIRED_METRICS, preference_metrics
@@ -76,6 +78,8 @@ def logged_metrics(recipe) -> set[str] | None:
         else:
             names.add(stem)
     if task == loading.CAUSAL:
+        if recipe.evaluate.judge.model is not None:
+            names |= {"judge_rate", "judge_score", "judged_examples", "judge_win_rate"}
         if recipe.preference.enabled:
             names |= set(PAIR_METRICS if recipe.preference.paired else UNPAIRED_METRICS)
         if recipe.evaluate.generation.temperature:
@@ -253,11 +257,13 @@ def next_token_logits(model, prompts: list[list[int]], pad_id: int, dev, batch_s
 
 
 def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: EvaluateSection, batch_size: int,
-                     preference: PreferenceSection | None = None, reference: dict | None = None) -> dict:
+                     preference: PreferenceSection | None = None, reference: dict | None = None,
+                     judge: JudgeModel | None = None, against: Evaluated | None = None) -> dict:
     """Held-out loss and perplexity (preference rows: the loss, preference accuracy, reward margins and
     log-probabilities, against the reference's scores); generations for the first held-out prompts,
-    scored (ROUGE, against the chosen completion for pairs); the next-token logits of those prompts
-    kept for comparing variants."""
+    scored (ROUGE, against the chosen completion for pairs) and judged (judge: the classifier's
+    figures, and the win rate against the `against` evaluation's answers to the same prompts); the
+    next-token logits of those prompts kept for comparing variants."""
     import math
 
     import pandas as pd
@@ -285,6 +291,14 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
         metrics.update({f"sampled_{k}": v for k, v in
                         compute_metrics(cfg.metric_names(loading.CAUSAL), sampled, references, []).items()})
         table["sampled"] = sampled
+    if judge is not None:  # the sampled answers when there are some: one prompt may be asked many times
+        scores, judged = judge_scores(judge, table.get("sampled", greedy), dev)
+        table["judge_score"] = scores
+        metrics.update(judge_rate=float(judged.mean()), judge_score=float(scores.mean()),
+                       judged_examples=len(scores))
+        if against is not None:
+            theirs = pd.read_parquet(against.file(against.predictions), columns=["judge_score"])["judge_score"]
+            metrics["judge_win_rate"] = win_rate(scores, theirs.to_numpy())
     pd.DataFrame(table).to_parquet(out / "predictions.parquet", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "predictions": "predictions.parquet", "logits": "next_token_logits.npy",
@@ -294,7 +308,10 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 @stage("evaluate", modules=("qlora.tasks.metrics",))  # metric scripts are loaded by path
 def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized: Quantized, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int, preference: PreferenceSection | None = None,
-                   reference: ReferenceScores | None = None) -> Evaluated:
+                   reference: ReferenceScores | None = None, judge: JudgeModel | None = None,
+                   against: Evaluated | None = None) -> Evaluated:
+    """One variant on the test split. judge: the classifier that judges generated answers; against: the
+    starting model's evaluation, whose judged answers this variant's are compared with."""
     import pandas as pd
     import torch
     from datasets import load_from_disk
@@ -308,7 +325,7 @@ def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized:
         with PeakMemory(dev) as memory:
             model = load_for_eval(variant, quantized, q, [])
             result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size, preference,
-                                      reference.scores("test") if reference is not None else None)
+                                      reference.scores("test") if reference is not None else None, judge, against)
         result["metrics"]["peak_memory_bytes"] = memory.peak
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
         return Evaluated(**result, dtype=dtype)

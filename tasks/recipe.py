@@ -479,6 +479,23 @@ class DistributedSection(Section):
                              "strategy ddp")
         return self
 
+class JudgeSection(Section):
+    """causal-lm: a sequence classifier (a reward model) that judges the generated answers."""
+    model: Optional[SecretText] = None
+    """models:/NAME/VERSION or models:/NAME@ALIAS in this recipe's tracking store (e.g. the quickstart recipe's
+    classifier, quickstart-merged@champion), or a local directory or package: path. None: no judging."""
+    label: Optional[str] = None
+    """The class that counts as a good answer (e.g. fresh). Logged: the share of answers judged so, the mean
+    probability, and the tuned model's win rate against the starting model on the same prompts."""
+
+    @model_validator(mode="after")
+    def _label_with_model(self):
+        if self.model is not None and not self.label:
+            raise ValueError("evaluate.judge.label names the class that counts as a good answer (required with "
+                             "evaluate.judge.model)")
+        return self
+
+
 class EvaluateSection(Section):
     metrics: Optional[list[str]] = None
     """Metric modules under tasks/metrics/ by name (accuracy, f1, precision, recall, rouge; f1, precision and
@@ -489,6 +506,9 @@ class EvaluateSection(Section):
     trust). Off: only the bundled metrics."""
     generation: GenerationSection = GenerationSection()
     """causal-lm: generated answers for held-out prompts."""
+    judge: JudgeSection = JudgeSection()
+    """causal-lm: a classifier that judges the generated answers (sampled ones when generation.temperature is
+    set, else greedy)."""
 
     def metric_names(self, task: str) -> list[str]:
         if self.metrics is not None:
@@ -665,6 +685,8 @@ class Recipe(Section):
                                  "their prompt): set it to false")
             if self.prompt.train_on_prompt:
                 raise ValueError("prompt.train_on_prompt: preference losses score the completions only")
+        if self.evaluate.judge.model is not None and self.model.task != "causal-lm":
+            raise ValueError("evaluate.judge judges generated answers: a causal-lm model's (model.task)")
         return self
 
     def with_secrets(self, **dump_options) -> dict:

@@ -45,6 +45,14 @@ class BaseModelFiles(Keyed):
     tokenizer: Optional[TokenizerFiles] = None
 
 
+class JudgeModel(Keyed):
+    """The classifier that judges generated answers: its checkpoint and tokenizer directories, and the
+    class that counts as a good answer."""
+    path: str
+    tokenizer: str
+    label: str
+
+
 class DataSource(Keyed):
     """The data's identity: local files per split (fingerprinted), or a Hub dataset at a commit."""
     files: Optional[dict[str, list[str]]] = None

@@ -647,6 +647,7 @@ class RunRecorder:
         self._write(log_parquet_table, str(evaluated.file(evaluated.predictions)),
                     f"{artifact_dir}/predictions_table.json")
         self.summary[f"{prefix}metrics"] = evaluated.metrics
+        self.summary.setdefault("evaluation_dirs", {})[variant] = evaluated.dir
 
     def merged(self, merged: Merged) -> None:
         self.summary["merged_dir"] = str(merged.weights_dir)

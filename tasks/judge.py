@@ -1,0 +1,147 @@
+"""The judge: a sequence classifier (a reward model) that scores generated answers. It comes from the
+registry (models:/NAME/VERSION or models:/NAME@ALIAS, e.g. a classifier another recipe trained) or a
+local directory; it is checked before anything runs (a classifier, with the recipe's label) and
+fingerprinted by content, so an alias moved to another version re-judges and nothing else does.
+
+Figures: the share of answers put in the label's class, the mean probability of that class, and the
+win rate of one model's answers against another's on the same prompts (a tie counts half)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from qlora.runtime.secrets import reveal
+from qlora.tasks import store
+from qlora.tasks.recipe import JudgeSection, RecipeError, shorten
+from qlora.tasks.results import JudgeModel
+from qlora.tasks.weights import safetensors_files
+
+FIELD = "evaluate.judge.model"
+REGISTRY_PREFIX = "models:/"
+
+
+def _registered_source(location: str, tracking_uri: str) -> str:
+    """The artifact location of a registered version: models:/NAME/VERSION or models:/NAME@ALIAS."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    ref = location[len(REGISTRY_PREFIX):]
+    name, sep, which = ref.partition("@") if "@" in ref else ref.rpartition("/")
+    if not sep or not name or not which:
+        raise RecipeError(f"'{shorten(location, 80)}' is not models:/NAME/VERSION or models:/NAME@ALIAS", FIELD)
+    from qlora.tasks.tracking import check_tracking
+
+    check_tracking(tracking_uri, FIELD, existing=True)  # a registry to read: never a new empty store
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, which) if "@" in ref else client.get_model_version(name, which)
+    except MlflowException as e:
+        raise RecipeError(f"{shorten(location, 80)} not found in the tracking store {tracking_uri}: "
+                          f"{str(e).splitlines()[0][:160]}", FIELD,
+                          hint="train and register the classifier first (e.g. qlora run quickstart)") from None
+    return version.source
+
+
+def _download(source: str, tracking_uri: str, into: Path, path: str = "") -> Path:
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{path}" if path else source,
+                                                    dst_path=str(into), tracking_uri=tracking_uri))
+
+
+def _model_dir(directory: Path) -> Path:
+    """An MLflow transformers model keeps the checkpoint under model/ (its tokenizer under
+    components/tokenizer/); a plain checkpoint is the directory itself."""
+    return directory / "model" if (directory / "MLmodel").is_file() else directory
+
+
+def _check_classifier(config_file: Path, label: str) -> None:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"no readable config.json for the judge ({config_file}): {str(e)[:120]}", FIELD) from None
+    architectures = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise RecipeError(f"the judge is not a sequence classifier (its architectures: {architectures or 'none'})",
+                          FIELD, hint="name a classifier, e.g. the quickstart recipe's registered model")
+    labels = [str(v) for v in (config.get("id2label") or {}).values()]
+    if label not in labels:
+        raise RecipeError(f"the judge has no class '{shorten(label, 40)}' (its classes: {', '.join(labels[:10])})",
+                          "evaluate.judge.label")
+
+
+def check_judge(cfg: JudgeSection, tracking_uri: str) -> None:
+    """The preflight's check: the judge exists and is a classifier with the label (for a registered
+    model, only its config.json is fetched, into a temporary directory)."""
+    if cfg.model is None:
+        return
+    location = reveal(cfg.model)
+    if location.startswith(REGISTRY_PREFIX):
+        source = _registered_source(location, tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in ("model/config.json", "config.json"):
+                try:
+                    _check_classifier(_download(source, tracking_uri, Path(tmp), path), cfg.label)
+                    return
+                except RecipeError:
+                    raise
+                except Exception:  # noqa: BLE001 - not at this path: the other layout
+                    continue
+        raise RecipeError(f"{shorten(location, 80)} holds no model config.json", FIELD)
+    path = store.resolve_location(location, FIELD)
+    if path is None or not path.is_dir():
+        raise RecipeError(f"not a model directory: {shorten(location, 120)}", FIELD,
+                          hint="a directory with config.json, or models:/NAME@ALIAS")
+    _check_classifier(_model_dir(path) / "config.json", cfg.label)
+
+
+def resolve_judge(cfg: JudgeSection, tracking_uri: str, work_dir: str) -> JudgeModel | None:
+    """The judge as a local directory with its content fingerprint: a registered version downloaded
+    once into <work_dir>/judge/."""
+    if cfg.model is None:
+        return None
+    check_judge(cfg, tracking_uri)
+    location = reveal(cfg.model)
+    if location.startswith(REGISTRY_PREFIX):
+        source = _registered_source(location, tracking_uri)
+        into = Path(work_dir) / "judge" / store.hash_value(source)
+        if not (into / ".complete").is_file():
+            into.mkdir(parents=True, exist_ok=True)
+            _download(source, tracking_uri, into)
+            (into / ".complete").touch()
+        directory = into
+    else:
+        directory = store.resolve_location(location, FIELD)
+    model_dir = _model_dir(directory)
+    weights = [p.name for p in safetensors_files(model_dir, FIELD)]
+    tokenizer = directory / "components" / "tokenizer" if (directory / "MLmodel").is_file() else model_dir
+    return JudgeModel(hash=store.hash_value([store.tree_fingerprint(model_dir, ["config.json"] + weights),
+                                             store.tree_fingerprint(tokenizer), cfg.label]),
+                      path=str(model_dir), tokenizer=str(tokenizer), label=cfg.label)
+
+
+def judge_scores(judge: JudgeModel, texts: list[str], dev, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """For each text: the probability the judge gives its label's class, and whether that class is
+    the judge's answer (its most probable)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(judge.tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(judge.path, use_safetensors=True).to(dev).eval()
+    index = {str(v): int(k) for k, v in model.config.id2label.items()}[judge.label]
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
+                      return_tensors="pt").to(dev)
+            probs.append(torch.softmax(model(**enc).logits.float(), -1).cpu().numpy())
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(model.config.id2label)))
+    return probs[:, index], probs.argmax(-1) == index
+
+
+def win_rate(scores: np.ndarray, against: np.ndarray) -> float:
+    """The share of prompts where these answers score above the other model's (ties count half)."""
+    return float(np.mean((scores > against) + 0.5 * (scores == against)))
