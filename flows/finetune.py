@@ -54,7 +54,7 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     check_metrics(r.evaluate, r.model.task)
-    model = original = resolve_model(r.model)
+    model = original = resolve_model(r.model, tracking.tracking_uri_of(r), r.work_dir)
     if model.gguf:  # dequantized once into a cached 16-bit model directory
         model = run(convert_gguf, model).as_base()
     source = describe_source(r.data)
@@ -78,6 +78,8 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     key = recipe_key(r, source, model)
     with mlflow_run(r, key, uri, parent_run_id) as record:
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source.uri())
+        if original.upstream:  # started from a model another run produced: link the chain
+            record.upstream(original.upstream)
         # Preference losses with a reference: the starting model scores every row once (cached).
         reference = run(score_reference, tokenized, quantized, r.quantization, r.train.per_device_eval_batch_size) \
             if r.preference.needs_reference else None

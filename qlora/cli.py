@@ -146,16 +146,20 @@ def _profile_has_api_url() -> bool:
     return profiles.is_file() and "PREFECT_API_URL" in profiles.read_text()
 
 
-def preflight(recipe: Recipe) -> None:
+def preflight(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     """The checks `run` makes before starting the flow: the ones that need no model library, so an
-    unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run."""
+    unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run. produced:
+    registered model names an earlier recipe of a chain will create (a model named so is resolved when
+    the chain reaches this recipe)."""
     from qlora.tasks.data import check_data
     from qlora.tasks.evaluate import check_metrics, check_promotion
     from qlora.tasks.model import resolve_model
     from qlora.tasks.tracking import check_tracking, tracking_uri_of
+    from qlora.tasks.upstream import registered_name
 
     check_work_dir(recipe.work_dir)
-    resolve_model(recipe.model)
+    if registered_name(recipe.model.name_or_path) not in produced:
+        resolve_model(recipe.model, tracking_uri_of(recipe), recipe.work_dir)
     if not data_already_loaded(recipe):
         check_data(recipe.data, _data_columns(recipe))
         check_rows(recipe)
@@ -174,10 +178,10 @@ def _abandon(server: TemporaryPrefectServer | None) -> None:
         server.stop()
 
 
-def _preflight(recipe: Recipe, server: TemporaryPrefectServer | None) -> None:
+def _preflight(recipe: Recipe, server: TemporaryPrefectServer | None, produced: set[str] = frozenset()) -> None:
     """The recipe's checks while the server boots. A refused recipe stops what was started."""
     try:
-        preflight(recipe)
+        preflight(recipe, produced)
     except RecipeError:
         _abandon(server)
         raise
@@ -251,7 +255,7 @@ def validate(recipe: Recipe) -> dict:
     from qlora.tasks.data import check_data
     from qlora.tasks.tracking import tracking_uri_of
 
-    model = check_model(recipe.model, recipe.quantization)
+    model = check_model(recipe.model, recipe.quantization, tracking_uri_of(recipe), recipe.work_dir)
     data = check_data(recipe.data, _data_columns(recipe))
     info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
@@ -393,6 +397,9 @@ def command_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run a recipe (cached stages are skipped, a failed run resumes)")
     _recipe_arguments(p)
+    p.add_argument("then", nargs="*", metavar="RECIPE",
+                   help="more recipes, run after it in order as one flow run (a chain: a later recipe may start from "
+                        "a model an earlier one registers, models:/NAME-merged@candidate); --set applies to each")
     p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
     p = sub.add_parser("validate", help="check a recipe and its inputs without running it (cheap checks first)")
     _recipe_arguments(p)
@@ -520,30 +527,50 @@ def _recipe_command(args, recipe: Recipe) -> int:
 def _run(args) -> int:
     """`qlora run`: the temporary Prefect server (when none is configured) boots while the recipe is
     read and checked, with the garbage collector paused until the flow starts (mostly imports,
-    qlora/runtime/startup.py); then the flow, and its summary."""
+    qlora/runtime/startup.py); then the flow, and its summary. Several recipes: a chain, one flow run
+    whose subflows run them in order, every recipe checked first."""
     with contextlib.ExitStack() as starting:
         try:
             starting.enter_context(collector_paused())
             server = _prefect_server()
             try:
-                recipe = _read_recipe(args)
+                recipes = [_read_recipe(args)]
+                files = [args.recipe]
+                for then in args.then:
+                    args.recipe = then
+                    recipes.append(_read_recipe(args))
+                    files.append(args.recipe)
             except RecipeError:
                 _abandon(server)
                 raise
-            _preflight(recipe, server)
-            from qlora.flows.finetune import finetune
+            produced: set[str] = set()
+            for recipe in recipes:
+                _preflight(recipe, server, produced)
+                if len(recipes) > 1:
+                    from qlora.flows.chain import registered_names
 
+                    produced |= registered_names(recipe)
             if server is not None:
                 server.wait()
             starting.close()
             with _without_heartbeats() if server else contextlib.nullcontext():
-                result = finetune(recipe, str(Path(args.recipe).resolve()))
+                files = [str(Path(f).resolve()) for f in files]
+                if len(recipes) == 1:
+                    from qlora.flows.finetune import finetune
+
+                    results = [finetune(recipes[0], files[0])]
+                else:
+                    from qlora.flows.chain import chain
+
+                    results = chain(recipes, files)
         finally:
             starting.close()
             thaw()
-    print(_summary(result))
+    for result in results:
+        print(_summary(result))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2, default=str))
+        out = results[0] if len(results) == 1 else results
+        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 

@@ -17,45 +17,22 @@ from qlora.runtime.secrets import reveal
 from qlora.tasks import store
 from qlora.tasks.recipe import JudgeSection, RecipeError, shorten
 from qlora.tasks.results import JudgeModel
+from qlora.tasks.upstream import checkpoint_dirs, download_registered, is_registered, registered_version
 from qlora.tasks.weights import safetensors_files
 
 FIELD = "evaluate.judge.model"
-REGISTRY_PREFIX = "models:/"
 
 
 def _registered_source(location: str, tracking_uri: str) -> str:
     """The artifact location of a registered version: models:/NAME/VERSION or models:/NAME@ALIAS."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    ref = location[len(REGISTRY_PREFIX):]
-    name, sep, which = ref.partition("@") if "@" in ref else ref.rpartition("/")
-    if not sep or not name or not which:
-        raise RecipeError(f"'{shorten(location, 80)}' is not models:/NAME/VERSION or models:/NAME@ALIAS", FIELD)
-    from qlora.tasks.tracking import check_tracking
-
-    check_tracking(tracking_uri, FIELD, existing=True)  # a registry to read: never a new empty store
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        version = client.get_model_version_by_alias(name, which) if "@" in ref else client.get_model_version(name, which)
-    except MlflowException as e:
-        raise RecipeError(f"{shorten(location, 80)} not found in the tracking store {tracking_uri}: "
-                          f"{str(e).splitlines()[0][:160]}", FIELD,
-                          hint="train and register the classifier first (e.g. qlora run quickstart)") from None
-    return version.source
+    return registered_version(location, tracking_uri, FIELD).source
 
 
-def _download(source: str, tracking_uri: str, into: Path, path: str = "") -> Path:
+def _download(source: str, tracking_uri: str, into: Path, path: str) -> Path:
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{path}" if path else source,
-                                                    dst_path=str(into), tracking_uri=tracking_uri))
-
-
-def _model_dir(directory: Path) -> Path:
-    """An MLflow transformers model keeps the checkpoint under model/ (its tokenizer under
-    components/tokenizer/); a plain checkpoint is the directory itself."""
-    return directory / "model" if (directory / "MLmodel").is_file() else directory
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{path}", dst_path=str(into),
+                                                    tracking_uri=tracking_uri))
 
 
 def _check_classifier(config_file: Path, label: str) -> None:
@@ -79,7 +56,7 @@ def check_judge(cfg: JudgeSection, tracking_uri: str) -> None:
     if cfg.model is None:
         return
     location = reveal(cfg.model)
-    if location.startswith(REGISTRY_PREFIX):
+    if is_registered(location):
         source = _registered_source(location, tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             for path in ("model/config.json", "config.json"):
@@ -95,7 +72,7 @@ def check_judge(cfg: JudgeSection, tracking_uri: str) -> None:
     if path is None or not path.is_dir():
         raise RecipeError(f"not a model directory: {shorten(location, 120)}", FIELD,
                           hint="a directory with config.json, or models:/NAME@ALIAS")
-    _check_classifier(_model_dir(path) / "config.json", cfg.label)
+    _check_classifier(checkpoint_dirs(path)[0] / "config.json", cfg.label)
 
 
 def resolve_judge(cfg: JudgeSection, tracking_uri: str, work_dir: str) -> JudgeModel | None:
@@ -105,19 +82,12 @@ def resolve_judge(cfg: JudgeSection, tracking_uri: str, work_dir: str) -> JudgeM
         return None
     check_judge(cfg, tracking_uri)
     location = reveal(cfg.model)
-    if location.startswith(REGISTRY_PREFIX):
-        source = _registered_source(location, tracking_uri)
-        into = Path(work_dir) / "judge" / store.hash_value(source)
-        if not (into / ".complete").is_file():
-            into.mkdir(parents=True, exist_ok=True)
-            _download(source, tracking_uri, into)
-            (into / ".complete").touch()
-        directory = into
+    if is_registered(location):
+        directory = download_registered(location, tracking_uri, work_dir, FIELD)[0]
     else:
         directory = store.resolve_location(location, FIELD)
-    model_dir = _model_dir(directory)
+    model_dir, tokenizer = checkpoint_dirs(directory)
     weights = [p.name for p in safetensors_files(model_dir, FIELD)]
-    tokenizer = directory / "components" / "tokenizer" if (directory / "MLmodel").is_file() else model_dir
     return JudgeModel(hash=store.hash_value([store.tree_fingerprint(model_dir, ["config.json"] + weights),
                                              store.tree_fingerprint(tokenizer), cfg.label]),
                       path=str(model_dir), tokenizer=str(tokenizer), label=cfg.label)

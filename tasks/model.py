@@ -9,12 +9,21 @@ from qlora.tasks.quantize import check_quantization
 from qlora.tasks.recipe import ModelSection, QuantizationSection, RecipeError
 from qlora.tasks.results import BaseModelFiles, TokenizerFiles
 from qlora.tasks.training.loading import TOKENIZER_FILES, skeleton
+from qlora.tasks.upstream import checkpoint_dirs, download_registered, is_registered
 from qlora.tasks.weights import safetensors_files
 
 
-def resolve_model(model: ModelSection) -> BaseModelFiles:
-    """Local directory and content fingerprints (weights+config, tokenizer) of the base model."""
-    path = store.resolve_location(model.name_or_path, "model.name_or_path")
+def resolve_model(model: ModelSection, tracking_uri: str | None = None, work_dir: str = ".qlora") -> BaseModelFiles:
+    """Local directory and content fingerprints (weights+config, tokenizer) of the base model; a
+    registered model (models:/NAME@ALIAS) is fetched from the tracking store into work_dir once."""
+    upstream = None
+    if is_registered(model.name_or_path):
+        if tracking_uri is None:
+            raise RecipeError("a registered model needs the tracking store it is registered in", "model.name_or_path")
+        directory, upstream = download_registered(model.name_or_path, tracking_uri, work_dir, "model.name_or_path")
+        path = checkpoint_dirs(directory)[0]
+    else:
+        path = store.resolve_location(model.name_or_path, "model.name_or_path")
     if path is None:
         from qlora.tasks.hub import download_model
 
@@ -29,7 +38,8 @@ def resolve_model(model: ModelSection) -> BaseModelFiles:
     if not tokenizer:
         raise RecipeError(f"no tokenizer files in {path}", "model.name_or_path")
     return BaseModelFiles(hash=store.tree_fingerprint(path, ["config.json"] + weights), path=str(path.resolve()),
-                          tokenizer=TokenizerFiles(hash=store.tree_fingerprint(path, tokenizer), path=str(path.resolve())))
+                          tokenizer=TokenizerFiles(hash=store.tree_fingerprint(path, tokenizer), path=str(path.resolve())),
+                          upstream=upstream)
 
 
 def check_gguf(path: Path) -> None:
@@ -40,8 +50,9 @@ def check_gguf(path: Path) -> None:
                           hint="give a GGUF file, or a model directory with config.json")
 
 
-def check_model(model: ModelSection, q: QuantizationSection) -> BaseModelFiles:
-    resolved = resolve_model(model)
+def check_model(model: ModelSection, q: QuantizationSection, tracking_uri: str | None = None,
+                work_dir: str = ".qlora") -> BaseModelFiles:
+    resolved = resolve_model(model, tracking_uri, work_dir)
     if resolved.gguf is None:  # a GGUF checkpoint is read (slowly) by its convert stage
         try:
             skeleton(resolved.path, model.task, [], model.trust_remote_code)

@@ -43,6 +43,8 @@ class BaseModelFiles(Keyed):
     path: Optional[str] = None
     gguf: Optional[str] = None
     tokenizer: Optional[TokenizerFiles] = None
+    upstream: Optional[dict[str, str]] = None
+    """A registered model another run produced (models:/...): its URI, name, version and run id."""
 
 
 class JudgeModel(Keyed):

@@ -649,6 +649,24 @@ class RunRecorder:
         self.summary[f"{prefix}metrics"] = evaluated.metrics
         self.summary.setdefault("evaluation_dirs", {})[variant] = evaluated.dir
 
+    def upstream(self, upstream: dict) -> None:
+        """The run started from a model another run produced (a registered version): its version and run
+        as tags, and a Prefect link to that run's MLflow page (the chain's lineage)."""
+        from qlora.tasks import lineage
+
+        self._write(set_tags, {"qlora.upstream_model": upstream["uri"],
+                               "qlora.upstream_model_version": f"{upstream['name']}/{upstream['version']}",
+                               "qlora.upstream_run_id": upstream["run_id"] or ""})
+        self.summary["upstream"] = upstream
+        if upstream["run_id"]:
+            from mlflow.tracking import MlflowClient
+
+            experiment = MlflowClient(self.uri).get_run(upstream["run_id"]).info.experiment_id
+            lineage.link_or_note(lineage.mlflow_run_url(self.uri, experiment, upstream["run_id"]),
+                                 f"upstream MLflow run {upstream['run_id']} ({upstream['name']} v{upstream['version']})",
+                                 f"{self.r.name}-upstream-run", "the run that produced this run's starting model",
+                                 self.uri)
+
     def merged(self, merged: Merged) -> None:
         self.summary["merged_dir"] = str(merged.weights_dir)
 

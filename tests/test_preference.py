@@ -431,3 +431,42 @@ def test_shipped_dpo_recipe_short_run_and_a_beta_sweep_reuses_the_reference(proj
     second = run("preference.beta=0.3")
     assert second["cached"]["reference"] is True and second["cached"]["tokenize"] is True
     assert second["cached"]["train"] is False and second["run_id"] != first["run_id"]
+
+
+# --- chains: supervised, then preference tuning from what it registered ---------------------------
+
+@pytest.mark.slow
+def test_a_chain_runs_sft_then_dpo_from_its_registered_merged_model(project, tiny_llama):
+    """`qlora run sft.yaml dpo.yaml`: one flow run, each recipe a subflow; the second starts from the
+    merged model the first registered (models:/NAME@candidate) and records that run and version."""
+    import mlflow
+    from conftest import write_recipe
+
+    sft_data = project / "qa.csv"
+    pd.DataFrame({"prompt": [f"film {i}?" for i in range(40)],
+                  "response": [f"a fine film, number {i}" for i in range(40)]}).to_csv(sft_data, index=False)
+    common = {"quantization": {"load_in_4bit": False}, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+              "tokenize": {"max_length": 32}, "train": {"max_steps": 2, "per_device_train_batch_size": 4},
+              "evaluate": {"generation": {"num_examples": 2, "max_new_tokens": 4}},
+              "tracking": {"experiment_name": "chain"}}
+    write_recipe(project / "sft.yaml", {"name": "sft", "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+                                        "data": {"path": str(sft_data)},
+                                        "prompt": {"template": "Q: {prompt}\nA: "}, **common})
+    write_recipe(project / "dpo.yaml", {"name": "dpo", "model": {"name_or_path": "models:/sft-merged@candidate",
+                                                                 "task": "causal-lm"},
+                                        "data": {"path": str(_write_jsonl(project / "pairs.jsonl", _pairs()))},
+                                        "preference": {"loss": "dpo"}, **common})
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "sft.yaml", "dpo.yaml", "--json", "s.json"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sft, dpo = json.loads((project / "s.json").read_text())
+    assert dpo["upstream"]["run_id"] == sft["run_id"] and dpo["upstream"]["name"] == "sft-merged"
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    tags = client.get_run(dpo["run_id"]).data.tags
+    assert tags["qlora.upstream_run_id"] == sft["run_id"] and tags["qlora.upstream_model_version"] == "sft-merged/1"
+    assert "test_preference_accuracy" in client.get_run(dpo["run_id"]).data.metrics
+    # One flow run of the chain, the two pipelines its subflows (Prefect's own log lines).
+    log = done.stdout + done.stderr
+    assert log.count("for flow 'qlora-chain'") == 1 and log.count("for flow 'qlora-finetune'") == 2, log[-3000:]
+    assert log.index("Beginning subflow run") > log.index("for flow 'qlora-chain'")
