@@ -113,15 +113,22 @@ def stages_before_training(r, work: str) -> dict:
     from qlora.tasks.model import resolve_model
     from qlora.tasks.quantize import quantize
 
+    from qlora.tasks.load import load_arguments
+    from qlora.tasks.reference import score_reference
+
     model = resolve_model(r.model)
     causal = r.model.task == "causal-lm"
-    loaded = load.fn(describe_source(r.data), r.data, r.model.labels, r.prompt.columns if causal else None,
-                     work_dir=work)
+    preference = r.preference if r.preference.enabled else None
+    loaded = load.fn(describe_source(r.data), **load_arguments(r), work_dir=work)
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None, work_dir=work)
+    tokenized = tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None, preference,
+                            work_dir=work)
     quantized = quantize.fn(model, r.quantization, loaded.label_names, r.train.seed, r.model.task, work_dir=work)
     lora = plan_lora.fn(model, r.lora, loaded.label_names, r.model.task, work_dir=work)
-    return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work}
+    reference = score_reference.fn(tokenized, quantized, r.quantization, 16, work_dir=work) \
+        if r.preference.needs_reference else None
+    return {"recipe": r, "model": model, "tokenized": tokenized, "quantized": quantized, "lora": lora, "work": work,
+            "reference": reference}
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -46,7 +46,8 @@ def prepared(tmp_path_factory):
 def _train(p, work_dir, launch=None, **overrides):
     r = p["recipe"]
     return train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization,
-                    r.train.model_copy(update=overrides), launch=launch, work_dir=str(work_dir))
+                    r.train.model_copy(update=overrides), launch=launch, work_dir=str(work_dir),
+                    preference=r.preference if r.preference.enabled else None, reference=p.get("reference"))
 
 
 def _losses(result) -> list[float]:
@@ -109,6 +110,33 @@ def prepared_llama(tmp_path_factory):
                   "gradient_accumulation_steps": 2, "logging_steps": 1, "save_steps": 2, "eval_steps": 4},
         "merge": {"enabled": False}})
     return stages_before_training(r, str(root / "work"))
+
+
+@pytest.fixture(scope="module")
+def prepared_pairs(tmp_path_factory, prepared_llama):
+    """The same Llama on preference pairs (DPO, its reference scored by the reference stage)."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("pairs")
+    pd.DataFrame({"prompt": [f"what is {a} plus {b}?" for a in range(12) for b in range(8)],
+                  "chosen": [f"{a + b}." for a in range(12) for b in range(8)],
+                  "rejected": [f"{a + b + 1}." for a in range(12) for b in range(8)]}).to_json(
+        root / "pairs.jsonl", orient="records", lines=True)
+    raw = prepared_llama["recipe"].with_secrets()
+    raw.update(name="pairs-test", data={"path": str(root / "pairs.jsonl")}, prompt={},
+               preference={"loss": "dpo", "beta": 0.5})
+    return stages_before_training(recipe_from_dict(raw), str(root / "work"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_trains_alike_on_two_processes(prepared_pairs, tmp_path, strategy):
+    """The preference loss under torchrun: per-pair shares of each step summed over the ranks."""
+    one = _train(prepared_pairs, tmp_path / "one")
+    two = _train(prepared_pairs, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
+    assert two.distributed == strategy and two.train_tokens == one.train_tokens
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    _close(_adapter(two), _adapter(one))
 
 
 @pytest.mark.slow
