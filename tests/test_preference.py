@@ -12,6 +12,7 @@ import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -470,3 +471,32 @@ def test_a_chain_runs_sft_then_dpo_from_its_registered_merged_model(project, tin
     log = done.stdout + done.stderr
     assert log.count("for flow 'qlora-chain'") == 1 and log.count("for flow 'qlora-finetune'") == 2, log[-3000:]
     assert log.index("Beginning subflow run") > log.index("for flow 'qlora-chain'")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ipo", "orpo", "simpo", "kto"])
+def test_every_loss_runs_the_pipeline(project, tiny_llama, loss):
+    """Each loss through `qlora run` (tiny Llama, 4-bit): the reference stage only where the loss has a
+    reference, the loss's own figures logged for the base, the adapter and the merged model."""
+    from conftest import write_recipe
+
+    rows = ([{"prompt": f"film {i}?", "completion": f"a {'fine' if i % 2 else 'dull'} film, number {i}",
+              "label": bool(i % 2)} for i in range(60)] if loss == "kto" else _pairs(60))
+    write_recipe(project / "r.yaml", {
+        "name": f"pref-{loss}", "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+        "data": {"path": str(_write_jsonl(project / "rows.jsonl", rows))}, "preference": {"loss": loss},
+        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "tokenize": {"max_length": 32},
+        "train": {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "eval_steps": 3},
+        "evaluate": {"generation": {"num_examples": 2, "max_new_tokens": 4}}, "tracking": {"experiment_name": "losses"}})
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "s.json"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((project / "s.json").read_text())
+    assert ("reference" in summary["cached"]) == (loss in ("ipo", "kto"))
+    figures = {"kl", "desirable_reward", "undesirable_reward"} if loss == "kto" else \
+        {"preference_accuracy", "reward_margin", "logp_accuracy"}
+    for variant in ("base_test_metrics", "test_metrics", "merged_test_metrics"):
+        assert figures <= set(summary[variant]), (variant, summary[variant])
+        assert all(np.isfinite(summary[variant][k]) for k in figures | {"loss"})
+    assert summary["train"]["steps"] == 3
