@@ -130,20 +130,12 @@ def prepared_pairs(tmp_path_factory, prepared_llama):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_dpo_trains_alike_on_two_processes(prepared_pairs, tmp_path, strategy):
-    """The preference loss under torchrun: per-pair shares of each step summed over the ranks."""
-    one = _train(prepared_pairs, tmp_path / "one")
-    two = _train(prepared_pairs, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
-    assert two.distributed == strategy and two.train_tokens == one.train_tokens
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
-    _close(_adapter(two), _adapter(one))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_causal_lm_trains_alike_on_two_processes(prepared_llama, tmp_path, strategy):
-    one = _train(prepared_llama, tmp_path / "one")
-    two = _train(prepared_llama, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
+@pytest.mark.parametrize("data", ["prepared_llama", "prepared_pairs"])
+def test_a_causal_lm_trains_alike_on_two_processes(request, tmp_path, strategy, data):
+    """Supervised, and DPO (per-pair shares of each step summed over the ranks)."""
+    prepared = request.getfixturevalue(data)
+    one = _train(prepared, tmp_path / "one")
+    two = _train(prepared, tmp_path / "two", DistributedSection(strategy=strategy, nproc_per_node=2))
     assert two.distributed == strategy and two.train_tokens == one.train_tokens
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     _close(_adapter(two), _adapter(one))
