@@ -70,14 +70,14 @@ def accuracy(logits: np.ndarray, labels) -> float:
 
 
 def completion_scores(model, dataset, batch_size: int, pad_id: int, dev, multiple_of: int = 1,
-                      desc: str | None = None) -> dict[str, np.ndarray]:
+                      desc: str | None = None, chunked: bool = True) -> dict[str, np.ndarray]:
     """Each preference row's summed completion log-probabilities and token counts, in dataset order:
     chosen and rejected (pairs), or the completion and the KL term's completion (KTO's rows). The
     reference stage, validation and evaluation all score rows this way."""
     import torch
 
     from qlora.tasks.batches import collate_pairs, collate_unpaired
-    from qlora.tasks.training.preference import completion_logps
+    from qlora.tasks.training.preference import sequence_logps
 
     paired = "chosen_ids" in dataset.column_names
     names = ("chosen", "rejected") if paired else ("logps", "kl")
@@ -101,8 +101,7 @@ def completion_scores(model, dataset, batch_size: int, pad_id: int, dev, multipl
                          (b["kl_input_ids"], b["kl_attention_mask"], b["kl_labels"])]
             values, counts = [], []
             for ids, mask, labels in parts:
-                logps, tokens = completion_logps(model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
-                                                 labels)
+                logps, tokens = sequence_logps(model, ids, mask, labels, chunked)
                 values.append(logps.double().cpu().numpy())
                 counts.append(tokens.cpu().numpy())
             values, counts = np.concatenate(values), np.concatenate(counts)

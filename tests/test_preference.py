@@ -500,3 +500,23 @@ def test_every_loss_runs_the_pipeline(project, tiny_llama, loss):
         assert figures <= set(summary[variant]), (variant, summary[variant])
         assert all(np.isfinite(summary[variant][k]) for k in figures | {"loss"})
     assert summary["train"]["steps"] == 3
+
+
+def test_chunked_output_layer_equals_the_full_logits(tok, monkeypatch):
+    """The output layer on target positions alone, a few at a time and recomputed in backward: the same
+    loss and gradients as the model's whole logits (what a sharded run and unusual heads take)."""
+    model = _policy(tok)
+    assert preferences._plain_head(model) is not None, "the chunked path is the one the tests above take"
+    monkeypatch.setattr(preferences, "CHUNK", 3)  # several chunks, one cut through a row
+    cfg = PreferenceSection(loss="dpo", beta=0.3)
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    batch = collate_pairs(rows, tok.pad_token_id, torch.device("cpu"),
+                          reference={"chosen": REF_CHOSEN, "rejected": REF_REJECTED})
+    results = []
+    for chunked in (True, False):
+        model.zero_grad()
+        loss, figures = preferences.batch_loss(model, batch, cfg, chunked=chunked)
+        loss.backward()
+        results.append((loss.item(), _lora_grads(model), figures["chosen_logps"]))
+    _assert_close(results[0][:2], results[1][:2])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-5)

@@ -27,6 +27,53 @@ def rows_per_example(cfg: PreferenceSection | None) -> int:
     return 2 if cfg is not None and cfg.paired else 1
 
 
+CHUNK = 1024  # target positions per output-layer chunk: its float32 logits are the largest tensor here
+
+
+def _chunk_logps(head, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _plain_head(model):
+    """(decoder, output layer) where the model's logits are the output layer over the decoder's last
+    hidden states and nothing more (no logit soft-capping or scaling); else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None and decoder is not base else None
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its target tokens and their count. chunked: the output layer
+    runs on the target positions alone (a pair's prompts get no logits), CHUNK positions at a time, each
+    chunk recomputed in backward instead of kept, so the batch's logits never exist whole (the
+    decoder's own forward is called: not for sharded models, whose root owns the output layer)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    parts = _plain_head(model) if chunked else None
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return completion_logps(logits, labels)
+    decoder, head = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    rows = mask.nonzero()[:, 0]
+    picked, ids = hidden[mask], targets[mask]
+    logps = [checkpoint(_chunk_logps, head, picked[i:i + CHUNK], ids[i:i + CHUNK], use_reentrant=False)
+             if torch.is_grad_enabled() else _chunk_logps(head, picked[i:i + CHUNK], ids[i:i + CHUNK])
+             for i in range(0, len(ids), CHUNK)]
+    flat = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(labels.shape[0], dtype=flat.dtype, device=flat.device).index_add(0, rows, flat)
+    return sums, mask.sum(-1)
+
+
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its target tokens (labels not -100, shifted by one) and
     their count. The log-softmax is taken in float32 one row at a time: never a second float32 copy of
@@ -99,18 +146,16 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.T
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
 
 
-def batch_loss(model, batch: dict, cfg: PreferenceSection) -> tuple[torch.Tensor, dict]:
+def batch_loss(model, batch: dict, cfg: PreferenceSection, chunked: bool = True) -> tuple[torch.Tensor, dict]:
     """The mean loss of one micro-batch (what backward runs on) and its per-example figures (detached:
-    rewards, log-probabilities, token counts) for metrics."""
+    rewards, log-probabilities, token counts) for metrics. chunked: see sequence_logps."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, tokens = completion_logps(logits, batch["labels"])
+    logps, tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunked)
     if cfg.loss == "kto":
         with torch.no_grad():
-            kl_logits = model(input_ids=batch["kl_input_ids"], attention_mask=batch["kl_attention_mask"],
-                              use_cache=False).logits
-            kl_logps, _ = completion_logps(kl_logits, batch["kl_labels"])
+            kl_logps, _ = sequence_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"],
+                                         chunked)
         kl = kto_kl(kl_logps, batch["ref_kl"])
         losses, rewards = kto_losses(cfg, logps, batch["ref_logps"], batch["desirable"], kl)
         return losses.mean(), {"rewards": rewards, "logps": logps.detach(), "desirable": batch["desirable"], "kl": kl}

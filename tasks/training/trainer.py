@@ -305,7 +305,7 @@ class TrainingRun:
         """A micro-batch's loss: the model's own (supervised), or the preference loss."""
         if self.preference is None:
             return model(**batch).loss
-        return preferences.batch_loss(model, batch, self.preference)[0]
+        return preferences.batch_loss(model, batch, self.preference, chunked=not self.sharded)[0]
 
     def reference_of(self, split: str, rows: list[int]) -> dict | None:
         """The reference's log-probabilities of these rows, as the collators take them."""
@@ -331,7 +331,8 @@ class TrainingRun:
     def validate(self) -> dict:
         size = self.cfg.per_device_eval_batch_size
         if self.preference is not None:
-            scores = completion_scores(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of)
+            scores = completion_scores(self.model, self.val_ds, size, self.pad_id, self.dev, self.multiple_of,
+                                       chunked=not self.sharded)
             figures = preferences.preference_metrics(self.preference, scores,
                                                      self.reference["validation"] if self.reference else None)
             return {"eval_loss": figures["loss"], **{f"eval_{k}": figures[k] for k in
