@@ -287,7 +287,7 @@ def _summary(result: dict) -> str:
     m = result["test_metrics"]
     lines = ["", "== qlora run complete =="]
     shown = ("accuracy", "f1_macro", "loss", "perplexity", "preference_accuracy", "reward_margin", "logp_accuracy",
-             "rouge1", "rougeL")
+             "rouge1", "rougeL", "judge_rate", "judge_win_rate")
     if "base_test_metrics" in result:
         b = result["base_test_metrics"]
         lines.append("before training: " + ", ".join(f"{k}={b[k]:.4f}" for k in shown if k in b))
