@@ -259,6 +259,7 @@ def validate(recipe: Recipe) -> dict:
     data = check_data(recipe.data, _data_columns(recipe))
     info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
+    from qlora.tasks.training.preference import rows_per_example
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
     strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"
@@ -270,7 +271,8 @@ def validate(recipe: Recipe) -> dict:
         info.update(target_modules=lora.target_modules, trainable_params=lora.trainable_params)
         plan = check_memory_budget(model.path, recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
-                                   with_estimate=True, dropout=recipe.lora.drops_inputs)
+                                   with_estimate=True, dropout=recipe.lora.drops_inputs,
+                                   sequences=rows_per_example(recipe.preference if recipe.preference.enabled else None))
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
         info["memory_plan"] = plan  # per GPU (per process)
