@@ -62,8 +62,8 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     labels = loaded.label_names
     splits = run(split, loaded, r.split, r.data.sample)
     preference = r.preference if r.preference.enabled else None
-    tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None, preference,
-                    asset="tokenized", upstream=("dataset",))
+    tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None,
+                    preference.data_view() if preference else None, asset="tokenized", upstream=("dataset",))
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model.path, r.train, r.quantization, lora, r.tokenize.max_length, causal,
                         r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs,

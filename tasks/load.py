@@ -162,7 +162,7 @@ def load_arguments(recipe: Recipe) -> dict:
     causal, pref = recipe.model.task == "causal-lm", recipe.preference
     return {"data": recipe.data, "labels": recipe.model.labels,
             "prompt_columns": recipe.prompt.columns if causal and not pref.enabled else None,
-            "preference": pref if pref.enabled else None, "prompt": recipe.prompt if pref.enabled else None}
+            "preference": pref.data_view() if pref.enabled else None, "prompt": recipe.prompt if pref.enabled else None}
 
 
 def read_and_clean(data: DataSection, labels: list[str] | None, prompt_columns: list[str] | None = None,

@@ -246,9 +246,19 @@ class PreferenceSection(Section):
     """dpo, ipo, orpo, simpo on unpaired rows (prompt, completion, label, as KTO's): each prompt's desirable
     and undesirable completions are paired up in a seeded random order; the rest are dropped and counted."""
 
+    LOSS_SETTINGS: ClassVar[tuple[str, ...]] = ("beta", "label_smoothing", "gamma", "desirable_weight",
+                                                "undesirable_weight")
+
     @property
     def enabled(self) -> bool:
         return self.loss is not None
+
+    def data_view(self) -> "PreferenceSection":
+        """What shapes the rows, for the data stages (load, tokenize) and so the reference stage: the loss's
+        settings at their defaults and any paired loss as dpo, so a sweep over beta, or from DPO to IPO,
+        reuses the data and the reference's scores."""
+        defaults = {k: type(self).model_fields[k].default for k in self.LOSS_SETTINGS}
+        return self.model_copy(update={**defaults, "loss": "kto" if self.loss == "kto" else "dpo"})
 
     @property
     def paired(self) -> bool:

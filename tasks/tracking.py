@@ -316,13 +316,16 @@ def start_run(recipe: Recipe, recipe_key: str, uri: str, flow_run_id: str | None
         previous = unfinished[0]["tags"].get("prefect.flow_run_id")
         if previous and previous != flow_run_id:
             mark_flow_run_crashed(previous, f"its process ended without finishing; resumed by flow run {flow_run_id}")
-    else:
-        # Named per configuration: runs of one recipe with other settings or data are told apart.
-        run_id = create_run(uri, found["experiment_id"], run_name(recipe.name, recipe_key), {RECIPE_KEY_TAG: recipe_key})
-    from mlflow.entities import RunTag
+        from mlflow.entities import RunTag
 
-    # Written before the run goes on: another run of this recipe decides by these tags whether it is taken.
-    mlflow_client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        # Written before the run goes on: another run of this recipe decides by these tags whether it is taken.
+        mlflow_client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    else:
+        # Named per configuration: runs of one recipe with other settings or data are told apart. Created
+        # with its owner's tags in one write: a run of the same recipe starting at that moment never
+        # sees it unowned (and takes it over) between its creation and a second write.
+        run_id = create_run(uri, found["experiment_id"], run_name(recipe.name, recipe_key),
+                            {RECIPE_KEY_TAG: recipe_key, **{k: str(v) for k, v in tags.items()}})
     return found["experiment_id"], run_id, bool(unfinished)
 
 

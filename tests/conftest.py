@@ -121,8 +121,8 @@ def stages_before_training(r, work: str) -> dict:
     preference = r.preference if r.preference.enabled else None
     loaded = load.fn(describe_source(r.data), **load_arguments(r), work_dir=work)
     splits = split.fn(loaded, r.split, r.data.sample, work_dir=work)
-    tokenized = tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None, preference,
-                            work_dir=work)
+    tokenized = tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None,
+                            preference.data_view() if preference else None, work_dir=work)
     quantized = quantize.fn(model, r.quantization, loaded.label_names, r.train.seed, r.model.task, work_dir=work)
     lora = plan_lora.fn(model, r.lora, loaded.label_names, r.model.task, work_dir=work)
     reference = score_reference.fn(tokenized, quantized, r.quantization, 16, work_dir=work) \
