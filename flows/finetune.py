@@ -35,7 +35,6 @@ from qlora.tasks.tokenize import tokenize
 from qlora.tasks.train import train
 from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.training.plan import check_memory_budget
-from qlora.tasks.training.preference import rows_per_example
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,7 +66,7 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model.path, r.train, r.quantization, lora, r.tokenize.max_length, causal,
                         r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs,
-                        sequences=rows_per_example(preference))
+                        preference=preference)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds). Not earlier: a failing recipe leaves no store.
     uri = tracking.tracking_uri_of(r)

@@ -158,7 +158,7 @@ def preflight(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     from qlora.tasks.upstream import registered_name
 
     check_work_dir(recipe.work_dir)
-    if registered_name(recipe.model.name_or_path) not in produced:
+    if registered_name(recipe.model.name_or_path, "model.name_or_path") not in produced:
         resolve_model(recipe.model, tracking_uri_of(recipe), recipe.work_dir)
     if not data_already_loaded(recipe):
         check_data(recipe.data, _data_columns(recipe))
@@ -259,7 +259,6 @@ def validate(recipe: Recipe) -> dict:
     data = check_data(recipe.data, _data_columns(recipe))
     info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
-    from qlora.tasks.training.preference import rows_per_example
 
     processes, d = training_processes(recipe.distributed), recipe.distributed
     strategy = "none" if processes == 1 else "fsdp" if d.strategy == "fsdp" else "ddp"
@@ -272,7 +271,7 @@ def validate(recipe: Recipe) -> dict:
         plan = check_memory_budget(model.path, recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
                                    with_estimate=True, dropout=recipe.lora.drops_inputs,
-                                   sequences=rows_per_example(recipe.preference if recipe.preference.enabled else None))
+                                   preference=recipe.preference if recipe.preference.enabled else None)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
         info["memory_plan"] = plan  # per GPU (per process)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from qlora.tasks.promotion import CHAMPION, promote  # noqa: F401 - `qlora promote`
 from qlora.tasks.recipe import RecipeError
+from qlora.tasks.upstream import checkpoint_dirs
 from qlora.tasks.weights import safetensors_files
 
 
@@ -90,16 +91,8 @@ def adapter_config(directory: Path) -> dict:
     return config
 
 
-def checkpoint_of(directory: Path) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) of a downloaded model: an MLflow transformers model keeps
-    them under model/ and components/tokenizer/; a plain checkpoint or adapter holds both."""
-    if (directory / "MLmodel").is_file():
-        return directory / "model", directory / "components" / "tokenizer"
-    return directory, directory
-
-
 def _is_causal(directory: Path) -> bool:
-    directory, _ = checkpoint_of(directory)
+    directory, _ = checkpoint_dirs(directory)
     if (directory / "adapter_config.json").is_file():
         return adapter_config(directory).get("task_type") == "CAUSAL_LM"
     architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
@@ -109,7 +102,7 @@ def _is_causal(directory: Path) -> bool:
 def load_predictor(directory: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    directory, tokenizer = checkpoint_of(directory)
+    directory, tokenizer = checkpoint_dirs(directory)
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -220,7 +213,7 @@ def export(uri: str, source: str, fmt: str, out: Path, quant: str = "f16") -> Pa
     _refuse_to_overwrite(out)
     with tempfile.TemporaryDirectory() as tmp:
         directory = download_model(uri, tmp, run_id, "merged", model)
-        weights, tokenizer = checkpoint_of(directory)
+        weights, tokenizer = checkpoint_dirs(directory)
         if (weights / "adapter_config.json").is_file():
             raise RecipeError(f"{source} is an adapter, not a merged model", "SOURCE",
                               hint="export the merged model (`<recipe>-merged@ALIAS`, or a run made with merge.enabled)")

@@ -149,21 +149,27 @@ def _completion_rows(prompts: list[list[int]], completions: list[list[int]], pad
     return ids, mask, labels
 
 
+def _with_reference(batch: dict, mask, rows: int, reference: dict | None, dev) -> dict:
+    """A preference batch completed: the reference's log-probabilities of its rows (ref_<name>), its
+    non-pad tokens, and its targets (the loss is a mean over rows, or pairs)."""
+    import torch
+
+    for name, values in (reference or {}).items():
+        batch[f"ref_{name}"] = torch.as_tensor(values, dtype=torch.float32).to(dev)
+    batch["real_tokens"] = int(mask.sum())
+    batch["targets"] = rows
+    return batch
+
+
 def collate_pairs(rows: list[dict], pad_id: int, dev, multiple_of: int = 1, reference: dict | None = None) -> dict:
     """Preference pairs as one batch: the chosen rows, then the rejected rows (one forward for both),
     and, for losses with a reference model, its log-probabilities (reference: name -> one float per row,
     for these rows)."""
-    import torch
-
     prompts = [r["prompt_ids"] for r in rows]
     ids, mask, labels = _completion_rows(prompts + prompts, [r["chosen_ids"] for r in rows] +
                                          [r["rejected_ids"] for r in rows], pad_id, multiple_of)
     batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
-    for name, values in (reference or {}).items():
-        batch[f"ref_{name}"] = torch.as_tensor(values, dtype=torch.float32).to(dev)
-    batch["real_tokens"] = int(mask.sum())
-    batch["targets"] = len(rows)  # the loss is a mean over pairs
-    return batch
+    return _with_reference(batch, mask, len(rows), reference, dev)
 
 
 def collate_unpaired(rows: list[dict], pad_id: int, dev, multiple_of: int = 1, reference: dict | None = None) -> dict:
@@ -177,8 +183,4 @@ def collate_unpaired(rows: list[dict], pad_id: int, dev, multiple_of: int = 1, r
     batch = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
              "kl_input_ids": kl_ids.to(dev), "kl_attention_mask": kl_mask.to(dev), "kl_labels": kl_labels.to(dev),
              "desirable": torch.as_tensor([bool(r["label"]) for r in rows]).to(dev)}
-    for name, values in (reference or {}).items():
-        batch[f"ref_{name}"] = torch.as_tensor(values, dtype=torch.float32).to(dev)
-    batch["real_tokens"] = int(mask.sum())
-    batch["targets"] = len(rows)
-    return batch
+    return _with_reference(batch, mask, len(rows), reference, dev)

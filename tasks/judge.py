@@ -68,25 +68,29 @@ def check_judge(cfg: JudgeSection, tracking_uri: str) -> None:
                 except Exception:  # noqa: BLE001 - not at this path: the other layout
                     continue
         raise RecipeError(f"{shorten(location, 80)} holds no model config.json", FIELD)
+    _check_classifier(checkpoint_dirs(_local_directory(location))[0] / "config.json", cfg.label)
+
+
+def _local_directory(location: str) -> Path:
     path = store.resolve_location(location, FIELD)
     if path is None or not path.is_dir():
         raise RecipeError(f"not a model directory: {shorten(location, 120)}", FIELD,
                           hint="a directory with config.json, or models:/NAME@ALIAS")
-    _check_classifier(checkpoint_dirs(path)[0] / "config.json", cfg.label)
+    return path
 
 
 def resolve_judge(cfg: JudgeSection, tracking_uri: str, work_dir: str) -> JudgeModel | None:
-    """The judge as a local directory with its content fingerprint: a registered version downloaded
-    once into <work_dir>/judge/."""
+    """The judge as a local directory with its content fingerprint (a registered version downloaded
+    once into <work_dir>/upstream/), checked to be a classifier with the label."""
     if cfg.model is None:
         return None
-    check_judge(cfg, tracking_uri)
     location = reveal(cfg.model)
     if is_registered(location):
         directory = download_registered(location, tracking_uri, work_dir, FIELD)[0]
     else:
-        directory = store.resolve_location(location, FIELD)
+        directory = _local_directory(location)
     model_dir, tokenizer = checkpoint_dirs(directory)
+    _check_classifier(model_dir / "config.json", cfg.label)
     weights = [p.name for p in safetensors_files(model_dir, FIELD)]
     return JudgeModel(hash=store.hash_value([store.tree_fingerprint(model_dir, ["config.json"] + weights),
                                              store.tree_fingerprint(tokenizer), cfg.label]),

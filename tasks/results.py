@@ -113,12 +113,19 @@ class ReferenceScores(StageResult):
     file_name: str = "reference.safetensors"
     rows: dict[str, int]
 
-    def scores(self, split: str) -> dict:
-        """name -> one value per row of the split, in the tokenized dataset's order (numpy)."""
+    def by_split(self) -> dict[str, dict]:
+        """split -> name -> one value per row of the split, in the tokenized dataset's order (numpy)."""
         from safetensors.numpy import load_file
 
-        prefix = f"{split}."
-        return {k[len(prefix):]: v for k, v in load_file(str(self.file(self.file_name))).items() if k.startswith(prefix)}
+        out: dict[str, dict] = {}
+        for key, values in load_file(str(self.file(self.file_name))).items():
+            split, _, name = key.partition(".")
+            out.setdefault(split, {})[name] = values
+        return out
+
+    def scores(self, split: str) -> dict:
+        """name -> one value per row of the split (see by_split)."""
+        return self.by_split()[split]
 
 
 class LoraPlan(StageResult):

@@ -28,12 +28,9 @@ def _parts(location: str, field: str) -> tuple[str, str, bool]:
     return name, which, "@" in ref
 
 
-def registered_name(location: str) -> str | None:
+def registered_name(location: str, field: str) -> str | None:
     """The registered model's name of a models:/ URI (None for anything else)."""
-    if not is_registered(location):
-        return None
-    ref = reveal(location)[len(REGISTRY_PREFIX):]
-    return ref.partition("@")[0] if "@" in ref else ref.rpartition("/")[0]
+    return _parts(location, field)[0] if is_registered(location) else None
 
 
 def registered_version(location: str, tracking_uri: str, field: str):
@@ -79,7 +76,7 @@ def download_registered(location: str, tracking_uri: str, work_dir: str, field: 
 
 def checkpoint_dirs(directory: Path) -> tuple[Path, Path]:
     """(checkpoint, tokenizer) of a downloaded model: an MLflow transformers model keeps them under
-    model/ and components/tokenizer/; a plain checkpoint holds both."""
+    model/ and components/tokenizer/; a plain checkpoint or adapter holds both."""
     if (directory / "MLmodel").is_file():
         return directory / "model", directory / "components" / "tokenizer"
     return directory, directory

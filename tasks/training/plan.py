@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 import warnings
 
-from qlora.tasks.recipe import DistributedSection, QuantizationSection, RecipeError, TrainSection
+from qlora.tasks.recipe import DistributedSection, PreferenceSection, QuantizationSection, RecipeError, TrainSection
 from qlora.tasks.results import LoraPlan
 from qlora.tasks.training import distributed, fsdp, kernels, loading, memory
 from qlora.tasks.training.distributed import World
+from qlora.tasks.training.preference import rows_per_example
 
 
 def training_processes(launch: DistributedSection) -> int:
@@ -30,16 +31,22 @@ def training_processes(launch: DistributedSection) -> int:
     return processes
 
 
+def fused_loss(liger: bool, preference: PreferenceSection | None) -> bool:
+    """Whether the loss is Liger's fused cross-entropy (no logits kept): the supervised loss where Liger
+    is used; a preference loss scores the completions' log-probabilities itself."""
+    return liger and preference is None
+
+
 def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan,
                         max_length: int | None, causal: bool, trust_remote_code: bool = False,
                         launch: DistributedSection | None = None, with_estimate: bool = False,
-                        dropout: bool = False, sequences: int = 1) -> dict | None:
+                        dropout: bool = False, preference: PreferenceSection | None = None) -> dict | None:
     """train.max_memory_gib checked from the model's config before anything is loaded: a budget too
     small for even micro-batch 1 fails here, with the estimate. The plan itself is made in the stage.
     with_estimate (qlora validate): the plan and its per-GPU estimate even without a budget. The
     world size is resolved only past that point: counting GPUs imports torch, which an unchanged
-    re-run without a budget never needs. sequences: rows per example (2 for preference pairs, which
-    also score their logits without the fused loss)."""
+    re-run without a budget never needs. preference: a preference loss (pairs count two sequences, and
+    no preference loss takes Liger's fused cross-entropy), as the stage plans it."""
     if cfg.max_memory_gib is None and not with_estimate:
         return None
     launch = launch or DistributedSection()
@@ -50,7 +57,8 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
     dev = loading.device()
     with warnings.catch_warnings():  # the stage warns of a kernel the machine lacks; here only the estimate counts
         warnings.simplefilter("ignore")
-        liger = kernels.use_liger(cfg.kernels, config, dev) and sequences == 1  # as the stage decides
+        liger = fused_loss(kernels.use_liger(cfg.kernels, config, dev), preference)  # as the stage decides
+    sequences = rows_per_example(preference)
     world = distributed.World(0, processes)
     strategy = training_strategy(launch.strategy, world, config, cfg, q, lora, max_length, causal, liger, dev,
                                  dropout, sequences=sequences)

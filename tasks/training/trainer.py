@@ -110,8 +110,7 @@ class TrainingRun:
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(self.quantized.original_path))
         self.causal = self.quantized.task == loading.CAUSAL
         self.preference = spec.preference
-        self.reference = {split: spec.reference.scores(split) for split in ("train", "validation")} \
-            if spec.reference is not None else None
+        self.reference = spec.reference.by_split() if spec.reference is not None else None
         self.width = max_length if spec.pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
         lengths = lengths_of(self.train_ds)
@@ -468,7 +467,7 @@ def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = Wo
     fast = choose_fast_paths(cfg, config, run.dev)
     dropout = lora_cfg.drops_inputs
     sequences = preferences.rows_per_example(spec.preference)
-    fused_ce = fast["liger"] and spec.preference is None  # preference losses score the logits themselves
+    fused_ce = plan.fused_loss(fast["liger"], spec.preference)
     run.strategy = plan.training_strategy(spec.strategy, world, config, cfg, q, lora, max_length,
                                           run.causal, fused_ce, run.dev, dropout, sequences=sequences)
     run.cpu_offload = spec.cpu_offload
