@@ -144,11 +144,12 @@ def run_pipeline(args) -> dict:
     from types import SimpleNamespace
     lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
     model = model_for_training(base, resolved, lora_cfg, True, True)
-    fused = fuse_lora_layers(model)
-    compiled = compile_layers(model, None) if use_compile("auto", dev) else 0
+    fused = fuse_lora_layers(model) if not args.no_fuse else 0
+    compiled = compile_layers(model, None) if use_compile("auto", dev) and not args.no_compile else 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(flatten_parameters(params), lr=5e-5)
     model.train()
+    static_gib = torch.cuda.memory_allocated() / 2**30
     pref = PreferenceSection(loss="dpo", beta=0.1)
     multiple_of = width_multiple(bool(compiled))
     times, tokens = [], 0
@@ -171,6 +172,7 @@ def run_pipeline(args) -> dict:
     measured = times[3:]
     return {"tok_s": tokens / sum(measured), "step_s": sum(measured) / len(measured),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reference_tok_s": reference_tok_s,
+            "static_gib": static_gib,
             "warmup_s": round(sum(times[:3]), 1), "fused_lora_layers": fused, "compiled_layers": compiled}
 
 
@@ -182,6 +184,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="pairs per optimizer step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", default="trl,pipeline")
+    parser.add_argument("--no-fuse", action="store_true", help="ours without the fused LoRA layers")
+    parser.add_argument("--no-compile", action="store_true", help="ours without compiled decoder layers")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -192,6 +196,7 @@ def main() -> None:
     for variant in args.only.split(","):
         command = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--prompt", str(args.prompt),
                    "--completion", str(args.completion), "--pairs", str(args.pairs), "--steps", str(args.steps)]
+        command += ["--no-fuse"] * args.no_fuse + ["--no-compile"] * args.no_compile
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
