@@ -1,6 +1,7 @@
 """Recipes run in order as one Prefect flow run, each a subflow (`qlora run sft.yaml dpo.yaml`): a
-later recipe starts from what an earlier one registered (`model.name_or_path:
-models:/NAME-merged@candidate`), resolved when its turn comes. A failed recipe stops the chain."""
+later recipe starts from what an earlier one produced (`model.name_or_path: models:/NAME-adapter@candidate`,
+`models:/NAME-merged@candidate`, or `recipe:sft.yaml`: that recipe's latest finished run), resolved when its
+turn comes. A failed recipe stops the chain."""
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from these.
 from typing import Any
 

@@ -1,5 +1,6 @@
 """The pipeline flow. Its body is the DAG, top to bottom: load -> split -> tokenize -> LoRA plan ->
-quantize -> train -> evaluate -> merge -> evaluate merged -> package, each a cached Prefect task; the
+quantize -> (reference, for preference losses) -> evaluate the base (and the adapter a run continues)
+-> train -> evaluate -> merge -> evaluate merged -> package, each a cached Prefect task; the
 whole run recorded in one MLflow run through a RunRecorder (qlora.tasks.tracking)."""
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from these
 # annotations in the module a deployment loads by path, where string annotations do not resolve.
@@ -26,13 +27,15 @@ from qlora.tasks.model import resolve_model
 from qlora.tasks.package import base_reference, package
 from qlora.tasks.quantize import quantize
 from qlora.tasks.reference import score_reference
-from qlora.tasks.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from qlora.tasks.results import BaseModelFiles, DataSource, Evaluated, Merged, StageResult, Trained, UntrainedBase
+from qlora.tasks.recipe import LoraSection, Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from qlora.tasks.results import (BaseModelFiles, DataSource, Evaluated, Merged, StageResult, StartingAdapter, Trained,
+                                 UntrainedBase)
 from qlora.tasks.split import split
 from qlora.tasks.stage import materializing
 from qlora.tasks.store import dir_size, hash_value
 from qlora.tasks.tokenize import tokenize
 from qlora.tasks.train import train
+from qlora.tasks.upstream import continued_lora
 from qlora.tasks.training.loading import CAUSAL
 from qlora.tasks.training.plan import check_memory_budget
 
@@ -54,6 +57,8 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     check_metrics(r.evaluate, r.model.task)
     model = original = resolve_model(r.model, tracking.tracking_uri_of(r), r.work_dir)
+    start = original.start  # an adapter another run trained: this run continues it
+    lora_cfg = continued_lora(r.lora, start)
     if model.gguf:  # dequantized once into a cached 16-bit model directory
         model = run(convert_gguf, model).as_base()
     source = describe_source(r.data)
@@ -63,9 +68,9 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     preference = r.preference if r.preference.enabled else None
     tokenized = run(tokenize, splits, model.tokenizer, r.tokenize, r.prompt if causal else None,
                     preference.data_view() if preference else None, asset="tokenized", upstream=("dataset",))
-    lora = run(plan_lora, model, r.lora, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
+    lora = run(plan_lora, model, lora_cfg, labels, r.model.task, r.model.trust_remote_code)  # on the meta device
     check_memory_budget(model.path, r.train, r.quantization, lora, r.tokenize.max_length, causal,
-                        r.model.trust_remote_code, r.distributed, dropout=r.lora.drops_inputs,
+                        r.model.trust_remote_code, r.distributed, dropout=lora_cfg.drops_inputs,
                         preference=preference)
     # Every cheap check passed: the tracking store opens (a new sqlite store creates its tables,
     # seconds). Not earlier: a failing recipe leaves no store.
@@ -74,14 +79,14 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
     judge = resolve_judge(r.evaluate.judge, uri, r.work_dir)  # a registered classifier, fetched once
     quantized = run(quantize, model, r.quantization, labels, r.train.seed, r.model.task, r.model.trust_remote_code)
 
-    key = recipe_key(r, source, model)
+    key = recipe_key(r, source, model, start)
     with mlflow_run(r, key, uri, parent_run_id) as record:
         record.inputs(recipe_file, loaded, splits, tokenized, lora, source.uri())
         if original.upstream:  # started from a model another run produced: link the chain
             record.upstream(original.upstream)
         # Preference losses with a reference: the starting model scores every row once (cached).
-        reference = run(score_reference, tokenized, quantized, r.quantization, r.train.per_device_eval_batch_size) \
-            if r.preference.needs_reference else None
+        reference = run(score_reference, tokenized, quantized, r.quantization, r.train.per_device_eval_batch_size,
+                        start) if r.preference.needs_reference else None
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size, preference=preference, reference=reference,
                         judge=judge)
@@ -89,10 +94,15 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
             base_eval = run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
                             label="evaluate-base")
             record.evaluation(base_eval, "base")
+            starting_eval = base_eval
+            if start is not None:  # and of the adapter it continues: the starting model
+                starting_eval = run(evaluate_model, start, **evaluate, label="evaluate-start")
+                record.evaluation(starting_eval, "start")
             if judge is not None:  # the tuned answers are judged against the starting model's
-                evaluate["against"] = base_eval
-        trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r), run_id=record.run_id,
-                      tracking_uri=uri, reference=reference, asset="adapter" if r.lora.enabled else "model",
+                evaluate["against"] = starting_eval
+        trained = run(train, tokenized=tokenized, quantized=quantized, lora=lora, **train_settings(r, lora_cfg),
+                      run_id=record.run_id, tracking_uri=uri, reference=reference, start=start,
+                      asset="adapter" if r.lora.enabled else "model",
                       upstream=("tokenized",))
         record.training(trained)
         evaluated = run(evaluate_model, trained, **evaluate)
@@ -117,9 +127,10 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
         return record.finish(run.lineage, run.seconds, key)
 
 
-def train_settings(r: Recipe) -> dict:
-    """The train stage's inputs that come from the recipe alone."""
-    return dict(lora_cfg=r.lora, q=r.quantization, cfg=r.train, packing=r.tokenize.packing, launch=r.distributed,
+def train_settings(r: Recipe, lora_cfg: Optional[LoraSection] = None) -> dict:
+    """The train stage's inputs that come from the recipe (lora_cfg: the adapter's shape, where the run
+    continues one)."""
+    return dict(lora_cfg=lora_cfg or r.lora, q=r.quantization, cfg=r.train, packing=r.tokenize.packing, launch=r.distributed,
                 max_length=r.tokenize.max_length,
                 pad_to_max_length=r.model.task == CAUSAL and r.tokenize.padding == "max_length",
                 preference=r.preference if r.preference.enabled else None)
@@ -164,11 +175,13 @@ def _recipe(recipe: Recipe | None, recipe_file: str | None, overrides: list[str]
     return recipe_from_dict(apply_overrides(recipe.with_secrets(), overrides), recipe_file)
 
 
-def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles) -> str:
-    """Identity of a pipeline run for MLflow: same recipe, data and model -> same (resumable) run."""
+def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles, start: Optional[StartingAdapter] = None) -> str:
+    """Identity of a pipeline run for MLflow: same recipe, data and model (and adapter it continues) ->
+    same (resumable) run."""
     fields = recipe.with_secrets(exclude={"tracking": True, "work_dir": True, "description": True,
                                           "distributed": True, "train": set(recipe.train.NOT_IN_CACHE_KEY)})
-    return hash_value({"recipe": fields, "data": source.hash, "model": model.hash})
+    return hash_value({"recipe": fields, "data": source.hash, "model": model.hash,
+                       **({"start": start.hash} if start is not None else {})})
 
 
 class StageRunner:
@@ -218,7 +231,8 @@ def model_card(r: Recipe, model: BaseModelFiles, source: DataSource, trained: Tr
                merged_eval: Evaluated | None, registered: str) -> dict:
     """What the model cards say: provenance, test metrics, how to load."""
     return {"recipe": r.name, "method": r.method, "task": r.model.task, "reference": r.model.name_or_path,
-            "base": base_reference(r.model, model), "labels": trained.label_names if r.model.task != CAUSAL else [],
+            # Continuing an adapter, the tuned one fits the base that adapter was trained on.
+            "base": model.start.config["base_model_name_or_path"] if model.start else base_reference(r.model, model), "labels": trained.label_names if r.model.task != CAUSAL else [],
             "data": source.uri(), "data_hash": source.hash, "steps": trained.steps,
             "metrics": evaluated.metrics, "merged_metrics": merged_eval.metrics if merged_eval else None,
             "registered_name": f"{registered}-merged" if merged_eval else f"{registered}-model",

@@ -149,17 +149,17 @@ def _profile_has_api_url() -> bool:
 def preflight(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     """The checks `run` makes before starting the flow: the ones that need no model library, so an
     unchanged re-run stays fast. Model checks happen in the stages, before any MLflow run. produced:
-    registered model names an earlier recipe of a chain will create (a model named so is resolved when
-    the chain reaches this recipe)."""
+    registered model names (and `recipe:` references, tasks.upstream.upstream_name) an earlier recipe of a
+    chain will create: a model named so is resolved when the chain reaches this recipe."""
     from qlora.tasks.data import check_data
     from qlora.tasks.evaluate import check_metrics, check_promotion
     from qlora.tasks.model import resolve_model
     from qlora.tasks.tracking import check_tracking, tracking_uri_of
-    from qlora.tasks.upstream import registered_name
+    from qlora.tasks.upstream import continued_lora, upstream_name
 
     check_work_dir(recipe.work_dir)
-    if registered_name(recipe.model.name_or_path, "model.name_or_path") not in produced:
-        resolve_model(recipe.model, tracking_uri_of(recipe), recipe.work_dir)
+    if upstream_name(recipe.model.name_or_path, "model.name_or_path") not in produced:
+        continued_lora(recipe.lora, resolve_model(recipe.model, tracking_uri_of(recipe), recipe.work_dir).start)
     if not data_already_loaded(recipe):
         check_data(recipe.data, _data_columns(recipe))
         check_rows(recipe)
@@ -255,7 +255,10 @@ def validate(recipe: Recipe) -> dict:
     from qlora.tasks.data import check_data
     from qlora.tasks.tracking import tracking_uri_of
 
+    from qlora.tasks.upstream import continued_lora
+
     model = check_model(recipe.model, recipe.quantization, tracking_uri_of(recipe), recipe.work_dir)
+    lora_cfg = continued_lora(recipe.lora, model.start)  # continuing an adapter: its shape
     data = check_data(recipe.data, _data_columns(recipe))
     info = {"model": model.path or model.gguf, "data": data.files if data else recipe.data.hub}
     from qlora.tasks.training.plan import check_memory_budget, training_processes
@@ -266,11 +269,11 @@ def validate(recipe: Recipe) -> dict:
                            "nodes": d.nnodes, **({"rendezvous": d.rdzv_endpoint} if d.rdzv_endpoint else {})}
     if model.gguf is None and recipe.lora.enabled:  # a GGUF file's architecture is read when converted
         labels = [] if recipe.model.task == "causal-lm" else (recipe.model.labels or ["a", "b"])
-        lora = resolve_lora_targets(model.path, recipe.lora, labels, recipe.model.task, recipe.model.trust_remote_code)
+        lora = resolve_lora_targets(model.path, lora_cfg, labels, recipe.model.task, recipe.model.trust_remote_code)
         info.update(target_modules=lora.target_modules, trainable_params=lora.trainable_params)
         plan = check_memory_budget(model.path, recipe.train, recipe.quantization, lora, recipe.tokenize.max_length,
                                    recipe.model.task == "causal-lm", recipe.model.trust_remote_code, d,
-                                   with_estimate=True, dropout=recipe.lora.drops_inputs,
+                                   with_estimate=True, dropout=lora_cfg.drops_inputs,
                                    preference=recipe.preference if recipe.preference.enabled else None)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
@@ -292,6 +295,9 @@ def _summary(result: dict) -> str:
     if "base_test_metrics" in result:
         b = result["base_test_metrics"]
         lines.append("before training: " + ", ".join(f"{k}={b[k]:.4f}" for k in shown if k in b))
+    if "start_test_metrics" in result:
+        s = result["start_test_metrics"]
+        lines.append("the adapter it continues: " + ", ".join(f"{k}={s[k]:.4f}" for k in shown if k in s))
     lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
     if "merged_test_metrics" in result:
         mm = result["merged_test_metrics"]
@@ -545,12 +551,13 @@ def _run(args) -> int:
                 _abandon(server)
                 raise
             produced: set[str] = set()
-            for recipe in recipes:
+            for recipe, file in zip(recipes, files):
                 _preflight(recipe, server, produced)
                 if len(recipes) > 1:
                     from qlora.flows.chain import registered_names
+                    from qlora.tasks.upstream import recipe_reference
 
-                    produced |= registered_names(recipe)
+                    produced |= registered_names(recipe) | {recipe_reference(file)}
             if server is not None:
                 server.wait()
             starting.close()

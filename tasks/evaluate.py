@@ -16,14 +16,14 @@ from qlora.tasks.inference import completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
 from qlora.tasks.recipe import EvaluateSection, PreferenceSection, QuantizationSection, RecipeError
 from qlora.tasks.judge import judge_scores, win_rate
-from qlora.tasks.results import (Evaluated, JudgeModel, Merged, Quantized, ReferenceScores, Tokenized, Trained,
-                                 UntrainedBase)
+from qlora.tasks.results import (Evaluated, JudgeModel, Merged, Quantized, ReferenceScores, StartingAdapter, Tokenized,
+                                 Trained, UntrainedBase)
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 from qlora.tasks.training.preference import PAIR_METRICS, UNPAIRED_METRICS, preference_metrics
 
 
-Variant = Union[Trained, Merged, UntrainedBase]
+Variant = Union[Trained, Merged, UntrainedBase, StartingAdapter]
 METRICS_DIR = Path(__file__).parent / "metrics"
 # How each bundled metric is called: macro average, and per class where it has one.
 PER_CLASS = {"f1", "precision", "recall"}
@@ -171,7 +171,7 @@ def load_for_eval(variant: Variant, quantized: Quantized, q: QuantizationSection
 
     if isinstance(variant, UntrainedBase):
         return loading.load_base(quantized, label_names, q)
-    if isinstance(variant, Trained) and variant.adapter:
+    if isinstance(variant, StartingAdapter) or isinstance(variant, Trained) and variant.adapter:
         base = loading.load_base(quantized, label_names, q)
         return PeftModel.from_pretrained(base, str(variant.weights_dir))
     return loading.load_model(str(variant.weights_dir), quantized.task, label_names, run_dtype(variant, q))

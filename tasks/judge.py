@@ -17,7 +17,7 @@ from qlora.runtime.secrets import reveal
 from qlora.tasks import store
 from qlora.tasks.recipe import JudgeSection, RecipeError, shorten
 from qlora.tasks.results import JudgeModel
-from qlora.tasks.upstream import checkpoint_dirs, download_registered, is_registered, registered_version
+from qlora.tasks.upstream import checkpoint_dirs, download_upstream, is_registered, registered_version
 from qlora.tasks.weights import safetensors_files
 
 FIELD = "evaluate.judge.model"
@@ -86,7 +86,7 @@ def resolve_judge(cfg: JudgeSection, tracking_uri: str, work_dir: str) -> JudgeM
         return None
     location = reveal(cfg.model)
     if is_registered(location):
-        directory = download_registered(location, tracking_uri, work_dir, FIELD)[0]
+        directory = download_upstream(location, tracking_uri, work_dir, FIELD)[0]
     else:
         directory = _local_directory(location)
     model_dir, tokenizer = checkpoint_dirs(directory)

@@ -9,19 +9,32 @@ from qlora.tasks.quantize import check_quantization
 from qlora.tasks.recipe import ModelSection, QuantizationSection, RecipeError
 from qlora.tasks.results import BaseModelFiles, TokenizerFiles
 from qlora.tasks.training.loading import TOKENIZER_FILES, skeleton
-from qlora.tasks.upstream import checkpoint_dirs, download_registered, is_registered
+from qlora.tasks.upstream import checkpoint_dirs, download_upstream, is_upstream, starting_adapter
 from qlora.tasks.weights import safetensors_files
 
 
 def resolve_model(model: ModelSection, tracking_uri: str | None = None, work_dir: str = ".qlora") -> BaseModelFiles:
-    """Local directory and content fingerprints (weights+config, tokenizer) of the base model; a
-    registered model (models:/NAME@ALIAS) is fetched from the tracking store into work_dir once."""
-    upstream = None
-    if is_registered(model.name_or_path):
+    """Local directory and content fingerprints (weights+config, tokenizer) of the base model. What
+    another run produced (models:/NAME@ALIAS, recipe:PATH) is fetched from the tracking store into
+    work_dir once; an adapter among those is continued on the base it names (`start`)."""
+    upstream = start = None
+    field = "model.name_or_path"
+    if is_upstream(model.name_or_path):
         if tracking_uri is None:
-            raise RecipeError("a registered model needs the tracking store it is registered in", "model.name_or_path")
-        directory, upstream = download_registered(model.name_or_path, tracking_uri, work_dir, "model.name_or_path")
+            raise RecipeError("a model another run produced needs the tracking store it is in", field)
+        directory, upstream = download_upstream(model.name_or_path, tracking_uri, work_dir, field)
         path = checkpoint_dirs(directory)[0]
+        adapter = starting_adapter(path, field)
+        if adapter is not None:
+            base, start = adapter
+            if is_upstream(base):
+                raise RecipeError(f"the adapter it names was trained on {base}, itself another run's model: "
+                                  f"start from that run's merged model instead", field)
+            path = store.resolve_location(base, field)
+            if path is None:
+                from qlora.tasks.hub import download_model
+
+                path = download_model(base, model.revision, field)
     else:
         path = store.resolve_location(model.name_or_path, "model.name_or_path")
     if path is None:
@@ -30,7 +43,7 @@ def resolve_model(model: ModelSection, tracking_uri: str | None = None, work_dir
         path = download_model(model.name_or_path, model.revision, "model.name_or_path")
     if path.is_file():
         check_gguf(path)
-        return BaseModelFiles(hash=store.file_fingerprint(path), gguf=str(path.resolve()))
+        return BaseModelFiles(hash=store.file_fingerprint(path), gguf=str(path.resolve()), upstream=upstream, start=start)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise RecipeError(f"not a model directory (no config.json): {path}", "model.name_or_path")
     weights = [p.name for p in safetensors_files(path, "model.name_or_path")]
@@ -39,7 +52,7 @@ def resolve_model(model: ModelSection, tracking_uri: str | None = None, work_dir
         raise RecipeError(f"no tokenizer files in {path}", "model.name_or_path")
     return BaseModelFiles(hash=store.tree_fingerprint(path, ["config.json"] + weights), path=str(path.resolve()),
                           tokenizer=TokenizerFiles(hash=store.tree_fingerprint(path, tokenizer), path=str(path.resolve())),
-                          upstream=upstream)
+                          upstream=upstream, start=start)
 
 
 def check_gguf(path: Path) -> None:

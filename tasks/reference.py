@@ -6,19 +6,21 @@ loss's settings)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from qlora.tasks.batches import pad_token_id
 from qlora.tasks.inference import completion_scores
 from qlora.tasks.recipe import SPLITS, QuantizationSection
-from qlora.tasks.results import Quantized, ReferenceScores, Tokenized
+from qlora.tasks.results import Quantized, ReferenceScores, StartingAdapter, Tokenized
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 
 
 @stage("reference")
 def score_reference(out: Path, tokenized: Tokenized, quantized: Quantized, q: QuantizationSection,
-                    batch_size: int) -> ReferenceScores:
-    """The quantized base (the model training starts from) scores every row, in evaluation mode."""
+                    batch_size: int, start: Optional[StartingAdapter] = None) -> ReferenceScores:
+    """The model training starts from scores every row, in evaluation mode: the quantized base, with
+    the adapter the run continues (`start`) where it continues one."""
     from datasets import load_from_disk
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer
@@ -27,6 +29,10 @@ def score_reference(out: Path, tokenized: Tokenized, quantized: Quantized, q: Qu
     pad_id = pad_token_id(AutoTokenizer.from_pretrained(quantized.original_path))
     dev = loading.device()
     model = loading.load_base(quantized, [], q)
+    if start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start.path)
     arrays = {}
     for split in SPLITS:
         for name, values in completion_scores(model, data[split], batch_size, pad_id, dev,

@@ -37,6 +37,18 @@ class TokenizerFiles(Keyed):
     path: str
 
 
+class StartingAdapter(Keyed):
+    """A LoRA adapter another run trained, which this run continues (a supervised adapter, then tuned on
+    preferences): the reference is the base with it, and training starts from its weights."""
+    path: str
+    config: dict[str, Any]
+    """Its adapter_config.json."""
+
+    @property
+    def weights_dir(self) -> Path:
+        return Path(self.path)
+
+
 class BaseModelFiles(Keyed):
     """The base model: a model directory (config, weights, tokenizer), or a GGUF file that the
     convert stage turns into one."""
@@ -44,7 +56,9 @@ class BaseModelFiles(Keyed):
     gguf: Optional[str] = None
     tokenizer: Optional[TokenizerFiles] = None
     upstream: Optional[dict[str, str]] = None
-    """A registered model another run produced (models:/...): its URI, name, version and run id."""
+    """A model another run produced (models:/... or recipe:...): its URI, name, version and run id."""
+    start: Optional[StartingAdapter] = None
+    """When what the upstream produced is an adapter: it, on this base (the base it was trained on)."""
 
 
 class JudgeModel(Keyed):

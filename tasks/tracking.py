@@ -637,10 +637,11 @@ class RunRecorder:
     def evaluation(self, evaluated: Evaluated, variant: str) -> None:
         """Metrics, the stage's files (confusion matrix...) and its predictions (for a causal LM: prompt,
         reference and generated text) as an MLflow table; the metrics as a Prefect table artifact too.
-        variant: base (the untrained causal LM), adapter or merged."""
+        variant: base (the untrained causal LM), start (the adapter it continues), adapter or merged."""
         from qlora.tasks import lineage
 
-        prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "adapter": ("test_", "eval"),
+        prefix, artifact_dir = {"base": ("base_test_", "eval_base"), "start": ("start_test_", "eval_start"),
+                                "adapter": ("test_", "eval"),
                                 "merged": ("merged_test_", "eval_merged")}[variant]
         directory = Path(evaluated.dir)
         self._write(log_summary, evaluated.metrics, prefix)
@@ -653,20 +654,24 @@ class RunRecorder:
         self.summary.setdefault("evaluation_dirs", {})[variant] = evaluated.dir
 
     def upstream(self, upstream: dict) -> None:
-        """The run started from a model another run produced (a registered version): its version and run
-        as tags, and a Prefect link to that run's MLflow page (the chain's lineage)."""
+        """The run started from a model another run produced (a registered version, or a recipe's latest
+        finished run): the version and run as tags, and a Prefect link to that run's MLflow page (the
+        chain's lineage) where it is in this run's tracking store."""
+        from mlflow.exceptions import MlflowException
+
         from qlora.tasks import lineage
 
-        self._write(set_tags, {"qlora.upstream_model": upstream["uri"],
-                               "qlora.upstream_model_version": f"{upstream['name']}/{upstream['version']}",
+        named = f"{upstream['name']}/{upstream['version']}" if upstream["version"] else f"recipe {upstream['name']}"
+        self._write(set_tags, {"qlora.upstream_model": upstream["uri"], "qlora.upstream_model_version": named,
                                "qlora.upstream_run_id": upstream["run_id"] or ""})
         self.summary["upstream"] = upstream
         if upstream["run_id"]:
-            from mlflow.tracking import MlflowClient
-
-            experiment = MlflowClient(self.uri).get_run(upstream["run_id"]).info.experiment_id
+            try:
+                experiment = mlflow_client(self.uri).get_run(upstream["run_id"]).info.experiment_id
+            except MlflowException:  # a recipe of another tracking store: the tags say which run
+                return
             lineage.link_or_note(lineage.mlflow_run_url(self.uri, experiment, upstream["run_id"]),
-                                 f"upstream MLflow run {upstream['run_id']} ({upstream['name']} v{upstream['version']})",
+                                 f"upstream MLflow run {upstream['run_id']} ({named})",
                                  f"{self.r.name}-upstream-run", "the run that produced this run's starting model",
                                  self.uri)
 

@@ -16,7 +16,7 @@ from typing import Callable
 from qlora.runtime.secrets import holds_secret
 from qlora.tasks.recipe import (DistributedSection, LoraSection, PreferenceSection, QuantizationSection, RecipeError,
                                 TrainSection)
-from qlora.tasks.results import LoraPlan, Quantized, ReferenceScores, Tokenized, Trained
+from qlora.tasks.results import LoraPlan, Quantized, ReferenceScores, StartingAdapter, Tokenized, Trained
 from qlora.tasks.stage import run_logger, stage
 from qlora.tasks.training import distributed, memory, plan, trainer
 
@@ -27,16 +27,18 @@ def train(out: Path, tokenized: Tokenized, quantized: Quantized, lora: LoraPlan,
           pad_to_max_length: bool = False, run_id: str | None = None, tracking_uri: str | None = None,
           on_checkpoint: Callable[[int], None] | None = None, launch: DistributedSection | None = None,
           preference: PreferenceSection | None = None, reference: ReferenceScores | None = None,
-          *, scratch: Path) -> Trained:
+          start: StartingAdapter | None = None, *, scratch: Path) -> Trained:
     """The train stage. on_checkpoint(step) is called after each periodic checkpoint (tests interrupt
     a run there). launch: how many processes train (the recipe's `distributed` section). Neither is
     part of the cache key: the same recipe on 1, 2 or 8 GPUs builds the same adapter. preference: the
-    preference loss (None: supervised), with the reference stage's scores where the loss has one."""
+    preference loss (None: supervised), with the reference stage's scores where the loss has one.
+    start: an adapter another run trained, which training continues (lora_cfg is its shape)."""
     launch = launch or DistributedSection()
     spec = trainer.TrainingSpec(tokenized=tokenized, quantized=quantized, lora=lora, lora_cfg=lora_cfg, q=q, cfg=cfg,
                                 packing=packing, max_length=max_length, pad_to_max_length=pad_to_max_length,
                                 run_id=run_id, tracking_uri=tracking_uri, strategy=launch.strategy,
-                                cpu_offload=launch.cpu_offload, preference=preference, reference=reference)
+                                cpu_offload=launch.cpu_offload, preference=preference, reference=reference,
+                                start=start)
     processes = plan.training_processes(launch) // launch.nnodes
     if processes * launch.nnodes == 1:
         return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -471,6 +472,70 @@ def test_a_chain_runs_sft_then_dpo_from_its_registered_merged_model(project, tin
     log = done.stdout + done.stderr
     assert log.count("for flow 'qlora-chain'") == 1 and log.count("for flow 'qlora-finetune'") == 2, log[-3000:]
     assert log.index("Beginning subflow run") > log.index("for flow 'qlora-chain'")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("upstream, four_bit", [("recipe:sft.yaml", False), ("models:/sft-adapter@candidate", True)])
+def test_dpo_continues_a_supervised_adapter(project, tiny_llama, capsys, upstream, four_bit):
+    """`model.name_or_path: recipe:sft.yaml` (the supervised recipe's latest finished run) or the adapter it
+    registered: the DPO run continues that adapter, on the base it names, with its shape. The reference is the
+    base with that adapter: so the starting model is its own reference (no margin), and the first
+    step's DPO loss is log 2 (policy == reference). The base without it is not (its margins are not 0).
+    A recipe that never ran, named so, is one line and exit 2; so is a rank the adapter does not have."""
+    import mlflow
+    from conftest import write_recipe
+
+    from qlora.cli import EXIT_USER_ERROR, main
+
+    sft_data = project / "qa.csv"
+    pd.DataFrame({"prompt": [f"film {i}?" for i in range(40)],
+                  "response": [f"a fine film, number {i}" for i in range(40)]}).to_csv(sft_data, index=False)
+    common = {"quantization": {"load_in_4bit": four_bit}, "tokenize": {"max_length": 32},
+              "evaluate": {"generation": {"num_examples": 2, "max_new_tokens": 4}}, "merge": {"enabled": four_bit},
+              "tracking": {"experiment_name": "continue"}}
+    sft = {"name": "sft", "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"}, "data": {"path": str(sft_data)},
+           "prompt": {"template": "Q: {prompt}\nA: "}, "lora": {"r": 4, "lora_dropout": 0.0,
+                                                               "target_modules": ["q_proj", "v_proj"]},
+           "train": {"max_steps": 8, "learning_rate": 0.02, "per_device_train_batch_size": 8}, **common}
+    write_recipe(project / "sft.yaml", sft)
+    write_recipe(project / "never.yaml", {**sft, "name": "never-ran"})
+    dpo = {"name": "dpo", "model": {"name_or_path": upstream, "task": "causal-lm"},
+           "data": {"path": str(_write_jsonl(project / "pairs.jsonl", _pairs()))}, "preference": {"loss": "dpo"},
+           "train": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}, **common}
+    write_recipe(project / "dpo.yaml", dpo)
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "sft.yaml", "dpo.yaml", "--json", "s.json"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sft_run, dpo_run = json.loads((project / "s.json").read_text())
+    assert dpo_run["upstream"]["run_id"] == sft_run["run_id"] and dpo_run["upstream"]["uri"] == upstream
+    start, base = dpo_run["start_test_metrics"], dpo_run["base_test_metrics"]
+    assert start["reward_margin"] == 0 and start["preference_accuracy"] == 0, "the starting model is the reference"
+    # The supervised adapter learned the chosen answers ("a fine film, number i"): the base without it
+    # finds them far less likely, and its rewards against the reference are not 0.
+    assert start["chosen_logps"] > base["chosen_logps"] + 1, (start, base)
+    assert base["reward_margin"] != 0
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    first_loss = client.get_metric_history(dpo_run["run_id"], "train_loss")[0].value
+    assert first_loss == pytest.approx(math.log(2), abs=1e-4), "training starts from the supervised adapter"
+    from safetensors.torch import load_file
+
+    before = load_file(str(Path(sft_run["adapter_dir"], "adapter_model.safetensors")))
+    after = load_file(str(Path(dpo_run["adapter_dir"], "adapter_model.safetensors")))
+    assert before.keys() == after.keys()
+    for name in (k for k in before if "lora_B" in k):  # new adapters start at B = 0; this one at the SFT's
+        assert before[name].abs().max() > 1e-3 and torch.allclose(after[name], before[name], rtol=0.1, atol=1e-3), name
+    saved = json.loads(Path(dpo_run["adapter_dir"], "adapter_config.json").read_text())
+    assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+    assert client.get_run(dpo_run["run_id"]).data.tags["qlora.upstream_run_id"] == sft_run["run_id"]
+    assert "start_test_preference_accuracy" in client.get_run(dpo_run["run_id"]).data.metrics
+
+    for overrides, expected in [(["model.name_or_path=recipe:never.yaml"],
+                                 "model.name_or_path: recipe 'never-ran' (never.yaml) has no finished run"),
+                                (["lora.r=8"], "lora.r: 8 here, but the adapter this recipe continues has 4")]:
+        code = main(["validate", "dpo.yaml"] + [a for o in overrides for a in ("--set", o)])
+        err = capsys.readouterr().err
+        assert code == EXIT_USER_ERROR and expected in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -66,6 +66,22 @@ def draw_adapter_weights(model, seed: int) -> None:
                 p.copy_(drawn)
 
 
+def load_adapter_weights(model, directory) -> None:
+    """The LoRA weights of a saved adapter of the same shape, in place of the new ones (training continues
+    it). Every adapter weight of the model must be in the file: a partial load would train from a mix."""
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, saved)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"the adapter in {directory} lacks {len(missing)} of this model's LoRA weights "
+                           f"(first: {missing[0]})")
+
+
 def model_for_training(base, lora: LoraPlan, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
     """The base with LoRA attached (only the adapters and the head train), or, for full
     fine-tuning, the base itself with every weight trainable.

@@ -29,7 +29,7 @@ from qlora.tasks.batches import (batch_order, collate, collate_lm, collate_pairs
 from qlora.tasks.inference import accuracy, completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import training_state_bytes
 from qlora.tasks.recipe import LoraSection, PreferenceSection, QuantizationSection, RecipeError, TrainSection
-from qlora.tasks.results import LoraPlan, Quantized, ReferenceScores, Tokenized, Trained
+from qlora.tasks.results import LoraPlan, Quantized, ReferenceScores, StartingAdapter, Tokenized, Trained
 from qlora.tasks.tracking import Tracker
 from qlora.tasks.training import checkpoint, distributed, fsdp, kernels, loading, memory, plan
 from qlora.tasks.training import optimizer as optimizers
@@ -37,7 +37,8 @@ from qlora.tasks.training import preference as preferences
 from qlora.tasks.training import step as steps
 from qlora.tasks.training.collection import StepCollection
 from qlora.tasks.training.distributed import World
-from qlora.tasks.training.lora import checkpoint_some_layers, draw_adapter_weights, model_for_training
+from qlora.tasks.training.lora import (checkpoint_some_layers, draw_adapter_weights, load_adapter_weights,
+                                       model_for_training)
 
 # torch is imported where it is used: a cached run never needs it.
 
@@ -65,6 +66,8 @@ class TrainingSpec(BaseModel):
     """Preference tuning (None: supervised): the loss, and the rows are pairs or KTO's rows."""
     reference: Optional[ReferenceScores] = None
     """The reference model's log-probabilities of every row (losses that have a reference)."""
+    start: Optional[StartingAdapter] = None
+    """An adapter another run trained: training starts from its weights, not from new ones."""
 # What the loop logs per step (MLflow metric names).
 TRAINING_METRICS = ["train_loss", "learning_rate", "epoch", "samples_per_s", "tokens_per_s", "grad_norm",
                     "eval_loss", "eval_accuracy", "eval_preference_accuracy", "eval_reward_margin",
@@ -109,7 +112,7 @@ class TrainingRun:
         self.train_ds, self.val_ds = data["train"], data["validation"]
         self.pad_id = pad_token_id(AutoTokenizer.from_pretrained(self.quantized.original_path))
         self.causal = self.quantized.task == loading.CAUSAL
-        self.preference = spec.preference
+        self.preference, self.start = spec.preference, spec.start
         self.reference = spec.reference.by_split() if spec.reference is not None else None
         self.width = max_length if spec.pad_to_max_length else None
         # Units of data: examples, or (packing) rows of several examples each.
@@ -148,7 +151,9 @@ class TrainingRun:
                                    plan["gradient_checkpointing"])
         if plan.get("checkpointed_layers") is not None:  # the budget's plan: only as many as it needs
             checkpoint_some_layers(model, plan["checkpointed_layers"])
-        if self.lora_cfg.enabled:
+        if self.start is not None:
+            load_adapter_weights(model, self.start.weights_dir)
+        elif self.lora_cfg.enabled:
             draw_adapter_weights(model, cfg.seed)
         if cfg.fused_lora and self.lora_cfg.enabled:
             from qlora.tasks.training.fused_lora import fuse_lora_layers
