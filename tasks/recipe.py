@@ -47,7 +47,9 @@ MAX_STEPS = 10**9  # beyond any real run; a bound that keeps step counts in the 
 class ModelSection(Section):
     name_or_path: SecretText
     """A Hub id, a local directory, or `package:NAME/sub/dir` (a directory inside an installed package); or a
-    GGUF file (dequantized once into a cached 16-bit model directory)."""
+    GGUF file (dequantized once into a cached 16-bit model directory); or what another run produced:
+    `models:/NAME@ALIAS` or `models:/NAME/VERSION` (a registered model of this recipe's tracking store), or
+    `recipe:PATH` (that recipe's latest finished run). An adapter among those is continued on its base."""
     task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     """sequence-classification (a task head over the text) or causal-lm (a decoder learning responses to
     prompts)."""
