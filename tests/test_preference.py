@@ -585,3 +585,61 @@ def test_chunked_output_layer_equals_the_full_logits(tok, monkeypatch):
         results.append((loss.item(), _lora_grads(model), figures["chosen_logps"]))
     _assert_close(results[0][:2], results[1][:2])
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-5)
+
+
+# --- resume: a DPO run stopped at a checkpoint ends where an uninterrupted one ends ---------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_interrupted_preference_training_resumes_exactly(tmp_path, tiny_llama, loss):
+    """Stopped after its step-2 checkpoint, the re-run resumes at step 2 (the reference's scores read
+    again from the reference stage, the pairs in the same order) and ends with the uninterrupted run's
+    losses and adapter."""
+    from conftest import stages_before_training
+
+    from qlora.tasks.recipe import recipe_from_dict
+    from qlora.tasks.train import train
+
+    rows = ([{"prompt": f"film {i}?", "completion": f"a {'fine' if i % 2 else 'dull'} film, number {i}",
+              "label": bool(i % 2)} for i in range(60)] if loss == "kto" else _pairs(60))
+    r = recipe_from_dict({
+        "name": f"resume-{loss}", "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+        "data": {"path": str(_write_jsonl(tmp_path / "rows.jsonl", rows))}, "preference": {"loss": loss},
+        "lora": {"r": 4, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}, "tokenize": {"max_length": 32},
+        "train": {"max_steps": 4, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
+                  "save_steps": 2, "eval_steps": 4}})
+    p = stages_before_training(r, str(tmp_path / "work"))
+
+    def run(work, on_checkpoint=None):
+        return train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization, r.train,
+                        on_checkpoint=on_checkpoint, preference=r.preference, reference=p["reference"],
+                        work_dir=str(work))
+
+    def crash(step):
+        if step == 2:
+            raise RuntimeError("killed")
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "resumed", on_checkpoint=crash)
+    resumed = run(tmp_path / "resumed")
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+
+    def history(result):
+        return [json.loads(line) for line in Path(result.dir, result.history).read_text().splitlines()]
+
+    h_straight, h_resumed = history(straight), history(resumed)
+    assert [h["step"] for h in h_resumed] == [h["step"] for h in h_straight]
+    losses = {key: [h[key] for h in h_straight if key in h] for key in ("train_loss", "eval_loss")}
+    assert len(losses["train_loss"]) == 4 and len(losses["eval_loss"]) == 1
+    for x, y in zip(h_straight, h_resumed):
+        for key in losses:
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert losses["train_loss"][0] != losses["train_loss"][-1], "it trained"
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(straight.dir, straight.adapter, "adapter_model.safetensors")))
+    b = load_file(str(Path(resumed.dir, resumed.adapter, "adapter_model.safetensors")))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-3, atol=1e-4)
