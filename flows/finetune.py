@@ -19,6 +19,7 @@ from qlora.tasks.comparison import comparison_table
 from qlora.tasks.convert import convert_gguf
 from qlora.tasks.data import describe_source
 from qlora.tasks.evaluate import check_metrics, evaluate_model
+from qlora.tasks.harness import check_harness
 from qlora.tasks.judge import resolve_judge
 from qlora.tasks.load import load, load_arguments
 from qlora.tasks.lora_plan import plan_lora
@@ -56,6 +57,7 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
 
     # Cheap stages first: a mistake in the data or the LoRA targets fails before any MLflow run exists.
     check_metrics(r.evaluate, r.model.task)
+    harness = check_harness(r.evaluate.harness)  # lm-eval installed, every task known
     model = original = resolve_model(r.model, tracking.tracking_uri_of(r), r.work_dir)
     start = original.start  # an adapter another run trained: this run continues it
     lora_cfg = continued_lora(r.lora, start)
@@ -89,7 +91,7 @@ def finetune(recipe: Optional[Recipe] = None, recipe_file: Optional[str] = None,
                         start) if r.preference.needs_reference else None
         evaluate = dict(quantized=quantized, tokenized=tokenized, q=r.quantization, cfg=r.evaluate,
                         batch_size=r.train.per_device_eval_batch_size, preference=preference, reference=reference,
-                        judge=judge)
+                        judge=judge, harness=harness)
         if causal:  # the same evaluation of the untrained base: before-vs-after numbers
             base_eval = run(evaluate_model, UntrainedBase(hash=f"base-{quantized.hash}"), **evaluate,
                             label="evaluate-base")

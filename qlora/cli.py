@@ -164,6 +164,10 @@ def preflight(recipe: Recipe, produced: set[str] = frozenset()) -> None:
         check_data(recipe.data, _data_columns(recipe))
         check_rows(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
+    if recipe.evaluate.harness.enabled:
+        from qlora.tasks.harness import check_harness
+
+        check_harness(recipe.evaluate.harness)
     check_promotion(recipe)
     check_tracking(tracking_uri_of(recipe))
     if recipe.evaluate.judge.model is not None:
@@ -287,6 +291,19 @@ def _checkpointing(plan: dict) -> str:
     return f"on ({plan['checkpointed_layers']} layers)" if "checkpointed_layers" in plan else "on"
 
 
+def _harness_lines(result: dict) -> list[str]:
+    """evaluate.harness's figures per variant (value ± stderr)."""
+    lines = []
+    for key, label in (("base_test_metrics", "base"), ("start_test_metrics", "start"), ("test_metrics", "adapter"),
+                       ("merged_test_metrics", "merged")):
+        m = result.get(key) or {}
+        figures = [f"{k[len('harness.'):]}={v:.4f}" + (f"±{m[k + '_stderr']:.4f}" if k + "_stderr" in m else "")
+                   for k, v in sorted(m.items()) if k.startswith("harness.") and not k.endswith("_stderr")]
+        if figures:
+            lines.append(f"harness, {label}: " + ", ".join(figures))
+    return lines
+
+
 def _summary(result: dict) -> str:
     m = result["test_metrics"]
     lines = ["", "== qlora run complete =="]
@@ -302,6 +319,7 @@ def _summary(result: dict) -> str:
     if "merged_test_metrics" in result:
         mm = result["merged_test_metrics"]
         lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in shown if k in mm))
+    lines += _harness_lines(result)
     if "comparison" in result:
         import pandas as pd
 

@@ -63,11 +63,13 @@ def comparison_table(evaluations: dict[str, Evaluated], sizes: dict[str, tuple[i
                "size_mb": sizes[variant][0] / 2**20, "deploy_size_mb": sizes[variant][1] / 2**20}
         if causal:
             row.update({k: m.get(k) for k in ("loss", "perplexity", "rougeL", "generation_s_per_example")})
+            row.update({k: v for k, v in m.items() if k.startswith("harness.")})  # evaluate.harness's figures
         else:
             row.update(accuracy=m["accuracy"], f1_macro=m.get("f1_macro"), latency_p50_ms=m["latency_p50_ms"],
                        latency_p95_ms=m["latency_p95_ms"], throughput_per_s=m["examples_per_s"])
         rows.append(row)
-    return pd.DataFrame(rows, columns=CAUSAL_COLUMNS if causal else COLUMNS)
+    harness = sorted({k for row in rows for k in row if k.startswith("harness.")})
+    return pd.DataFrame(rows, columns=(CAUSAL_COLUMNS + harness) if causal else COLUMNS)
 
 
 def comparison_chart(table: pd.DataFrame, path: Path) -> None:

@@ -16,7 +16,7 @@ from qlora.tasks.inference import completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
 from qlora.tasks.recipe import EvaluateSection, PreferenceSection, QuantizationSection, RecipeError
 from qlora.tasks.judge import judge_scores, win_rate
-from qlora.tasks.results import (Evaluated, JudgeModel, Merged, Quantized, ReferenceScores, StartingAdapter, Tokenized,
+from qlora.tasks.results import (Evaluated, HarnessTasks, JudgeModel, Merged, Quantized, ReferenceScores, StartingAdapter, Tokenized,
                                  Trained, UntrainedBase)
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
@@ -309,9 +309,10 @@ def _evaluate_causal(out: Path, model, tok, test, pad_id: int, dev, cfg: Evaluat
 def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized: Quantized, q: QuantizationSection,
                    cfg: EvaluateSection, batch_size: int, preference: PreferenceSection | None = None,
                    reference: ReferenceScores | None = None, judge: JudgeModel | None = None,
-                   against: Evaluated | None = None) -> Evaluated:
+                   against: Evaluated | None = None, harness: HarnessTasks | None = None) -> Evaluated:
     """One variant on the test split. judge: the classifier that judges generated answers; against: the
-    starting model's evaluation, whose judged answers this variant's are compared with."""
+    starting model's evaluation, whose judged answers this variant's are compared with; harness: the
+    lm-evaluation-harness tasks (cfg.harness) run on the same loaded model."""
     import pandas as pd
     import torch
     from datasets import load_from_disk
@@ -327,6 +328,10 @@ def evaluate_model(out: Path, variant: Variant, tokenized: Tokenized, quantized:
             result = _evaluate_causal(out, model, tok, test, pad_token_id(tok), dev, cfg, batch_size, preference,
                                       reference.scores("test") if reference is not None else None, judge, against)
         result["metrics"]["peak_memory_bytes"] = memory.peak
+        if harness is not None:
+            from qlora.tasks.harness import run_harness
+
+            result["metrics"].update(run_harness(model, tok, cfg.harness, out))
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
         return Evaluated(**result, dtype=dtype)
     label_names = tokenized.label_names

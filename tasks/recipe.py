@@ -508,6 +508,29 @@ class JudgeSection(Section):
         return self
 
 
+class HarnessSection(Section):
+    """causal-lm: EleutherAI's lm-evaluation-harness on the model the evaluate stage holds (the 4-bit base
+    with the adapter, the merged model, the base before training). Needs the eval extra (lm-eval)."""
+    tasks: list[str] = []
+    """lm-eval task, group or tag names (e.g. [hellaswag, arc_easy], or tasks defined under include_path).
+    Empty: no harness."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAML files (local tasks over local JSON/CSV files: offline). Paths inside
+    them are as lm-eval reads them: absolute, or relative to the working directory."""
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    """Few-shot examples per question; None: each task's own default."""
+    limit: Optional[int] = Field(None, gt=0)
+    """At most this many examples per task (a quicker, rougher figure); None: all."""
+    batch_size: int = Field(8, gt=0)
+    """Requests per forward pass."""
+    bootstrap_iters: int = Field(1000, ge=0)
+    """Bootstrap resamples for the standard errors of metrics that need them (0: none)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+
 class EvaluateSection(Section):
     metrics: Optional[list[str]] = None
     """Metric modules under tasks/metrics/ by name (accuracy, f1, precision, recall, rouge; f1, precision and
@@ -521,6 +544,8 @@ class EvaluateSection(Section):
     judge: JudgeSection = JudgeSection()
     """causal-lm: a classifier that judges the generated answers (sampled ones when generation.temperature is
     set, else greedy)."""
+    harness: HarnessSection = HarnessSection()
+    """causal-lm: lm-evaluation-harness tasks, logged as harness.<task>.<metric> (and _stderr) per variant."""
 
     def metric_names(self, task: str) -> list[str]:
         if self.metrics is not None:
@@ -699,6 +724,9 @@ class Recipe(Section):
                 raise ValueError("prompt.train_on_prompt: preference losses score the completions only")
         if self.evaluate.judge.model is not None and self.model.task != "causal-lm":
             raise ValueError("evaluate.judge judges generated answers: a causal-lm model's (model.task)")
+        if self.evaluate.harness.enabled and self.model.task != "causal-lm":
+            raise ValueError("evaluate.harness.tasks: lm-evaluation-harness evaluates causal-lm models, and "
+                             f"model.task is {self.model.task}")
         return self
 
     def with_secrets(self, **dump_options) -> dict:

@@ -69,6 +69,11 @@ class JudgeModel(Keyed):
     label: str
 
 
+class HarnessTasks(Keyed):
+    """The lm-evaluation-harness tasks a recipe asks for: their configuration, the local task files'
+    content and lm-eval's version (tasks.harness.check_harness)."""
+
+
 class DataSource(Keyed):
     """The data's identity: local files per split (fingerprinted), or a Hub dataset at a commit."""
     files: Optional[dict[str, list[str]]] = None
