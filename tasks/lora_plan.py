@@ -41,8 +41,13 @@ def resolve_lora_targets(model_path: str, cfg: LoraSection, label_names: list[st
     modules_to_save = sorted(set(trained_heads) | set(cfg.modules_to_save or []))
     _check_rank(base, body, targets, cfg.r)
     total = sum(p.numel() for p in base.parameters())
-    with torch.device("meta"):  # peft builds the LoRA weights where the default device says: no memory
-        peft_model = get_peft_model(base, lora_config(task, targets, modules_to_save, cfg))
+    try:
+        with torch.device("meta"):  # peft builds the LoRA weights where the default device says: no memory
+            peft_model = get_peft_model(base, lora_config(task, targets, modules_to_save, cfg, initialise=False))
+    except ValueError as e:  # a combination peft refuses on this architecture
+        field = "lora.use_dora" if cfg.use_dora and "dora" in str(e).lower() else "lora.target_modules"
+        raise RecipeError(f"peft refuses this lora section on {config.model_type}: {str(e).splitlines()[0]}",
+                          field) from None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     lora_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     return LoraPlan(enabled=True, task=task, target_modules=targets, modules_to_save=modules_to_save,

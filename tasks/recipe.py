@@ -349,6 +349,14 @@ class LoraSection(Section):
     """Rank-stabilized scaling: alpha / sqrt(r)."""
     modules_to_save: Optional[list[str]] = None
     """Extra fully trained modules; the task head is always trained."""
+    init: Literal["default", "gaussian", "loftq", "pissa", "olora"] = "default"
+    """How the adapters start. default: peft's (A Kaiming-uniform, B zero: the adapted model starts as the base);
+    gaussian: A drawn from N(0, 1/r), B zero; loftq (4-bit bases): A and B fitted to the quantization error, so
+    the 4-bit base plus the adapter starts at the 16-bit model (LoftQ: the rank-r SVD of the original weights
+    minus their NF4 dequantization; one pass, the base unchanged); pissa, olora (16-bit bases): A and B from the
+    weights' principal singular vectors (PiSSA) or a QR decomposition (OLoRA), the base holding the residual
+    while training; the saved adapter is converted to an ordinary LoRA of rank 2r on the original base, so the
+    merge, the export and the registry name the original base."""
 
     @field_validator("target_modules")
     @classmethod
@@ -724,6 +732,20 @@ class Recipe(Section):
                 raise ValueError("prompt.train_on_prompt: preference losses score the completions only")
         if self.evaluate.judge.model is not None and self.model.task != "causal-lm":
             raise ValueError("evaluate.judge judges generated answers: a causal-lm model's (model.task)")
+        init = self.lora.init
+        if init == "loftq" and not self.quantization.load_in_4bit:
+            raise ValueError("lora.init: loftq fits the adapter to the 4-bit quantization error of the base, and "
+                             "quantization.load_in_4bit is false (a 16-bit base has none)")
+        if init in ("pissa", "olora") and (self.quantization.load_in_4bit or self.quantization.load_in_8bit):
+            raise ValueError(f"lora.init: {init} replaces the base weights by their residual, which a bitsandbytes "
+                             f"base cannot hold without re-quantizing it (peft refuses PiSSA there; for OLoRA the "
+                             f"merge would no longer be what training saw): use a 16-bit base "
+                             f"(quantization.load_in_4bit: false), or loftq for a 4-bit one")
+        if init in ("loftq", "pissa", "olora") and self.lora.use_dora:
+            raise ValueError(f"lora.init: {init} with lora.use_dora: DoRA's magnitudes are computed from the base "
+                             f"before the adapter is initialised, so they would not match a non-zero start")
+        if init != "default" and not self.lora.enabled:
+            raise ValueError(f"lora.init: {init} initialises adapters, and lora.enabled is false")
         if self.evaluate.harness.enabled and self.model.task != "causal-lm":
             raise ValueError("evaluate.harness.tasks: lm-evaluation-harness evaluates causal-lm models, and "
                              f"model.task is {self.model.task}")

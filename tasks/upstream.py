@@ -183,6 +183,9 @@ def continued_lora(lora: LoraSection, start: StartingAdapter | None) -> LoraSect
     if not lora.enabled:
         raise RecipeError("lora.enabled: false trains every weight, but model.name_or_path names an adapter "
                           "to continue", "lora.enabled")
+    if lora.init != "default":
+        raise RecipeError(f"lora.init: {lora.init} initialises a new adapter, but model.name_or_path names an adapter "
+                          f"to continue (it starts from its weights)", "lora.init")
     adopted = {}
     for field, key in _CONTINUED.items():
         value = start.config.get(key)

@@ -5,18 +5,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qlora.tasks.recipe import RecipeError
+
 if TYPE_CHECKING:
     from qlora.tasks.recipe import LoraSection
     from qlora.tasks.results import LoraPlan
 
 
-def lora_config(task: str, target_modules: list[str], modules_to_save: list[str], cfg: LoraSection):
+# lora.init -> peft's init_lora_weights. loftq starts as default: the adapter is fitted after loading
+# (tasks/training/loftq.py), on the quantized base.
+PEFT_INIT = {"default": True, "gaussian": "gaussian", "loftq": True, "pissa": "pissa", "olora": "olora"}
+# Initialisations that replace the base weights by a residual while training (converted back at save).
+MUTATES_BASE = ("pissa", "olora")
+
+
+def lora_config(task: str, target_modules: list[str], modules_to_save: list[str], cfg: LoraSection,
+                initialise: bool = True):
+    """peft's LoraConfig of the lora section; a combination peft refuses is one line naming the field.
+    initialise=False: peft's default start, for models that are only counted (on the meta device)."""
     from peft import LoraConfig, TaskType
 
     task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS
-    return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(target_modules), bias=cfg.bias, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, modules_to_save=list(modules_to_save))  # a copy: peft extends it in place
+    try:
+        return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(target_modules), bias=cfg.bias, use_dora=cfg.use_dora,
+                          use_rslora=cfg.use_rslora, modules_to_save=list(modules_to_save),  # a copy: peft extends it
+                          init_lora_weights=PEFT_INIT[cfg.init] if initialise else True)
+    except ValueError as e:
+        field = "lora.use_dora" if "dora" in str(e).lower() else "lora.init" if "init" in str(e).lower() else "lora"
+        raise RecipeError(f"peft refuses this lora section: {str(e).splitlines()[0]}", field) from None
 
 
 def keep_4bit_layers_trainable(model) -> None:
@@ -47,9 +64,9 @@ def place_quant_state(module) -> None:
         state = getattr(state, "state2", None)
 
 
-def draw_adapter_weights(model, seed: int) -> None:
-    """Every LoRA A matrix drawn again as peft draws it (Kaiming-uniform; B stays zero), from a CPU
-    generator seeded with the run's seed, in the model's order. peft draws on the weight's own device,
+def draw_adapter_weights(model, seed: int, init: str = "default") -> None:
+    """Every LoRA A matrix drawn again as peft draws it (default: Kaiming-uniform; gaussian: normal with
+    standard deviation 1/r; B stays zero), from a CPU generator seeded with the run's seed, in the model's order. peft draws on the weight's own device,
     and CPU and CUDA generators differ: without this, the adapter would start elsewhere on a CPU, on a
     GPU, or when a sharded run loads the base into CPU memory, and the same recipe on 1 or 8 GPUs
     would not be the same experiment."""
@@ -62,7 +79,10 @@ def draw_adapter_weights(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if ".lora_A." in name and p.requires_grad and p.dim() == 2:
                 drawn = torch.empty(p.shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                if init == "gaussian":  # p is (r, in)
+                    torch.nn.init.normal_(drawn, std=1 / p.shape[0], generator=generator)
+                else:
+                    torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
                 p.copy_(drawn)
 
 

@@ -37,8 +37,8 @@ from qlora.tasks.training import preference as preferences
 from qlora.tasks.training import step as steps
 from qlora.tasks.training.collection import StepCollection
 from qlora.tasks.training.distributed import World
-from qlora.tasks.training.lora import (checkpoint_some_layers, draw_adapter_weights, load_adapter_weights,
-                                       model_for_training)
+from qlora.tasks.training.lora import (MUTATES_BASE, checkpoint_some_layers, draw_adapter_weights,
+                                       load_adapter_weights, model_for_training)
 
 # torch is imported where it is used: a cached run never needs it.
 
@@ -154,7 +154,7 @@ class TrainingRun:
         if self.start is not None:
             load_adapter_weights(model, self.start.weights_dir)
         elif self.lora_cfg.enabled:
-            draw_adapter_weights(model, cfg.seed)
+            self.initialise_adapter(model)
         if cfg.fused_lora and self.lora_cfg.enabled:
             from qlora.tasks.training.fused_lora import fuse_lora_layers
             # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.
@@ -185,6 +185,27 @@ class TrainingRun:
             fast_paths.append(f"ddp:{self.world.size}")
         self.tracker.set_tags({"train.fast_paths": ",".join(fast_paths),
                                **{f"train.memory_plan.{k}": v for k, v in plan.items()}})
+
+    @property
+    def initial_adapter(self) -> Path | None:
+        """Where the adapter as initialised is kept, for an initialisation that replaced the base weights
+        (PiSSA, OLoRA): the saved adapter is converted against it into an ordinary LoRA on the original base."""
+        mutates = self.lora_cfg.enabled and self.start is None and self.lora_cfg.init in MUTATES_BASE
+        return self.scratch / "initial-adapter" if mutates else None
+
+    def initialise_adapter(self, model) -> None:
+        """The adapter's start (lora.init): drawn from the run's seed, fitted to the 4-bit base's
+        quantization error (loftq), or taken from the weights by peft (pissa, olora: kept for the save)."""
+        init = self.lora_cfg.init
+        if init == "loftq":
+            from qlora.tasks.training.loftq import loftq_init
+
+            loftq_init(model, self.quantized.original_path)
+        elif self.initial_adapter is not None:
+            if self.world.main:
+                model.save_pretrained(self.initial_adapter)
+        else:
+            draw_adapter_weights(model, self.cfg.seed, init)
 
     def resume(self, warn: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if any: weights, optimizer, schedule, RNG and
@@ -404,7 +425,12 @@ class TrainingRun:
             return None
         p = self.progress
         artifact = "adapter" if self.lora_cfg.enabled else "model"
-        self.model.save_pretrained(out / artifact, **({"state_dict": weights} if weights is not None else {}))
+        options = {"state_dict": weights} if weights is not None else {}
+        if self.initial_adapter is not None:  # an ordinary LoRA of the original base (rank 2r), not of the residual
+            options["path_initial_model_for_weight_conversion"] = str(self.initial_adapter)
+        self.model.save_pretrained(out / artifact, **options)
+        if self.initial_adapter is not None:
+            keep_trained_modules(self.model, out / artifact)
         loading.copy_tokenizer(self.quantized.original_path, out / artifact)
         shutil.copy2(self.history, out / "history.jsonl")
         history = [json.loads(line) for line in self.history.read_text().splitlines()]
@@ -420,6 +446,20 @@ class TrainingRun:
             "trainable_params": self.lora.trainable_params, "trainable_percent": self.lora.trainable_percent,
             "label_names": self.label_names, "fast_paths": self.fast_paths, "memory_plan": self.plan,
         })
+
+
+def keep_trained_modules(model, directory: Path) -> None:
+    """peft's conversion of a PiSSA/OLoRA adapter writes the LoRA weights only: the fully trained modules
+    (a classifier's head, modules_to_save) are put back beside them from the model's own state."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    file = directory / "adapter_model.safetensors"
+    saved = load_file(str(file))
+    missing = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+               if "lora_" not in k and k not in saved}
+    if missing:
+        save_file({**saved, **missing}, str(file), metadata={"format": "pt"})
 
 
 class Clock:
