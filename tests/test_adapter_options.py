@@ -175,3 +175,18 @@ def test_bad_adapter_options_are_one_line_exit_2(project, capsys, lora, quantiza
     err = capsys.readouterr().err
     assert code == EXIT_USER_ERROR and len(err.strip().splitlines()) == 1 and expected in err, err
     assert set(project.iterdir()) == before
+
+
+def test_dora_steps_aside_from_the_fused_layer_saying_so(tmp_path):
+    """DoRA layers have no fused form: the run says so and takes peft's forward (no fused_lora among its
+    fast paths); with train.require_fast_paths it fails instead, naming the field."""
+    from qlora.tasks.recipe import RecipeError
+
+    p = _prepared(tmp_path, use_dora=True)
+    trained = _train(p, tmp_path / "run")
+    assert not [f for f in trained.fast_paths if f.startswith("fused_lora")], trained.fast_paths
+    r = p["recipe"]
+    strict = r.train.model_copy(update={"require_fast_paths": True})
+    with pytest.raises(RecipeError, match="DoRA layers have no fused form") as e:
+        train.fn(p["tokenized"], p["quantized"], p["lora"], r.lora, r.quantization, strict, work_dir=str(tmp_path / "s"))
+    assert e.value.field == "train.fused_lora"

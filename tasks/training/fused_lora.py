@@ -133,7 +133,7 @@ def _fused_forward(self, x, *args, **kwargs):
 
 def fuse_lora_layers(model, unnest: bool = True) -> int:
     """Route every plain LoRA layer (on a 4-bit or a 16/32-bit linear) through the fused function;
-    returns how many. The adapter's weights, names and saved files are peft's, unchanged. unnest:
+    returns how many (a DoRA layer, a peft variant, keeps peft's forward). The adapter's weights, names and saved files are peft's, unchanged. unnest:
     keep the 4-bit block scales dequantized (unnest_absmax)."""
     import types
 
@@ -146,7 +146,7 @@ def fuse_lora_layers(model, unnest: bool = True) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (bnb.nn.Linear4bit, torch.nn.Linear)) \
-                and not isinstance(module.get_base_layer(), bnb.nn.Linear8bitLt):
+                and not isinstance(module.get_base_layer(), bnb.nn.Linear8bitLt) and not module.lora_variant:
             module.forward = types.MethodType(_fused_forward, module)
             if unnest and isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
                 unnest_absmax(module.get_base_layer())

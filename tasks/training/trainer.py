@@ -155,7 +155,12 @@ class TrainingRun:
             load_adapter_weights(model, self.start.weights_dir)
         elif self.lora_cfg.enabled:
             self.initialise_adapter(model)
-        if cfg.fused_lora and self.lora_cfg.enabled:
+        if cfg.fused_lora and self.lora_cfg.enabled and self.lora_cfg.use_dora:
+            reason = "train.fused_lora: DoRA layers have no fused form; they take peft's forward"
+            if cfg.require_fast_paths:
+                raise RecipeError(reason, "train.fused_lora", hint="set train.fused_lora: false for DoRA")
+            warn(reason)
+        elif cfg.fused_lora and self.lora_cfg.enabled:
             from qlora.tasks.training.fused_lora import fuse_lora_layers
             # Sharded, the 4-bit block scales stay nested: unnested, every GPU would hold all of them in float32.
             fast_paths.append(f"fused_lora:{fuse_lora_layers(model, unnest=not self.sharded)}")
