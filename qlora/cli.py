@@ -428,10 +428,14 @@ def command_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the run summary to this JSON file")
     p = sub.add_parser("validate", help="check a recipe and its inputs without running it (cheap checks first)")
     _recipe_arguments(p)
-    p = sub.add_parser("methods", help="run a recipe as QLoRA, LoRA and full fine-tuning; print them side by side")
+    p = sub.add_parser("methods", help="run a recipe as QLoRA (plain, LoftQ, DoRA), LoRA and full fine-tuning; "
+                                       "print them side by side")
     _recipe_arguments(p)
     p.add_argument("--full-learning-rate", type=float, default=5e-5,
                    help="learning rate of the full fine-tuning run (default 5e-5)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train each method once per seed (train.seed), then report mean and spread "
+                        "(default: the recipe's seed)")
     p = sub.add_parser("sweep", help="run a recipe over a grid of field values, each trial a nested MLflow run")
     _recipe_arguments(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]", required=True,
@@ -633,8 +637,15 @@ def _experiment(args, recipe: Recipe) -> int:
     from qlora.tasks.recipe import parse_override
 
     file = str(Path(args.recipe).resolve())
+    seeds = None
     if args.command == "methods":
         _check_number(args.full_learning_rate, "--full-learning-rate", positive=True)
+        if args.seeds is not None:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",")]
+            except ValueError:
+                raise RecipeError(f"integers separated by commas (e.g. 1,2,3), got '{args.seeds}'", "--seeds") \
+                    from None
     if args.command == "sweep":
         grid = {}
         for text in args.grid:
@@ -651,7 +662,7 @@ def _experiment(args, recipe: Recipe) -> int:
         server.wait()
     with _without_heartbeats() if server else contextlib.nullcontext():
         if args.command == "methods":
-            result = experiments.compare_methods(recipe, file, args.full_learning_rate)
+            result = experiments.compare_methods(recipe, file, args.full_learning_rate, seeds)
         else:
             print(f"sweep: {len(trials)} trials, {args.parallel} at a time")
             result = experiments.sweep_with_workers(max(1, args.parallel))(recipe, grid, file)
@@ -659,6 +670,9 @@ def _experiment(args, recipe: Recipe) -> int:
 
     with pd_options():
         print(pd.DataFrame(result["table"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if "summary" in result:
+            print("\nper method, over its seeds:")
+            print(pd.DataFrame(result["summary"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"MLflow parent run: {result['run_id']} ({result['tracking_uri']})")
     return 0
 

@@ -16,9 +16,27 @@ from qlora.tasks.recipe import RecipeError, recipe_from_dict
 def test_methods_are_one_switch_apart():
     variants = method_recipes(small_recipe(), full_learning_rate=5e-5)
     recipes = {m: recipe_from_dict(v) for m, v in variants.items()}
-    assert {m: r.method for m, r in recipes.items()} == {"qlora": "qlora", "lora": "lora", "full": "full"}
+    assert {m: r.method for m, r in recipes.items()} == {"qlora": "qlora", "qlora+loftq": "qlora", "qlora+dora": "qlora",
+                                                         "lora": "lora", "full": "full"}
     assert recipes["qlora"].lora == recipes["lora"].lora and recipes["qlora"].data == recipes["full"].data
+    assert recipes["qlora+loftq"].lora == recipes["qlora"].lora.model_copy(update={"init": "loftq"})
+    assert recipes["qlora+dora"].lora == recipes["qlora"].lora.model_copy(update={"use_dora": True})
     assert recipes["full"].train.learning_rate == 5e-5 and recipes["lora"].train.learning_rate == 1e-3
+
+
+def test_methods_summary_gives_mean_spread_and_the_gap_to_lora():
+    import pandas as pd
+
+    from qlora.flows.experiments import summarize_methods
+
+    rows = pd.DataFrame([{"method": m, "seed": s, "accuracy": a, "f1_macro": a, "train_runtime_s": 10.0,
+                          "train_peak_memory_mb": 100.0, "trainable_params": 5}
+                         for m, accs in (("qlora", [0.80, 0.82, 0.84]), ("lora", [0.85, 0.85, 0.85]))
+                         for s, a in zip((1, 2, 3), accs)])
+    table = summarize_methods(rows).set_index("method")
+    assert table.loc["qlora", "runs"] == 3 and table.loc["qlora", "accuracy_mean"] == pytest.approx(0.82)
+    assert table.loc["qlora", "accuracy_std"] == pytest.approx(0.02) and table.loc["lora", "accuracy_std"] == 0
+    assert table.loc["qlora", "points_below_lora"] == pytest.approx(3.0)
 
 
 def test_full_finetuning_of_a_4bit_base_is_refused():
@@ -47,6 +65,8 @@ def test_sweep_cli_refuses_bad_grids_before_running(project, capsys):
     assert "lora.r: a sweep field needs a non-empty list" in capsys.readouterr().err
     assert main(["sweep", str(path), "--grid", "lora.lora_alfa=[8,16]"]) == 2
     assert "did you mean 'lora_alpha'" in capsys.readouterr().err
+    assert main(["methods", str(path), "--seeds", "1,two"]) == 2
+    assert "--seeds: integers separated by commas (e.g. 1,2,3), got '1,two'" in capsys.readouterr().err
     assert not (project / ".qlora").exists() and not (project / "mlflow" / "mlflow.db").exists()
 
 
@@ -79,11 +99,17 @@ def test_sweep_and_methods_end_to_end(project):
     table = json.loads(open(client.download_artifacts(parent, "sweep/table.json", str(project))).read())
     assert "lora.r" in table["columns"] and len(table["data"]) == 2
 
-    out = _cli(project, "methods", "r.yaml")
+    out = _cli(project, "methods", "r.yaml", "--seeds", "7")
     parent = out.strip().splitlines()[-1].split()[3]
     client, children = _children(project, parent)
-    methods = {c.data.tags["qlora.method"]: c for c in children}
+    assert len(children) == 5 and {c.data.params["train.seed"] for c in children} == {"7"}
+    assert sorted((c.data.params["lora.init"], c.data.params["lora.use_dora"]) for c in children
+                  if c.data.tags["qlora.method"] == "qlora") == [("default", "False"), ("default", "True"),
+                                                                  ("loftq", "False")]
+    methods = {c.data.tags["qlora.method"]: c for c in children if c.data.params["lora.init"] == "default"
+               and c.data.params["lora.use_dora"] == "False"}
     assert set(methods) == {"qlora", "lora", "full"}
+    assert "per method, over its seeds:" in out and "points_below_lora" in out
     trainable = {m: c.data.metrics["trainable_params"] for m, c in methods.items()}
     assert trainable["qlora"] == trainable["lora"] < trainable["full"] / 10
     for line in ("qlora", "lora", "full"):
