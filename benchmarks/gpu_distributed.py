@@ -98,7 +98,7 @@ def worker(args) -> None:
 
     resolved = LoraPlan.uncounted("causal-lm", sorted({n.split(".")[-1] for n, m in base.named_modules()
                                                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}))
-    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", r=16, lora_alpha=32,
                                lora_dropout=0.0)  # no dropout: the runs draw no masks and compare step by step
     torch.manual_seed(0)
     model = model_for_training(base, resolved, lora_cfg, True, gradient_checkpointing=True)

@@ -142,7 +142,7 @@ def run_pipeline(args) -> dict:
     resolved = LoraPlan.uncounted("causal-lm", sorted({n.split(".")[-1] for n, m in base.named_modules()
                                                        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}))
     from types import SimpleNamespace
-    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", **LORA)
     model = model_for_training(base, resolved, lora_cfg, True, True)
     fused = fuse_lora_layers(model) if not args.no_fuse else 0
     compiled = compile_layers(model, None) if use_compile("auto", dev) and not args.no_compile else 0

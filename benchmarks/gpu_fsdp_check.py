@@ -51,7 +51,7 @@ def main() -> None:
             work / "nf4")
     dist.barrier()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", r=8, lora_alpha=16,
                                lora_dropout=0.0)
     rows = [[{"input_ids": list(range(i, i + 128)), "labels": list(range(i, i + 128))}] for i in range(4)]
     out, reference = {"world_size": world.size}, None

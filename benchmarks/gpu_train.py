@@ -5,7 +5,7 @@ Llama-shaped models with random weights (nothing is downloaded).
     python benchmarks/gpu_train.py --shape llama2-7b [--seq 2048] [--steps 10] [--budget 5.65]
     python benchmarks/gpu_train.py --shape llama2-7b --lengths   # variable-length real examples
     python benchmarks/gpu_train.py --shape llama-33b --only pipeline --budget 24
-    python benchmarks/gpu_train.py --check                        # fast paths vs the plain path
+    python benchmarks/gpu_train.py --check [--lora-variant dora]  # fast paths vs the plain path
     python benchmarks/gpu_train.py --optimizer-step               # the optimizer's share: flat vs per tensor
     python benchmarks/gpu_train.py --log-mlflow gpu_train.json    # record a result file in MLflow
 
@@ -285,7 +285,7 @@ def run_pipeline(args) -> dict:
     resolved = LoraPlan.uncounted("causal-lm", sorted({n.split(".")[-1] for n, m in base.named_modules()
                                                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}))
     from types import SimpleNamespace
-    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, **LORA)
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", **LORA)
     model = model_for_training(base, resolved, lora_cfg, True, plan["gradient_checkpointing"])
     checkpoint_some_layers(model, plan["checkpointed_layers"])
     fused = 0 if args.no_fused or "nofused" in options else fuse_lora_layers(model)
@@ -432,7 +432,7 @@ def gemm_peak() -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - start)
 
 
-def check(trials: int = 3) -> dict:
+def check(trials: int = 3, variant: str = "lora") -> dict:
     """Every fast path against the plain path on a small random Llama: loss and LoRA gradients, fresh
     random inputs each trial, the same adapter weights everywhere (B nonzero, so every gradient is).
     The plain path is the pipeline's model with no fast path: peft's LoRA layers, eager layers, no
@@ -440,7 +440,9 @@ def check(trials: int = 3) -> dict:
     path must stay within 1e-2 of it: relative error |a - b| / |b| over all LoRA gradients together
     (the worst single tensor is printed too). The precision itself is checked against float32
     compute, beside the tutorial recipe's (prepare_model_for_kbit_training: float32 norms,
-    embeddings and residual stream, no autocast): bf16 rounding alone puts either about 1e-2 away."""
+    embeddings and residual stream, no autocast): bf16 rounding alone puts either about 1e-2 away.
+    variant: the adapter checked, lora, dora (lora.use_dora: the fused layer steps aside, the other
+    paths run) or rslora (lora.use_rslora: another scaling through the fused layer)."""
     import torch
     import torch._dynamo
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -459,7 +461,8 @@ def check(trials: int = 3) -> dict:
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     dev = torch.device("cuda")
-    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=16, lora_alpha=32,
+    lora_cfg = SimpleNamespace(enabled=True, bias="none", use_dora=variant == "dora", use_rslora=variant == "rslora",
+                               init="default", r=16, lora_alpha=32,
                                lora_dropout=0.0)
     from qlora.tasks.results import LoraPlan
     resolved = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])
@@ -514,7 +517,7 @@ def check(trials: int = 3) -> dict:
             model.train()
             with torch.no_grad():
                 for n, p in model.named_parameters():
-                    if "lora_" in n:
+                    if "lora_A" in n or "lora_B" in n:  # (DoRA's magnitudes stay as peft computed them)
                         g = torch.Generator().manual_seed(sum(map(ord, n.replace("base_model.model.", ""))))
                         p.copy_(0.02 * torch.randn(p.shape, generator=g))
             if opts is None:
@@ -614,6 +617,8 @@ def main() -> None:
     parser.add_argument("--no-liger", action="store_true")
     parser.add_argument("--no-fused", action="store_true")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--lora-variant", default="lora", choices=["lora", "dora", "rslora"],
+                        help="with --check: the adapter kind every path is checked with")
     parser.add_argument("--optimizer-step", action="store_true", help="the optimizer's share of a step alone")
     parser.add_argument("--log-mlflow", metavar="JSON")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -626,7 +631,7 @@ def main() -> None:
             Path(os.environ["OUT"], "optimizer_step.json").write_text(json.dumps(result))
         return
     if args.check:
-        result, passed = check()
+        result, passed = check(variant=args.lora_variant)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "check.json").write_text(json.dumps(result))
         sys.exit(0 if passed else 1)

@@ -43,7 +43,7 @@ def run_variant(variant: str, path: str, steps: int) -> dict:
                                                 attn_implementation="sdpa")
     import bitsandbytes as bnb
 
-    lora = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=64, lora_alpha=128,
+    lora = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", r=64, lora_alpha=128,
                            lora_dropout=0.05)
     from qlora.tasks.results import LoraPlan
     resolved = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])

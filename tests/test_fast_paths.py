@@ -532,7 +532,7 @@ def test_liger_kernels_leave_the_transformers_module_as_they_found_it(monkeypatc
 # --- Compiled layers ----------------------------------------------------------------------------------
 
 # LoRA r=8 on every linear layer of a Llama, no dropout (so two runs compute the same thing).
-_LORA_R8 = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, r=8, lora_alpha=16,
+_LORA_R8 = SimpleNamespace(enabled=True, bias="none", use_dora=False, use_rslora=False, init="default", r=8, lora_alpha=16,
                            lora_dropout=0.0)
 _ALL_LINEAR = LoraPlan.uncounted("causal-lm", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [])
 
