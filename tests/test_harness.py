@@ -123,6 +123,7 @@ def test_chat_smollm2_with_a_local_harness_task(project):
         return done, json.loads((project / "s.json").read_text())
 
     done, summary = run()
+    print("\n".join(line for line in done.stdout.splitlines() if line.startswith("harness,")))  # shown with -s
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     logged = client.get_run(summary["run_id"]).data.metrics
     for prefix in ("base_test_", "test_", "merged_test_"):
