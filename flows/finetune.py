@@ -177,7 +177,8 @@ def _recipe(recipe: Recipe | None, recipe_file: str | None, overrides: list[str]
     return recipe_from_dict(apply_overrides(recipe.with_secrets(), overrides), recipe_file)
 
 
-def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles, start: Optional[StartingAdapter] = None) -> str:
+def recipe_key(recipe: Recipe, source: DataSource, model: BaseModelFiles,
+               start: Optional[StartingAdapter] = None) -> str:
     """Identity of a pipeline run for MLflow: same recipe, data and model (and adapter it continues) ->
     same (resumable) run."""
     fields = recipe.with_secrets(exclude={"tracking": True, "work_dir": True, "description": True,
@@ -234,7 +235,8 @@ def model_card(r: Recipe, model: BaseModelFiles, source: DataSource, trained: Tr
     """What the model cards say: provenance, test metrics, how to load."""
     return {"recipe": r.name, "method": r.method, "task": r.model.task, "reference": r.model.name_or_path,
             # Continuing an adapter, the tuned one fits the base that adapter was trained on.
-            "base": model.start.config["base_model_name_or_path"] if model.start else base_reference(r.model, model), "labels": trained.label_names if r.model.task != CAUSAL else [],
+            "base": model.start.config["base_model_name_or_path"] if model.start else base_reference(r.model, model),
+            "labels": trained.label_names if r.model.task != CAUSAL else [],
             "data": source.uri(), "data_hash": source.hash, "steps": trained.steps,
             "metrics": evaluated.metrics, "merged_metrics": merged_eval.metrics if merged_eval else None,
             "registered_name": f"{registered}-merged" if merged_eval else f"{registered}-model",

@@ -291,11 +291,15 @@ def _checkpointing(plan: dict) -> str:
     return f"on ({plan['checkpointed_layers']} layers)" if "checkpointed_layers" in plan else "on"
 
 
+# The evaluations a run summary holds: its key, the summary's line label, the variant's short name.
+EVALUATIONS = (("base_test_metrics", "before training", "base"), ("start_test_metrics", "the adapter it continues", "start"),
+               ("test_metrics", "test", "adapter"), ("merged_test_metrics", "merged model test", "merged"))
+
+
 def _harness_lines(result: dict) -> list[str]:
     """evaluate.harness's figures per variant (value ± stderr)."""
     lines = []
-    for key, label in (("base_test_metrics", "base"), ("start_test_metrics", "start"), ("test_metrics", "adapter"),
-                       ("merged_test_metrics", "merged")):
+    for key, _, label in EVALUATIONS:
         m = result.get(key) or {}
         figures = [f"{k[len('harness.'):]}={v:.4f}" + (f"±{m[k + '_stderr']:.4f}" if k + "_stderr" in m else "")
                    for k, v in sorted(m.items()) if k.startswith("harness.") and not k.endswith("_stderr")]
@@ -305,20 +309,13 @@ def _harness_lines(result: dict) -> list[str]:
 
 
 def _summary(result: dict) -> str:
-    m = result["test_metrics"]
     lines = ["", "== qlora run complete =="]
     shown = ("accuracy", "f1_macro", "loss", "perplexity", "preference_accuracy", "reward_margin", "logp_accuracy",
              "rouge1", "rougeL", "judge_rate", "judge_win_rate")
-    if "base_test_metrics" in result:
-        b = result["base_test_metrics"]
-        lines.append("before training: " + ", ".join(f"{k}={b[k]:.4f}" for k in shown if k in b))
-    if "start_test_metrics" in result:
-        s = result["start_test_metrics"]
-        lines.append("the adapter it continues: " + ", ".join(f"{k}={s[k]:.4f}" for k in shown if k in s))
-    lines.append("test: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
-    if "merged_test_metrics" in result:
-        mm = result["merged_test_metrics"]
-        lines.append("merged model test: " + ", ".join(f"{k}={mm[k]:.4f}" for k in shown if k in mm))
+    for key, label, _ in EVALUATIONS:
+        if key in result:
+            figures = result[key]
+            lines.append(f"{label}: " + ", ".join(f"{k}={figures[k]:.4f}" for k in shown if k in figures))
     lines += _harness_lines(result)
     if "comparison" in result:
         import pandas as pd

@@ -16,8 +16,8 @@ from qlora.tasks.inference import completion_scores, lm_loss, predict_logits
 from qlora.tasks.measure import PeakMemory, weights_bytes
 from qlora.tasks.recipe import EvaluateSection, PreferenceSection, QuantizationSection, RecipeError
 from qlora.tasks.judge import judge_scores, win_rate
-from qlora.tasks.results import (Evaluated, HarnessTasks, JudgeModel, Merged, Quantized, ReferenceScores, StartingAdapter, Tokenized,
-                                 Trained, UntrainedBase)
+from qlora.tasks.results import (Evaluated, HarnessTasks, JudgeModel, Merged, Quantized, ReferenceScores,
+                                 StartingAdapter, Tokenized, Trained, UntrainedBase)
 from qlora.tasks.stage import stage
 from qlora.tasks.training import loading
 from qlora.tasks.training.preference import PAIR_METRICS, UNPAIRED_METRICS, preference_metrics

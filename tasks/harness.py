@@ -7,6 +7,7 @@ its `_stderr`, and lm-eval's results JSON beside the stage's other files."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 from pathlib import Path
@@ -30,13 +31,20 @@ def _lm_eval():
 
 
 def _task_manager(cfg: HarnessSection):
-    _, TaskManager = _lm_eval()
     include = None
     if cfg.include_path is not None:
         include = Path(cfg.include_path).expanduser()
         if not include.is_dir():
             raise RecipeError(f"not a directory: {cfg.include_path}", "evaluate.harness.include_path")
         include = str(include.resolve())
+    return _indexed_tasks(include)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_tasks(include: str | None):
+    """lm-eval's TaskManager (it indexes every task YAML it ships, seconds): built once per process and
+    include path, for the preflight and each variant's evaluation alike."""
+    _, TaskManager = _lm_eval()
     return TaskManager(include_path=include)
 
 
@@ -90,9 +98,8 @@ def harness_metrics(results: dict) -> dict[str, float]:
             name, sep, filter_name = key.partition(",")
             if not sep or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            metric = f"harness.{task}.{name}" + (f".{filter_name}" if filter_name != "none" else "")
-            if name.endswith("_stderr"):  # acc_stderr -> harness.task.acc_stderr (beside harness.task.acc)
-                metric = f"harness.{task}.{name[:-len('_stderr')]}" + \
-                         (f".{filter_name}" if filter_name != "none" else "") + "_stderr"
-            metrics[metric] = float(value)
+            # acc_stderr,strict-match -> harness.task.acc.strict-match_stderr, beside harness.task.acc.strict-match
+            measure = name.removesuffix("_stderr")
+            filtered = f".{filter_name}" if filter_name != "none" else ""
+            metrics[f"harness.{task}.{measure}{filtered}{name[len(measure):]}"] = float(value)
     return metrics

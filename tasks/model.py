@@ -17,33 +17,30 @@ def resolve_model(model: ModelSection, tracking_uri: str | None = None, work_dir
     """Local directory and content fingerprints (weights+config, tokenizer) of the base model. What
     another run produced (models:/NAME@ALIAS, recipe:PATH) is fetched from the tracking store into
     work_dir once; an adapter among those is continued on the base it names (`start`)."""
-    upstream = start = None
-    field = "model.name_or_path"
-    if is_upstream(model.name_or_path):
+    upstream = start = path = None
+    field, location = "model.name_or_path", model.name_or_path
+    if is_upstream(location):
         if tracking_uri is None:
             raise RecipeError("a model another run produced needs the tracking store it is in", field)
-        directory, upstream = download_upstream(model.name_or_path, tracking_uri, work_dir, field)
+        directory, upstream = download_upstream(location, tracking_uri, work_dir, field)
         path = checkpoint_dirs(directory)[0]
         adapter = starting_adapter(path, field)
-        if adapter is not None:
-            base, start = adapter
-            if is_upstream(base):
-                raise RecipeError(f"the adapter it names was trained on {base}, itself another run's model: "
+        if adapter is not None:  # the base it was trained on is this run's base, found as any base is
+            location, start = adapter
+            path = None
+            if is_upstream(location):
+                raise RecipeError(f"the adapter it names was trained on {location}, itself another run's model: "
                                   f"start from that run's merged model instead", field)
-            path = store.resolve_location(base, field)
-            if path is None:
-                from qlora.tasks.hub import download_model
-
-                path = download_model(base, model.revision, field)
-    else:
-        path = store.resolve_location(model.name_or_path, "model.name_or_path")
+    if path is None:
+        path = store.resolve_location(location, field)
     if path is None:
         from qlora.tasks.hub import download_model
 
-        path = download_model(model.name_or_path, model.revision, "model.name_or_path")
+        path = download_model(location, model.revision, field)
     if path.is_file():
         check_gguf(path)
-        return BaseModelFiles(hash=store.file_fingerprint(path), gguf=str(path.resolve()), upstream=upstream, start=start)
+        return BaseModelFiles(hash=store.file_fingerprint(path), gguf=str(path.resolve()), upstream=upstream,
+                              start=start)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise RecipeError(f"not a model directory (no config.json): {path}", "model.name_or_path")
     weights = [p.name for p in safetensors_files(path, "model.name_or_path")]

@@ -19,6 +19,7 @@ from qlora.runtime.secrets import reveal
 from qlora.tasks import store
 from qlora.tasks.recipe import LoraSection, RecipeError, shorten
 from qlora.tasks.results import StartingAdapter
+from qlora.tasks.weights import safetensors_files
 
 REGISTRY_PREFIX = "models:/"
 RECIPE_PREFIX = "recipe:"
@@ -55,11 +56,6 @@ def _parts(location: str, field: str) -> tuple[str, str, bool]:
     if not sep or not name or not which:
         raise RecipeError(f"'{shorten(reveal(location), 80)}' is not models:/NAME/VERSION or models:/NAME@ALIAS", field)
     return name, which, "@" in ref
-
-
-def registered_name(location: str, field: str) -> str | None:
-    """The registered model's name of a models:/ URI (None for anything else)."""
-    return _parts(location, field)[0] if is_registered(location) else None
 
 
 def registered_version(location: str, tracking_uri: str, field: str):
@@ -161,17 +157,14 @@ def starting_adapter(directory: Path, field: str) -> tuple[str, StartingAdapter]
         raise RecipeError(f"{config_file}: not a LoRA adapter naming its base (peft_type "
                           f"{config.get('peft_type')!r}, base_model_name_or_path "
                           f"{config.get('base_model_name_or_path')!r})", field)
-    weights = [p.name for p in directory.glob("adapter_model.safetensors")]
-    if not weights:
-        raise RecipeError(f"no adapter_model.safetensors in {directory}", field)
+    weights = [p.name for p in safetensors_files(directory, field, stem="adapter_model")]  # each checked whole
     adapter = StartingAdapter(hash=store.tree_fingerprint(directory, [ADAPTER_CONFIG, *weights]),
                               path=str(directory.resolve()), config=config)
     return config["base_model_name_or_path"], adapter
 
 
-# The adapter's settings that training continues with, as recipe fields.
-_CONTINUED = {"r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "bias": "bias",
-              "use_dora": "use_dora", "use_rslora": "use_rslora", "target_modules": "target_modules"}
+# The adapter's settings that training continues with: recipe fields of the same names as peft's.
+_CONTINUED = ("r", "lora_alpha", "lora_dropout", "bias", "use_dora", "use_rslora", "target_modules")
 
 
 def continued_lora(lora: LoraSection, start: StartingAdapter | None) -> LoraSection:
@@ -187,12 +180,11 @@ def continued_lora(lora: LoraSection, start: StartingAdapter | None) -> LoraSect
         raise RecipeError(f"lora.init: {lora.init} initialises a new adapter, but model.name_or_path names an adapter "
                           f"to continue (it starts from its weights)", "lora.init")
     adopted = {}
-    for field, key in _CONTINUED.items():
-        value = start.config.get(key)
+    for field in _CONTINUED:
+        value = start.config.get(field)
         if value is None:
             continue
-        if field == "target_modules":
-            value = sorted(value) if isinstance(value, list) else value
+        value = sorted(value) if isinstance(value, list) else value
         ours = getattr(lora, field)
         ours = sorted(ours) if isinstance(ours, list) else ours
         if field in lora.model_fields_set and ours != value:

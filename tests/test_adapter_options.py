@@ -27,19 +27,24 @@ def _train(p, work: Path, on_checkpoint=None):
                     on_checkpoint=on_checkpoint, work_dir=str(work))
 
 
-def _val_loss(p, trained) -> float:
-    """The validation loss of the model the evaluate stage loads (plain peft on the stage's base)."""
+def _loss_of(p, model) -> float:
+    """The model's loss on the validation split."""
     from transformers import AutoTokenizer
 
     from qlora.tasks.batches import pad_token_id
-    from qlora.tasks.evaluate import load_for_eval
     from qlora.tasks.inference import predict_logits
     from datasets import load_from_disk
 
-    model = load_for_eval(trained, p["quantized"], p["recipe"].quantization, trained.label_names)
     val = load_from_disk(str(p["tokenized"].dataset_dir))["validation"]
     pad = pad_token_id(AutoTokenizer.from_pretrained(p["quantized"].original_path))
     return predict_logits(model, val, 64, pad, torch.device("cpu"))[1]
+
+
+def _val_loss(p, trained) -> float:
+    """The validation loss of the model the evaluate stage loads (plain peft on the stage's base)."""
+    from qlora.tasks.evaluate import load_for_eval
+
+    return _loss_of(p, load_for_eval(trained, p["quantized"], p["recipe"].quantization, trained.label_names))
 
 
 def _final_eval_loss(trained) -> float:
@@ -142,16 +147,8 @@ def test_adapter_options_resume_exactly_and_merge_to_what_was_trained(tmp_path, 
     from qlora.tasks.training.loading import load_model
 
     adapter_loss = _val_loss(p, straight)
-    model = load_model(str(merged.weights_dir), p["quantized"].task, straight.label_names, torch.float32)
-    from transformers import AutoTokenizer
-
-    from qlora.tasks.batches import pad_token_id
-    from qlora.tasks.inference import predict_logits
-    from datasets import load_from_disk
-
-    val = load_from_disk(str(p["tokenized"].dataset_dir))["validation"]
-    pad = pad_token_id(AutoTokenizer.from_pretrained(p["quantized"].original_path))
-    merged_loss = predict_logits(model, val, 64, pad, torch.device("cpu"))[1]
+    merged_loss = _loss_of(p, load_model(str(merged.weights_dir), p["quantized"].task, straight.label_names,
+                                         torch.float32))
     assert merged_loss == pytest.approx(adapter_loss, abs=2e-3), (merged_loss, adapter_loss)
 
 
