@@ -437,8 +437,11 @@ def check(trials: int = 3, variant: str = "lora") -> dict:
     random inputs each trial, the same adapter weights everywhere (B nonzero, so every gradient is).
     The plain path is the pipeline's model with no fast path: peft's LoRA layers, eager layers, no
     Liger, activations kept on the GPU, the same precision (bf16 autocast, 16-bit base). Each fast
-    path must stay within 1e-2 of it: relative error |a - b| / |b| over all LoRA gradients together
-    (the worst single tensor is printed too). The precision itself is checked against float32
+    path must stay within 1e-2 of it, or within twice the noise floor where that is larger: relative
+    error |a - b| / |b| over all LoRA gradients together (the worst single tensor is printed too). The
+    noise floor is the plain path against itself with the same sum rounded differently; it grows with
+    the adapter's scaling (rsLoRA's alpha / sqrt(r) is four times LoRA's alpha / r at r 16), and so
+    does every path's distance from the plain path, a wrong computation's far more than twice. The precision itself is checked against float32
     compute, beside the tutorial recipe's (prepare_model_for_kbit_training: float32 norms,
     embeddings and residual stream, no autocast): bf16 rounding alone puts either about 1e-2 away.
     variant: the adapter checked, lora, dora (lora.use_dora: the fused layer steps aside, the other
@@ -497,6 +500,7 @@ def check(trials: int = 3, variant: str = "lora") -> dict:
         x = torch.randint(0, 32000, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(100 + trial))
         results = {}
         for name, opts in setups.items():
+            began = time.perf_counter()
             scoped = contextlib.ExitStack()
             base = load_quantized(path, dtype="float32" if name == "float32" else "bfloat16")
             if opts is None:  # float32, and the tutorial's upcast: peft on prepare_model_for_kbit_training
@@ -540,6 +544,8 @@ def check(trials: int = 3, variant: str = "lora") -> dict:
             scoped.close()
             del model, base
             torch.cuda.empty_cache()
+            if trial == 0:
+                print(f"CHECK setup {name}: {time.perf_counter() - began:.1f} s", flush=True)
         _, g32 = results.pop("float32")
         loss_a, ga = results["plain"]
         for name, (loss_b, gb) in results.items():
@@ -548,15 +554,16 @@ def check(trials: int = 3, variant: str = "lora") -> dict:
             w["grads"] = max(w["grads"], _relative(gb, ga))
             w["grads_vs_float32"] = max(w["grads_vs_float32"], _relative(gb, g32))
             w["worst_tensor"] = max([w["worst_tensor"]] + [float((gb[n] - ga[n]).norm() / ga[n].norm()) for n in ga])
+    bound = max(1e-2, 2 * worst[floor]["grads"])
     for name in [*fast_paths, *not_taken]:
         w = worst[name]
-        w["ok"] = w["loss"] < 1e-2 and w["grads"] < 1e-2
+        w["ok"] = w["loss"] < 1e-2 and w["grads"] < bound
         w["taken_by_the_train_stage"] = name in fast_paths
         verdict = ("OK" if w["ok"] else "FAIL") if name in fast_paths else \
             f"{'within' if w['ok'] else 'over'} the bound, not a path the train stage takes"
         print(f"CHECK {name} vs plain path, {trials} fresh inputs: relative error loss {w['loss']:.2e}, "
               f"LoRA gradients {w['grads']:.2e} (worst single tensor {w['worst_tensor']:.2e}) -> "
-              f"{verdict} (bound 1e-2)", flush=True)
+              f"{verdict} (bound {bound:.2e})", flush=True)
     for name in (floor, chunked):
         w = worst[name]
         print(f"CHECK noise floor, {name} vs plain path (no fast path, bf16 rounding alone): relative error loss "
@@ -569,7 +576,7 @@ def check(trials: int = 3, variant: str = "lora") -> dict:
           f"{plain['grads_vs_float32']:.2e}, tutorial recipe (float32 residual stream) "
           f"{tutorial['grads_vs_float32']:.2e}; pipeline vs tutorial {tutorial['grads']:.2e}", flush=True)
     failed = [name for name in fast_paths if not worst[name]["ok"]]
-    print(f"CHECK {'FAILED: ' + '; '.join(failed) if failed else 'every path the train stage takes is within 1e-2'}")
+    print(f"CHECK {'FAILED: ' + '; '.join(failed) if failed else f'every path the train stage takes is within {bound:.2e}'}")
     return worst, not failed
 
 
@@ -619,6 +626,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--lora-variant", default="lora", choices=["lora", "dora", "rslora"],
                         help="with --check: the adapter kind every path is checked with")
+    parser.add_argument("--trials", type=int, default=3, help="with --check: fresh random inputs")
     parser.add_argument("--optimizer-step", action="store_true", help="the optimizer's share of a step alone")
     parser.add_argument("--log-mlflow", metavar="JSON")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -631,7 +639,7 @@ def main() -> None:
             Path(os.environ["OUT"], "optimizer_step.json").write_text(json.dumps(result))
         return
     if args.check:
-        result, passed = check(variant=args.lora_variant)
+        result, passed = check(args.trials, variant=args.lora_variant)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "check.json").write_text(json.dumps(result))
         sys.exit(0 if passed else 1)

@@ -1,34 +1,56 @@
 """split: train, validation and test. Splits the source lacks are carved out of its training rows
-through `datasets` (stratified by class for a classifier), then optionally sampled."""
+(stratified by class for a classifier), then optionally sampled. The carving works on row indices
+and the label column alone, in numpy: O(rows), whatever the width of the rows; the tables
+themselves go from parquet to parquet through Arrow, in the order the source had them."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.tasks.data import quiet_datasets
 from qlora.tasks.recipe import SPLITS, RecipeError, SplitSection
 from qlora.tasks.results import Loaded, Split
 from qlora.tasks.stage import stage
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 
-def _split_off(train: pd.DataFrame, n: int, seed: int, stratify: bool, field: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """n rows of train split off at random (datasets' train_test_split), in the classes' proportions
-    when stratify."""
-    import datasets
+def _class_shares(counts: np.ndarray, n: int) -> np.ndarray:
+    """How many rows of each class go into a split of n rows: each class's share of n, rounded down,
+    the rest given to the largest remainders (ties to the earlier class), never a class's every row."""
+    import numpy as np
 
-    try:
-        with quiet_datasets():
-            table = datasets.Dataset.from_pandas(train, preserve_index=False)
-            if stratify:
-                table = table.cast_column("label", datasets.ClassLabel(num_classes=int(train["label"].max()) + 1))
-            parts = table.train_test_split(test_size=n, seed=seed, stratify_by_column="label" if stratify else None)
-    except ValueError as e:  # e.g. fewer rows split off than there are classes
-        raise RecipeError(f"cannot split {n} of {len(train)} rows off by class: {str(e).splitlines()[0]}", field,
-                          hint="a larger fraction, or split.stratify: false") from None
-    return parts["train"].to_pandas(), parts["test"].to_pandas()
+    exact = counts * n / counts.sum()
+    take = np.minimum(np.floor(exact).astype(np.int64), counts - 1)
+    by_remainder = sorted(range(len(counts)), key=lambda c: (take[c] - exact[c], c))
+    while take.sum() < n:  # reached: n leaves a row of every class behind (checked by the caller)
+        for c in by_remainder:
+            if take.sum() < n and take[c] < counts[c] - 1:
+                take[c] += 1
+    return take
+
+
+def _split_off(rows: np.ndarray, labels: np.ndarray | None, n: int, rng, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """n of rows (indices) split off at random, in the classes' proportions when labels are given.
+    Returns (kept, split off), each in the rows' own order."""
+    import numpy as np
+
+    order = rng.permutation(len(rows))
+    if labels is None:
+        taken = np.zeros(len(rows), dtype=bool)
+        taken[order[:n]] = True
+        return rows[~taken], rows[taken]
+    classes, of_row, counts = np.unique(labels[rows], return_inverse=True, return_counts=True)
+    if n < len(classes) or len(rows) - n < len(classes):
+        raise RecipeError(f"cannot split {n} of {len(rows)} rows off by class: {len(classes)} classes need a row "
+                          f"each on both sides", field, hint="a larger fraction, or split.stratify: false")
+    by_class = order[np.argsort(of_row[order], kind="stable")]  # grouped by class, shuffled within
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(rows)) - starts[of_row[by_class]]  # a row's place within its class
+    taken = np.zeros(len(rows), dtype=bool)
+    taken[by_class[position < _class_shares(counts, n)[of_row[by_class]]]] = True
+    return rows[~taken], rows[taken]
 
 
 def _carved_rows(rows: int, remaining: int, size: float, name: str, field: str) -> int:
@@ -40,54 +62,51 @@ def _carved_rows(rows: int, remaining: int, size: float, name: str, field: str) 
     return n
 
 
-def carve(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> dict[str, pd.DataFrame]:
-    """Every split: the source's own, and those it lacks carved out of its training rows. Also the
-    preflight's check (on the cleaned rows) that the data is large enough for the fractions."""
-    frames = dict(frames)
-    train = frames["train"]
+def carve(rows: int, labels: np.ndarray | None, present: set[str], cfg: SplitSection) -> dict[str, np.ndarray]:
+    """The rows of the source's training split each split takes: train, and each split the source
+    lacks (present: the splits it has), as indices. labels: the training rows' label column, or None."""
+    import numpy as np
+
+    rng = np.random.default_rng(cfg.seed)
+    train, carved = np.arange(rows), {}
+    if labels is not None:
+        counts = np.unique(labels, return_counts=True)[1]
+        if not cfg.stratify or counts.min() < 2:  # a class of one row cannot be on both sides
+            labels = None
     for name, size, field in (("test", cfg.test_size, "split.test_size"),
                               ("validation", cfg.validation_size, "split.validation_size")):
-        if name in frames:
-            continue
-        n = _carved_rows(len(frames["train"]), len(train), size, name, field)
-        stratify = cfg.stratify and "label" in train and train["label"].value_counts().min() >= 2
-        train, frames[name] = _split_off(train, n, cfg.seed, stratify, field)
-    frames["train"] = train
-    return frames
-
-
-# Up to this many training rows the preflight carves the splits for real (a small data set is where
-# a fraction or a stratified split can fail); above it, where a split can only fail by a fraction
-# leaving a side empty, it checks that arithmetic alone instead of splitting the data a second time.
-CARVE_IN_PREFLIGHT_ROWS = 20_000
+        if name not in present:
+            n = _carved_rows(rows, len(train), size, name, field)
+            train, carved[name] = _split_off(train, labels, n, rng, field)
+    return {"train": train, **carved}
 
 
 def check_split(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> None:
-    """The preflight's check that the cleaned rows can be split as the recipe says, with the split
-    stage's own messages."""
-    if len(frames["train"]) <= CARVE_IN_PREFLIGHT_ROWS:
-        carve(frames, cfg)
-        return
-    rows = remaining = len(frames["train"])
-    for name, size, field in (("test", cfg.test_size, "split.test_size"),
-                              ("validation", cfg.validation_size, "split.validation_size")):
-        if name not in frames:
-            remaining -= _carved_rows(rows, remaining, size, name, field)
+    """The preflight's check that the cleaned rows can be split as the recipe says: the split stage's
+    own carving (indices and labels only), with its messages."""
+    train = frames["train"]
+    carve(len(train), train["label"].to_numpy() if "label" in train else None, set(frames), cfg)
 
 
 @stage("split")
 def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> Split:
-    import pandas as pd
+    import numpy as np
+    import pyarrow.parquet as pq
 
-    frames = carve({s: pd.read_parquet(loaded.file(f"{s}.parquet")) for s in loaded.splits}, cfg)
+    tables = {s: pq.read_table(loaded.file(f"{s}.parquet")) for s in loaded.splits}
+    train = tables["train"]
+    labels = train.column("label").to_numpy() if "label" in train.column_names else None
+    for name, rows in carve(train.num_rows, labels, set(tables) - {"train"}, cfg).items():
+        tables[name] = train.take(rows)
+    rng = np.random.default_rng(cfg.seed)
     counts = {}
     for name in SPLITS:
-        df = frames[name]
+        table = tables[name]
         limit = (sample or {}).get(name)
-        if limit and len(df) > limit:
-            df = df.sample(n=limit, random_state=cfg.seed)
-        if df.empty:
+        if limit and table.num_rows > limit:
+            table = table.take(np.sort(rng.choice(table.num_rows, limit, replace=False)))
+        if not table.num_rows:
             raise RecipeError(f"the {name} split is empty", "split")
-        df.reset_index(drop=True).to_parquet(out / f"{name}.parquet", index=False)
-        counts[name] = len(df)
+        pq.write_table(table, out / f"{name}.parquet")
+        counts[name] = table.num_rows
     return Split(rows=counts, label_names=loaded.label_names)

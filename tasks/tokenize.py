@@ -5,16 +5,17 @@ another row's as its KL term). Rows longer than max_length are truncated or drop
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qlora.tasks.pairs import CONVERSATION
 from qlora.tasks.recipe import SPLITS, PreferenceSection, PromptSection, RecipeError, TokenizeSection
 from qlora.tasks.results import Split, Tokenized, TokenizerFiles
 from qlora.tasks.stage import stage
 
-if TYPE_CHECKING:
-    import pandas as pd
+# Rows tokenized together: enough for the tokenizer to use every core, few enough that their ids as
+# Python lists (tens of bytes per token) stay small beside the Arrow table they go into.
+CHUNK_ROWS = 20_000
 
 
 def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
@@ -36,17 +37,17 @@ def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
     return prompt_text, row[prompt.response_column] + (tok.eos_token or "")
 
 
-def _tokenize_causal(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: PromptSection):
+def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: PromptSection):
     """input_ids = prompt + response; labels mask the prompt (unless train_on_prompt). Rows longer
     than max_length are truncated (the response's end) or dropped, per tokenize.truncation; rows
     whose prompt alone fills max_length are always dropped. Both counted."""
     chat = prompt.chat_template
     rows = {"input_ids": [], "labels": [], "prompt_ids": [], "reference": [], "prompt_text": []}
     counts = {"truncated": 0, "dropped_too_long": 0}
-    for row in df.to_dict(orient="records"):
-        prompt_text, response_text = render_prompt(row, prompt, tok)
-        p_ids = tok(prompt_text, add_special_tokens=not chat)["input_ids"]
-        r_ids = tok(response_text, add_special_tokens=False)["input_ids"]
+    texts = [render_prompt(row, prompt, tok) for row in records]
+    prompts = _ids(tok, [p for p, _ in texts], add_special_tokens=not chat)
+    responses = _ids(tok, [r for _, r in texts], add_special_tokens=False)
+    for row, (prompt_text, _), p_ids, r_ids in zip(records, texts, prompts, responses):
         if len(p_ids) >= cfg.max_length or (len(p_ids) + len(r_ids) > cfg.max_length and not cfg.truncation):
             counts["dropped_too_long"] += 1
             continue
@@ -62,23 +63,31 @@ def _tokenize_causal(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: Prompt
     return rows, counts
 
 
-def _tokenize_classification(df: pd.DataFrame, tok, cfg: TokenizeSection):
-    # Tokenize without truncation first, to count what truncation cuts.
-    lengths = [len(ids) for ids in tok(df["text"].tolist(), return_token_type_ids=False, verbose=False)["input_ids"]]
-    too_long = sum(n > cfg.max_length for n in lengths)
-    keep = list(range(len(df)))
+def _ids(tok, texts: list[str], **options) -> list[list[int]]:
+    """Token ids of many texts in one call (a fast tokenizer encodes them on every core)."""
+    return tok(texts, verbose=False, **options)["input_ids"] if texts else []
+
+
+def _tokenize_classification(records: list[dict], tok, cfg: TokenizeSection):
+    """The text's ids and the label. One tokenizer pass: with truncation, only the rows that came out
+    exactly max_length long are tokenized again in full, to count those it cut."""
+    texts = [r["text"] for r in records]
     if cfg.truncation:
-        enc = tok(df["text"].tolist(), return_token_type_ids=False, truncation=True,
-                  max_length=cfg.max_length, padding="max_length" if cfg.padding == "max_length" else False)
+        enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
+                  padding="max_length" if cfg.padding == "max_length" else False)
+        lengths = [sum(m) for m in enc["attention_mask"]] if cfg.padding == "max_length" else \
+            [len(ids) for ids in enc["input_ids"]]
+        full = _ids(tok, [t for t, n in zip(texts, lengths) if n == cfg.max_length], return_token_type_ids=False)
+        keep, counts = range(len(texts)), {"truncated": sum(len(ids) > cfg.max_length for ids in full)}
     else:
-        enc = tok(df["text"].tolist(), return_token_type_ids=False)
+        enc = tok(texts, return_token_type_ids=False, verbose=False)
+        lengths = [len(ids) for ids in enc["input_ids"]]
         keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
-    texts, labels = df["text"].tolist(), df["label"].astype(int).tolist()  # columns fetched once, not per row
-    rows = {"text": [texts[i] for i in keep],
-            "input_ids": [enc["input_ids"][i] for i in keep],
-            "labels": [labels[i] for i in keep],
-            "length": [sum(enc["attention_mask"][i]) for i in keep]}
-    return rows, {"truncated" if cfg.truncation else "dropped_too_long": too_long}
+        counts = {"dropped_too_long": len(texts) - len(keep)}
+    ids = enc["input_ids"]
+    rows = {"text": [texts[i] for i in keep], "input_ids": [ids[i] for i in keep],
+            "labels": [int(records[i]["label"]) for i in keep], "length": [lengths[i] for i in keep]}
+    return rows, counts
 
 
 def _chat(tok, messages: list[dict], system_prompt: str | None, generation_prompt: bool) -> str:
@@ -117,7 +126,8 @@ def _answer_text(value: str, conversation: bool) -> str:
     return "\n".join(m["content"] for m in json.loads(value)) if conversation else value
 
 
-def _tokenize_preference(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: PromptSection, pref: PreferenceSection):
+def _tokenize_preference(records: list[dict], tok, cfg: TokenizeSection, prompt: PromptSection,
+                         pref: PreferenceSection):
     """Prompt ids and completion ids per row. The prompt keeps its end (past preference.max_prompt_length),
     the completions their start (cut to max_length less the prompt); with tokenize.truncation false such
     rows are dropped instead, as are rows whose prompt alone fills max_length. KTO rows also get the next
@@ -128,10 +138,14 @@ def _tokenize_preference(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: Pr
     if not pref.paired:
         rows["label"] = []
     counts = {"truncated": 0, "dropped_too_long": 0}
-    for row in df.to_dict(orient="records"):
-        prompt_text, texts, chat = render_completions(row, [row[n] for n in names], prompt, tok)
-        p_ids = tok(prompt_text, add_special_tokens=not chat)["input_ids"]
-        c_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rendered = [render_completions(row, [row[n] for n in names], prompt, tok) for row in records]
+    plain = [_ids(tok, [p for p, _, chat in rendered if chat == wanted], add_special_tokens=not wanted)
+             for wanted in (False, True)]  # prompts rendered by a chat template carry their own special tokens
+    each = [iter(ids) for ids in plain]
+    prompts = [next(each[chat]) for *_, chat in rendered]
+    completions = list(zip(*[_ids(tok, [texts[k] for _, texts, _ in rendered], add_special_tokens=False)
+                             for k in range(len(names))]))
+    for row, (prompt_text, _, _), p_ids, c_ids in zip(records, rendered, prompts, completions):
         cut = False
         if pref.max_prompt_length and len(p_ids) > pref.max_prompt_length:
             p_ids, cut = p_ids[-pref.max_prompt_length:], True
@@ -161,26 +175,35 @@ def _tokenize_preference(df: pd.DataFrame, tok, cfg: TokenizeSection, prompt: Pr
 def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: TokenizeSection,
              prompt: PromptSection | None = None, preference: PreferenceSection | None = None) -> Tokenized:
     """Classification rows (prompt None), causal-lm prompt/response rows, or preference rows."""
-    import pandas as pd
-    from datasets import Dataset, DatasetDict
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict, concatenate_datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer.path)
     splits, stats = {}, {}
     for name in SPLITS:
-        df = pd.read_parquet(split_result.file(f"{name}.parquet"))
-        if preference is not None:
-            rows, counts = _tokenize_preference(df, tok, cfg, prompt or PromptSection(), preference)
-        elif prompt is None:
-            rows, counts = _tokenize_classification(df, tok, cfg)
-        else:
-            rows, counts = _tokenize_causal(df, tok, cfg, prompt)
-        ds = Dataset.from_dict(rows)
-        if not len(ds):
+        table = pq.read_table(split_result.file(f"{name}.parquet"))
+        parts, counts, tokens = [], Counter(), 0
+        # In chunks: the Python lists of one chunk's ids at a time, the rest already in Arrow. Preference
+        # rows in one (a KTO row's KL term takes the next row's completion, across the whole split).
+        chunk = CHUNK_ROWS if preference is None else max(table.num_rows, 1)
+        for start in range(0, table.num_rows, chunk):
+            records = table.slice(start, chunk).to_pylist()
+            if preference is not None:
+                rows, counted = _tokenize_preference(records, tok, cfg, prompt or PromptSection(), preference)
+            elif prompt is None:
+                rows, counted = _tokenize_classification(records, tok, cfg)
+            else:
+                rows, counted = _tokenize_causal(records, tok, cfg, prompt)
+            counts.update(counted)
+            tokens += sum(rows["length"])
+            if rows["length"]:
+                parts.append(Dataset.from_dict(rows))
+        if not parts:
             raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
                               "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
-        splits[name] = ds
-        stats[name] = {"rows": len(ds), **counts, "tokens": int(sum(rows["length"])),
-                       "mean_length": round(sum(rows["length"]) / len(ds), 1)}
+        ds = splits[name] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        stats[name] = {"rows": len(ds), **{k: counts[k] for k in counted}, "tokens": int(tokens),
+                       "mean_length": round(tokens / len(ds), 1)}
     DatasetDict(splits).save_to_disk(str(out / "dataset"))
     return Tokenized(stats=stats, label_names=split_result.label_names)

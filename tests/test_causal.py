@@ -51,12 +51,12 @@ def test_template_prompt_is_masked(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     prompt = PromptSection(template="Q: {question}\nA: ", response_column="answer")
-    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64), prompt)
+    rows, counts = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=64), prompt)
     assert counts == {"truncated": 0, "dropped_too_long": 0}
     for ids, labels, p_ids in zip(rows["input_ids"], rows["labels"], rows["prompt_ids"]):
         assert labels[:len(p_ids)] == [-100] * len(p_ids), "no loss on the prompt"
         assert labels[len(p_ids):] == ids[len(p_ids):] and ids[-1] == tok.eos_token_id, "the answer ends with eos"
-    everything, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+    everything, _ = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=64),
                                      prompt.model_copy(update={"train_on_prompt": True}))
     assert everything["labels"] == everything["input_ids"]
 
@@ -66,9 +66,9 @@ def test_overlong_rows_are_truncated_or_dropped_and_counted(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     prompt = PromptSection(template="Q: {question}\nA: ", response_column="answer")
-    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=12), prompt)
+    rows, counts = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=12), prompt)
     assert counts["truncated"] + counts["dropped_too_long"] > 0 and max(rows["length"]) <= 12
-    rows, counts = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=12, truncation=False), prompt)
+    rows, counts = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=12, truncation=False), prompt)
     assert counts["truncated"] == 0 and len(rows["input_ids"]) + counts["dropped_too_long"] == 3
 
 
@@ -96,7 +96,7 @@ def test_packing_keeps_examples_apart(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    rows, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+    rows, _ = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=64),
                                PromptSection(template="Q: {question}\nA: ", response_column="answer",
                                              train_on_prompt=True))
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
@@ -120,7 +120,7 @@ def test_rows_rounded_up_to_a_multiple_of_8_give_the_same_loss(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    rows, _ = _tokenize_causal(_rows(), tok, TokenizeSection(max_length=64),
+    rows, _ = _tokenize_causal(_rows().to_dict("records"), tok, TokenizeSection(max_length=64),
                                PromptSection(template="Q: {question}\nA: ", response_column="answer"))
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
     for units in ([[e] for e in examples], [examples[:1], examples[1:]]):  # widths 17 and 31

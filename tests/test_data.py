@@ -193,9 +193,9 @@ def test_tokenize_dynamic_padding_and_truncation_counted(tmp_path):
                             "work_dir": work})[0] != tok.hash
 
 
-def test_the_preflight_splits_small_data_for_real_and_checks_large_data_by_arithmetic(monkeypatch):
-    """Small data is carved as the split stage will (a stratified split can fail there); above the
-    threshold the preflight checks only the fractions, never splitting the rows a second time."""
+def test_the_preflight_carves_as_the_split_stage_does():
+    """The preflight carves the rows as the split stage will (indices and labels only, so at any
+    size), with the stage's messages."""
     import pandas as pd
 
     from qlora.tasks import split
@@ -205,9 +205,35 @@ def test_the_preflight_splits_small_data_for_real_and_checks_large_data_by_arith
     split.check_split(frames, SplitSection(test_size=0.1, validation_size=0.1))  # carved: fine
     with pytest.raises(RecipeError, match="cannot split 1 of 12 rows off by class"):
         split.check_split({"train": frames["train"].head(12)}, SplitSection(test_size=0.05, validation_size=0.1))
-    monkeypatch.setattr(split, "CARVE_IN_PREFLIGHT_ROWS", 10)
-    monkeypatch.setattr(split, "carve", lambda *a: pytest.fail("large data split again in the preflight"))
-    split.check_split(frames, SplitSection(test_size=0.1, validation_size=0.1))
+    split.check_split({"train": frames["train"].head(12)}, SplitSection(test_size=0.05, validation_size=0.1,
+                                                                        stratify=False))
     with pytest.raises(RecipeError, match="0.01 of 40 rows leaves the test split empty") as e:
         split.check_split(frames, SplitSection(test_size=0.01))
     assert e.value.field == "split.test_size"
+
+
+def test_a_stratified_carve_keeps_every_class_share_and_uses_each_row_once():
+    """Each class's share of every split is its share of the data (to a row), no row is in two
+    splits or lost, and the same seed carves the same rows."""
+    import numpy as np
+
+    from qlora.tasks.recipe import SplitSection
+    from qlora.tasks.split import carve
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=1_000_000, p=[0.5, 0.3, 0.15, 0.05])
+    parts = carve(len(labels), labels, set(), SplitSection(test_size=0.1, validation_size=0.1, seed=3))
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(labels)))
+    shares = np.bincount(labels) / len(labels)
+    for name, rows in parts.items():
+        assert np.all(np.diff(rows) > 0)  # the source's order
+        assert np.abs(np.bincount(labels[rows], minlength=4) - shares * len(rows)).max() <= 1.5, name
+    assert len(parts["test"]) == 100_000 and len(parts["validation"]) == 100_000
+    again = carve(len(labels), labels, set(), SplitSection(test_size=0.1, validation_size=0.1, seed=3))
+    assert all(np.array_equal(parts[n], again[n]) for n in parts)
+    other = carve(len(labels), labels, set(), SplitSection(test_size=0.1, validation_size=0.1, seed=4))
+    assert not np.array_equal(parts["test"], other["test"])
+    # a rare class keeps a row on each side, and a source's own split is not carved again
+    small = np.array([0] * 30 + [1] * 2)
+    parts = carve(len(small), small, {"validation"}, SplitSection(test_size=0.5))
+    assert set(parts) == {"train", "test"} and set(small[parts["train"]]) == {0, 1} == set(small[parts["test"]])

@@ -278,16 +278,16 @@ def test_prompt_end_and_completion_start_are_kept(tok):
     df = pd.DataFrame({"prompt": [words, "short prompt", "x " * 200], "chosen": ["yes " * 50, "good", "a"],
                        "rejected": ["no", "bad " * 50, "b"], "conversation": [False] * 3})
     pref = PreferenceSection(loss="dpo", max_prompt_length=10)
-    rows, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32), PromptSection(), pref)
+    rows, counts = _tokenize_preference(df.to_dict("records"), tok, TokenizeSection(max_length=32), PromptSection(), pref)
     assert counts == {"truncated": 3, "dropped_too_long": 0}
     full = tok(words)["input_ids"]
     assert rows["prompt_ids"][0] == full[-10:]
     assert all(len(p) + len(c) <= 32 for p, c in zip(rows["prompt_ids"], rows["chosen_ids"]))
     assert rows["chosen_ids"][0] == tok("yes " * 50 + tok.eos_token, add_special_tokens=False)["input_ids"][:22]
-    strict, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32, truncation=False), PromptSection(),
+    strict, counts = _tokenize_preference(df.to_dict("records"), tok, TokenizeSection(max_length=32, truncation=False), PromptSection(),
                                           pref.model_copy(update={"max_prompt_length": None}))
     assert counts == {"truncated": 0, "dropped_too_long": 3} and not strict["prompt_ids"]
-    _, counts = _tokenize_preference(df, tok, TokenizeSection(max_length=32), PromptSection(),
+    _, counts = _tokenize_preference(df.to_dict("records"), tok, TokenizeSection(max_length=32), PromptSection(),
                                      pref.model_copy(update={"max_prompt_length": None}))
     assert counts == {"truncated": 1, "dropped_too_long": 2}, "prompts alone past max_length are dropped"
 
