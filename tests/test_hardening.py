@@ -302,6 +302,25 @@ def test_refused_run_leaves_nothing(project, capsys):
     assert set(project.iterdir()) == before
 
 
+def test_large_data_is_checked_row_by_row_once_in_the_load_stage(project, capsys, monkeypatch):
+    """Data past the preflight's full-read size is read in full only by the load and split stages:
+    a refusal there ends the run with the same message, exit 2, no traceback (the flow's own log
+    lines before it), and leaves no MLflow store."""
+    from qlora import cli
+
+    monkeypatch.setattr(cli, "PREFLIGHT_READS_EVERY_ROW_UP_TO", 0)
+    monkeypatch.setattr(cli, "check_rows", lambda recipe: pytest.fail("the preflight read every row"))
+    path = write_recipe(project / "r.yaml", tiny_recipe(write_csv(project / "d.csv")))
+    assert main(["run", str(path), "--set", "data.label_map={0: ham}"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"error: {path}: data.label_map: raw label values not mapped: '1' (30 rows) "
+                                            f"(map every value the label column holds, or keep only some with "
+                                            f"data.keep_labels)"), err
+    assert not any(p.name.startswith("mlflow") or p.suffix == ".db" for p in project.rglob("*")), \
+        sorted(str(p) for p in project.rglob("*mlflow*"))
+
+
 def test_new_user_data_options(project, capsys):
     """data.encoding, data.column_names and data.files make the files above usable."""
     from qlora.tasks.data import read_source, required_columns
