@@ -82,7 +82,9 @@ def source_files(data: DataSection) -> dict[str, list[Path]]:
 
 
 def _data_file(location: str, field: str, directory_ok: bool = False) -> Path:
-    path = store.resolve_location(location, field)
+    from qlora.tasks.remote import is_url, remote_file
+
+    path = remote_file(location, field) if is_url(location) else store.resolve_location(location, field)
     if path is None:
         raise RecipeError(f"path does not exist: {location}", field, hint="for a Hub dataset use data.hub instead")
     if path.is_dir() and not directory_ok:

@@ -64,8 +64,10 @@ class ModelSection(Section):
 class DataSection(Section):
     path: Optional[SecretText] = None
     """A local file or directory (csv, tsv, json, jsonl, parquet, yaml; each optionally .gz or .bz2), or
-    `package:NAME/file`. A directory holds train.*, dev.* or validation.*, test.* (else all its files are
-    the train split); a YAML conversation corpus gives prompt/response rows."""
+    `package:NAME/file`, or a file's URL (s3://, gs://, az://, hf://, https://: whatever fsspec reads, with the
+    scheme's package installed; fetched once into $QLORA_DATA_CACHE). A directory holds train.*, dev.* or
+    validation.*, test.* (else all its files are the train split); a YAML conversation corpus gives
+    prompt/response rows."""
     hub: Optional[str] = None
     """Or a Hugging Face Hub dataset id, with its config and revision."""
     config: Optional[str] = None
