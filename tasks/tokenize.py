@@ -192,7 +192,7 @@ def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: Tok
         # size. Preference rows in one (a KTO row's KL term takes the next row's completion, across the split).
         chunks = (pq.ParquetFile(source).iter_batches(batch_size=CHUNK_ROWS) if preference is None
                   else pq.read_table(source).to_batches(max_chunksize=None))
-        counts, tokens, writer = Counter(), 0, None
+        counts, tokens, writer, schema = Counter(), 0, None, None
         for batch in chunks:
             records = batch.to_pylist()
             if preference is not None:
@@ -204,8 +204,10 @@ def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: Tok
             counts.update(counted)
             tokens += sum(rows["length"])
             if rows["length"]:
-                table = pa.Table.from_pydict(rows, schema=writer.schema if writer else None)
-                writer = writer or pa.ipc.new_stream(str(spool / f"{name}.arrow"), table.schema)
+                table = pa.Table.from_pydict(rows, schema=schema)  # every chunk as the first
+                if writer is None:
+                    schema = table.schema
+                    writer = pa.ipc.new_stream(str(spool / f"{name}.arrow"), schema)
                 writer.write_table(table)
         if writer is None:
             raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",

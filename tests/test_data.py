@@ -237,3 +237,28 @@ def test_a_stratified_carve_keeps_every_class_share_and_uses_each_row_once():
     small = np.array([0] * 30 + [1] * 2)
     parts = carve(len(small), small, {"validation"}, SplitSection(test_size=0.5))
     assert set(parts) == {"train", "test"} and set(small[parts["train"]]) == {0, 1} == set(small[parts["test"]])
+
+
+@pytest.mark.parametrize("cfg", [TokenizeSection(max_length=16), TokenizeSection(max_length=16, truncation=False),
+                                 TokenizeSection(max_length=16, padding="max_length")], ids=["cut", "drop", "pad"])
+def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, cfg):
+    """The rows streamed to disk in chunks (here of 7 rows, so the splits take several) are the rows,
+    columns, types and counts of one pass over the whole split."""
+    from datasets import load_from_disk
+
+    from qlora.tasks import tokenize as tokenize_module
+
+    model = resolve_model(ModelSection(name_or_path=str(minilm_dir())))
+    results = []
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(tokenize_module, "CHUNK_ROWS", chunk)
+        (tmp_path / str(chunk)).mkdir()
+        _, splitted, work = _stages(tmp_path / str(chunk))
+        done = tokenize.fn(splitted, model.tokenizer, cfg, work_dir=work)
+        results.append((done.stats, load_from_disk(f"{done.dir}/dataset")))
+    (whole_stats, whole), (chunked_stats, chunked) = results
+    assert chunked_stats == whole_stats
+    assert whole_stats["train"].get("truncated", whole_stats["train"].get("dropped_too_long")) > 0
+    for name in whole:
+        assert chunked[name].features == whole[name].features
+        assert chunked[name].to_dict() == whole[name].to_dict()
