@@ -4,7 +4,9 @@ or preference rows: the prompt, and the chosen and rejected completions (KTO: on
 another row's as its KL term). Rows longer than max_length are truncated or dropped, and counted."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -175,14 +177,37 @@ def _tokenize_preference(records: list[dict], tok, cfg: TokenizeSection, prompt:
 def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: TokenizeSection,
              prompt: PromptSection | None = None, preference: PreferenceSection | None = None) -> Tokenized:
     """Classification rows (prompt None), causal-lm prompt/response rows, or preference rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer.path)
+    with _tokenizer_threads():
+        stats = _tokenize_splits(out, split_result, tok, cfg, prompt, preference)
+    return Tokenized(stats=stats, label_names=split_result.label_names)
+
+
+@contextlib.contextmanager
+def _tokenizer_threads():
+    """The fast tokenizer's batched calls on every core while this stage runs. The CLI turns that off
+    for the whole process (tokenizers' documented TOKENIZERS_PARALLELISM), so that a process forked
+    after a tokenizer ran does not warn or risk its thread pool; set, and set back afterwards, it
+    stays configured and a later fork neither warns nor inherits it on."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = before if before is not None else "false"
+
+
+def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, prompt: PromptSection | None,
+                     preference: PreferenceSection | None) -> dict:
+    """Each split tokenized and saved under out/dataset; the per-split counts."""
     import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset, DatasetDict
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer.path)
     splits, stats = {}, {}
     spool = out / "spool"  # each split's rows as tokenized, streamed to disk chunk by chunk
     spool.mkdir()
@@ -218,4 +243,4 @@ def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: Tok
                        "mean_length": round(tokens / len(ds), 1)}
     DatasetDict(splits).save_to_disk(str(out / "dataset"))
     shutil.rmtree(spool)
-    return Tokenized(stats=stats, label_names=split_result.label_names)
+    return stats
