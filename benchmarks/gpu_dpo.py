@@ -3,6 +3,7 @@ sets up QLoRA, against the pipeline's own training code (tasks/training/, the pr
 stage runs), side by side in one invocation, on a Llama shape with random weights (nothing downloaded).
 
     python benchmarks/gpu_dpo.py --shape llama2-7b [--prompt 1024 --completion 1024] [--pairs 1] [--steps 8]
+        [--offload] [--micro-batches N]   # ours: activations in host memory, the step's pairs accumulated
 
 Variants, each in its own process (a clean peak-memory count):
     trl        DPOTrainer.train(): the 4-bit NF4 base (double quantization, bf16 compute) loaded with
@@ -158,17 +159,23 @@ def run_pipeline(args) -> dict:
         reference = {"chosen": ref["chosen"][:len(rows)], "rejected": ref["rejected"][:len(rows)]}
         torch.cuda.synchronize()
         start = time.perf_counter()
-        batch = collate_pairs(rows, 0, dev, multiple_of, reference)
-        real = batch.pop("real_tokens")
-        batch.pop("targets")
-        forward_backward(model, batch, dev, "bfloat16", False, 1.0, lambda m, b: batch_loss(m, b, pref)[0])
+        # The step's pairs as --micro-batches accumulated micro-batches (what the memory plan does
+        # under train.max_memory_gib): each micro-batch's gradient weighted by its share of the pairs.
+        size = -(-len(rows) // args.micro_batches)
+        for at in range(0, len(rows), size):
+            part = {side: scores[at:at + size] for side, scores in reference.items()}
+            batch = collate_pairs(rows[at:at + size], 0, dev, multiple_of, part)
+            real = batch.pop("real_tokens")
+            batch.pop("targets")
+            if i >= 3:
+                tokens += real
+            forward_backward(model, batch, dev, "bfloat16", args.offload, len(rows[at:at + size]) / len(rows),
+                             lambda m, b: batch_loss(m, b, pref)[0])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        if i >= 3:
-            tokens += real
     measured = times[3:]
     return {"tok_s": tokens / sum(measured), "step_s": sum(measured) / len(measured),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reference_tok_s": reference_tok_s,
@@ -186,6 +193,9 @@ def main() -> None:
     parser.add_argument("--only", default="trl,pipeline")
     parser.add_argument("--no-fuse", action="store_true", help="ours without the fused LoRA layers")
     parser.add_argument("--no-compile", action="store_true", help="ours without compiled decoder layers")
+    parser.add_argument("--offload", action="store_true",
+                        help="ours with the checkpointed layers' inputs kept in host memory (train.offload_activations)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="ours: each step's pairs in this many micro-batches")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -196,7 +206,8 @@ def main() -> None:
     for variant in args.only.split(","):
         command = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--prompt", str(args.prompt),
                    "--completion", str(args.completion), "--pairs", str(args.pairs), "--steps", str(args.steps)]
-        command += ["--no-fuse"] * args.no_fuse + ["--no-compile"] * args.no_compile
+        command += ["--no-fuse"] * args.no_fuse + ["--no-compile"] * args.no_compile + ["--offload"] * args.offload
+        command += ["--micro-batches", str(args.micro_batches)]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
