@@ -160,6 +160,29 @@ class TokenizeSection(Section):
     packing: bool = False
     """causal-lm: pack short examples into rows of max_length without padding (positions restart and attention
     stays within each example)."""
+    num_proc: Union[Literal["auto"], int] = "auto"
+    """causal-lm: processes rendering and tokenizing a split's prompt/response rows, 20,000 at a time (the
+    result does not depend on it): auto = the cores this process may use; 1 = in the run's own process, as
+    is any split of 80,000 rows or fewer (starting processes would cost more than they save). A classifier's
+    texts and preference pairs are tokenized in the run's own process, the tokenizer on every core."""
+
+    @field_validator("num_proc")
+    @classmethod
+    def _num_proc(cls, v):
+        if v != "auto" and not 1 <= v <= 1024:
+            raise ValueError("must be a number of processes (1 to 1024) or auto")
+        return v
+
+    # How fast, not what is computed: the tokenized rows are the same for any number of processes.
+    NOT_IN_CACHE_KEY: ClassVar[tuple[str, ...]] = ("num_proc",)
+
+    def processes(self) -> int:
+        """num_proc resolved: auto is the cores this process may run on."""
+        import os
+
+        if self.num_proc != "auto":
+            return self.num_proc
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class PromptSection(Section):

@@ -13,11 +13,14 @@ from pathlib import Path
 from qlora.tasks.pairs import CONVERSATION
 from qlora.tasks.recipe import SPLITS, PreferenceSection, PromptSection, RecipeError, TokenizeSection
 from qlora.tasks.results import Split, Tokenized, TokenizerFiles
-from qlora.tasks.stage import stage
+from qlora.tasks.stage import run_logger, stage
 
 # Rows tokenized together: enough for the tokenizer to use every core, few enough that their ids as
 # Python lists (tens of bytes per token) stay small beside the Arrow table they go into.
 CHUNK_ROWS = 20_000
+# A causal LM's split is tokenized by tokenize.num_proc processes from this many rows: below, starting
+# them (each imports the stage's libraries and loads the tokenizer) costs more than they save.
+POOL_FROM_ROWS = 4 * CHUNK_ROWS
 
 
 def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
@@ -181,7 +184,7 @@ def tokenize(out: Path, split_result: Split, tokenizer: TokenizerFiles, cfg: Tok
 
     tok = AutoTokenizer.from_pretrained(tokenizer.path)
     with _tokenizer_threads():
-        stats = _tokenize_splits(out, split_result, tok, cfg, prompt, preference)
+        stats = _tokenize_splits(out, split_result, tok, cfg, prompt, preference, tokenizer.path)
     return Tokenized(stats=stats, label_names=split_result.label_names)
 
 
@@ -200,47 +203,129 @@ def _tokenizer_threads():
 
 
 def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, prompt: PromptSection | None,
-                     preference: PreferenceSection | None) -> dict:
+                     preference: PreferenceSection | None, tokenizer_path: str) -> dict:
     """Each split tokenized and saved under out/dataset; the per-split counts."""
     import shutil
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from datasets import Dataset, DatasetDict
 
     splits, stats = {}, {}
     spool = out / "spool"  # each split's rows as tokenized, streamed to disk chunk by chunk
     spool.mkdir()
-    for name in SPLITS:
-        source = split_result.file(f"{name}.parquet")
-        # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's
-        # size. Preference rows in one (a KTO row's KL term takes the next row's completion, across the split).
-        chunks = (pq.ParquetFile(source).iter_batches(batch_size=CHUNK_ROWS) if preference is None
-                  else pq.read_table(source).to_batches(max_chunksize=None))
-        counts, tokens, writer, schema = Counter(), 0, None, None
-        for batch in chunks:
-            records = batch.to_pylist()
-            if preference is not None:
-                rows, counted = _tokenize_preference(records, tok, cfg, prompt or PromptSection(), preference)
-            elif prompt is None:
-                rows, counted = _tokenize_classification(records, tok, cfg)
-            else:
-                rows, counted = _tokenize_causal(records, tok, cfg, prompt)
-            counts.update(counted)
-            tokens += sum(rows["length"])
-            if rows["length"]:
-                table = pa.Table.from_pydict(rows, schema=schema)  # every chunk as the first
-                if writer is None:
+    job = (cfg, prompt, preference)
+    with _ChunkPool(cfg.processes(), tokenizer_path, job) as pool:
+        for name in SPLITS:
+            source = pq.ParquetFile(split_result.file(f"{name}.parquet"))
+            # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's
+            # size. Preference rows in one (a KTO row's KL term takes the next row's completion, across the split).
+            chunks = (source.iter_batches(batch_size=CHUNK_ROWS) if preference is None
+                      else source.read().to_batches(max_chunksize=None))
+            # Prompt/response rows: most of their time is each row's (chat) template rendered in Python,
+            # which the processes share out. A classifier's texts go to the tokenizer in one batched call
+            # that already runs on every core; shipping chunks to processes only added to it (measured).
+            in_pool = prompt is not None and preference is None and source.metadata.num_rows > POOL_FROM_ROWS
+            counts, tokens, writer, schema = Counter(), 0, None, None
+            for table, counted in (pool.map(chunks, tok) if in_pool else (_tokenize_chunk(b, tok, *job) for b in chunks)):
+                counts.update(counted)
+                if table is None:
+                    continue
+                tokens += pc.sum(table["length"]).as_py()
+                if writer is None:  # every chunk as the first (a chunk can infer other types, e.g. of empty lists)
                     schema = table.schema
                     writer = pa.ipc.new_stream(str(spool / f"{name}.arrow"), schema)
-                writer.write_table(table)
-        if writer is None:
-            raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
-                              "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
-        writer.close()
-        ds = splits[name] = Dataset.from_file(str(spool / f"{name}.arrow"))  # memory-mapped
-        stats[name] = {"rows": len(ds), **{k: counts[k] for k in counted}, "tokens": int(tokens),
-                       "mean_length": round(tokens / len(ds), 1)}
+                writer.write_table(table.cast(schema) if table.schema != schema else table)
+            if writer is None:
+                raise RecipeError(f"every {name} row is longer than max_length={cfg.max_length}",
+                                  "tokenize.max_length", hint="raise it or set tokenize.truncation: true")
+            writer.close()
+            ds = splits[name] = Dataset.from_file(str(spool / f"{name}.arrow"))  # memory-mapped
+            stats[name] = {"rows": len(ds), **{k: counts[k] for k in counted}, "tokens": int(tokens),
+                           "mean_length": round(tokens / len(ds), 1)}
     DatasetDict(splits).save_to_disk(str(out / "dataset"))
     shutil.rmtree(spool)
     return stats
+
+
+def _tokenize_chunk(batch, tok, cfg: TokenizeSection, prompt: PromptSection | None,
+                    preference: PreferenceSection | None):
+    """One chunk of a split (an Arrow record batch): its tokenized rows as an Arrow table (None when
+    every row was dropped) and its counts."""
+    import pyarrow as pa
+
+    records = batch.to_pylist()
+    if preference is not None:
+        rows, counted = _tokenize_preference(records, tok, cfg, prompt or PromptSection(), preference)
+    elif prompt is None:
+        rows, counted = _tokenize_classification(records, tok, cfg)
+    else:
+        rows, counted = _tokenize_causal(records, tok, cfg, prompt)
+    return (pa.Table.from_pydict(rows) if rows["length"] else None), dict(counted)
+
+
+class _ChunkPool:
+    """Chunks tokenized by tokenize.num_proc worker processes, results in the chunks' order, a few
+    chunks ahead at most (memory stays flat). Workers are spawned (a fork of a process running threads
+    can inherit a held lock) on the first split that needs them, each loading the tokenizer once and
+    running it single-threaded: the processes are the parallelism. Where they cannot start (a script
+    that calls the flow outside an `if __name__ == "__main__":` block cannot be spawned), the chunks
+    are tokenized in this process, saying so."""
+
+    def __init__(self, processes: int, tokenizer_path: str, job: tuple):
+        self.processes, self.tokenizer_path, self.job, self.pool = processes, tokenizer_path, job, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def started(self) -> bool:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        from multiprocessing import get_context
+
+        if self.pool is None and self.processes > 1:
+            self.pool = ProcessPoolExecutor(self.processes, mp_context=get_context("spawn"),
+                                            initializer=_start_worker, initargs=(self.tokenizer_path,))
+            try:
+                self.pool.submit(os.getpid).result()
+            except BrokenProcessPool as e:
+                run_logger().warning("tokenize: worker processes could not start (%s); tokenizing in this process "
+                                     "(tokenize.num_proc: 1 says so up front)", e)
+                self.pool.shutdown(cancel_futures=True)
+                self.pool, self.processes = None, 1
+        return self.pool is not None
+
+    def map(self, chunks, tok):
+        """(table, counts) of each chunk, in order: by the workers, or in this process with tok."""
+        from collections import deque
+
+        if not self.started():
+            yield from (_tokenize_chunk(b, tok, *self.job) for b in chunks)
+            return
+        pending = deque()
+        for batch in chunks:
+            pending.append(self.pool.submit(_worker_chunk, batch, self.job))
+            if len(pending) > 2 * self.processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+_worker_tokenizer = None
+
+
+def _start_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    _worker_tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def _worker_chunk(batch, job: tuple):
+    return _tokenize_chunk(batch, _worker_tokenizer, *job)

@@ -12,7 +12,7 @@ from conftest import minilm_dir
 from qlora.tasks.data import check_data, describe_source, read_source, required_columns
 from qlora.tasks.load import clean, load
 from qlora.tasks.model import resolve_model
-from qlora.tasks.recipe import DataSection, ModelSection, RecipeError, SplitSection, TokenizeSection
+from qlora.tasks.recipe import DataSection, ModelSection, PromptSection, RecipeError, SplitSection, TokenizeSection
 from qlora.tasks.split import split
 from qlora.tasks.tokenize import tokenize
 
@@ -239,26 +239,38 @@ def test_a_stratified_carve_keeps_every_class_share_and_uses_each_row_once():
     assert set(parts) == {"train", "test"} and set(small[parts["train"]]) == {0, 1} == set(small[parts["test"]])
 
 
-@pytest.mark.parametrize("cfg", [TokenizeSection(max_length=16), TokenizeSection(max_length=16, truncation=False),
-                                 TokenizeSection(max_length=16, padding="max_length")], ids=["cut", "drop", "pad"])
-def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, cfg):
-    """The rows streamed to disk in chunks (here of 7 rows, so the splits take several) are the rows,
-    columns, types and counts of one pass over the whole split."""
+@pytest.mark.parametrize("cfg, prompt", [
+    (TokenizeSection(max_length=16), None), (TokenizeSection(max_length=16, truncation=False), None),
+    (TokenizeSection(max_length=16, padding="max_length"), None),
+    (TokenizeSection(max_length=16), PromptSection(template="Say: {text}", response_column="text")),
+], ids=["cut", "drop", "pad", "prompt-response"])
+def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, cfg, prompt):
+    """The rows streamed to disk in chunks (here of 7 rows, so the splits take several), in this process
+    or (prompt/response rows) by two worker processes, are the rows, columns, types and counts of one
+    pass over the whole split; the number of processes is not part of the stage's cache key."""
     from datasets import load_from_disk
 
     from qlora.tasks import tokenize as tokenize_module
 
     model = resolve_model(ModelSection(name_or_path=str(minilm_dir())))
+    started, start = [], tokenize_module._ChunkPool.started
+    monkeypatch.setattr(tokenize_module._ChunkPool, "started", lambda self: started.append(start(self)) or started[-1])
     results = []
-    for chunk in (10_000, 7):
+    for chunk, processes in ((10_000, 1), (7, 1), (7, 2)):
         monkeypatch.setattr(tokenize_module, "CHUNK_ROWS", chunk)
-        (tmp_path / str(chunk)).mkdir()
-        _, splitted, work = _stages(tmp_path / str(chunk))
-        done = tokenize.fn(splitted, model.tokenizer, cfg, work_dir=work)
+        monkeypatch.setattr(tokenize_module, "POOL_FROM_ROWS", 0)
+        (tmp_path / f"{chunk}-{processes}").mkdir()
+        _, splitted, work = _stages(tmp_path / f"{chunk}-{processes}")
+        done = tokenize.fn(splitted, model.tokenizer, cfg.model_copy(update={"num_proc": processes}), prompt,
+                           work_dir=work)
         results.append((done.stats, load_from_disk(f"{done.dir}/dataset")))
-    (whole_stats, whole), (chunked_stats, chunked) = results
-    assert chunked_stats == whole_stats
+    assert tokenize.fn(splitted, model.tokenizer, cfg.model_copy(update={"num_proc": 1}), prompt,
+                       work_dir=work).cache_hit
+    assert started == ([False] * 6 + [True] * 3 if prompt else []), started  # per split; processes for prompt/response rows
+    whole_stats, whole = results[0]
     assert whole_stats["train"].get("truncated", whole_stats["train"].get("dropped_too_long")) > 0
-    for name in whole:
-        assert chunked[name].features == whole[name].features
-        assert chunked[name].to_dict() == whole[name].to_dict()
+    for stats, chunked in results[1:]:
+        assert stats == whole_stats
+        for name in whole:
+            assert chunked[name].features == whole[name].features
+            assert chunked[name].to_dict() == whole[name].to_dict()
