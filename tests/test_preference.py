@@ -583,8 +583,15 @@ def test_chunked_output_layer_equals_the_full_logits(tok, monkeypatch):
         loss, figures = preferences.batch_loss(model, batch, cfg, chunked=chunked)
         loss.backward()
         results.append((loss.item(), _lora_grads(model), figures["chosen_logps"]))
-    _assert_close(results[0][:2], results[1][:2])
-    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-5)
+    (loss, grads, logps), (full_loss, full_grads, full_logps) = results
+    assert loss == pytest.approx(full_loss, rel=RTOL)
+    # The same sums in another order (a few positions at a time): each gradient within RTOL of the whole
+    # logits' in norm; element by element, entries near zero differ by float32 rounding, which CPUs with
+    # other vector units round differently.
+    assert grads.keys() == full_grads.keys() and grads
+    for name, grad in full_grads.items():
+        assert (grads[name] - grad).norm() <= RTOL * grad.norm() and grad.abs().sum() > 0, name
+    torch.testing.assert_close(logps, full_logps, rtol=1e-6, atol=1e-5)
 
 
 # --- resume: a DPO run stopped at a checkpoint ends where an uninterrupted one ends ---------------
