@@ -24,7 +24,7 @@ from qlora.runtime import signals
 from qlora.runtime.errors import DiskFull, RecipeError
 from qlora.runtime.secrets import mask
 from qlora.runtime.startup import collector_paused, thaw
-from qlora.servers import free_port, logged_process, wait_healthy
+from qlora.servers import TEMPORARY_PREFECT_SERVER, free_port, logged_process, wait_healthy
 from qlora.tasks.training.memory import OutOfMemory
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ def _without_user_error_traceback(record: logging.LogRecord) -> bool:
 
 
 DEFAULT_PREFECT_PORT = 4200  # `qlora ui`'s Prefect server
-TEMPORARY_SERVER = "QLORA_TEMPORARY_PREFECT_SERVER"  # set while a run reports to its own temporary server
 
 
 class TemporaryPrefectServer:
@@ -97,7 +96,7 @@ class TemporaryPrefectServer:
         # The flow run pages this server would show go away with it; its database stays, and
         # `qlora ui` serves it on its default port: the links the run leaves point there.
         os.environ.setdefault("PREFECT_UI_URL", f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}")
-        os.environ[TEMPORARY_SERVER] = "1"
+        os.environ[TEMPORARY_PREFECT_SERVER] = "1"
         atexit.register(self.stop)
         signals.on_emergency(self.stop)
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from qlora.runtime import signals
 from qlora.runtime.errors import RecipeError
 
+# Set in a run's environment while it reports to the temporary Prefect server it started (qlora/cli.py):
+# the MLflow run then says that the server's pages went with it (tasks/tracking.py).
+TEMPORARY_PREFECT_SERVER = "QLORA_TEMPORARY_PREFECT_SERVER"
 OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
 

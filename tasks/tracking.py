@@ -602,10 +602,12 @@ class RunRecorder:
         """The recipe, its data (datasets, counts) and what LoRA will train; links between the runs."""
         from qlora.tasks import lineage
 
+        from qlora.servers import TEMPORARY_PREFECT_SERVER
+
         page = lineage.prefect_ui_url(self.flow_run_id)
         if page:
             tags = {"prefect.flow_run_url": page}
-            if os.environ.get("QLORA_TEMPORARY_PREFECT_SERVER"):
+            if os.environ.get(TEMPORARY_PREFECT_SERVER):
                 tags["qlora.prefect_server"] = ("temporary: started for this run and stopped with it; the flow run "
                                                 "stays in the project's Prefect database, whose pages `qlora ui` "
                                                 "serves at prefect.flow_run_url")
