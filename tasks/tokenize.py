@@ -215,8 +215,7 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
     splits, stats = {}, {}
     spool = out / "spool"  # each split's rows as tokenized, streamed to disk chunk by chunk
     spool.mkdir()
-    job = (cfg, prompt, preference)
-    with _ChunkPool(cfg.processes(), tokenizer_path, job) as pool:
+    with _ChunkPool(cfg.processes(), tokenizer_path, (cfg, prompt, preference)) as pool:
         for name in SPLITS:
             source = pq.ParquetFile(split_result.file(f"{name}.parquet"))
             # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's
@@ -228,7 +227,7 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
             # that already runs on every core; shipping chunks to processes only added to it (measured).
             in_pool = prompt is not None and preference is None and source.metadata.num_rows > POOL_FROM_ROWS
             counts, tokens, writer, schema = Counter(), 0, None, None
-            for table, counted in (pool.map(chunks, tok) if in_pool else (_tokenize_chunk(b, tok, *job) for b in chunks)):
+            for table, counted in pool.map(chunks, tok, in_pool):
                 counts.update(counted)
                 if table is None:
                     continue
@@ -300,11 +299,11 @@ class _ChunkPool:
                 self.pool, self.processes = None, 1
         return self.pool is not None
 
-    def map(self, chunks, tok):
-        """(table, counts) of each chunk, in order: by the workers, or in this process with tok."""
+    def map(self, chunks, tok, parallel: bool):
+        """(table, counts) of each chunk, in order: by the workers when parallel, else in this process with tok."""
         from collections import deque
 
-        if not self.started():
+        if not (parallel and self.started()):
             yield from (_tokenize_chunk(b, tok, *self.job) for b in chunks)
             return
         pending = deque()

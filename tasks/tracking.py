@@ -600,9 +600,8 @@ class RunRecorder:
     def inputs(self, recipe_file: str | None, loaded: Loaded, splits: Split, tokenized: Tokenized, lora: LoraPlan,
                source_uri: str) -> None:
         """The recipe, its data (datasets, counts) and what LoRA will train; links between the runs."""
-        from qlora.tasks import lineage
-
         from qlora.servers import TEMPORARY_PREFECT_SERVER
+        from qlora.tasks import lineage
 
         page = lineage.prefect_ui_url(self.flow_run_id)
         if page:
