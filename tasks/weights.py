@@ -63,3 +63,18 @@ def _check_index(index: Path, field: str) -> None:
     missing = sorted(s for s in shards if not (index.parent / s).is_file())
     if missing:
         raise RecipeError(f"shard {missing[0]} named in {index.name} is missing from {index.parent}", field)
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file that holds it (one file, or a sharded checkpoint's index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    names = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names

@@ -32,11 +32,14 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
+def shard_model(model, world: World, dev, cpu_offload: bool = False, from_rank0: bool = False) -> int:
     """Shard the model in place over the processes: each decoder layer, then the rest (embeddings,
     head, norms) as the root. Weights keep their own dtypes (4-bit bytes, 16-bit norms, float32
     adapter): nothing is cast. A model in CPU memory moves to dev one layer at a time, each GPU
-    keeping its shards. Returns the number of layers sharded."""
+    keeping its shards. from_rank0: only rank 0 holds the weights (the others built the model on the
+    meta device, loading.empty_base); each unit's weights are sent from rank 0 as it is sharded, and
+    rank 0's whole copy of that unit is freed, so a node holds about one copy of the base whatever
+    its number of processes. Returns the number of layers sharded."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -45,10 +48,107 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False) -> int:
     offload = CPUOffloadPolicy() if cpu_offload and dev.type == "cuda" else OffloadPolicy()
     _prepare_4bit_layers(model, torch.bfloat16, dev)
     layers = decoder_layers(model)
-    for layer in reversed(layers):  # inner units before the ones holding them
-        fully_shard(layer, mesh=mesh, offload_policy=offload)
-    fully_shard(model, mesh=mesh, offload_policy=offload)
+    units = [*reversed(layers), model]  # inner units before the ones holding them
+    if from_rank0:
+        _check_same_model(model, dev)
+        owned = _owned_tensors(model, units)
+    for unit in units:
+        if not from_rank0:
+            fully_shard(unit, mesh=mesh, offload_policy=offload)
+            continue
+        names = owned[id(unit)]
+        # Rank 0's whole tensors of this unit, kept until they are sent (sharding replaces them).
+        whole = {n: unit.get_parameter(n) for n in names["parameters"]} if world.main else {}
+        fully_shard(unit, mesh=mesh, offload_policy=offload)
+        _receive_from_rank0(unit, names, whole, dev)
+        del whole
     return len(layers)
+
+
+def _owned_tensors(model, units: list) -> dict[int, dict]:
+    """For each unit (by id), the names (relative to it) of the parameters it shards itself (not those of
+    a unit inside it), its persistent buffers, its 4-bit layers, and the other names of a tied weight."""
+    prefixes = {id(m): name for name, m in model.named_modules()}
+    unit_prefixes = sorted(((prefixes[id(u)], u) for u in units), key=lambda pu: -len(pu[0]))
+
+    def owner(name: str):
+        return next(u for prefix, u in unit_prefixes if not prefix or name.startswith(prefix + "."))
+
+    def relative(unit, name: str) -> str:
+        prefix = prefixes[id(unit)]
+        return name[len(prefix) + 1:] if prefix else name
+
+    owned = {id(u): {"parameters": [], "aliases": {}, "buffers": [], "4bit": []} for u in units}
+    first_name: dict[int, tuple] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        unit = owner(name)
+        if id(p) in first_name:  # a tied weight: sharded once, under its first name
+            owned[id(unit)]["aliases"][relative(unit, name)] = first_name[id(p)]
+            continue
+        first_name[id(p)] = (unit, relative(unit, name))
+        owned[id(unit)]["parameters"].append(relative(unit, name))
+    for module_name, module in model.named_modules():
+        unit = owner(module_name) if module_name else model
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
+                full = f"{module_name}.{buffer_name}" if module_name else buffer_name
+                owned[id(unit)]["buffers"].append(relative(unit, full))
+        if type(module).__name__ == "Linear4bit" and getattr(module, "quant_state", None) is not None:  # bitsandbytes'
+            owned[id(unit)]["4bit"].append(relative(unit, module_name) if module_name else "")
+    return owned
+
+
+def _receive_from_rank0(unit, names: dict, whole: dict, dev) -> None:
+    """Each of the unit's weights sent whole from rank 0 (one broadcast at a time: a weight's 16-bit or
+    packed bytes are the most any rank holds besides its shards), each rank keeping its own shard;
+    its persistent buffers and 4-bit layers' quantization state sent the same way."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    shards = {}
+    for name in names["parameters"]:
+        param = unit.get_parameter(name)  # this rank's shard (a DTensor), on the meta device but on rank 0
+        if name in whole:
+            full = whole.pop(name).detach().to(dev)
+        else:
+            full = torch.empty(param.shape, dtype=param.dtype, device=dev)
+        dist.broadcast(full, src=0)
+        shards[name] = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        del full
+    unit.load_state_dict(shards, strict=False, assign=True)  # FSDP takes the new shards as its own
+    for alias, (owner, name) in names["aliases"].items():  # a tied weight: the same shard under each name
+        parent, _, leaf = alias.rpartition(".")
+        (unit.get_submodule(parent) if parent else unit).register_parameter(leaf, owner.get_parameter(name))
+    with torch.no_grad():
+        for name in names["buffers"]:
+            dist.broadcast(unit.get_buffer(name), src=0)
+        for name in names["4bit"]:
+            state = (unit.get_submodule(name) if name else unit).quant_state
+            while state is not None:
+                for t in (state.absmax, state.code, state.offset if state.nested else None):
+                    if isinstance(t, torch.Tensor) and t.dim() > 0:
+                        dist.broadcast(t, src=0)
+                    elif isinstance(t, torch.Tensor):
+                        held = t.reshape(1).to(dev)  # a scalar: sent as a one-element tensor
+                        dist.broadcast(held, src=0)
+                        t.copy_(held[0])
+                state = state.state2 if state.nested else None
+
+
+def _check_same_model(model, dev) -> None:
+    """Every rank built the same weights (names, shapes, dtypes): otherwise a broadcast would mismatch."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    described = "".join(f"{n}:{tuple(t.shape)}:{t.dtype};" for n, t in model.named_parameters(remove_duplicate=False))
+    digest = int(hashlib.sha256(described.encode()).hexdigest()[:15], 16)
+    seen = torch.tensor([digest, -digest], dtype=torch.int64, device=dev)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if seen.tolist() != [digest, -digest]:
+        raise RuntimeError("the ranks built different models (names, shapes or dtypes of their weights differ)")
 
 
 def _prepare_4bit_layers(model, storage, dev) -> None:

@@ -135,14 +135,92 @@ def load_base(quantized: Quantized, label_names: list[str], q: QuantizationSecti
               on_cpu: bool = False):
     """The base exactly as quantize saved it (or the original, unquantized, with the seed set before).
     on_cpu: into CPU memory (a sharded run moves each layer's shard to its GPU)."""
-    path = quantized.model_path
     dtype = dtype_of(q.bnb_4bit_compute_dtype)
+    return _with_attention_fallback(lambda attn: load_model(quantized.model_path, quantized.task, label_names, dtype,
+                                                            attention=attn, on_cpu=on_cpu), attention)
+
+
+def empty_base(quantized: Quantized, label_names: list[str], q: QuantizationSection, attention: str | None = None,
+               trust_remote_code: bool = False):
+    """The same model as load_base builds, with no weights read: every parameter on the meta device (a
+    sharded run's other ranks receive their shards from rank 0, fsdp.shard_model), buffers computed
+    as the model's own code computes them. A 4-bit layer is rebuilt from the checkpoint's own entries
+    for it (its block scales and quantization type, a sixty-fourth of its bytes): the packed weights
+    themselves are not read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path = quantized.model_path
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
+    dtype = dtype_of(q.bnb_4bit_compute_dtype)
+
+    def build(attn):
+        extra = {"attn_implementation": attn} if attn else {}
+        with init_empty_weights(include_buffers=False):
+            return auto_class(quantized.task).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+
+    model = _with_attention_fallback(build, attention)
+    if quantized.quantized:
+        states = quant_states(Path(path))
+        if not states and q.mode != "none":
+            raise RuntimeError(f"{path} holds no 4-bit layers: only 4-bit or 16-bit bases load on one rank per node")
+        for name, state in states.items():
+            _replace_with_4bit(model, name, state, dtype)
+        model.is_loaded_in_4bit = True  # what transformers' 4-bit load sets, and peft reads to wrap these layers
+    return model
+
+
+def quant_states(model_dir: Path) -> dict[str, dict]:
+    """A saved 4-bit model's quantization entries (block scales, code tables, the packed description),
+    by layer name, as bitsandbytes' QuantState.from_dict takes them; read without its packed weights."""
+    from safetensors import safe_open
+
+    from qlora.tasks.weights import tensor_files
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in tensor_files(model_dir).items():
+        if ".weight." in name:
+            by_file.setdefault(file, []).append(name)
+    states: dict[str, dict] = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                layer, key = name.split(".weight.", 1)
+                states.setdefault(layer, {})[key] = f.get_tensor(name)
+    return {layer: s for layer, s in states.items() if any(k.startswith("quant_state.bitsandbytes__") for k in s)}
+
+
+def _replace_with_4bit(model, name: str, state: dict, compute_dtype) -> None:
+    """The linear layer `name` replaced by a 4-bit one, its weight on the meta device with its real
+    quantization state (as transformers builds a 4-bit layer from the same checkpoint)."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    quant_state = QuantState.from_dict(state, device=torch.device("cpu"))
+    layer = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=quant_state.nested, quant_type=quant_state.quant_type, device="meta")
+    packed = torch.empty(((old.in_features * old.out_features + 1) // 2, 1), dtype=torch.uint8, device="meta")
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=quant_state, blocksize=quant_state.blocksize,
+                                     compress_statistics=quant_state.nested, quant_type=quant_state.quant_type,
+                                     module=layer, bnb_quantized=True)
+    if old.bias is not None:
+        layer.bias = old.bias
+    setattr(parent, child, layer)
+
+
+def _with_attention_fallback(build, attention: str | None):
+    """build(attention), or, where that attention implementation is not available here, build("sdpa")
+    with a warning."""
     try:
-        return load_model(path, quantized.task, label_names, dtype, attention=attention, on_cpu=on_cpu)
+        return build(attention)
     except (ValueError, ImportError) as e:
         if not attention or attention in ("sdpa", "eager") or "attn" not in str(e).lower():
             raise
         import warnings
 
         warnings.warn(f"train.attention: {attention} is not available for this model here ({e}); using sdpa")
-        return load_model(path, quantized.task, label_names, dtype, attention="sdpa", on_cpu=on_cpu)
+        return build("sdpa")

@@ -11,23 +11,7 @@ Not peft's `replace_lora_weights_loftq`: it computes on CUDA only (a CPU run fai
 the LoRA scaling (its start is off by alpha / r unless alpha equals r)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file that holds it (one file, or a sharded checkpoint's index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    names = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names.update({name: file for name in f.keys()})
-    return names
 
 
 def loftq_init(model, original_dir: str) -> int:
@@ -37,7 +21,9 @@ def loftq_init(model, original_dir: str) -> int:
     from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
 
-    files = _tensor_files(Path(original_dir))
+    from qlora.tasks.weights import tensor_files
+
+    files = tensor_files(Path(original_dir))
     inner = model.get_base_model()
     prefix = getattr(inner, "base_model_prefix", "")
     fitted = 0

@@ -56,6 +56,8 @@ def place_quant_state(module) -> None:
     difference there.)"""
     state = getattr(module.weight, "quant_state", None)
     device = module.weight.device
+    if device.type == "meta":  # a rank that receives its shards: the state stays where it is real
+        return
     while state is not None:
         for name in ("code", "absmax", "offset"):
             value = getattr(state, name, None)
@@ -102,9 +104,11 @@ def load_adapter_weights(model, directory) -> None:
                            f"(first: {missing[0]})")
 
 
-def model_for_training(base, lora: LoraPlan, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool):
+def model_for_training(base, lora: LoraPlan, cfg: LoraSection, quantized: bool, gradient_checkpointing: bool,
+                       initialise: bool = True):
     """The base with LoRA attached (only the adapters and the head train), or, for full
-    fine-tuning, the base itself with every weight trainable.
+    fine-tuning, the base itself with every weight trainable. initialise=False: a model on the meta
+    device, whose weights (the adapter's start included) another rank sends.
 
     Not peft's prepare_model_for_kbit_training: it casts every 16-bit weight (norms, embeddings) to
     float32, so on a GPU the hidden states, and with them attention, run in float32 (slower and larger
@@ -122,7 +126,8 @@ def model_for_training(base, lora: LoraPlan, cfg: LoraSection, quantized: bool, 
         base.requires_grad_(True)
         model = base
     else:
-        model = get_peft_model(base, lora_config(lora.task, lora.target_modules, lora.modules_to_save, cfg))
+        model = get_peft_model(base, lora_config(lora.task, lora.target_modules, lora.modules_to_save, cfg,
+                                                 initialise))
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()

@@ -139,19 +139,27 @@ class TrainingRun:
         from transformers import get_scheduler
 
         cfg, plan = self.cfg, self.plan
-        # Sharded, the base loads into CPU memory and each GPU takes only its shards of it: no GPU
-        # ever holds the whole model (a 4-bit 70B is 35 GiB).
-        base = loading.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
+        # Sharded, rank 0 alone loads the base, into CPU memory, and each GPU takes only its shards of
+        # it: no GPU ever holds the whole model (a 4-bit 70B is 35 GiB), and a node one copy of it.
+        # The other ranks build it on the meta device (an 8-bit base: each rank loads it whole).
+        from_rank0 = self.sharded and self.q.mode != "8bit"
+        weights_here = not from_rank0 or self.world.main
+        if weights_here:
+            base = loading.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
+        else:
+            base = loading.empty_base(self.quantized, self.label_names, self.q, fast["attention"])
         fast_paths = [f"attention:{base.config._attn_implementation}"]
         if fast["liger"]:
             layer_kernels = kernels.liger_layer_kernels(fast["compiled"])
             scoped.enter_context(kernels.liger_kernels(base, layer_kernels))
             fast_paths.append("liger:" + "+".join(["cross_entropy", *sorted(layer_kernels)]))
         model = model_for_training(base, self.lora, self.lora_cfg, self.quantized.quantized,
-                                   plan["gradient_checkpointing"])
+                                   plan["gradient_checkpointing"], initialise=weights_here)
         if plan.get("checkpointed_layers") is not None:  # the budget's plan: only as many as it needs
             checkpoint_some_layers(model, plan["checkpointed_layers"])
-        if self.start is not None:
+        if not weights_here:
+            pass  # the adapter's start arrives from rank 0 with the base
+        elif self.start is not None:
             load_adapter_weights(model, self.start.weights_dir)
         elif self.lora_cfg.enabled:
             self.initialise_adapter(model)
@@ -170,7 +178,7 @@ class TrainingRun:
         model.train()
         optim = cfg.optim
         if self.sharded:  # before the optimizer: it steps the shards
-            fast_paths.append(f"fsdp:{self.world.size}x{fsdp.shard_model(model, self.world, self.dev, self.cpu_offload)}")
+            fast_paths.append(f"fsdp:{self.world.size}x{fsdp.shard_model(model, self.world, self.dev, self.cpu_offload, from_rank0)}")
             if optim != "adamw_torch" and optim != "sgd":
                 warn(f"train.optim: {optim} (bitsandbytes) cannot step FSDP's sharded weights; using adamw_torch, "
                      f"whose state is sharded too")
