@@ -60,6 +60,41 @@ class PeakMemory:
             self.peak = max(self._high, self._rss()) - self.start
 
 
+class NodeMemory:
+    """Peak resident memory of several processes of this machine together (their summed resident sets,
+    sampled every 5 ms), above their sum at the start: what a node's processes take at once."""
+
+    def __init__(self, pids: list[int]):
+        self.pids, self.peak = pids, 0
+
+    def _total(self) -> int:
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):  # gone, or no /proc: counted as nothing
+                pass
+        return total
+
+    def __enter__(self):
+        self.start, self._stop = self._total(), threading.Event()
+        self._high = self.start
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self._high = max(self._high, self._total())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._high, self._total()) - self.start
+
+
 def _bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

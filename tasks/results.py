@@ -192,6 +192,12 @@ class Trained(StageResult):
     samples_per_s: float
     tokens_per_s: float
     peak_memory_bytes: int
+    load_host_bytes: list[int] = []
+    """Per process (by rank): the host memory loading and sharding the base took at its peak, above what the
+    process held before. Sharded, rank 0 alone reads the base: the others hold their shards only."""
+    load_node_bytes: int = 0
+    """The same for the first node's processes together (their summed resident memory at its peak):
+    about one copy of the base, whatever the number of processes."""
     device: str
     processes: int
     distributed: str

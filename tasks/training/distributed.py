@@ -20,6 +20,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1
+    """How many of the processes run on this node (torchrun's LOCAL_WORLD_SIZE)."""
 
     @property
     def main(self) -> bool:
@@ -40,7 +42,8 @@ def init_from_env() -> World:
     import torch
     import torch.distributed as dist
 
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                  int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
@@ -82,6 +85,13 @@ def all_reduce_sum(values: list[float], dev) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def per_rank(value: int, world: World, dev) -> list[int]:
+    """One number from every rank, in rank order (a collective; one process: [value])."""
+    values = [0.0] * world.size
+    values[world.rank] = float(value)
+    return [int(v) for v in all_reduce_sum(values, dev)]
 
 
 def global_sum(values: list[float], dev):

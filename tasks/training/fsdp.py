@@ -10,6 +10,8 @@ the state there. The block scales themselves are not sharded (about 1/64 byte pe
 """
 from __future__ import annotations
 
+import math
+
 from qlora.tasks.training.distributed import World
 
 
@@ -98,24 +100,42 @@ def _owned_tensors(model, units: list) -> dict[int, dict]:
     return owned
 
 
+# How much of a weight one broadcast sends: what a rank holds besides its shards while receiving.
+PIECE_BYTES = 8 * 2**20
+
+
 def _receive_from_rank0(unit, names: dict, whole: dict, dev) -> None:
-    """Each of the unit's weights sent whole from rank 0 (one broadcast at a time: a weight's 16-bit or
-    packed bytes are the most any rank holds besides its shards), each rank keeping its own shard;
-    its persistent buffers and 4-bit layers' quantization state sent the same way."""
+    """Each of the unit's weights sent from rank 0 in pieces of rows (PIECE_BYTES at a time), each rank
+    keeping the rows of its own shard (FSDP's dim-0 shards, as torch.chunk cuts them); its persistent
+    buffers and its 4-bit layers' quantization state sent whole."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     shards = {}
     for name in names["parameters"]:
         param = unit.get_parameter(name)  # this rank's shard (a DTensor), on the meta device but on rank 0
-        if name in whole:
-            full = whole.pop(name).detach().to(dev)
-        else:
-            full = torch.empty(param.shape, dtype=param.dtype, device=dev)
-        dist.broadcast(full, src=0)
-        shards[name] = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        del full
+        mesh = param.device_mesh
+        rows, rest = param.shape[0], tuple(param.shape[1:])
+        per_rank = -(-rows // mesh.size())
+        first = min(mesh.get_local_rank() * per_rank, rows)
+        last = min(first + per_rank, rows)
+        local = torch.empty((last - first, *rest), dtype=param.dtype, device=dev)
+        if tuple(local.shape) != tuple(param.to_local().shape):
+            raise RuntimeError(f"{name}: FSDP's shard has shape {tuple(param.to_local().shape)}, not the "
+                               f"{tuple(local.shape)} of rows {first}..{last}")
+        source = whole.pop(name).detach() if name in whole else None
+        step = max(1, PIECE_BYTES // max(1, math.prod(rest) * param.element_size()))
+        for top in range(0, rows, step):
+            bottom = min(rows, top + step)
+            piece = source[top:bottom].to(dev) if source is not None else \
+                torch.empty((bottom - top, *rest), dtype=param.dtype, device=dev)
+            dist.broadcast(piece, src=0)
+            lo, hi = max(top, first), min(bottom, last)
+            if lo < hi:
+                local[lo - first:hi - first].copy_(piece[lo - top:hi - top])
+        del source
+        shards[name] = DTensor.from_local(local, mesh, param.placements, shape=param.shape, stride=param.stride())
     unit.load_state_dict(shards, strict=False, assign=True)  # FSDP takes the new shards as its own
     for alias, (owner, name) in names["aliases"].items():  # a tied weight: the same shard under each name
         parent, _, leaf = alias.rpartition(".")

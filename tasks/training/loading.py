@@ -38,6 +38,13 @@ def auto_class(task: str):
     return AutoModelForCausalLM if task == CAUSAL else AutoModelForSequenceClassification
 
 
+def head_classes(task: str):
+    """transformers' map of config classes to the model classes with this task's head."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING if task == CAUSAL else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+
 def _label_kwargs(label_names: list[str]) -> dict:
     if not label_names:  # causal-lm: no classes
         return {}
@@ -52,10 +59,25 @@ def skeleton(model_path: str, task: str, label_names: list[str], trust_remote_co
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **_label_kwargs(label_names))
     cls = auto_class(task)
-    if type(config) not in cls._model_mapping and not trust_remote_code:
+    if type(config) not in head_classes(task) and not trust_remote_code:
         raise RecipeError(f"model type '{config.model_type}' has no {task} head in transformers", "model.task")
     with torch.device("meta"):
         return cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def import_model_code(task: str, config) -> None:
+    """The modules a load of this model imports (its modeling code, peft, bitsandbytes), imported now:
+    what is measured of a load is then its weights, not code."""
+    import importlib
+
+    for name in ("peft", "bitsandbytes", "torch.distributed.fsdp"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    mapping = head_classes(task)
+    if type(config) in mapping:
+        mapping[type(config)]  # the lookup imports the class's module
 
 
 def dtype_of(name: str) -> torch.dtype:

@@ -126,6 +126,8 @@ class TrainingRun:
         self.total = training_steps(self.per_epoch, cfg)
         self.packing, self.progress, self.plan = packing, Progress(), {}
         self.strategy, self.cpu_offload = "none", False  # run_training sets them (distributed.strategy)
+        self.load_host_bytes: list[int] = []  # per rank: host memory the model's set-up took at its peak
+        self.load_node_bytes = 0  # the first node's processes together, at their peak
         self.history = scratch / "history.jsonl"
 
     @property
@@ -454,6 +456,7 @@ class TrainingRun:
             "samples_per_s": round(p.samples / p.elapsed_s, 3), "tokens_per_s": round(p.tokens / p.elapsed_s, 3),
             "peak_memory_bytes": peak_bytes, "device": str(self.dev), "processes": self.world.size,
             "distributed": self.strategy,  # none, ddp or fsdp
+            "load_host_bytes": self.load_host_bytes, "load_node_bytes": self.load_node_bytes,
             **training_state_bytes(self.model, self.optimizer),
             "final_train_loss": train_losses[-1] if train_losses else None,
             "trainable_params": self.lora.trainable_params, "trainable_percent": self.lora.trainable_percent,
@@ -517,7 +520,7 @@ def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = Wo
     import torch
     from transformers import AutoConfig
 
-    from qlora.tasks.measure import PeakMemory
+    from qlora.tasks.measure import NodeMemory, PeakMemory
 
     q, cfg, lora_cfg, lora, max_length = spec.q, spec.cfg, spec.lora_cfg, spec.lora, spec.max_length
     run = TrainingRun(spec, Tracker(spec.tracking_uri, spec.run_id, background=True), scratch, world)
@@ -537,7 +540,14 @@ def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = Wo
     # PeakMemory: this run's own peak, not the process's high-water mark; scoped: what the run
     # patches (Liger's kernels) is undone when it ends.
     with PeakMemory(run.dev) as peak, contextlib.ExitStack() as scoped:
-        run.setup_model(fast, scoped, warn)
+        loading.import_model_code(spec.quantized.task, config)  # imported before the load is measured
+        # Host memory of the load: each process's peak, and (sampled by the node's first process) the
+        # node's processes together, whose peak is what the machine must hold.
+        pids = distributed.per_rank(os.getpid(), world, run.dev)[world.rank - world.local_rank:][:world.local_size]
+        with PeakMemory(torch.device("cpu")) as host, NodeMemory(pids if world.local_rank == 0 else []) as node:
+            run.setup_model(fast, scoped, warn)
+        run.load_host_bytes = distributed.per_rank(host.peak, world, run.dev)
+        run.load_node_bytes = node.peak
         run.resume(warn)
         if world.rank > 0:  # dropout masks of their own on the other ranks
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + run.progress.step)
