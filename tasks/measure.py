@@ -61,29 +61,37 @@ class PeakMemory:
 
 
 class NodeMemory:
-    """Peak resident memory of several processes of this machine together (their summed resident sets,
-    sampled every 5 ms), above their sum at the start: what a node's processes take at once."""
+    """What several processes of this machine take together while the block runs, sampled every 5 ms:
+    `own`, the peak of their summed anonymous memory (what they hold themselves) above its start, and
+    `mapped`, the peak growth of file-backed pages any one of them maps (a checkpoint read through
+    mmap: the kernel's page cache, one copy however many processes map it, dropped under pressure)."""
 
     def __init__(self, pids: list[int]):
-        self.pids, self.peak = pids, 0
+        self.pids, self.own, self.mapped = pids, 0, 0
 
-    def _total(self) -> int:
-        total = 0
+    def _levels(self) -> tuple[int, list[int]]:
+        own, mapped = 0, []
         for pid in self.pids:
             try:
                 with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError, IndexError):  # gone, or no /proc: counted as nothing
-                pass
-        return total
+                    resident, shared = (int(v) for v in f.read().split()[1:3])
+            except (OSError, ValueError):  # gone, or no /proc: counted as nothing
+                resident, shared = 0, 0
+            own, mapped = own + resident - shared, [*mapped, shared]
+        page = os.sysconf("SC_PAGE_SIZE")
+        return own * page, [m * page for m in mapped]
+
+    def _sample(self) -> None:
+        own, mapped = self._levels()
+        self.own = max(self.own, own - self._start[0])
+        self.mapped = max([self.mapped, *(m - m0 for m, m0 in zip(mapped, self._start[1]))])
 
     def __enter__(self):
-        self.start, self._stop = self._total(), threading.Event()
-        self._high = self.start
+        self._start, self._stop = self._levels(), threading.Event()
 
         def sample():
             while not self._stop.wait(0.005):
-                self._high = max(self._high, self._total())
+                self._sample()
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -92,7 +100,7 @@ class NodeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self._high, self._total()) - self.start
+        self._sample()
 
 
 def _bytes(tensor) -> int:

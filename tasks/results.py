@@ -196,8 +196,10 @@ class Trained(StageResult):
     """Per process (by rank): the host memory loading and sharding the base took at its peak, above what the
     process held before. Sharded, rank 0 alone reads the base: the others hold their shards only."""
     load_node_bytes: int = 0
-    """The same for the first node's processes together (their summed resident memory at its peak):
-    about one copy of the base, whatever the number of processes."""
+    """The first node's processes together: the peak of their own (anonymous) memory while loading and
+    sharding: about one copy of the base (its shards) on the CPU, little on GPUs."""
+    load_mapped_bytes: int = 0
+    """The checkpoint's pages mapped from disk by the process that read it (page cache, shared)."""
     device: str
     processes: int
     distributed: str

@@ -100,46 +100,54 @@ def _owned_tensors(model, units: list) -> dict[int, dict]:
     return owned
 
 
-# How much of a weight one broadcast sends: what a rank holds besides its shards while receiving.
-PIECE_BYTES = 8 * 2**20
+# How much of a weight one broadcast sends: what a rank holds besides its shards while receiving (on
+# a GPU, pieces this large keep NCCL near its bandwidth; on the CPU, the buffer is host memory).
+PIECE_BYTES = {"cuda": 8 * 2**20, "cpu": 2**20}
 
 
 def _receive_from_rank0(unit, names: dict, whole: dict, dev) -> None:
-    """Each of the unit's weights sent from rank 0 in pieces of rows (PIECE_BYTES at a time), each rank
-    keeping the rows of its own shard (FSDP's dim-0 shards, as torch.chunk cuts them); its persistent
-    buffers and its 4-bit layers' quantization state sent whole."""
+    """Each of the unit's weights sent from rank 0 in pieces of rows (PIECE_BYTES at a time), each other
+    rank keeping the rows of its own shard (FSDP's dim-0 shards, as torch.chunk cuts them; rank 0's
+    were cut by FSDP from its whole weights); its persistent buffers and its 4-bit layers'
+    quantization state sent whole."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    shards = {}
+    shards, buffer = {}, None
     for name in names["parameters"]:
-        param = unit.get_parameter(name)  # this rank's shard (a DTensor), on the meta device but on rank 0
+        param = unit.get_parameter(name)  # this rank's shard (a DTensor): on the meta device but on rank 0
         mesh = param.device_mesh
         rows, rest = param.shape[0], tuple(param.shape[1:])
         per_rank = -(-rows // mesh.size())
         first = min(mesh.get_local_rank() * per_rank, rows)
         last = min(first + per_rank, rows)
-        local = torch.empty((last - first, *rest), dtype=param.dtype, device=dev)
-        if tuple(local.shape) != tuple(param.to_local().shape):
+        local = torch.empty((last - first, *rest), dtype=param.dtype, device=dev) if param.is_meta else None
+        if local is not None and tuple(local.shape) != tuple(param.to_local().shape):
             raise RuntimeError(f"{name}: FSDP's shard has shape {tuple(param.to_local().shape)}, not the "
                                f"{tuple(local.shape)} of rows {first}..{last}")
         source = whole.pop(name).detach() if name in whole else None
-        step = max(1, PIECE_BYTES // max(1, math.prod(rest) * param.element_size()))
+        row_bytes = max(1, math.prod(rest) * param.element_size())
+        step = max(1, PIECE_BYTES[dev.type] // row_bytes)
+        if buffer is None or buffer.numel() < step * row_bytes:  # one buffer, reused: no allocation per piece
+            buffer = torch.empty(max(PIECE_BYTES[dev.type], step * row_bytes), dtype=torch.uint8, device=dev)
         for top in range(0, rows, step):
             bottom = min(rows, top + step)
-            piece = source[top:bottom].to(dev) if source is not None else \
-                torch.empty((bottom - top, *rest), dtype=param.dtype, device=dev)
+            piece = buffer[:(bottom - top) * row_bytes].view(param.dtype).view(bottom - top, *rest)
+            if source is not None:
+                piece.copy_(source[top:bottom])
             dist.broadcast(piece, src=0)
             lo, hi = max(top, first), min(bottom, last)
-            if lo < hi:
+            if local is not None and lo < hi:
                 local[lo - first:hi - first].copy_(piece[lo - top:hi - top])
         del source
-        shards[name] = DTensor.from_local(local, mesh, param.placements, shape=param.shape, stride=param.stride())
-    unit.load_state_dict(shards, strict=False, assign=True)  # FSDP takes the new shards as its own
-    for alias, (owner, name) in names["aliases"].items():  # a tied weight: the same shard under each name
-        parent, _, leaf = alias.rpartition(".")
-        (unit.get_submodule(parent) if parent else unit).register_parameter(leaf, owner.get_parameter(name))
+        if local is not None:
+            shards[name] = DTensor.from_local(local, mesh, param.placements, shape=param.shape, stride=param.stride())
+    if shards:
+        unit.load_state_dict(shards, strict=False, assign=True)  # FSDP takes the new shards as its own
+        for alias, (owner, name) in names["aliases"].items():  # a tied weight: the same shard under each name
+            parent, _, leaf = alias.rpartition(".")
+            (unit.get_submodule(parent) if parent else unit).register_parameter(leaf, owner.get_parameter(name))
     with torch.no_grad():
         for name in names["buffers"]:
             dist.broadcast(unit.get_buffer(name), src=0)
@@ -157,13 +165,14 @@ def _receive_from_rank0(unit, names: dict, whole: dict, dev) -> None:
 
 
 def _check_same_model(model, dev) -> None:
-    """Every rank built the same weights (names, shapes, dtypes): otherwise a broadcast would mismatch."""
+    """Every rank built the same weights (names, shapes, dtypes, which are tied): otherwise a broadcast
+    would mismatch."""
     import hashlib
 
     import torch
     import torch.distributed as dist
 
-    described = "".join(f"{n}:{tuple(t.shape)}:{t.dtype};" for n, t in model.named_parameters(remove_duplicate=False))
+    described = "".join(f"{n}:{tuple(t.shape)}:{t.dtype};" for n, t in model.named_parameters())  # a tied one once
     digest = int(hashlib.sha256(described.encode()).hexdigest()[:15], 16)
     seen = torch.tensor([digest, -digest], dtype=torch.int64, device=dev)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX)

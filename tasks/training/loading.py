@@ -182,6 +182,7 @@ def empty_base(quantized: Quantized, label_names: list[str], q: QuantizationSect
             return auto_class(quantized.task).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
 
     model = _with_attention_fallback(build, attention)
+    model.tie_weights()  # as a load ties them (building on the meta device does not)
     if quantized.quantized:
         states = quant_states(Path(path))
         if not states and q.mode != "none":

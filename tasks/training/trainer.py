@@ -127,7 +127,7 @@ class TrainingRun:
         self.packing, self.progress, self.plan = packing, Progress(), {}
         self.strategy, self.cpu_offload = "none", False  # run_training sets them (distributed.strategy)
         self.load_host_bytes: list[int] = []  # per rank: host memory the model's set-up took at its peak
-        self.load_node_bytes = 0  # the first node's processes together, at their peak
+        self.load_node_bytes = self.load_mapped_bytes = 0  # the first node's processes (measure.NodeMemory)
         self.history = scratch / "history.jsonl"
 
     @property
@@ -457,6 +457,7 @@ class TrainingRun:
             "peak_memory_bytes": peak_bytes, "device": str(self.dev), "processes": self.world.size,
             "distributed": self.strategy,  # none, ddp or fsdp
             "load_host_bytes": self.load_host_bytes, "load_node_bytes": self.load_node_bytes,
+            "load_mapped_bytes": self.load_mapped_bytes,
             **training_state_bytes(self.model, self.optimizer),
             "final_train_loss": train_losses[-1] if train_losses else None,
             "trainable_params": self.lora.trainable_params, "trainable_percent": self.lora.trainable_percent,
@@ -547,7 +548,7 @@ def run_training(spec: TrainingSpec, out: Path, scratch: Path, world: World = Wo
         with PeakMemory(torch.device("cpu")) as host, NodeMemory(pids if world.local_rank == 0 else []) as node:
             run.setup_model(fast, scoped, warn)
         run.load_host_bytes = distributed.per_rank(host.peak, world, run.dev)
-        run.load_node_bytes = node.peak
+        run.load_node_bytes, run.load_mapped_bytes = node.own, node.mapped
         run.resume(warn)
         if world.rank > 0:  # dropout masks of their own on the other ranks
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank + run.progress.step)
