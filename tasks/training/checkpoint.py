@@ -154,20 +154,26 @@ def save_checkpoint(scratch: Path, step: int, weights: dict, optimizer_state: di
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Every file of a checkpoint, read before any is applied: an unreadable one changes nothing."""
+def read_checkpoint(path: Path, whole: bool = True) -> dict:
+    """Every file of a checkpoint, read before any is applied: an unreadable one changes nothing.
+    whole=False: without the trained weights and optimizer state (a sharded run's other ranks receive
+    them from rank 0): the schedule, RNG and progress only."""
     import torch
     from safetensors.torch import load_file
 
-    return {"weights": load_file(path / "weights.safetensors"),
-            "state": torch.load(path / "state.pt", weights_only=True),
+    # Mapped, not read: the optimizer state a rank does not need is never read from disk.
+    state = torch.load(path / "state.pt", weights_only=True, mmap=not whole)
+    if not whole:
+        state["optimizer"] = {}
+    return {"weights": load_file(path / "weights.safetensors") if whole else {}, "state": state,
             "rng": json.loads((path / "rng.json").read_text()),
             "progress": json.loads((path / "progress.json").read_text())}
 
 
 def apply_checkpoint(checkpoint: dict, model, optimizer, scheduler) -> dict:
     """A checkpoint read back restored into this run's model, optimizer (sharded or not, flat or not),
-    schedule and RNG; returns its progress. Sharded: every rank applies the same whole checkpoint."""
+    schedule and RNG; returns its progress. Sharded: rank 0's whole weights and optimizer state are
+    sent to every rank (the others read the checkpoint without them), each keeping its shards."""
     import torch
 
     state = checkpoint["state"]
@@ -190,6 +196,19 @@ def apply_checkpoint(checkpoint: dict, model, optimizer, scheduler) -> dict:
     version, internal, gauss_next = checkpoint["rng"]["python"]
     random.setstate((version, tuple(internal), gauss_next))
     return checkpoint["progress"]
+
+
+def agreed_checkpoint(scratch: Path, log, rank: int, dev) -> tuple[Path, dict] | None:
+    """A sharded run's checkpoint to resume from: the one rank 0 finds readable (it reads it whole);
+    the other ranks read the same one without its weights and optimizer state (a collective)."""
+    from qlora.tasks.training.distributed import broadcast_int
+
+    found = newest_readable_checkpoint(scratch, log) if rank == 0 else None
+    step = broadcast_int(found[1]["progress"]["step"] if found else -1, dev)
+    if rank == 0 or step < 0:
+        return found
+    path = scratch / f"checkpoint-{step:07d}"
+    return path, read_checkpoint(path, whole=False)
 
 
 def newest_readable_checkpoint(scratch: Path, log) -> tuple[Path, dict] | None:

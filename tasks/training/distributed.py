@@ -94,6 +94,18 @@ def per_rank(value: int, world: World, dev) -> list[int]:
     return [int(v) for v in all_reduce_sum(values, dev)]
 
 
+def broadcast_int(value: int, dev) -> int:
+    """Rank 0's value on every rank (one process: the value)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def global_sum(values: list[float], dev):
     """The sum over ranks as a tensor on dev, without waiting on the host: on CUDA the all-reduce is
     queued on the stream (what uses the tensor waits for it there), so the host keeps queuing the

@@ -230,10 +230,10 @@ def full_optimizer_state(model, optimizer) -> dict:
 
 
 def load_full_state(model, optimizer, weights: dict, optimizer_state: dict) -> None:
-    """Whole weights and optimizer state (as saved from any number of processes) sharded into this
-    process's parts. Every rank passes the same whole state."""
+    """Whole weights and optimizer state (as saved from any number of processes), given on rank 0 (the
+    others pass empty dicts), sent to every process, each keeping its parts (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

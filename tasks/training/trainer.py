@@ -225,7 +225,10 @@ class TrainingRun:
     def resume(self, warn: Callable[[str], None]) -> None:
         """Continue from the newest readable checkpoint, if any: weights, optimizer, schedule, RNG and
         progress restored; history past it dropped; metrics MLflow already has are not logged twice."""
-        found = checkpoint.newest_readable_checkpoint(self.scratch, warn)
+        if self.sharded:  # rank 0 alone reads the trained weights and optimizer state, and sends them
+            found = checkpoint.agreed_checkpoint(self.scratch, warn, self.world.rank, self.dev)
+        else:
+            found = checkpoint.newest_readable_checkpoint(self.scratch, warn)
         if found:
             saved = checkpoint.apply_checkpoint(found[1], self.model, self.optimizer, self.scheduler)
             self.progress = Progress(**saved)
