@@ -295,6 +295,7 @@ def validate(recipe: Recipe) -> dict:
                                    preference=recipe.preference if recipe.preference.enabled else None)
         if plan.pop("strategy", strategy) != strategy:  # auto, on GPUs: fsdp where one GPU cannot hold the model
             info["distributed"]["strategy"] = "fsdp"
+        info["distributed"]["host_memory_per_node_gib"] = plan.pop("host_per_node_gib")
         info["memory_plan"] = plan  # per GPU (per process)
     return {**info, "tracking_uri": tracking_uri_of(recipe)}
 

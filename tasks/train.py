@@ -40,6 +40,9 @@ def train(out: Path, tokenized: Tokenized, quantized: Quantized, lora: LoraPlan,
                                 cpu_offload=launch.cpu_offload, preference=preference, reference=reference,
                                 start=start)
     processes = plan.training_processes(launch) // launch.nnodes
+    if processes * launch.nnodes > 1:  # before any process starts: the plan fits (the host memory per node too)
+        plan.check_memory_budget(quantized.model_path, cfg, q, lora, max_length, quantized.task == "causal-lm",
+                                 launch=launch, with_estimate=True, dropout=lora_cfg.drops_inputs, preference=preference)
     if processes * launch.nnodes == 1:
         return trainer.run_training(spec, out, scratch, on_checkpoint=on_checkpoint, warn=run_logger().warning)
     return train_with_torchrun(spec, out, scratch, launch, processes)

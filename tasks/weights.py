@@ -5,6 +5,7 @@ so a truncated download fails here in one line, not deep inside a load)."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def safetensors_files(directory: Path, field: str, stem: str = "") -> list[Path]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         _check_index(index, field)
+    _check_shard_numbers(files, directory, field)
     for path in files:
         check_safetensors(path, field)
     return files
@@ -52,6 +54,25 @@ def check_safetensors(path: Path, field: str) -> None:
     if 8 + length + end > size:
         raise RecipeError(f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
                           field, hint="download or copy it again")
+
+
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<count>\d+)\.safetensors$")
+
+
+def _check_shard_numbers(files: list[Path], directory: Path, field: str) -> None:
+    """Shards named NAME-0000k-of-0000n (as save_pretrained and the Hub name them) are all there,
+    with or without an index: a missing one would otherwise load as a model with weights left at
+    their random start."""
+    groups: dict[tuple[str, str, int], set[int]] = {}
+    for path in files:
+        m = SHARD_NAME.match(path.name)
+        if m:
+            groups.setdefault((m["stem"], m["count"], len(m["number"])), set()).add(int(m["number"]))
+    for (stem, count, width), numbers in groups.items():
+        missing = sorted(set(range(1, int(count) + 1)) - numbers)
+        if missing:
+            name = f"{stem}-{missing[0]:0{width}d}-of-{count}.safetensors"
+            raise RecipeError(f"shard {name} is missing from {directory} ({len(missing)} of {int(count)} missing)", field)
 
 
 def _check_index(index: Path, field: str) -> None:

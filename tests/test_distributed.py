@@ -293,12 +293,12 @@ def test_validate_prints_the_distributed_plan(project, capsys):
     assert main(["validate", str(recipe), "--set", "distributed.strategy=ddp",
                  "--set", "distributed.nproc_per_node=2"]) == 0
     out = capsys.readouterr().out
-    assert "distributed: {'strategy': 'ddp', 'processes': 2, 'nodes': 1}" in out
+    assert "distributed: {'strategy': 'ddp', 'processes': 2, 'nodes': 1, 'host_memory_per_node_gib': " in out
     assert "'estimated_peak_gib':" in out
     assert main(["validate", str(recipe), "--set", "distributed.strategy=fsdp", "--set", "distributed.nproc_per_node=2",
                  "--set", "distributed.cpu_offload=true"]) == 0
     out = capsys.readouterr().out
-    assert "distributed: {'strategy': 'fsdp', 'processes': 2, 'nodes': 1}" in out
+    assert "distributed: {'strategy': 'fsdp', 'processes': 2, 'nodes': 1, 'host_memory_per_node_gib': " in out
     assert "'estimated_peak_gib':" in out  # per GPU; what sharding saves is tested on the 70B shape
     assert main(["validate", str(recipe), "--set", "distributed.nnodes=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -115,9 +115,28 @@ def _model_dirs(project: Path) -> dict[str, Path]:
     source = resolve_location(MINILM, "model")
     weights = (source / "model.safetensors").read_bytes()
     out = {}
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(source / "model.safetensors")
+    names = sorted(tensors)
+    halves = [dict((k, tensors[k]) for k in names[: len(names) // 2]), dict((k, tensors[k]) for k in names[len(names) // 2:])]
+    shards = {}
+    for i, half in enumerate(halves, start=1):
+        save_file(half, project / "shard.tmp")
+        shards[f"model-0000{i}-of-00002.safetensors"] = (project / "shard.tmp").read_bytes()
+    (project / "shard.tmp").unlink()
+    index = json.dumps({"metadata": {}, "weight_map": {k: f"model-0000{1 + (k in halves[1])}-of-00002.safetensors"
+                                                       for k in names}}).encode()
     for name, files in (("truncated", {"model.safetensors": weights[: len(weights) // 2]}),
                         ("garbage", {"model.safetensors": b"\xff" * 64}),
-                        ("pickled", {"pytorch_model.bin": pickle.dumps({"weight": [0.0]})})):
+                        ("pickled", {"pytorch_model.bin": pickle.dumps({"weight": [0.0]})}),
+                        # a sharded checkpoint whose second shard is gone: named by its index, or by the names alone
+                        ("shard_gone", {"model-00001-of-00002.safetensors": shards["model-00001-of-00002.safetensors"],
+                                        "model.safetensors.index.json": index}),
+                        ("shard_gone_unindexed", {"model-00001-of-00002.safetensors":
+                                                  shards["model-00001-of-00002.safetensors"]})):
         directory = project / f"model-{name}"
         directory.mkdir()
         for link in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -243,6 +262,12 @@ CASES = [
     ("model-truncated", ["model.name_or_path={model_truncated}"], "model.name_or_path: " + "{model_truncated}/model.safetensors is truncated"),
     ("model-garbage", ["model.name_or_path={model_garbage}"], "model.safetensors is truncated or not a safetensors file"),
     ("model-pickled", ["model.name_or_path={model_pickled}"], "refusing to load a pickle-based weight file (pytorch_model.bin"),
+    ("model-shard-named-in-index-missing", ["model.name_or_path={model_shard_gone}"],
+     "model.name_or_path: shard model-00002-of-00002.safetensors named in model.safetensors.index.json is missing from"),
+    ("model-shard-missing", ["model.name_or_path={model_shard_gone_unindexed}"],
+     "model.name_or_path: shard model-00002-of-00002.safetensors is missing from"),
+    ("host-memory-per-node", ["distributed.strategy=fsdp", "distributed.nproc_per_node=1000"],
+     "distributed.nproc_per_node: this plan needs about"),
     # tracking stores that cannot be used
     ("store-random-bytes", ["tracking.tracking_uri=sqlite:///{randomdb}"], "tracking.tracking_uri: tracking store " + "{randomdb} is not a SQLite database"),
     ("store-truncated", ["tracking.tracking_uri=sqlite:///{truncdb}"], "{truncdb} is truncated"),

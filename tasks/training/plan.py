@@ -64,7 +64,64 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
                                  dropout, sequences=sequences)
     plan = memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
                        sharded=strategy == "fsdp", dropout=dropout, sequences=sequences)
-    return {**plan, "strategy": strategy}
+    host = check_host_memory(config, cfg, q, lora, launch, strategy, dev, plan.get("estimated_peak_gib"))
+    return {**plan, "strategy": strategy, "host_per_node_gib": host}
+
+
+# Host memory a training process holds besides the model: the interpreter, torch, transformers and
+# peft, and on a GPU the CUDA context and its libraries (resident sets measured at the start of a
+# training process; benchmarks/RESULTS.md, sharded load).
+PROCESS_HOST_GIB = {"cpu": 0.5, "cuda": 2.5}
+
+
+def host_memory_per_node(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, launch: DistributedSection,
+                         strategy: str, dev, peak_gib: float | None = None) -> dict:
+    """The host memory the most loaded node needs, by part, in GiB (estimated from the config before
+    anything loads): its processes; sharded, the whole base that rank 0 loads and sends (one copy on
+    the first node, whatever the number of processes), and with distributed.cpu_offload the node's
+    shards of the weights and training state; on the CPU, training itself (peak_gib per process)."""
+    processes = training_processes(launch) // launch.nnodes
+    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+    whole = memory.estimate_memory(config, weight_bits=bits, trainable_params=lora.trainable_params, optim=cfg.optim,
+                                   tokens=1, gradient_checkpointing=False, offload=False, fused_ce=True, causal=False)
+    parts = {"processes": PROCESS_HOST_GIB[dev.type] * processes}
+    if strategy == "fsdp" and q.mode != "8bit":
+        parts["base"] = whole["weights"] / memory.GIB
+    if strategy == "fsdp" and launch.cpu_offload and dev.type == "cuda":
+        parts["offloaded"] = (whole["weights"] + whole["training_state"]) / memory.GIB / launch.nnodes
+    if dev.type == "cpu" and peak_gib is not None:
+        parts["training"] = peak_gib * processes
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory, or its container's limit where that is lower (cgroup v2 memory.max)."""
+    import os
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_host_memory(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, launch: DistributedSection,
+                      strategy: str, dev, peak_gib: float | None = None) -> float:
+    """The host memory per node this plan needs (GiB); a plan the machine cannot hold is refused,
+    naming the field that decides the largest part."""
+    parts = host_memory_per_node(config, cfg, q, lora, launch, strategy, dev, peak_gib)
+    need, have = sum(parts.values()), host_memory_bytes() / memory.GIB
+    if need > have:
+        largest = max(parts, key=parts.get)
+        field = {"offloaded": "distributed.cpu_offload", "base": "model.name_or_path"}.get(largest, "distributed.nproc_per_node")
+        shown = ", ".join(f"{k} {v:g} GiB" for k, v in parts.items())
+        raise RecipeError(f"this plan needs about {need:.1f} GiB of host memory per node ({shown}); this machine has "
+                          f"{have:.1f} GiB", field,
+                          hint="fewer processes per node, distributed.cpu_offload: false, or a machine with more memory")
+    return round(need, 2)
 
 
 def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, max_length: int | None, causal: bool,
