@@ -110,6 +110,8 @@ def worker(directory: str, way: str, out: str, bits: str) -> None:
     from transformers import AutoConfig
     loading.import_model_code("causal-lm", AutoConfig.from_pretrained(path))
     pids = distributed.per_rank(os.getpid(), world, dev)
+    with open("/proc/self/statm") as f:  # what a process holds before loading (libraries, CUDA context)
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     dist.barrier()
     start = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as host, NodeMemory(pids if world.rank == 0 else []) as node:
@@ -126,7 +128,7 @@ def worker(directory: str, way: str, out: str, bits: str) -> None:
     per_rank = distributed.per_rank(host.peak, world, dev)
     if world.main:
         Path(out).write_text(json.dumps({
-            "way": way, "processes": world.size, "load_s": round(loaded, 1), "load_and_shard_s": round(seconds, 1),
+            "way": way, "processes": world.size, "process_start_gib": round(resident / 2**30, 2), "load_s": round(loaded, 1), "load_and_shard_s": round(seconds, 1),
             "per_process_gib": [round(b / 2**30, 2) for b in per_rank],
             "node_own_gib": round(node.own / 2**30, 2), "node_mapped_gib": round(node.mapped / 2**30, 2),
             "gpu_gib_per_process": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}))

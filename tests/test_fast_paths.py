@@ -230,6 +230,10 @@ def test_one_flat_optimizer_tensor_steps_exactly_as_one_tensor_per_weight(tmp_pa
                 assert torch.equal(by_name["state"][name][key], value), (name, key)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     save_checkpoint(tmp_path, 3, *training_state(model, optimizer), scheduler, {"step": 3}, keep=2)
+    # A sharded run's other ranks read it without the trained weights and optimizer state (rank 0 sends them).
+    light = read_checkpoint(tmp_path / "checkpoint-0000003", whole=False)
+    assert light["weights"] == {} and light["state"]["optimizer"] == {} and light["progress"] == {"step": 3}
+    assert light["state"]["scheduler"] == scheduler.state_dict()
     for flat in (True, False):
         fresh, fresh_optimizer = _train_steps(flat=flat, steps=1)
         apply_checkpoint(read_checkpoint(tmp_path / "checkpoint-0000003"), fresh, fresh_optimizer,

@@ -143,8 +143,9 @@ class TrainingRun:
         cfg, plan = self.cfg, self.plan
         # Sharded, rank 0 alone loads the base, into CPU memory, and each GPU takes only its shards of
         # it: no GPU ever holds the whole model (a 4-bit 70B is 35 GiB), and a node one copy of it.
-        # The other ranks build it on the meta device (an 8-bit base: each rank loads it whole).
-        from_rank0 = self.sharded and self.q.mode != "8bit"
+        # The other ranks build it on the meta device. Each rank loads it whole for an 8-bit base, and
+        # for DoRA, whose layers are initialised from their dequantized weights as peft attaches them.
+        from_rank0 = self.sharded and self.q.mode != "8bit" and not (self.lora_cfg.enabled and self.lora_cfg.use_dora)
         weights_here = not from_rank0 or self.world.main
         if weights_here:
             base = loading.load_base(self.quantized, self.label_names, self.q, fast["attention"], on_cpu=self.sharded)
