@@ -69,9 +69,9 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
 
 
 # Host memory a training process holds besides the model: the interpreter, torch, transformers and
-# peft, and on a GPU the CUDA context and its libraries (resident sets measured at the start of a
-# training process; benchmarks/RESULTS.md, sharded load).
-PROCESS_HOST_GIB = {"cpu": 0.5, "cuda": 2.5}
+# peft, and on a GPU the CUDA context and its libraries (resident sets measured before the load,
+# rounded up: benchmarks/RESULTS.md, "Loading the base once per node").
+PROCESS_HOST_GIB = {"cpu": 1.0, "cuda": 1.5}
 
 
 def host_memory_per_node(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, launch: DistributedSection,
