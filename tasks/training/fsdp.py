@@ -69,7 +69,7 @@ def shard_model(model, world: World, dev, cpu_offload: bool = False, from_rank0:
 
 def _owned_tensors(model, units: list) -> dict[int, dict]:
     """For each unit (by id), the names (relative to it) of the parameters it shards itself (not those of
-    a unit inside it), its persistent buffers, its 4-bit layers, and the other names of a tied weight."""
+    a unit inside it), its buffers, its 4-bit layers, and the other names of a tied weight."""
     prefixes = {id(m): name for name, m in model.named_modules()}
     unit_prefixes = sorted(((prefixes[id(u)], u) for u in units), key=lambda pu: -len(pu[0]))
 
@@ -91,8 +91,8 @@ def _owned_tensors(model, units: list) -> dict[int, dict]:
         owned[id(unit)]["parameters"].append(relative(unit, name))
     for module_name, module in model.named_modules():
         unit = owner(module_name) if module_name else model
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
+        for buffer_name, buffer in module.named_buffers(recurse=False):  # all: small, and then rank 0's
+            if buffer is not None:
                 full = f"{module_name}.{buffer_name}" if module_name else buffer_name
                 owned[id(unit)]["buffers"].append(relative(unit, full))
         if type(module).__name__ == "Linear4bit" and getattr(module, "quant_state", None) is not None:  # bitsandbytes'
@@ -108,8 +108,8 @@ PIECE_BYTES = {"cuda": 8 * 2**20, "cpu": 2**20}
 def _receive_from_rank0(unit, names: dict, whole: dict, dev) -> None:
     """Each of the unit's weights sent from rank 0 in pieces of rows (PIECE_BYTES at a time), each other
     rank keeping the rows of its own shard (FSDP's dim-0 shards, as torch.chunk cuts them; rank 0's
-    were cut by FSDP from its whole weights); its persistent buffers and its 4-bit layers'
-    quantization state sent whole."""
+    were cut by FSDP from its whole weights); its buffers and its 4-bit layers' quantization state
+    sent whole."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
