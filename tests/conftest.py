@@ -66,6 +66,22 @@ def minilm_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def save_llama_with_minilm_tokenizer(directory: Path, dtype=None, max_shard_size=None, **shape) -> None:
+    """A Llama of the given shape made here (seeded), with MiniLM's tokenizer ([SEP] as its end of
+    sequence), saved into directory; dtype: cast before saving; max_shard_size: saved in shards."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(directory)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.sep_token_id, **shape))
+    model = model.to(dtype) if dtype is not None else model
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """The CLI sets environment defaults for its process; tests calling it in-process must not

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, small_recipe, stages_before_training
+from conftest import minilm_dir, save_llama_with_minilm_tokenizer, small_recipe, stages_before_training
 from safetensors.torch import load_file
 
 from qlora.tasks.recipe import DistributedSection, RecipeError, recipe_from_dict
@@ -88,16 +88,10 @@ def prepared_llama(tmp_path_factory):
     """A 2-layer Llama made here (MiniLM's tokenizer) on 96 generated question/answer pairs, loss on
     the answers: the causal path (decoder layers, embeddings and output layer sharded as the root)."""
     import pandas as pd
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("llama")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tok.eos_token = "[SEP]"
-    tok.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)).save_pretrained(root / "model")
+    save_llama_with_minilm_tokenizer(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
     pd.DataFrame({"question": [f"what is {a} plus {b}?" for a in range(12) for b in range(8)],
                   "answer": [f"{a + b}, since {a} and {b} make {a + b}." for a in range(12) for b in range(8)]}
                  ).to_csv(root / "qa.csv", index=False)

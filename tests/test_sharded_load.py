@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, stages_before_training
+from conftest import save_llama_with_minilm_tokenizer, stages_before_training
 from safetensors import safe_open
 
 from qlora.tasks.recipe import DistributedSection, recipe_from_dict
@@ -27,17 +27,11 @@ def sharded(tmp_path_factory):
     width 1024, tied embeddings; about 200 MB in 4 bits), saved in 16 bits in shards with their
     index, and question/answer rows for it."""
     import pandas as pd
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("sharded")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tok.eos_token = "[SEP]"
-    tok.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
-                                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=128,
-                                 tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
-                     ).to(torch.bfloat16).save_pretrained(root / "model", max_shard_size="100MB")
+    save_llama_with_minilm_tokenizer(root / "model", dtype=torch.bfloat16, max_shard_size="100MB", hidden_size=1024,
+                                     intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
+                                     num_key_value_heads=4, tie_word_embeddings=True)
     pd.DataFrame({"question": [f"what is {a} plus {b}?" for a in range(8) for b in range(8)],
                   "answer": [f"{a + b}." for a in range(8) for b in range(8)]}).to_csv(root / "qa.csv", index=False)
     r = recipe_from_dict({

@@ -64,7 +64,8 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
                                  dropout, sequences=sequences)
     plan = memory_plan(config, cfg, q, lora, max_length, causal, liger, dev, processes, with_estimate,
                        sharded=strategy == "fsdp", dropout=dropout, sequences=sequences)
-    host = check_host_memory(config, cfg, q, lora, launch, strategy, dev, plan.get("estimated_peak_gib"))
+    host = check_host_memory(config, cfg, q, lora, launch, processes // launch.nnodes, strategy, dev,
+                             plan.get("estimated_peak_gib"))
     return {**plan, "strategy": strategy, "host_per_node_gib": host}
 
 
@@ -74,14 +75,19 @@ def check_memory_budget(model_path: str, cfg: TrainSection, q: QuantizationSecti
 PROCESS_HOST_GIB = {"cpu": 1.0, "cuda": 1.5}
 
 
+def weight_bits(q: QuantizationSection) -> int:
+    """Bits per base weight as loaded for training: 4 or 8 quantized, else the compute dtype's."""
+    return {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+
+
 def host_memory_per_node(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, launch: DistributedSection,
-                         strategy: str, dev, peak_gib: float | None = None) -> dict:
+                         processes: int, strategy: str, dev, peak_gib: float | None = None) -> dict:
     """The host memory the most loaded node needs, by part, in GiB (estimated from the config before
     anything loads): its processes; sharded, the whole base that rank 0 loads and sends (one copy on
     the first node, whatever the number of processes), and with distributed.cpu_offload the node's
-    shards of the weights and training state; on the CPU, training itself (peak_gib per process)."""
-    processes = training_processes(launch) // launch.nnodes
-    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+    shards of the weights and training state; on the CPU, training itself (peak_gib per process).
+    processes: how many run on each node."""
+    bits = weight_bits(q)
     whole = memory.estimate_memory(config, weight_bits=bits, trainable_params=lora.trainable_params, optim=cfg.optim,
                                    tokens=1, gradient_checkpointing=False, offload=False, fused_ce=True, causal=False)
     parts = {"processes": PROCESS_HOST_GIB[dev.type] * processes}
@@ -109,10 +115,10 @@ def host_memory_bytes() -> int:
 
 
 def check_host_memory(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPlan, launch: DistributedSection,
-                      strategy: str, dev, peak_gib: float | None = None) -> float:
+                      processes: int, strategy: str, dev, peak_gib: float | None = None) -> float:
     """The host memory per node this plan needs (GiB); a plan the machine cannot hold is refused,
     naming the field that decides the largest part."""
-    parts = host_memory_per_node(config, cfg, q, lora, launch, strategy, dev, peak_gib)
+    parts = host_memory_per_node(config, cfg, q, lora, launch, processes, strategy, dev, peak_gib)
     need, have = sum(parts.values()), host_memory_bytes() / memory.GIB
     if need > have:
         largest = max(parts, key=parts.get)
@@ -138,7 +144,7 @@ def memory_plan(config, cfg: TrainSection, q: QuantizationSection, lora: LoraPla
                    "gradient_checkpointing": cfg.gradient_checkpointing, "offload_activations": cfg.offload_activations}
     if cfg.max_memory_gib is None and not with_estimate:
         return recipe_plan
-    bits = {"4bit": 4, "8bit": 8}.get(q.mode, 32 if q.bnb_4bit_compute_dtype == "float32" else 16)
+    bits = weight_bits(q)
     seq = max_length or getattr(config, "max_position_embeddings", 512)
     shards = processes if sharded else None
 
