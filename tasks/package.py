@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from qlora.runtime.secrets import reveal
+from qlora.tasks import chat_serving
 from qlora.tasks.recipe import ModelSection
 from qlora.tasks.results import BaseModelFiles, Merged, Packaged, Quantized, Trained
 from qlora.tasks.stage import stage
@@ -113,6 +114,12 @@ def model_card(info: dict, adapter: bool) -> str:
                   f"model = mlflow.pyfunc.load_model(\"models:/{info['registered_name']}@candidate\")", "```", "",
                   "The `model/` folder is a plain transformers checkpoint, its tokenizer under "
                   "`components/tokenizer/`.", ""]
+        if info["task"] == CAUSAL:
+            lines += ["Served (`mlflow models serve`), or through pyfunc, it answers each chat request with one "
+                      "OpenAI-style `chat.completion` object naming this registered model; that pyfunc flavor "
+                      "is qlora-pipeline's `qlora.tasks.chat_serving`, so it needs qlora-pipeline installed. "
+                      "Without it, `mlflow.transformers.load_model(...)` loads the model as a transformers "
+                      "text-generation pipeline.", ""]
     return "\n".join(lines)
 
 
@@ -188,7 +195,9 @@ def mlflow_model(out: Path, merged_dir: Path, info: dict) -> None:
         pipe = transformers.pipeline("text-generation", model=str(merged_dir), tokenizer=str(merged_dir))
         mlflow.transformers.save_model(pipe, path=str(out), task="llm/v1/chat", input_example=CHAT_EXAMPLE,
                                        model_card=card, pip_requirements=requirements,
-                                       model_config={"do_sample": False})
+                                       model_config={"do_sample": False},
+                                       metadata={chat_serving.SERVED_NAME: info["registered_name"]})
+        serve_chat_completions(out)
     else:
         pipe = transformers.pipeline("text-classification", model=str(merged_dir), tokenizer=str(merged_dir))
         signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
@@ -197,6 +206,19 @@ def mlflow_model(out: Path, merged_dir: Path, info: dict) -> None:
                                        input_example=pd.DataFrame({"text": CLASSIFY_EXAMPLE}),
                                        pip_requirements=requirements)
     _relink_duplicates(out / "model", merged_dir)
+
+
+def serve_chat_completions(out: Path) -> None:
+    """The saved chat model's pyfunc flavor answers one OpenAI chat completion per request
+    (tasks/chat_serving.py); its transformers flavor is kept as MLflow wrote it."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import FLAVOR_NAME, add_to_model
+
+    mlmodel = Model.load(out / "MLmodel")
+    written = mlmodel.flavors.pop(FLAVOR_NAME)
+    add_to_model(mlmodel, loader_module=chat_serving.__name__, model_config=written.get("config"),
+                 python_env=written["env"]["virtualenv"], conda_env=written["env"]["conda"])
+    mlmodel.save(out / "MLmodel")
 
 
 def _version(name: str) -> str:

