@@ -14,7 +14,9 @@ empty rows), then
             logging every step, no merge): the seconds of each data stage (the run summary's
             stage_seconds), the time from the command's start to its first optimizer step (the
             timestamp MLflow holds for the first train_loss, minus the start), and the peak
-            resident memory of the whole run.
+            resident memory of the whole run;
+  stages    the pipeline's load, split and tokenize stages alone in a fresh process (STAGES below):
+            the data stages' own seconds and peak resident memory, beside the plain script's.
 With --kind chat: N rows of (prompt, response) instead; the plain script renders each row with the
 chat template (prompt alone and prompt + answer), tokenizes both in `map` and masks the prompt from
 the labels; the pipeline runs the chat recipe (recipes/chat-smollm2.yaml: the same template, the
@@ -121,6 +123,50 @@ t["total"] = time.perf_counter() - start
 t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps(t))
 '''
+
+# The pipeline's data stages alone, as the plain script runs its data work: one fresh process, the
+# same recipe, load -> split -> tokenize called as plain functions (the stage's own code, its
+# directory and manifest, no flow, no model, no tracking), its seconds per stage and its peak resident
+# memory; `imports_gib` is its memory once the stages' modules are imported, before any data.
+STAGES = r'''
+import json, resource, sys, time
+recipe_file, work_dir, model_work_dir = sys.argv[1:4]
+from qlora.tasks.data import describe_source
+from qlora.tasks.load import load, load_arguments
+from qlora.tasks.split import split
+from qlora.tasks.tokenize import tokenize
+from qlora.tasks.model import resolve_model
+from qlora.tasks.convert import convert_gguf
+from qlora.tasks.recipe import load_recipe
+r = load_recipe(recipe_file)
+model = resolve_model(r.model, None, model_work_dir)
+if model.gguf:  # converted by the pipeline's run before this one: a cache hit, not timed
+    model = convert_gguf.fn(model, work_dir=model_work_dir).as_base()
+causal = r.model.task == "causal-lm"
+t = {"imports_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+start = time.perf_counter()
+loaded = load.fn(describe_source(r.data), **load_arguments(r), work_dir=work_dir)
+t["load"] = time.perf_counter() - start
+mark = time.perf_counter()
+splits = split.fn(loaded, r.split, r.data.sample, work_dir=work_dir)
+t["split"] = time.perf_counter() - mark
+mark = time.perf_counter()
+tokenize.fn(splits, model.tokenizer, r.tokenize, r.prompt if causal else None, None, work_dir=work_dir)
+t["tokenize"] = time.perf_counter() - mark
+t["total"] = time.perf_counter() - start
+t["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(t))
+'''
+
+
+def stages(work: Path, pipeline_work: Path) -> dict:
+    """The data stages alone in a fresh process on the recipe the pipeline ran (see STAGES)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QLORA_PROGRESS": "0", "PREFECT_HOME": str(work / ".prefect")}
+    done = subprocess.run([sys.executable, "-c", STAGES, str(pipeline_work / "r.yaml"), str(work / "stages-cache"),
+                           str(pipeline_work / ".qlora")], cwd=work, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the data stages failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -240,20 +286,24 @@ def main() -> None:
             work = Path(tmp)
             data = work / "rows.csv"
             (write_rows if args.kind == "classification" else write_chat_rows)(data, rows)
-            (work / "plain").mkdir()
-            (work / "pipeline").mkdir()
+            for side in ("plain", "pipeline", "stages"):
+                (work / side).mkdir()
             q = pipeline(data, work / "pipeline", args.kind)  # first: the children's peak memory is then its own
             p = plain(data, work / "plain", args.kind, q.pop("tokenizer") or minilm())
+            d = stages(work / "stages", work / "pipeline")
             results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
-                            "plain": p, "pipeline": q})
+                            "plain": p, "pipeline": q, "stages": d})
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{'rows':>9} | {'plain read+split+tok s':>22} | {'qlora to first step s':>21} | ratio | "
-          f"{'plain peak GiB':>14} | {'qlora peak GiB':>14} | qlora load / split / tokenize s")
+          f"{'plain peak GiB':>14} | {'qlora peak GiB':>14} | qlora load / split / tokenize s | "
+          f"data stages alone: s, peak GiB (after imports), peak / plain's")
     for r in results:
-        p, q = r["plain"], r["pipeline"]
+        p, q, d = r["plain"], r["pipeline"], r["stages"]
         peak = f"{q['peak_rss_gib']:.2f}" if q["peak_rss_gib"] else "n/a"
         print(f"{r['rows']:>9} | {p['total']:>22.1f} | {q['to_first_step']:>21.1f} | {q['to_first_step'] / p['total']:>5.2f} | "
-              f"{p['peak_rss_gib']:>14.2f} | {peak:>14} | {q['load']:.1f} / {q['split']:.1f} / {q['tokenize']:.1f}")
+              f"{p['peak_rss_gib']:>14.2f} | {peak:>14} | {q['load']:.1f} / {q['split']:.1f} / {q['tokenize']:.1f} | "
+              f"{d['total']:.1f} s, {d['peak_rss_gib']:.2f} GiB ({d['imports_gib']:.2f}), "
+              f"{d['peak_rss_gib'] / p['peak_rss_gib']:.2f}x")
     out = Path(os.environ.get("OUT", "."))
     (out / f"data_scale_{args.kind}.json").write_text(json.dumps(results, indent=2))
 

@@ -124,19 +124,90 @@ def _decode_error(path: Path, encoding: str) -> str | None:
 def read_table(path: Path, data: DataSection, nrows: int | None = None) -> pd.DataFrame:
     """One data file as a table: CSV/TSV, JSON (an array or JSON lines), JSON lines and Parquet through
     `datasets`' own readers, YAML (records or a conversation corpus) here; nrows: the first rows only."""
-    fmt, _ = _format_of(path)
-    field, encoding = _field_of(path, data), data.encoding
-    if path.stat().st_size == 0:
-        raise RecipeError(f"data file is empty: {path}", field)
-    if data.column_names is not None and fmt != "csv":
-        raise RecipeError(f"data.column_names names the columns of header-less CSV/TSV files; {path.name} is {fmt}",
-                          "data.column_names")
-    try:
+    fmt = _check_readable(path, data)
+    with _reading(path, data):
         if fmt == "yaml":
-            df = _read_yaml(path, encoding)
+            df = _read_yaml(path, data.encoding)
             df = df.head(nrows) if nrows else df
         else:
             df = _read_with_datasets(path, fmt, data, nrows)
+    if df.empty:
+        raise RecipeError(f"data file has no rows: {path}", _field_of(path, data))
+    return df
+
+
+class Chunks:
+    """A table read chunk by chunk, as often as asked: a file `datasets` built into memory-mapped Arrow
+    (its rows are paged in as read, so a file larger than memory passes), or a table already in memory.
+    class_names: (column, names) of a Hub dataset's ClassLabel column, its ids read as names."""
+
+    def __init__(self, table, where: str, class_names: tuple[str, list[str]] | None = None):
+        self.table, self.where, self.class_names = table, where, class_names  # datasets.Dataset or DataFrame
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.table.columns if self._in_memory else self.table.column_names)
+
+    @property
+    def _in_memory(self) -> bool:
+        import pandas as pd
+
+        return isinstance(self.table, pd.DataFrame)
+
+    def __iter__(self):
+        # pandas frames of CHUNK_ROWS rows, typed as the whole table's to_pandas types them
+        chunks = [self.table] if self._in_memory else self.table.with_format("pandas").iter(batch_size=CHUNK_ROWS)
+        for df in chunks:
+            if self.class_names and self.class_names[0] in df.columns:
+                column, names = self.class_names
+                df[column] = [names[i] for i in df[column]]
+            yield df
+
+    def select(self, columns: list[str]) -> "Chunks":
+        table = self.table[columns] if self._in_memory else self.table.select_columns(columns)
+        return Chunks(table, self.where, self.class_names)
+
+
+CHUNK_ROWS = 100_000  # rows cleaned at a time: bounded memory whatever the file's size
+
+
+def open_table(path: Path, data: DataSection, cache: Path) -> Chunks:
+    """One data file for reading in chunks: built by `datasets`' reader of its format into Arrow files
+    under cache (the caller's own directory, removed with it), memory-mapped; YAML read here."""
+    fmt = _check_readable(path, data)
+    with _reading(path, data):
+        if fmt == "yaml":
+            table = _read_yaml(path, data.encoding)
+        else:
+            import datasets
+
+            with quiet_datasets():
+                table = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache),
+                                              **_reader_options(path, fmt, data))
+    if not len(table):
+        raise RecipeError(f"data file has no rows: {path}", _field_of(path, data))
+    return Chunks(table, str(path))
+
+
+def _check_readable(path: Path, data: DataSection) -> str:
+    """The file's format, once the mistakes found without reading it are ruled out."""
+    fmt, _ = _format_of(path)
+    if path.stat().st_size == 0:
+        raise RecipeError(f"data file is empty: {path}", _field_of(path, data))
+    if data.column_names is not None and fmt != "csv":
+        raise RecipeError(f"data.column_names names the columns of header-less CSV/TSV files; {path.name} is {fmt}",
+                          "data.column_names")
+    return fmt
+
+
+@contextlib.contextmanager
+def _reading(path: Path, data: DataSection):
+    """Whatever a reader raises on a file, one line naming the file and the recipe field behind it."""
+    field, encoding = _field_of(path, data), data.encoding
+    try:
+        yield
+    except RecipeError:
+        raise
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {path}: {str(e).splitlines()[0]}", field) from None
     except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is the user's to fix
@@ -149,9 +220,6 @@ def read_table(path: Path, data: DataSection, nrows: int | None = None) -> pd.Da
                               name == "UTF-8" else None) from None
         message = (str(cause).strip() or type(cause).__name__).splitlines()[0]
         raise RecipeError(f"cannot read data file {path}: {shorten(message, 200)}", field) from None
-    if df.empty:
-        raise RecipeError(f"data file has no rows: {path}", field)
-    return df
 
 
 def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | None) -> pd.DataFrame:
@@ -162,14 +230,7 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
     import datasets
     import pandas as pd
 
-    options: dict = {}
-    if fmt == "csv":
-        options = {"sep": "\t" if ".tsv" in path.name else ",", "encoding": data.encoding,
-                   "keep_default_na": False, "na_values": [""]}
-        if data.column_names:
-            options["column_names"] = data.column_names
-    elif fmt == "json":
-        options = {"encoding": data.encoding}
+    options = _reader_options(path, fmt, data)
     with quiet_datasets():
         if nrows:
             rows = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=True, **options)
@@ -177,6 +238,18 @@ def _read_with_datasets(path: Path, fmt: str, data: DataSection, nrows: int | No
         with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
             return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache,
                                          keep_in_memory=True, **options).to_pandas()
+
+
+def _reader_options(path: Path, fmt: str, data: DataSection) -> dict:
+    """`datasets`' reader options for the recipe's encoding and header-less columns; missing CSV cells
+    are missing (an empty cell, not the text "NA")."""
+    if fmt == "csv":
+        options = {"sep": "\t" if ".tsv" in path.name else ",", "encoding": data.encoding,
+                   "keep_default_na": False, "na_values": [""]}
+        if data.column_names:
+            options["column_names"] = data.column_names
+        return options
+    return {"encoding": data.encoding} if fmt == "json" else {}
 
 
 @contextlib.contextmanager
@@ -230,32 +303,42 @@ def required_columns(data: DataSection, prompt_columns: list[str] | None) -> dic
     return {"data.text_column": data.text_column, "data.label_column": data.label_column}
 
 
-def check_columns(df: pd.DataFrame, columns: dict[str, str], where: str) -> None:
+def check_columns(present: list, columns: dict[str, str], where: str) -> None:
+    """present: the table's column names."""
+    present = list(present)
     for field, column in columns.items():
-        if column not in df.columns:
+        if column not in present:
             field = "prompt.template" if field.startswith("prompt (") else field
-            shown = ", ".join(shorten(str(c), 40) for c in df.columns[:20])
+            shown = ", ".join(shorten(str(c), 40) for c in present[:20])
             hint = f"columns there: {shown}"
-            if any(str(c) not in columns.values() and len(str(c)) > 30 for c in df.columns):
+            if any(str(c) not in columns.values() and len(str(c)) > 30 for c in present):
                 hint += "; a file without a header row: name its columns with data.column_names"
             raise RecipeError(f"column '{column}' not found in {where}", field, hint=hint)
 
 
+def open_source(data: DataSection, columns: dict[str, str], cache: Path) -> dict[str, list[Chunks]]:
+    """Each split of the source as its files' tables, read in chunks, their columns checked. cache: a
+    directory of the caller's for the Arrow files `datasets` builds (a Hub dataset uses its own cache)."""
+    if data.hub:
+        return _open_hub(data, columns)
+    tables = {}
+    for split, paths in source_files(data).items():
+        tables[split] = [open_table(p, data, cache / f"{split}-{i}") for i, p in enumerate(paths)]
+        for table in tables[split]:
+            check_columns(table.columns, columns, table.where)
+    return tables
+
+
 def read_source(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """Each split whole, in memory: for rows cleaned as a whole (preference pairs) and the preflight."""
     import pandas as pd
 
-    if data.hub:
-        return _read_hub(data, columns)
-    frames = {}
-    for split, paths in source_files(data).items():
-        parts = [read_table(p, data) for p in paths]
-        for p, df in zip(paths, parts):
-            check_columns(df, columns, str(p))
-        frames[split] = pd.concat(parts, ignore_index=True)
-    return frames
+    with tempfile.TemporaryDirectory(prefix="qlora-read-") as cache:
+        return {split: pd.concat([chunk for table in tables for chunk in table], ignore_index=True)
+                for split, tables in open_source(data, columns, Path(cache)).items()}
 
 
-def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFrame]:
+def _open_hub(data: DataSection, columns: dict[str, str]) -> dict[str, list[Chunks]]:
     import datasets
 
     from qlora.tasks.hub import hub_error
@@ -265,19 +348,17 @@ def _read_hub(data: DataSection, columns: dict[str, str]) -> dict[str, pd.DataFr
     except Exception as e:  # noqa: BLE001 - every Hub failure is the user's to fix (id, network)
         raise hub_error(e, data.hub, "data.hub") from None
     wanted = {v: k for k, v in (data.splits or {}).items()}
-    frames = {}
+    tables = {}
     for name, ds in dd.items():
         split = wanted.get(name) or SPLIT_ALIASES.get(name)
-        if split and split not in frames:
-            df = ds.to_pandas()
-            check_columns(df, columns, f"Hub dataset {data.hub} split {name}")
-            if hasattr(ds.features.get(data.label_column), "names") and data.label_map is None:
-                names = ds.features[data.label_column].names
-                df[data.label_column] = [names[i] for i in df[data.label_column]]
-            frames[split] = df
-    if "train" not in frames:
+        if split and split not in tables:
+            check_columns(ds.column_names, columns, f"Hub dataset {data.hub} split {name}")
+            names = getattr(ds.features.get(data.label_column), "names", None) if data.label_map is None else None
+            tables[split] = [Chunks(ds, f"Hub dataset {data.hub} split {name}",
+                                    (data.label_column, names) if names else None)]
+    if "train" not in tables:
         raise RecipeError(f"Hub dataset {data.hub} has no train split (has {', '.join(dd)})", "data.splits")
-    return frames
+    return tables
 
 
 def describe_source(data: DataSection) -> DataSource:
@@ -304,5 +385,5 @@ def check_data(data: DataSection, columns: dict[str, str] | list[str] | None = N
         columns = required_columns(data, columns)
     for split, paths in source_files(data).items():
         for path in paths:
-            check_columns(read_table(path, data, nrows=50), columns, str(path))
+            check_columns(read_table(path, data, nrows=50).columns, columns, str(path))
     return describe_source(data)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.tasks.data import read_source, required_columns
+from qlora.tasks.data import Chunks, open_source, read_source, required_columns
 from qlora.tasks.pairs import clean_preference, preference_columns
 from qlora.tasks.recipe import DataSection, PreferenceSection, PromptSection, Recipe, RecipeError, shorten
 from qlora.tasks.results import DataSource, Loaded
@@ -17,15 +17,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None, mixed_ok: bool = False) -> list[str]:
-    import pandas as pd
-
+def _all_label_names(seen: _LabelValues, labels: list[str] | None, mixed_ok: bool = False) -> list[str]:
     if labels:
         return list(labels)
-    values = pd.concat([f["label"] for f in frames.values()]).dropna()
-    if pd.api.types.is_numeric_dtype(values):
-        return [str(i) for i in range(int(values.max()) + 1)]
-    names = sorted(values.astype(str).unique())
+    if seen.numeric:
+        return [str(i) for i in range(int(seen.max) + 1)] if seen.max is not None else []
+    names = sorted({str(v) for v in seen.values})
     ids = [n for n in names if n.strip().lstrip("-").isdigit()]
     if ids and len(ids) < len(names) and not mixed_ok:
         words = [shorten(n, 30) for n in names if n not in ids]
@@ -35,22 +32,129 @@ def _all_label_names(frames: dict[str, pd.DataFrame], labels: list[str] | None, 
     return names
 
 
-def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] | None):
+class _LabelValues:
+    """What one pass over the label columns (nothing else read) finds: the values, whether every
+    split's labels are numbers (class ids), per split whether its are, and raw values label_map misses."""
+
+    def __init__(self):
+        self.values: set = set()
+        self.max = None
+        self.split_numeric: dict[str, bool] = {}
+        self.unmapped: dict[str, int] = {}
+
+    @property
+    def numeric(self) -> bool:
+        return all(self.split_numeric.values())
+
+    def add(self, split: str, labels: pd.Series) -> None:
+        import pandas as pd
+
+        numeric = pd.api.types.is_numeric_dtype(labels)
+        self.split_numeric[split] = self.split_numeric.get(split, True) and numeric
+        present = labels.dropna()
+        self.values.update(present.unique().tolist())
+        if numeric and len(present):
+            self.max = present.max() if self.max is None else max(self.max, present.max())
+
+
+def _chunked(frames: dict) -> dict[str, list[Chunks]]:
+    """split -> its tables read in chunks (a DataFrame given is one table of one chunk)."""
+    import pandas as pd
+
+    return {split: [Chunks(f, split)] if isinstance(f, pd.DataFrame) else list(f) for split, f in frames.items()}
+
+
+def clean(frames: dict, data: DataSection, labels: list[str] | None, sink=None):
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
-    Returns the cleaned frames (text, label id), the class names and per-split counts."""
-    renamed = _mapped_labels(frames, data)
+    frames: split -> a DataFrame, or a list of tables read in chunks (tasks/data.py's Chunks). sink:
+    called (split, cleaned chunk) as chunks are cleaned, so no split is held whole; without one the
+    cleaned frames are returned. Returns the cleaned frames (text, label id), the class names and
+    per-split counts."""
+    tables = _chunked(frames)
+    seen = _label_pass(tables, data)
     # Without a label_map, "1" and "pos" in one column are two spellings, not two classes (with
     # one, values it leaves unmapped are refused, or dropped by keep_labels).
-    all_names = _all_label_names(renamed, labels, mixed_ok=data.label_map is not None or bool(data.keep_labels))
+    all_names = _all_label_names(seen, labels, mixed_ok=data.label_map is not None or bool(data.keep_labels))
     names = _kept_label_names(all_names, data, labels)
-    out, stats = {}, {}
-    for split, df in renamed.items():
-        out[split], stats[split] = _clean_split(split, df, data, labels, all_names, names)
-    if not len(out["train"]):
+    for split in tables:
+        if seen.split_numeric[split]:
+            _check_class_ids(split, tables[split], data, all_names)
+    kept, stats, present = {}, {}, set()
+    for split, split_tables in tables.items():
+        stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
+        for table in split_tables:
+            for chunk in _texts_and_labels(table, data):
+                df, counts = _clean_chunk(chunk, data, labels, all_names, names, seen.split_numeric[split], dedup)
+                _add_counts(stats[split], counts)
+                if split == "train":
+                    present.update(df["label"].unique().tolist())
+                _keep(split, df, sink, parts)
+        if not sink:
+            kept[split] = _concat(parts, {"text": "object", "label": "int64"})
+    _check_trained_classes(stats, names, present)
+    return kept, names, stats
+
+
+def _label_pass(tables: dict[str, list[Chunks]], data: DataSection) -> _LabelValues:
+    """The label columns alone, mapped through data.label_map: a value the map misses is an error
+    unless data.keep_labels filters (its rows are then dropped and counted)."""
+    seen = _LabelValues()
+    for split, split_tables in tables.items():
+        for table in split_tables:
+            for chunk in table.select([data.label_column]):
+                seen.add(split, _mapped(chunk[data.label_column], data, seen.unmapped))
+    if seen.unmapped and not data.keep_labels:
+        listed = ", ".join(f"{shorten(v, 40)!r} ({n} rows)"
+                           for v, n in sorted(seen.unmapped.items(), key=lambda x: -x[1])[:10])
+        raise RecipeError(f"raw label values not mapped: {listed}", "data.label_map",
+                          hint="map every value the label column holds, or keep only some with data.keep_labels")
+    return seen
+
+
+def _mapped(labels: pd.Series, data: DataSection, unmapped: dict[str, int] | None = None) -> pd.Series:
+    """Raw label values through data.label_map (keys compared as text); unmapped: counts what it misses."""
+    import pandas as pd
+
+    if data.label_map is None:
+        return labels
+    mapping = {str(k): v for k, v in data.label_map.items()}
+    if unmapped is not None:
+        raw = labels.dropna().astype(str)
+        for value, n in raw[~raw.isin(list(mapping))].value_counts().items():
+            unmapped[value] = unmapped.get(value, 0) + int(n)
+    return labels.map(lambda v: mapping.get(str(v), v) if pd.notna(v) else v)
+
+
+def _texts_and_labels(table, data: DataSection):
+    """A table's chunks as (text, label) frames, labels mapped."""
+    import pandas as pd
+
+    for chunk in table:
+        yield pd.DataFrame({"text": chunk[data.text_column].to_numpy(),
+                            "label": _mapped(chunk[data.label_column], data).to_numpy()})
+
+
+def _check_class_ids(split: str, split_tables: list[Chunks], data: DataSection, all_names: list[str]) -> None:
+    """Numeric labels are class ids: each in 0..num_labels-1, whole numbers."""
+    import pandas as pd
+
+    bad: set[int] = set()
+    for table in split_tables:
+        for chunk in table.select([data.label_column]):
+            ids = pd.to_numeric(_mapped(chunk[data.label_column], data), errors="coerce")
+            bad.update(ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna().astype(int).tolist())
+    if bad:
+        raise RecipeError(
+            f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
+            f"{sorted(bad)[:5]}", "model.labels",
+            hint="name every class in model.labels, in label order, or map them with data.label_map")
+
+
+def _check_trained_classes(stats: dict, names: list[str], present: set) -> None:
+    if not stats["train"]["rows_kept"]:
         raise RecipeError(f"no training rows left after cleaning ({stats['train']}): the label values "
                           f"in the data do not match the label names {names}", "model.labels",
                           hint="label names must match the data's values (or use data.label_map)")
-    present = set(out["train"]["label"])
     if len(present) < 2:
         raise RecipeError(f"the training rows hold one class ({shorten(names[present.pop()], 40)!r}): a classifier "
                           f"learns to tell two or more apart", "data.label_column",
@@ -59,30 +163,6 @@ def clean(frames: dict[str, pd.DataFrame], data: DataSection, labels: list[str] 
     if absent:
         raise RecipeError(f"label names {absent} never occur in the training data", "model.labels",
                           hint="label names must match the data's values (or use data.label_map)")
-    return out, names, stats
-
-
-def _mapped_labels(frames: dict[str, pd.DataFrame], data: DataSection) -> dict[str, pd.DataFrame]:
-    """Each split as (text, label), its raw label values mapped through data.label_map; a value the
-    map misses is an error unless data.keep_labels filters (its rows are then dropped and counted)."""
-    import pandas as pd
-
-    renamed = {}
-    unmapped: dict[str, int] = {}
-    for split, df in frames.items():
-        df = pd.DataFrame({"text": df[data.text_column], "label": df[data.label_column]})
-        if data.label_map is not None:
-            mapping = {str(k): v for k, v in data.label_map.items()}
-            raw = df["label"].dropna().astype(str)
-            for value, n in raw[~raw.isin(list(mapping))].value_counts().items():
-                unmapped[value] = unmapped.get(value, 0) + int(n)
-            df["label"] = df["label"].map(lambda v: mapping.get(str(v), v) if pd.notna(v) else v)
-        renamed[split] = df
-    if unmapped and not data.keep_labels:
-        listed = ", ".join(f"{shorten(v, 40)!r} ({n} rows)" for v, n in sorted(unmapped.items(), key=lambda x: -x[1])[:10])
-        raise RecipeError(f"raw label values not mapped: {listed}", "data.label_map",
-                          hint="map every value the label column holds, or keep only some with data.keep_labels")
-    return renamed
 
 
 def _kept_label_names(all_names: list[str], data: DataSection, labels: list[str] | None) -> list[str]:
@@ -97,20 +177,15 @@ def _kept_label_names(all_names: list[str], data: DataSection, labels: list[str]
     return [n for n in data.keep_labels if n in all_names] if labels else list(data.keep_labels)
 
 
-def _clean_split(split: str, df: pd.DataFrame, data: DataSection, labels: list[str] | None, all_names: list[str],
-                 names: list[str]) -> tuple[pd.DataFrame, dict]:
-    """One split cleaned (text, label id) and the counts of what was dropped and why."""
+def _clean_chunk(df: pd.DataFrame, data: DataSection, labels: list[str] | None, all_names: list[str],
+                 names: list[str], numeric: bool, dedup: _Duplicates | None) -> tuple[pd.DataFrame, dict]:
+    """Rows of one split cleaned (text, label id), and the counts of what was dropped and why.
+    numeric: the split's labels are class ids (checked in range before)."""
     import pandas as pd
 
     counts = {"rows_read": len(df)}
-    if pd.api.types.is_numeric_dtype(df["label"]):  # class ids: check the range, then name them
+    if numeric:
         ids = pd.to_numeric(df["label"], errors="coerce")
-        bad = ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna()
-        if len(bad):
-            raise RecipeError(
-                f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
-                f"{sorted(set(bad.astype(int).tolist()))[:5]}", "model.labels",
-                hint="name every class in model.labels, in label order, or map them with data.label_map")
         df["label"] = [all_names[int(i)] if pd.notna(i) else None for i in ids]
     text = df["text"].astype("string").str.strip()
     empty = (text.isna() | (text == "")).astype(bool)
@@ -122,8 +197,8 @@ def _clean_split(split: str, df: pd.DataFrame, data: DataSection, labels: list[s
     counts["dropped_filtered_label"] = int((~kept & known).sum())
     counts["dropped_unknown_label"] = int((~kept & ~known).sum())
     df = df[kept]
-    if data.drop_duplicates:
-        dup = df.duplicated(subset=["text"])
+    if dedup is not None:
+        dup = dedup.seen_before(df[["text"]])
         counts["dropped_duplicates"] = int(dup.sum())
         df = df[~dup]
     class_id = {n: i for i, n in enumerate(names)}
@@ -133,26 +208,76 @@ def _clean_split(split: str, df: pd.DataFrame, data: DataSection, labels: list[s
     return df, counts
 
 
-def clean_pairs(frames: dict[str, pd.DataFrame], data: DataSection, columns: list[str]):
+class _Duplicates:
+    """Rows seen earlier in the split, across chunks, first occurrence kept. Each row is remembered by
+    a 128-bit digest (two of pandas' 64-bit row hashes under different keys), not its text, so
+    memory grows by digests, not by the data."""
+
+    KEYS = ("qlora-dedup-key1", "qlora-dedup-key2")  # 16 characters each, as pandas asks
+
+    def __init__(self):
+        self.seen: set[int] = set()
+
+    def seen_before(self, df: pd.DataFrame):
+        import numpy as np
+        import pandas as pd
+
+        a, b = (pd.util.hash_pandas_object(df, index=False, hash_key=k).to_numpy() for k in self.KEYS)
+        digests = [int(x) << 64 | int(y) for x, y in zip(a.tolist(), b.tolist())]
+        dup = np.zeros(len(digests), dtype=bool)
+        for i, d in enumerate(digests):
+            dup[i] = d in self.seen
+            self.seen.add(d)
+        return dup
+
+
+def _keep(split: str, df: pd.DataFrame, sink, parts: list) -> None:
+    """A cleaned chunk to the sink (written as it comes), or kept to return."""
+    if sink is None:
+        parts.append(df)
+    else:
+        sink(split, df)
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for key, n in counts.items():
+        total[key] = total.get(key, 0) + n
+
+
+def _concat(parts: list, dtypes: dict) -> pd.DataFrame:
+    import pandas as pd
+
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+    return pd.concat(parts, ignore_index=True)
+
+
+def clean_pairs(frames: dict, data: DataSection, columns: list[str], sink=None):
     """causal-lm rows: the template's columns and the response as text; rows with an empty one
-    dropped (and, optionally, duplicates), all counted."""
+    dropped (and, optionally, duplicates), all counted. frames and sink as for clean()."""
     import pandas as pd
 
     out, stats = {}, {}
-    for split, df in frames.items():
-        counts = {"rows_read": len(df)}
-        df = pd.DataFrame({c: df[c].astype("string").str.strip() for c in columns})
-        empty = df.isna().any(axis=1) | (df == "").any(axis=1)
-        counts["dropped_empty_text"] = int(empty.sum())
-        df = df[~empty.astype(bool)]
-        if data.drop_duplicates:
-            dup = df.duplicated()
-            counts["dropped_duplicates"] = int(dup.sum())
-            df = df[~dup]
-        out[split] = df.astype(str).reset_index(drop=True)
-        counts["rows_kept"] = len(out[split])
-        stats[split] = counts
-    if not len(out["train"]):
+    for split, split_tables in _chunked(frames).items():
+        stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
+        for table in split_tables:
+            for chunk in table:
+                counts = {"rows_read": len(chunk)}
+                df = pd.DataFrame({c: chunk[c].astype("string").str.strip() for c in columns})
+                empty = df.isna().any(axis=1) | (df == "").any(axis=1)
+                counts["dropped_empty_text"] = int(empty.sum())
+                df = df[~empty.astype(bool)]
+                if dedup is not None:
+                    dup = dedup.seen_before(df)
+                    counts["dropped_duplicates"] = int(dup.sum())
+                    df = df[~dup]
+                df = df.astype(str).reset_index(drop=True)
+                counts["rows_kept"] = len(df)
+                _add_counts(stats[split], counts)
+                _keep(split, df, sink, parts)
+        if not sink:
+            out[split] = _concat(parts, {c: "object" for c in columns})
+    if not stats["train"]["rows_kept"]:
         raise RecipeError(f"no training rows left after dropping empty ones ({stats['train']})", "data.path")
     return out, stats
 
@@ -185,8 +310,54 @@ def load(out: Path, source: DataSource, data: DataSection, labels: list[str] | N
          prompt_columns: list[str] | None = None, preference: PreferenceSection | None = None,
          prompt: PromptSection | None = None) -> Loaded:
     """Classification: text and label id. causal-lm: the prompt's columns (prompt_columns), or preference
-    rows (preference, with the prompt section that renders their prompts)."""
-    frames, names, stats = read_and_clean(data, labels, prompt_columns, preference, prompt)
-    for split, df in frames.items():
-        df.to_parquet(out / f"{split}.parquet", index=False)
-    return Loaded(splits=sorted(frames), label_names=names, stats=stats)
+    rows (preference, with the prompt section that renders their prompts). Classification and prompt
+    rows stream: read memory-mapped, cleaned and written a chunk at a time; preference rows (cleaned
+    pair by pair, conversations split on their shared prefix) are read whole."""
+    import shutil
+
+    if preference is not None:
+        frames, names, stats = read_and_clean(data, labels, prompt_columns, preference, prompt)
+        for split, df in frames.items():
+            df.to_parquet(out / f"{split}.parquet", index=False)
+        return Loaded(splits=sorted(frames), label_names=names, stats=stats)
+    cache = out / "source-arrow"  # the Arrow files datasets builds from the source, removed below
+    tables = open_source(data, required_columns(data, prompt_columns), cache)
+    with _ParquetSplits(out, _schema(prompt_columns)) as sink:
+        if prompt_columns is None:
+            _, names, stats = clean(tables, data, labels, sink=sink)
+        else:
+            (_, stats), names = clean_pairs(tables, data, prompt_columns, sink=sink), []
+    del tables
+    shutil.rmtree(cache, ignore_errors=True)
+    return Loaded(splits=sorted(stats), label_names=names, stats=stats)
+
+
+def _schema(prompt_columns: list[str] | None):
+    import pyarrow as pa
+
+    if prompt_columns is None:
+        return pa.schema([("text", pa.string()), ("label", pa.int64())])
+    return pa.schema([(c, pa.string()) for c in prompt_columns])
+
+
+class _ParquetSplits:
+    """The sink clean() writes to: one parquet file per split, a row group per cleaned chunk; a split
+    whose rows were all dropped still gets its (empty) file."""
+
+    def __init__(self, out: Path, schema):
+        self.out, self.schema, self.writers = out, schema, {}
+
+    def __call__(self, split: str, df: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if split not in self.writers:
+            self.writers[split] = pq.ParquetWriter(self.out / f"{split}.parquet", self.schema)
+        self.writers[split].write_table(pa.Table.from_pandas(df, schema=self.schema, preserve_index=False))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for writer in self.writers.values():
+            writer.close()

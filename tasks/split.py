@@ -1,7 +1,8 @@
 """split: train, validation and test. Splits the source lacks are carved out of its training rows
 (stratified by class for a classifier), then optionally sampled. The carving works on row indices
 and the label column alone, in numpy: O(rows), whatever the width of the rows; the tables
-themselves go from parquet to parquet through Arrow, in the order the source had them."""
+themselves go from parquet to parquet through Arrow a batch at a time, in the order the source had
+them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,23 +91,56 @@ def check_split(frames: dict[str, pd.DataFrame], cfg: SplitSection) -> None:
 
 @stage("split")
 def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> Split:
+    """Which rows each split takes is decided on indices (the label column the only data read); then
+    each source file is read once, a batch of rows at a time, each batch's rows written to the splits
+    that take them: memory stays one batch, whatever the data's size."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    tables = {s: pq.read_table(loaded.file(f"{s}.parquet")) for s in loaded.splits}
-    train = tables["train"]
-    labels = train.column("label").to_numpy() if "label" in train.column_names else None
-    for name, rows in carve(train.num_rows, labels, set(tables) - {"train"}, cfg).items():
-        tables[name] = train.take(rows)
+    files = {s: pq.ParquetFile(loaded.file(f"{s}.parquet")) for s in loaded.splits}
+    train = files["train"]
+    labels = (train.read(columns=["label"]).column("label").to_numpy()
+              if "label" in train.schema_arrow.names else None)
+    carved = carve(train.metadata.num_rows, labels, set(files) - {"train"}, cfg)
     rng = np.random.default_rng(cfg.seed)
-    counts = {}
+    plan, counts = {}, {}  # split -> (source split, its rows in order, or None for every row)
     for name in SPLITS:
-        table = tables[name]
+        source, rows = ("train", carved[name]) if name in carved else (name, None)
+        n = len(rows) if rows is not None else files[source].metadata.num_rows
         limit = (sample or {}).get(name)
-        if limit and table.num_rows > limit:
-            table = table.take(np.sort(rng.choice(table.num_rows, limit, replace=False)))
-        if not table.num_rows:
+        if limit and n > limit:
+            picked = np.sort(rng.choice(n, limit, replace=False))
+            rows, n = (picked if rows is None else rows[picked]), limit
+        if not n:
             raise RecipeError(f"the {name} split is empty", "split")
-        pq.write_table(table, out / f"{name}.parquet")
-        counts[name] = table.num_rows
+        plan[name], counts[name] = (source, rows), n
+    for source in sorted({source for source, _ in plan.values()}):
+        _write_rows(files[source], {name: rows for name, (s, rows) in plan.items() if s == source}, out)
     return Split(rows=counts, label_names=loaded.label_names)
+
+
+BATCH_ROWS = 100_000
+
+
+def _write_rows(source, takes: dict[str, np.ndarray | None], out: Path) -> None:
+    """One pass over a parquet file: each split in takes gets its rows (ascending indices, or None
+    for all of them), in the file's order."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    writers = {name: pq.ParquetWriter(out / f"{name}.parquet", source.schema_arrow) for name in takes}
+    try:
+        start = 0
+        for batch in source.iter_batches(batch_size=BATCH_ROWS):
+            end = start + batch.num_rows
+            for name, rows in takes.items():
+                if rows is None:
+                    writers[name].write_batch(batch)
+                    continue
+                lo, hi = np.searchsorted(rows, [start, end])
+                if hi > lo:
+                    writers[name].write_batch(batch.take(rows[lo:hi] - start))
+            start = end
+    finally:
+        for writer in writers.values():
+            writer.close()

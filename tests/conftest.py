@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Offline and quiet, before any test imports transformers, Prefect or MLflow.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +81,34 @@ def save_llama_with_minilm_tokenizer(directory: Path, dtype=None, max_shard_size
                                          eos_token_id=tok.sep_token_id, **shape))
     model = model.to(dtype) if dtype is not None else model
     model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is when written to: pytest's capture of the test running now."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def __getattr__(self, name):
+        return getattr(sys.stderr, name)
+
+
+@pytest.fixture(autouse=True)
+def _prefect_logs_to_the_running_test():
+    """Prefect builds its console log handler once per process, on the stderr of the first test that
+    runs a flow in-process; pytest closes that test's capture when it ends, and a later test's flow
+    logging to it gets `--- Logging error ---` and a traceback in its stderr. Point the handler at the
+    stderr of the test running, whichever that is."""
+    import logging
+
+    yield
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for handler in {h for logger in loggers for h in getattr(logger, "handlers", [])}:
+        console = getattr(handler, "console", None)  # Prefect's handlers print through a rich Console
+        if console is not None and not isinstance(console.file, _CurrentStderr):
+            console.file = _CurrentStderr()
+        elif isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            handler.stream = _CurrentStderr()  # setStream would flush the closed one
 
 
 @pytest.fixture(autouse=True)

@@ -233,7 +233,8 @@ def test_chat_smollm2_short_run(project):
     assert answer["choices"][0]["message"]["role"] == "assistant"
     assert isinstance(answer["choices"][0]["message"]["content"], str)
     served = serve_and_invoke(summary["merged_model_package"], chat, env, project)
-    assert served["object"] == "chat.completion" and served["model"].endswith("-merged") and served["model"] in summary["registered_models"], served
+    assert served["object"] == "chat.completion", served
+    assert served["model"].endswith("-merged") and served["model"] in summary["registered_models"], served
     assert served["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]  # greedy
     assert served["usage"]["completion_tokens"] <= 8
     # The adapter names its original base, the GGUF file, not the stage cache's converted copy.

@@ -274,3 +274,39 @@ def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, c
         for name in whole:
             assert chunked[name].features == whole[name].features
             assert chunked[name].to_dict() == whole[name].to_dict()
+
+
+@pytest.mark.parametrize("kind", ["classification", "prompt"])
+def test_the_load_and_split_stages_stream_chunks_with_the_whole_tables_result(tmp_path, monkeypatch, kind):
+    """Chunk by chunk (chunks of 7 rows here, 100,000 in use) the load stage writes the rows, counts
+    and messages it writes reading each file whole, duplicates found across chunks; the split stage,
+    a batch at a time, the rows it takes from whole tables."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import qlora.tasks.data
+    import qlora.tasks.split
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "plot", "dull", "", "  "]
+    rows = [(" ".join(rng.choice(words, 2)), rng.choice(["pos", "neg", "meh"])) for _ in range(90)]
+    _frame(rows).to_csv(tmp_path / "d.csv", index=False)
+    data = _data(tmp_path / "d.csv", drop_duplicates=True, keep_labels=["pos", "neg"])
+    args = ({"labels": None} if kind == "classification" else
+            {"labels": None, "prompt_columns": ["review", "sentiment"]})
+    if kind == "prompt":
+        data = DataSection(path=str(tmp_path / "d.csv"), drop_duplicates=True)
+    results = {}
+    for chunk in (100_000, 7):
+        monkeypatch.setattr(qlora.tasks.data, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(qlora.tasks.split, "BATCH_ROWS", chunk)
+        work = tmp_path / f"work-{chunk}"
+        loaded = load.fn(describe_source(data), data, **args, work_dir=str(work))
+        splits = split.fn(loaded, SplitSection(validation_size=0.2, test_size=0.2), {"test": 9}, work_dir=str(work))
+        results[chunk] = (loaded.stats, loaded.label_names, splits.rows,
+                          {s: pq.read_table(splits.file(f"{s}.parquet")).to_pylist() for s in splits.rows})
+        assert len(pq.ParquetFile(loaded.file("train.parquet")).metadata.to_dict()["row_groups"]) == (1 if chunk > 90 else 13)
+    assert results[7] == results[100_000]
+    stats = results[7][0]["train"]
+    assert stats["dropped_duplicates"] > 0 and stats["rows_read"] == 90 and stats["dropped_empty_text"] > 0
+    assert sum(v for k, v in stats.items() if k.startswith("dropped")) + stats["rows_kept"] == 90
