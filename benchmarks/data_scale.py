@@ -131,6 +131,7 @@ print(json.dumps(t))
 STAGES = r'''
 import json, resource, sys, time
 recipe_file, work_dir, model_work_dir = sys.argv[1:4]
+from transformers import AutoTokenizer  # imported before the clock, as the plain script does
 from qlora.tasks.data import describe_source
 from qlora.tasks.load import load, load_arguments
 from qlora.tasks.split import split
@@ -159,14 +160,43 @@ print(json.dumps(t))
 '''
 
 
-def stages(work: Path, pipeline_work: Path) -> dict:
-    """The data stages alone in a fresh process on the recipe the pipeline ran (see STAGES)."""
+def stages(work: Path, pipeline_work: Path, limit_gib: float | None = None) -> dict:
+    """The data stages alone in a fresh process on the recipe the pipeline ran (see STAGES); with
+    limit_gib, inside a memory cgroup of that size (its page cache counted too), so a data file
+    larger than the limit shows whether they hold it in memory (the kernel kills them if they do)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QLORA_PROGRESS": "0", "PREFECT_HOME": str(work / ".prefect")}
-    done = subprocess.run([sys.executable, "-c", STAGES, str(pipeline_work / "r.yaml"), str(work / "stages-cache"),
-                           str(pipeline_work / ".qlora")], cwd=work, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-c", STAGES, str(pipeline_work / "r.yaml"), str(work / "stages-cache"),
+               str(pipeline_work / ".qlora")]
+    group = memory_cgroup(limit_gib) if limit_gib else None
+    if group:  # the shell joins the group, then becomes the stages' process
+        command = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh", *command]
+    try:
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    finally:
+        if group:
+            group.rmdir()
     if done.returncode != 0:
-        sys.exit(f"the data stages failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        sys.exit(f"the data stages failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "memory_limit_gib": limit_gib}
+
+
+def memory_cgroup(limit_gib: float) -> Path:
+    """A new memory cgroup (v2, else v1) limited to limit_gib, swap included where the kernel counts it."""
+    limit = str(int(limit_gib * 2**30))
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    name = f"qlora-data-scale-{os.getpid()}"
+    if (v2 / "cgroup.controllers").exists():
+        group = v2 / name
+        group.mkdir()
+        (group / "memory.max").write_text(limit)
+        (group / "memory.swap.max").write_text("0")
+        return group
+    group = v1 / name
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(limit)
+    if (group / "memory.memsw.limit_in_bytes").exists():
+        (group / "memory.memsw.limit_in_bytes").write_text(limit)
+    return group
 
 
 def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -222,23 +252,7 @@ def plain(data: Path, work: Path, kind: str, tokenizer: str) -> dict:
 
 
 def pipeline(data: Path, work: Path, kind: str) -> dict:
-    import yaml
-
-    if kind == "classification":
-        recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-        recipe["data"] = {"path": str(data), "text_column": "text", "label_column": "label",
-                          "sample": {"validation": HELD_OUT, "test": HELD_OUT}}
-        recipe["evaluate"] = {"metrics": ["accuracy"]}
-    else:  # the chat recipe: SmolLM2's chat template, the answer's loss alone, packing
-        recipe = yaml.safe_load((REPO / "recipes" / "chat-smollm2.yaml").read_text())
-        recipe["data"] = {"path": str(data), "sample": {"validation": HELD_OUT_CHAT, "test": HELD_OUT_CHAT}}
-        recipe["evaluate"] = {"metrics": ["rouge"], "generation": {"num_examples": 4, "max_new_tokens": 8}}
-    recipe.update(name="data-scale", description=None)
-    recipe["split"] = {"validation_size": 0.1, "test_size": 0.1, "seed": 42}
-    recipe["train"].update(max_steps=2, logging_steps=1, save_steps=2)
-    recipe["merge"] = {"enabled": False}
-    recipe["tracking"] = {"experiment_name": "data-scale", "register_models": False}
-    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+    write_pipeline_recipe(data, work, kind)
     env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "HF_HUB_OFFLINE": "1", "QLORA_PROGRESS": "0"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.time()
@@ -264,6 +278,28 @@ def pipeline(data: Path, work: Path, kind: str) -> dict:
             "peak_rss_gib": peak / 2**20 if peak > before else None}
 
 
+def write_pipeline_recipe(data: Path, work: Path, kind: str) -> None:
+    """The recipe both the pipeline and the data stages alone run: the quickstart's (or the chat
+    recipe's) model and settings on the generated file, two optimizer steps."""
+    import yaml
+
+    if kind == "classification":
+        recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+        recipe["data"] = {"path": str(data), "text_column": "text", "label_column": "label",
+                          "sample": {"validation": HELD_OUT, "test": HELD_OUT}}
+        recipe["evaluate"] = {"metrics": ["accuracy"]}
+    else:  # the chat recipe: SmolLM2's chat template, the answer's loss alone, packing
+        recipe = yaml.safe_load((REPO / "recipes" / "chat-smollm2.yaml").read_text())
+        recipe["data"] = {"path": str(data), "sample": {"validation": HELD_OUT_CHAT, "test": HELD_OUT_CHAT}}
+        recipe["evaluate"] = {"metrics": ["rouge"], "generation": {"num_examples": 4, "max_new_tokens": 8}}
+    recipe.update(name="data-scale", description=None)
+    recipe["split"] = {"validation_size": 0.1, "test_size": 0.1, "seed": 42}
+    recipe["train"].update(max_steps=2, logging_steps=1, save_steps=2)
+    recipe["merge"] = {"enabled": False}
+    recipe["tracking"] = {"experiment_name": "data-scale", "register_models": False}
+    (work / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+
 def _converted_tokenizer(work: Path) -> str:
     """The tokenizer of the 16-bit model the pipeline converted the GGUF checkpoint into: the plain
     script tokenizes with the very same one."""
@@ -279,6 +315,10 @@ def main() -> None:
     parser.add_argument("--kind", choices=["classification", "chat"], default="classification",
                         help="classification: the quickstart on labelled text; chat: the chat recipe on "
                              "prompt/response rows")
+    parser.add_argument("--stages-memory-gib", type=float,
+                        help="run the data stages alone inside a memory cgroup of this size (needs root and "
+                             "cgroups): with rows whose file is larger, shows they never hold it in memory")
+    parser.add_argument("--stages-only", action="store_true", help="run only the data stages alone")
     args = parser.parse_args()
     results = []
     for rows in args.rows:
@@ -288,9 +328,16 @@ def main() -> None:
             (write_rows if args.kind == "classification" else write_chat_rows)(data, rows)
             for side in ("plain", "pipeline", "stages"):
                 (work / side).mkdir()
+            if args.stages_only:  # the data stages alone, e.g. under a memory limit below the file's size
+                write_pipeline_recipe(data, work / "pipeline", args.kind)
+                d = stages(work / "stages", work / "pipeline", args.stages_memory_gib)
+                results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
+                                "stages": d})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             q = pipeline(data, work / "pipeline", args.kind)  # first: the children's peak memory is then its own
             p = plain(data, work / "plain", args.kind, q.pop("tokenizer") or minilm())
-            d = stages(work / "stages", work / "pipeline")
+            d = stages(work / "stages", work / "pipeline", args.stages_memory_gib)
             results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
                             "plain": p, "pipeline": q, "stages": d})
             print(json.dumps(results[-1]), flush=True)
@@ -298,6 +345,12 @@ def main() -> None:
           f"{'plain peak GiB':>14} | {'qlora peak GiB':>14} | qlora load / split / tokenize s | "
           f"data stages alone: s, peak GiB (after imports), peak / plain's")
     for r in results:
+        if "plain" not in r:
+            d = r["stages"]
+            print(f"{r['rows']:>9} | data stages alone, {r['csv_mib']} MiB file, memory limit "
+                  f"{d['memory_limit_gib']} GiB: {d['total']:.1f} s (load {d['load']:.1f}, split {d['split']:.1f}, "
+                  f"tokenize {d['tokenize']:.1f}), peak {d['peak_rss_gib']:.2f} GiB")
+            continue
         p, q, d = r["plain"], r["pipeline"], r["stages"]
         peak = f"{q['peak_rss_gib']:.2f}" if q["peak_rss_gib"] else "n/a"
         print(f"{r['rows']:>9} | {p['total']:>22.1f} | {q['to_first_step']:>21.1f} | {q['to_first_step'] / p['total']:>5.2f} | "

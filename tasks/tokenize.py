@@ -15,12 +15,14 @@ from qlora.tasks.recipe import SPLITS, PreferenceSection, PromptSection, RecipeE
 from qlora.tasks.results import Split, Tokenized, TokenizerFiles
 from qlora.tasks.stage import run_logger, stage
 
-# Rows tokenized together: enough for the tokenizer to use every core, few enough that their ids as
-# Python lists (tens of bytes per token) stay small beside the Arrow table they go into.
-CHUNK_ROWS = 20_000
+# Rows tokenized together: enough for the tokenizer to use every core, few enough that the fast
+# tokenizer's encodings and their ids as Python lists (tens of bytes per token) stay small beside the
+# Arrow table they go into (benchmarks/data_scale.py: a tenth of the chunk in the stage's peak memory,
+# the same speed).
+CHUNK_ROWS = 2_000
 # A causal LM's split is tokenized by tokenize.num_proc processes from this many rows: below, starting
 # them (each imports the stage's libraries and loads the tokenizer) costs more than they save.
-POOL_FROM_ROWS = 4 * CHUNK_ROWS
+POOL_FROM_ROWS = 80_000
 
 
 def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
