@@ -28,20 +28,31 @@ POOL_FROM_ROWS = 80_000
 def render_prompt(row: dict, prompt: PromptSection, tok) -> tuple[str, str]:
     """(prompt text, response text) of one row: the template or the chat template; the response
     ends the way the model must learn to stop (end of turn, or end of sequence)."""
-    user = prompt.template.format(**row) if prompt.template is not None else row[prompt.prompt_column]
+    return render_prompts([row], prompt, tok)[0]
+
+
+def render_prompts(rows: list[dict], prompt: PromptSection, tok) -> list[tuple[str, str]]:
+    """render_prompt of many rows; the chat template renders them in one call each for the prompts and
+    the whole conversations (the tokenizer's batched form: the same text, about half the time per row)."""
+    users = [prompt.template.format(**row) if prompt.template is not None else row[prompt.prompt_column]
+             for row in rows]
     if not prompt.chat_template:
-        return user, row[prompt.response_column] + (tok.eos_token or "")
+        return [(user, row[prompt.response_column] + (tok.eos_token or "")) for user, row in zip(users, rows)]
     if not getattr(tok, "chat_template", None):
         raise RecipeError("the tokenizer has no chat template", "prompt.chat_template",
                           hint="set prompt.chat_template: false and give prompt.template")
-    messages = ([{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []) + \
-        [{"role": "user", "content": user}]
-    prompt_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": row[prompt.response_column]}],
-                                   tokenize=False)
-    if full.startswith(prompt_text):
-        return prompt_text, full[len(prompt_text):].rstrip("\n")
-    return prompt_text, row[prompt.response_column] + (tok.eos_token or "")
+    system = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
+    conversations = [system + [{"role": "user", "content": user}] for user in users]
+    prompt_texts = _render(tok, conversations, add_generation_prompt=True)
+    fulls = _render(tok, [c + [{"role": "assistant", "content": row[prompt.response_column]}]
+                          for c, row in zip(conversations, rows)])
+    return [(prompt_text, full[len(prompt_text):].rstrip("\n") if full.startswith(prompt_text) else
+             row[prompt.response_column] + (tok.eos_token or ""))
+            for prompt_text, full, row in zip(prompt_texts, fulls, rows)]
+
+
+def _render(tok, conversations: list[list[dict]], **options) -> list[str]:
+    return tok.apply_chat_template(conversations, tokenize=False, **options) if conversations else []
 
 
 def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: PromptSection):
@@ -51,7 +62,7 @@ def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: Pro
     chat = prompt.chat_template
     rows = {"input_ids": [], "labels": [], "prompt_ids": [], "reference": [], "prompt_text": []}
     counts = {"truncated": 0, "dropped_too_long": 0}
-    texts = [render_prompt(row, prompt, tok) for row in records]
+    texts = render_prompts(records, prompt, tok)
     prompts = _ids(tok, [p for p, _ in texts], add_special_tokens=not chat)
     responses = _ids(tok, [r for _, r in texts], add_special_tokens=False)
     for row, (prompt_text, _), p_ids, r_ids in zip(records, texts, prompts, responses):

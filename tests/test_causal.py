@@ -81,6 +81,34 @@ def test_chat_template_missing_is_a_clear_error(tiny_llama):
     assert e.value.field == "prompt.chat_template"
 
 
+def test_chat_prompts_rendered_together_are_those_rendered_one_by_one(tiny_llama):
+    """The tokenize stage renders a chunk's chat templates in one call: the very text each row's own
+    call renders (a system prompt, a template that trims and one that ends turns with a newline)."""
+    from transformers import AutoTokenizer
+
+    from qlora.tasks.tokenize import render_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"prompt": f"  question {i} \t", "response": f"answer {i}\n"} for i in range(5)]
+    for template in ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+                     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}[end]\n{% endfor %}"
+                     "{% if add_generation_prompt %}[assistant] {% endif %}"):
+        tok.chat_template = template
+        for system in (None, "Be brief."):
+            prompt = PromptSection(chat_template=True, system_prompt=system)
+            one_by_one = []
+            for row in rows:
+                messages = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": row["prompt"]}]
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                full = tok.apply_chat_template(messages + [{"role": "assistant", "content": row["response"]}],
+                                               tokenize=False)
+                one_by_one.append((text, full[len(text):].rstrip("\n")))
+            assert render_prompts(rows, prompt, tok) == one_by_one
+            assert render_prompt(rows[0], prompt, tok) == one_by_one[0]
+
+
 def test_template_naming_a_missing_column(tmp_path):
     _rows().to_csv(tmp_path / "qa.csv", index=False)
     prompt = PromptSection(template="### Instruction: {instruction}\n### Response:", response_column="answer")
