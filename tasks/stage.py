@@ -24,7 +24,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import Timeout
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
@@ -128,11 +127,7 @@ def stage(name: str, ignore: tuple[str, ...] = (), modules: tuple[str, ...] = ()
             key, directory = key_of(arguments)
             logger = run_logger()
             lock = store.stage_lock(directory)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                logger.info("%s: another run is building %s; waiting for it", name, directory)
-                lock.acquire()
+            store.hold_stage_lock(lock, name, logger)
             try:
                 cached = _intact_result(name, directory, result_type, logger)
                 if cached is not None:

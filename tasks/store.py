@@ -285,6 +285,26 @@ def stage_lock(directory: Path):
     return FileLock(str(locks / f"{directory.parent.name}-{directory.name}.lock"))
 
 
+def hold_stage_lock(lock, name: str, logger) -> None:
+    """Acquire a stage's lock, waiting for another run that holds it. The holder's process id is kept
+    beside the lock: a process started by the holder itself (a worker spawned by `multiprocessing`
+    re-runs the script that started the run when the script lacks an `if __name__ == "__main__":`
+    guard) would wait for its own parent forever, so it fails instead, saying why."""
+    from filelock import Timeout
+
+    holder = Path(lock.lock_file + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if holder.exists() and holder.read_text().strip() == str(os.getppid()):
+            raise RuntimeError(f"{name}: this process was started by the run that is building this stage and "
+                               f"runs it again: a script that starts the flow must do so under "
+                               f"`if __name__ == \"__main__\":` (worker processes re-run the script)") from None
+        logger.info("%s: another run is building %s; waiting for it", name, lock.lock_file)
+        lock.acquire()
+    holder.write_text(str(os.getpid()))
+
+
 def sweep_orphans(directory: Path) -> None:
     """Temporary directories of this key left by a killed run (the caller holds the key's lock,
     so no live run is writing one)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -310,3 +311,33 @@ def test_the_load_and_split_stages_stream_chunks_with_the_whole_tables_result(tm
     stats = results[7][0]["train"]
     assert stats["dropped_duplicates"] > 0 and stats["rows_read"] == 90 and stats["dropped_empty_text"] > 0
     assert sum(v for k, v in stats.items() if k.startswith("dropped")) + stats["rows_kept"] == 90
+
+
+def test_a_script_without_a_main_guard_tokenizes_in_its_own_process(tmp_path):
+    """A script that runs the stages at import, with no `if __name__ == "__main__":`: each spawned
+    worker re-runs it and reaches the tokenize stage its parent is building. It fails there, saying
+    why (rather than waiting for its parent's lock forever), and the parent tokenizes the rows itself."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_data, qlora.tasks.tokenize as tokenize_module
+from pathlib import Path
+from qlora.tasks.model import resolve_model
+from qlora.tasks.recipe import ModelSection, PromptSection, TokenizeSection
+tokenize_module.POOL_FROM_ROWS = 0
+(Path({str(tmp_path)!r}) / "rows").mkdir(exist_ok=True)
+_, splitted, work = test_data._stages(Path({str(tmp_path)!r}) / "rows")
+model = resolve_model(ModelSection(name_or_path={str(minilm_dir())!r}))
+done = test_data.tokenize.fn(splitted, model.tokenizer, TokenizeSection(max_length=16, num_proc=2),
+                             PromptSection(template="Say: {{text}}", response_column="text"), work_dir=work)
+print("tokenized", done.stats["train"]["rows"])
+""")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("tokenized ")
+    assert "must do so under `if __name__ == \"__main__\":`" in done.stderr, done.stderr[-3000:]
+    assert "worker processes could not start" in done.stderr, done.stderr[-3000:]
