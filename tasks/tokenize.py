@@ -20,6 +20,9 @@ from qlora.tasks.stage import run_logger, stage
 # Arrow table they go into (benchmarks/data_scale.py: a tenth of the chunk in the stage's peak memory,
 # the same speed).
 CHUNK_ROWS = 2_000
+# What the evaluate stage's generations read from a causal LM's test rows; training and the validation
+# loss read input_ids, labels and length, so the other splits do not keep them (half their size).
+GENERATION_COLUMNS = ("prompt_ids", "reference", "prompt_text")
 # A causal LM's split is tokenized by tokenize.num_proc processes from this many rows: below, starting
 # them (each imports the stage's libraries and loads the tokenizer) costs more than they save.
 POOL_FROM_ROWS = 80_000
@@ -240,10 +243,12 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
             # that already runs on every core; shipping chunks to processes only added to it (measured).
             in_pool = prompt is not None and preference is None and source.metadata.num_rows > POOL_FROM_ROWS
             counts, tokens, writer, schema = Counter(), 0, None, None
+            unused = GENERATION_COLUMNS if prompt is not None and preference is None and name != "test" else ()
             for table, counted in pool.map(chunks, tok, in_pool):
                 counts.update(counted)
                 if table is None:
                     continue
+                table = table.drop_columns(list(unused))
                 tokens += pc.sum(table["length"]).as_py()
                 if writer is None:  # every chunk as the first (a chunk can infer other types, e.g. of empty lists)
                     schema = table.schema

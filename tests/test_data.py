@@ -313,6 +313,7 @@ def test_the_load_and_split_stages_stream_chunks_with_the_whole_tables_result(tm
     assert sum(v for k, v in stats.items() if k.startswith("dropped")) + stats["rows_kept"] == 90
 
 
+@pytest.mark.slow  # a fresh interpreter and its spawned workers
 def test_a_script_without_a_main_guard_tokenizes_in_its_own_process(tmp_path):
     """A script that runs the stages at import, with no `if __name__ == "__main__":`: each spawned
     worker re-runs it and reaches the tokenize stage its parent is building. It fails there, saying
