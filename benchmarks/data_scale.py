@@ -219,11 +219,11 @@ def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
             out.writerow([prompt, response])
 
 
-def write_rows(path: Path, rows: int, seed: int = 0) -> None:
+def write_rows(path: Path, rows: int, seed: int = 0, words: tuple[int, int] = (4, 40)) -> None:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 40, rows)
+    lengths = rng.integers(words[0], words[1], rows)
     words = rng.integers(0, len(WORDS), int(lengths.sum()))
     labels = rng.integers(0, len(LABELS), rows)
     with path.open("w") as f:
@@ -319,13 +319,18 @@ def main() -> None:
                         help="run the data stages alone inside a memory cgroup of this size (needs root and "
                              "cgroups): with rows whose file is larger, shows they never hold it in memory")
     parser.add_argument("--stages-only", action="store_true", help="run only the data stages alone")
+    parser.add_argument("--words", type=int, nargs=2, default=[4, 40], metavar=("MIN", "MAX"),
+                        help="words per classification row (longer rows: a larger file for the same rows)")
     args = parser.parse_args()
     results = []
     for rows in args.rows:
         with tempfile.TemporaryDirectory(prefix="qlora-data-scale-") as tmp:
             work = Path(tmp)
             data = work / "rows.csv"
-            (write_rows if args.kind == "classification" else write_chat_rows)(data, rows)
+            if args.kind == "classification":
+                write_rows(data, rows, words=tuple(args.words))
+            else:
+                write_chat_rows(data, rows)
             for side in ("plain", "pipeline", "stages"):
                 (work / side).mkdir()
             if args.stages_only:  # the data stages alone, e.g. under a memory limit below the file's size

@@ -156,12 +156,20 @@ class Chunks:
 
     def __iter__(self):
         # pandas frames of CHUNK_ROWS rows, typed as the whole table's to_pandas types them
-        chunks = [self.table] if self._in_memory else self.table.with_format("pandas").iter(batch_size=CHUNK_ROWS)
+        chunks = [self.table] if self._in_memory else self.table.with_format("pandas").iter(batch_size=self.chunk_rows)
         for df in chunks:
             if self.class_names and self.class_names[0] in df.columns:
                 column, names = self.class_names
                 df[column] = [names[i] for i in df[column]]
             yield df
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk: CHUNK_ROWS, fewer where rows are long (about CHUNK_BYTES of Arrow data a chunk,
+        which pandas' strings and the cleaning's copies make several times larger)."""
+        rows = len(self.table)
+        size = self.table.data.nbytes if rows else 0
+        return max(1, min(CHUNK_ROWS, CHUNK_BYTES * rows // size)) if size else CHUNK_ROWS
 
     def select(self, columns: list[str]) -> "Chunks":
         table = self.table[columns] if self._in_memory else self.table.select_columns(columns)
@@ -169,6 +177,7 @@ class Chunks:
 
 
 CHUNK_ROWS = 100_000  # rows cleaned at a time: bounded memory whatever the file's size
+CHUNK_BYTES = 16 * 2**20  # and at most this much of the source's Arrow data
 
 
 def open_table(path: Path, data: DataSection, cache: Path) -> Chunks:
