@@ -120,6 +120,7 @@ def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> 
 
 
 BATCH_ROWS = 100_000
+BATCH_BYTES = 16 * 2**20  # and at most about this much of the file's data, uncompressed, a batch
 
 
 def _write_rows(source, takes: dict[str, np.ndarray | None], out: Path) -> None:
@@ -129,9 +130,12 @@ def _write_rows(source, takes: dict[str, np.ndarray | None], out: Path) -> None:
     import pyarrow.parquet as pq
 
     writers = {name: pq.ParquetWriter(out / f"{name}.parquet", source.schema_arrow) for name in takes}
+    meta = source.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    batch_rows = max(1, min(BATCH_ROWS, BATCH_BYTES * meta.num_rows // size)) if size else BATCH_ROWS
     try:
         start = 0
-        for batch in source.iter_batches(batch_size=BATCH_ROWS):
+        for batch in source.iter_batches(batch_size=batch_rows):
             end = start + batch.num_rows
             for name, rows in takes.items():
                 if rows is None:
