@@ -165,11 +165,8 @@ class Chunks:
 
     @property
     def chunk_rows(self) -> int:
-        """Rows per chunk: CHUNK_ROWS, fewer where rows are long (about CHUNK_BYTES of Arrow data a chunk,
-        which pandas' strings and the cleaning's copies make several times larger)."""
         rows = len(self.table)
-        size = self.table.data.nbytes if rows else 0
-        return max(1, min(CHUNK_ROWS, CHUNK_BYTES * rows // size)) if size else CHUNK_ROWS
+        return rows_per_chunk(rows, self.table.data.nbytes if rows else 0, CHUNK_ROWS)
 
     def select(self, columns: list[str]) -> "Chunks":
         table = self.table[columns] if self._in_memory else self.table.select_columns(columns)
@@ -177,7 +174,14 @@ class Chunks:
 
 
 CHUNK_ROWS = 100_000  # rows cleaned at a time: bounded memory whatever the file's size
-CHUNK_BYTES = 16 * 2**20  # and at most this much of the source's Arrow data
+CHUNK_BYTES = 16 * 2**20  # and at most about this much of the table's (Arrow, uncompressed) data
+
+
+def rows_per_chunk(rows: int, nbytes: int, most: int) -> int:
+    """Rows to read at a time from a table of `rows` rows holding `nbytes`: `most`, fewer where rows are
+    long (about CHUNK_BYTES a chunk, which pandas' strings and the cleaning's copies make several times
+    larger)."""
+    return max(1, min(most, CHUNK_BYTES * rows // nbytes)) if nbytes else most
 
 
 def open_table(path: Path, data: DataSection, cache: Path) -> Chunks:

@@ -37,10 +37,14 @@ class _LabelValues:
     split's labels are numbers (class ids), per split whether its are, and raw values label_map misses."""
 
     def __init__(self):
-        self.values: set = set()
+        self.split_values: dict[str, set] = {}
         self.max = None
         self.split_numeric: dict[str, bool] = {}
         self.unmapped: dict[str, int] = {}
+
+    @property
+    def values(self) -> set:
+        return set().union(*self.split_values.values())
 
     @property
     def numeric(self) -> bool:
@@ -52,7 +56,7 @@ class _LabelValues:
         numeric = pd.api.types.is_numeric_dtype(labels)
         self.split_numeric[split] = self.split_numeric.get(split, True) and numeric
         present = labels.dropna()
-        self.values.update(present.unique().tolist())
+        self.split_values.setdefault(split, set()).update(present.unique().tolist())
         if numeric and len(present):
             self.max = present.max() if self.max is None else max(self.max, present.max())
 
@@ -78,7 +82,7 @@ def clean(frames: dict, data: DataSection, labels: list[str] | None, sink=None):
     names = _kept_label_names(all_names, data, labels)
     for split in tables:
         if seen.split_numeric[split]:
-            _check_class_ids(split, tables[split], data, all_names)
+            _check_class_ids(split, seen.split_values[split], all_names)
     kept, stats, present = {}, {}, set()
     for split, split_tables in tables.items():
         stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
@@ -129,20 +133,15 @@ def _texts_and_labels(table, data: DataSection):
     """A table's chunks as (text, label) frames, labels mapped."""
     import pandas as pd
 
-    for chunk in table:
+    for chunk in table.select(list(dict.fromkeys([data.text_column, data.label_column]))):
         yield pd.DataFrame({"text": chunk[data.text_column].to_numpy(),
                             "label": _mapped(chunk[data.label_column], data).to_numpy()})
 
 
-def _check_class_ids(split: str, split_tables: list[Chunks], data: DataSection, all_names: list[str]) -> None:
-    """Numeric labels are class ids: each in 0..num_labels-1, whole numbers."""
-    import pandas as pd
-
-    bad: set[int] = set()
-    for table in split_tables:
-        for chunk in table.select([data.label_column]):
-            ids = pd.to_numeric(_mapped(chunk[data.label_column], data), errors="coerce")
-            bad.update(ids[(ids < 0) | (ids >= len(all_names)) | (ids % 1 != 0)].dropna().astype(int).tolist())
+def _check_class_ids(split: str, values: set, all_names: list[str]) -> None:
+    """Numeric labels are class ids: each in 0..num_labels-1, whole numbers (values: the split's
+    distinct labels, as the label pass found them)."""
+    bad = {int(v) for v in values if v < 0 or v >= len(all_names) or v % 1 != 0}
     if bad:
         raise RecipeError(
             f"{split} has labels outside 0..{len(all_names) - 1} (num_labels={len(all_names)}): "
@@ -261,7 +260,7 @@ def clean_pairs(frames: dict, data: DataSection, columns: list[str], sink=None):
     for split, split_tables in _chunked(frames).items():
         stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
         for table in split_tables:
-            for chunk in table:
+            for chunk in table.select(columns):
                 counts = {"rows_read": len(chunk)}
                 df = pd.DataFrame({c: chunk[c].astype("string").str.strip() for c in columns})
                 empty = df.isna().any(axis=1) | (df == "").any(axis=1)
@@ -298,10 +297,16 @@ def read_and_clean(data: DataSection, labels: list[str] | None, prompt_columns: 
         frames, stats = clean_preference(read_source(data, preference_columns(preference, prompt)), data,
                                          preference, prompt)
         return frames, [], stats
-    raw = read_source(data, required_columns(data, prompt_columns))
+    return _clean_rows(read_source(data, required_columns(data, prompt_columns)), data, labels, prompt_columns)
+
+
+def _clean_rows(frames: dict, data: DataSection, labels: list[str] | None, prompt_columns: list[str] | None,
+                sink=None):
+    """A classifier's rows (prompt_columns None) or a causal LM's prompt rows, cleaned: (frames, class
+    names, counts per split); frames and sink as for clean()."""
     if prompt_columns is None:
-        return clean(raw, data, labels)
-    frames, stats = clean_pairs(raw, data, prompt_columns)
+        return clean(frames, data, labels, sink=sink)
+    frames, stats = clean_pairs(frames, data, prompt_columns, sink=sink)
     return frames, [], stats
 
 
@@ -323,10 +328,7 @@ def load(out: Path, source: DataSource, data: DataSection, labels: list[str] | N
     cache = out / "source-arrow"  # the Arrow files datasets builds from the source, removed below
     tables = open_source(data, required_columns(data, prompt_columns), cache)
     with _ParquetSplits(out, _schema(prompt_columns)) as sink:
-        if prompt_columns is None:
-            _, names, stats = clean(tables, data, labels, sink=sink)
-        else:
-            (_, stats), names = clean_pairs(tables, data, prompt_columns, sink=sink), []
+        _, names, stats = _clean_rows(tables, data, labels, prompt_columns, sink=sink)
     del tables
     shutil.rmtree(cache, ignore_errors=True)
     return Loaded(splits=sorted(stats), label_names=names, stats=stats)

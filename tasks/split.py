@@ -119,8 +119,7 @@ def split(out: Path, loaded: Loaded, cfg: SplitSection, sample: dict | None) -> 
     return Split(rows=counts, label_names=loaded.label_names)
 
 
-BATCH_ROWS = 100_000
-BATCH_BYTES = 16 * 2**20  # and at most about this much of the file's data, uncompressed, a batch
+BATCH_ROWS = 100_000  # at most; fewer where rows are long (tasks/data.py's rows_per_chunk)
 
 
 def _write_rows(source, takes: dict[str, np.ndarray | None], out: Path) -> None:
@@ -129,10 +128,12 @@ def _write_rows(source, takes: dict[str, np.ndarray | None], out: Path) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from qlora.tasks.data import rows_per_chunk
+
     writers = {name: pq.ParquetWriter(out / f"{name}.parquet", source.schema_arrow) for name in takes}
     meta = source.metadata
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    batch_rows = max(1, min(BATCH_ROWS, BATCH_BYTES * meta.num_rows // size)) if size else BATCH_ROWS
+    batch_rows = rows_per_chunk(meta.num_rows, size, BATCH_ROWS)
     try:
         start = 0
         for batch in source.iter_batches(batch_size=batch_rows):
