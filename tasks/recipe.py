@@ -6,6 +6,7 @@ BitsAndBytesConfig, transformers' TrainingArguments) so knowledge transfers both
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
@@ -20,7 +21,10 @@ SPLITS = ("train", "validation", "test")
 
 class Section(BaseModel):
     # allow_inf_nan: a learning rate of inf or nan is a mistake, never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    # Each field's description is the docstring under it (field_descriptions reads them for the
+    # reference page): not pydantic's use_attribute_docstrings, which finds every class's source
+    # through inspect.getmodule at import, a tenth of a second of every command.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -29,6 +33,31 @@ class Section(BaseModel):
         if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"{str(value).lower()} is not a value of this field (a number or a name is expected)")
         return value
+
+
+def field_descriptions(model: type[BaseModel]) -> dict[str, str]:
+    """The docstring under each field of a section class (and of the classes it derives from),
+    read from the source with the ast module."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if issubclass(cls, BaseModel) and cls.__module__ == __name__:
+            docs.update(_class_docs(cls.__name__))
+    return {name: docs[name] for name in model.model_fields if name in docs}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_docs(class_name: str) -> dict[str, str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    body = next(node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
+    docs = {}
+    for field, after in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[field.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def _takes_bool(annotation) -> bool:

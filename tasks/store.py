@@ -131,17 +131,23 @@ def source_fingerprint(*modules: str, libraries: tuple[str, ...] = STAGE_LIBRARI
     """Hash of the source of the given modules and every project module they import, plus the
     versions of the libraries that shape a stage's output: editing any of that code, or upgrading
     one of those libraries, invalidates the stage's cache."""
-    from importlib.metadata import PackageNotFoundError, version
-
     parts = []
     for name, path in project_modules(*modules).items():
         parts.append(name.encode() + b"\0" + path.read_bytes())
-    for library in libraries:
-        try:
-            parts.append(f"{library}=={version(library)}".encode())
-        except PackageNotFoundError:
-            parts.append(f"{library} absent".encode())
+    parts += [_installed(library).encode() for library in libraries]
     return sha256_bytes(b"\0".join(parts))[:20]
+
+
+@functools.lru_cache(maxsize=None)
+def _installed(library: str) -> str:
+    """`name==version`, or `name absent`. Read once per process: every stage asks for the same
+    libraries, and each lookup parses the distribution's metadata file."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{library}=={version(library)}"
+    except PackageNotFoundError:
+        return f"{library} absent"
 
 
 def check_writable(path: Path, field: str, what: str) -> Path:
@@ -199,7 +205,6 @@ def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
 
 
 MANIFEST_FILE = "manifest.json"
-_SMALL_FILE = 4 << 20  # always digested when a cached result is used; larger ones when touched
 
 
 def _sha256_file(path: Path) -> str:
@@ -210,26 +215,44 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_entry(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": sha256}
+
+
 def write_manifest(directory: Path) -> None:
-    """Size, modification time and SHA-256 of every file the stage wrote (result.json included)."""
-    files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_FILE:
-            st = p.stat()
-            files[str(p.relative_to(directory))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                                    "sha256": _sha256_file(p)}
-    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+    """Size, modification and change times, and SHA-256 of every file the stage wrote (result.json
+    included)."""
+    files = {str(p.relative_to(directory)): _file_entry(p, _sha256_file(p))
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    _write_manifest_file(directory, files)
+
+
+def _write_manifest_file(directory: Path, files: dict) -> None:
+    text = json.dumps({"files": files}, indent=1, sort_keys=True)
+    temporary = directory / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(text)
+    os.replace(temporary, directory / MANIFEST_FILE)
+
+
+def _untouched(st: os.stat_result, want: dict) -> bool:
+    """The file's times are those recorded when it was written. The kernel sets a file's change
+    time (ctime) on every write and on every change of its other times, and no program can set
+    it back: content edited since, even with its modification time restored, shows here."""
+    return st.st_mtime_ns == want["mtime_ns"] and st.st_ctime_ns == want.get("ctime_ns")
 
 
 def verify(directory: Path, full: bool = False) -> str | None:
     """None if the directory holds what its manifest lists, else what is wrong (naming the file).
-    Sizes always; digests of small files, of any file whose modification time changed, and of
-    every file when `full` (QLORA_VERIFY_CACHE=full): an edit that keeps size and time of a large
-    file is caught only then."""
+    Sizes always; the digest of any file touched since it was written (its change time moved: an
+    edit, a copy, a restore from backup), and of every file when `full` (QLORA_VERIFY_CACHE=full:
+    what the file system cannot show, such as a disk's bit rot). A touched file whose digest still
+    matches has its new times recorded, so the next run trusts them."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{directory / MANIFEST_FILE} is missing or unreadable"
+    retimed = {}
     for name, want in manifest.items():
         path = directory / name
         try:
@@ -238,9 +261,16 @@ def verify(directory: Path, full: bool = False) -> str | None:
             return f"{path} is missing"
         if st.st_size != want["size"]:
             return f"{path} has {st.st_size} bytes, {want['size']} were written"
-        if (full or st.st_size <= _SMALL_FILE or st.st_mtime_ns != want["mtime_ns"]) \
-                and _sha256_file(path) != want["sha256"]:
-            return f"{path} was modified since it was written (SHA-256 differs)"
+        if full or not _untouched(st, want):
+            if _sha256_file(path) != want["sha256"]:
+                return f"{path} was modified since it was written (SHA-256 differs)"
+            if not _untouched(st, want):
+                retimed[name] = _file_entry(path, want["sha256"])
+    if retimed:
+        try:
+            _write_manifest_file(directory, {**manifest, **retimed})
+        except OSError:
+            pass  # a read-only cache: verified again next time
     return None
 
 

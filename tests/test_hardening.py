@@ -421,7 +421,7 @@ def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
     d.mkdir(parents=True)
     (d / "adapter.safetensors").write_bytes(os.urandom(5000))
     (d / "sub").mkdir()
-    (d / "sub" / "big.bin").write_bytes(os.urandom(5 << 20))  # above the always-digested size
+    (d / "sub" / "big.bin").write_bytes(os.urandom(5 << 20))
     store.write_result(d, {"x": 1})
     assert store.read_result(d)["x"] == 1
     data = (d / "adapter.safetensors").read_bytes()
@@ -443,13 +443,41 @@ def test_manifest_finds_truncated_deleted_and_flipped_files(tmp_path):
     raw = bytearray(big.read_bytes())
     raw[123456] ^= 1
     big.write_bytes(raw)
-    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # an edit that hides its time
-    assert store.read_result(d) is not None  # the cheap check trusts an unchanged size and time...
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # an edit that restores its modification time
     with pytest.raises(store.CorruptCache, match="big.bin was modified"):
-        store.read_result(d, full=True)  # ...the full one (QLORA_VERIFY_CACHE=full) does not
+        store.read_result(d)  # the change time moved all the same
+    big.write_bytes(bytes(raw[:123456]) + bytes([raw[123456] ^ 1]) + bytes(raw[123457:]))
+    assert store.read_result(d) is not None
     big.unlink()
     with pytest.raises(store.CorruptCache, match="big.bin is missing"):
         store.read_result(d)
+
+
+def test_manifest_digests_only_files_touched_since_written_and_records_their_new_times(tmp_path, monkeypatch):
+    """An untouched cached directory costs a stat per file; a file copied back with its times (a
+    restore from backup) is digested once, then trusted; QLORA_VERIFY_CACHE=full digests all."""
+    import shutil
+
+    from qlora.tasks import store
+
+    d = tmp_path / "stage" / "key"
+    d.mkdir(parents=True)
+    for i in range(3):
+        (d / f"part{i}.bin").write_bytes(os.urandom(10000))
+    store.write_result(d, {"x": 1})
+    digested = []
+    real = store._sha256_file
+    monkeypatch.setattr(store, "_sha256_file", lambda path: digested.append(path.name) or real(path))
+
+    assert store.read_result(d) is not None and digested == []
+    backup = tmp_path / "part1.bak"
+    shutil.copy2(d / "part1.bin", backup)
+    os.replace(backup, d / "part1.bin")  # same bytes and modification time, a new change time
+    assert store.read_result(d) is not None and digested == ["part1.bin"]
+    assert store.read_result(d) is not None and digested == ["part1.bin"]  # its new times were recorded
+    assert store.read_result(d, full=True) is not None
+    assert sorted(digested[1:]) == ["part0.bin", "part1.bin", "part2.bin", "result.json"]
+    assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []
 
 
 # --- end to end: real runs through the CLI (temporary Prefect server, sqlite MLflow) -----------

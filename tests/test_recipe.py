@@ -97,6 +97,26 @@ def test_flatten_is_dotted_and_complete():
     assert len(flat["description"]) == 10_000  # truncation for MLflow happens where it is logged
 
 
+def test_every_recipe_field_has_its_description_under_it():
+    """Each field's docstring is its description (read from the source, not at import): a field
+    without one, or one the reader misses, would be a blank row in the reference."""
+    from pydantic import BaseModel
+
+    from qlora.tasks.recipe import ModelSection, Recipe, Section, field_descriptions
+
+    def undocumented(model, prefix=""):
+        docs = field_descriptions(model)
+        for name, field in model.model_fields.items():
+            if not docs.get(name, "").strip():
+                yield prefix + name
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from undocumented(field.annotation, f"{prefix}{name}.")
+
+    assert list(undocumented(Recipe)) == []
+    assert field_descriptions(ModelSection)["name_or_path"].startswith("A Hub id, a local directory")
+    assert field_descriptions(Section) == {}
+
+
 def test_the_recipe_reference_page_is_the_generated_one():
     """The recipe reference page is generated from the schema: every field, its type, default and
     description. A field added or changed without `python scripts/recipe_reference.py --write` fails."""
@@ -112,10 +132,10 @@ def test_the_recipe_reference_page_is_the_generated_one():
     for field in ("merge.compare", "quantization.llm_int8_skip_modules", "train.max_memory_gib",
                   "tracking.promotion.metric"):
         assert f"| `{field}` |" in copy
-    from qlora.tasks.recipe import QuantizationSection
+    from qlora.tasks.recipe import QuantizationSection, field_descriptions
     from qlora.tasks.training.loading import NOT_QUANTIZED
 
-    skip = QuantizationSection.model_fields["llm_int8_skip_modules"].description
+    skip = field_descriptions(QuantizationSection)["llm_int8_skip_modules"]
     assert all(name in skip for name in NOT_QUANTIZED), skip
     documented = copy.count("\n| `")
     assert documented >= 80, documented
