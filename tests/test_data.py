@@ -243,7 +243,8 @@ def test_a_stratified_carve_keeps_every_class_share_and_uses_each_row_once():
 @pytest.mark.parametrize("cfg, prompt", [
     (TokenizeSection(max_length=16), None), (TokenizeSection(max_length=16, truncation=False), None),
     (TokenizeSection(max_length=16, padding="max_length"), None),
-    (TokenizeSection(max_length=16), PromptSection(template="Say: {text}", response_column="text")),
+    pytest.param(TokenizeSection(max_length=16), PromptSection(template="Say: {text}", response_column="text"),
+                 marks=pytest.mark.slow),  # worker processes
 ], ids=["cut", "drop", "pad", "prompt-response"])
 def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, cfg, prompt):
     """The rows streamed to disk in chunks (here of 7 rows, so the splits take several), in this process

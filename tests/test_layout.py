@@ -134,6 +134,7 @@ def test_liger_applies_its_kernels_to_a_loaded_instance_where_installed():
 
 # --- one installed namespace ---------------------------------------------------------------------
 
+@pytest.mark.slow  # builds a wheel and a virtual environment: several processes
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     """Built as a user's pip builds it, then installed into a fresh virtual environment: `qlora` is the
     only importable name it adds (with its stages and flows inside), nothing bare `tasks` or `flows`."""

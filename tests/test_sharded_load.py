@@ -21,17 +21,13 @@ QUANTIZATION = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_us
                 "bnb_4bit_compute_dtype": "bfloat16"}
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """A Llama large enough that its weights, not the code, dominate a process's memory (16 layers of
-    width 1024, tied embeddings; about 200 MB in 4 bits), saved in 16 bits in shards with their
-    index, and question/answer rows for it."""
+def _sharded_run(root: Path, max_shard_size: str, **size) -> dict:
+    """A Llama saved in 16 bits in shards with their index, question/answer rows for it, and the
+    stages before training run on it."""
     import pandas as pd
 
-    root = tmp_path_factory.mktemp("sharded")
-    save_llama_with_minilm_tokenizer(root / "model", dtype=torch.bfloat16, max_shard_size="100MB", hidden_size=1024,
-                                     intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
-                                     num_key_value_heads=4, tie_word_embeddings=True)
+    save_llama_with_minilm_tokenizer(root / "model", dtype=torch.bfloat16, max_shard_size=max_shard_size,
+                                     num_key_value_heads=4, tie_word_embeddings=True, **size)
     pd.DataFrame({"question": [f"what is {a} plus {b}?" for a in range(8) for b in range(8)],
                   "answer": [f"{a + b}." for a in range(8) for b in range(8)]}).to_csv(root / "qa.csv", index=False)
     r = recipe_from_dict({
@@ -46,6 +42,21 @@ def sharded(tmp_path_factory):
     return stages_before_training(r, str(root / "work")) | {"root": root}
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Large enough that its weights, not the code, dominate a process's memory (16 layers of width
+    1024, tied embeddings; about 200 MB in 4 bits)."""
+    return _sharded_run(tmp_path_factory.mktemp("sharded"), "100MB", hidden_size=1024, intermediate_size=4096,
+                        num_hidden_layers=16, num_attention_heads=16)
+
+
+@pytest.fixture(scope="module")
+def small_sharded(tmp_path_factory):
+    """The same shape of checkpoint (several shards and their index), small enough for the fast tests."""
+    return _sharded_run(tmp_path_factory.mktemp("small-sharded"), "2MB", hidden_size=256, intermediate_size=1024,
+                        num_hidden_layers=4, num_attention_heads=8)
+
+
 def _tensors(directory: Path, keep=lambda name: True) -> dict:
     out = {}
     for file in sorted(directory.glob("*.safetensors")):
@@ -54,12 +65,13 @@ def _tensors(directory: Path, keep=lambda name: True) -> dict:
     return out
 
 
-def test_a_sharded_16bit_checkpoint_quantizes_to_transformers_own_4bit_bytes(sharded, tmp_path):
+def test_a_sharded_16bit_checkpoint_quantizes_to_transformers_own_4bit_bytes(small_sharded, tmp_path):
     """The checkpoint is five files and an index; the quantize stage's saved base holds, tensor for
     tensor, the bytes of transformers' own 4-bit load of the same checkpoint (packed weights, block
     scales, code tables)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    sharded = small_sharded
     source = sharded["root"] / "model"
     assert len(list(source.glob("model-*-of-*.safetensors"))) >= 4 and (source / "model.safetensors.index.json").is_file()
     theirs = AutoModelForCausalLM.from_pretrained(
@@ -69,7 +81,7 @@ def test_a_sharded_16bit_checkpoint_quantizes_to_transformers_own_4bit_bytes(sha
     expected = _tensors(tmp_path / "theirs")
     ours = _tensors(Path(sharded["quantized"].model_path))
     assert ours.keys() == expected.keys()
-    assert sum(k.endswith(".quant_state.bitsandbytes__nf4") for k in ours) == 16 * 7
+    assert sum(k.endswith(".quant_state.bitsandbytes__nf4") for k in ours) == 4 * 7
     for name in expected:
         assert torch.equal(ours[name], expected[name]), name
 
