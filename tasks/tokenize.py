@@ -58,12 +58,13 @@ def _render(tok, conversations: list[list[dict]], **options) -> list[str]:
     return tok.apply_chat_template(conversations, tokenize=False, **options) if conversations else []
 
 
-def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: PromptSection):
+def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: PromptSection, generation: bool = True):
     """input_ids = prompt + response; labels mask the prompt (unless train_on_prompt). Rows longer
     than max_length are truncated (the response's end) or dropped, per tokenize.truncation; rows
-    whose prompt alone fills max_length are always dropped. Both counted."""
+    whose prompt alone fills max_length are always dropped. Both counted. `generation`: also the
+    columns the evaluate stage's generations read (GENERATION_COLUMNS; the test split's only)."""
     chat = prompt.chat_template
-    rows = {"input_ids": [], "labels": [], "prompt_ids": [], "reference": [], "prompt_text": []}
+    rows = {"input_ids": [], "labels": [], **({c: [] for c in GENERATION_COLUMNS} if generation else {})}
     counts = {"truncated": 0, "dropped_too_long": 0}
     texts = render_prompts(records, prompt, tok)
     prompts = _ids(tok, [p for p, _ in texts], add_special_tokens=not chat)
@@ -77,9 +78,10 @@ def _tokenize_causal(records: list[dict], tok, cfg: TokenizeSection, prompt: Pro
             r_ids = r_ids[: cfg.max_length - len(p_ids)]
         rows["input_ids"].append(p_ids + r_ids)
         rows["labels"].append((p_ids if prompt.train_on_prompt else [-100] * len(p_ids)) + r_ids)
-        rows["prompt_ids"].append(p_ids)
-        rows["reference"].append(row[prompt.response_column])
-        rows["prompt_text"].append(prompt_text)
+        if generation:
+            rows["prompt_ids"].append(p_ids)
+            rows["reference"].append(row[prompt.response_column])
+            rows["prompt_text"].append(prompt_text)
     rows["length"] = [len(ids) for ids in rows["input_ids"]]
     return rows, counts
 
@@ -243,12 +245,10 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
             # that already runs on every core; shipping chunks to processes only added to it (measured).
             in_pool = prompt is not None and preference is None and source.metadata.num_rows > POOL_FROM_ROWS
             counts, tokens, writer, schema = Counter(), 0, None, None
-            unused = GENERATION_COLUMNS if prompt is not None and preference is None and name != "test" else ()
-            for table, counted in pool.map(chunks, tok, in_pool):
+            for table, counted in pool.map(chunks, tok, in_pool, generation=name == "test"):
                 counts.update(counted)
                 if table is None:
                     continue
-                table = table.drop_columns(list(unused))
                 tokens += pc.sum(table["length"]).as_py()
                 if writer is None:  # every chunk as the first (a chunk can infer other types, e.g. of empty lists)
                     schema = table.schema
@@ -267,9 +267,9 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
 
 
 def _tokenize_chunk(batch, tok, cfg: TokenizeSection, prompt: PromptSection | None,
-                    preference: PreferenceSection | None):
+                    preference: PreferenceSection | None, generation: bool = True):
     """One chunk of a split (an Arrow record batch): its tokenized rows as an Arrow table (None when
-    every row was dropped) and its counts."""
+    every row was dropped) and its counts. `generation`: a causal LM's generation columns too."""
     import pyarrow as pa
 
     records = batch.to_pylist()
@@ -278,7 +278,7 @@ def _tokenize_chunk(batch, tok, cfg: TokenizeSection, prompt: PromptSection | No
     elif prompt is None:
         rows, counted = _tokenize_classification(records, tok, cfg)
     else:
-        rows, counted = _tokenize_causal(records, tok, cfg, prompt)
+        rows, counted = _tokenize_causal(records, tok, cfg, prompt, generation)
     return (pa.Table.from_pydict(rows) if rows["length"] else None), dict(counted)
 
 
@@ -317,16 +317,17 @@ class _ChunkPool:
                 self.pool, self.processes = None, 1
         return self.pool is not None
 
-    def map(self, chunks, tok, parallel: bool):
+    def map(self, chunks, tok, parallel: bool, generation: bool):
         """(table, counts) of each chunk, in order: by the workers when parallel, else in this process with tok."""
         from collections import deque
 
+        job = (*self.job, generation)
         if not (parallel and self.started()):
-            yield from (_tokenize_chunk(b, tok, *self.job) for b in chunks)
+            yield from (_tokenize_chunk(b, tok, *job) for b in chunks)
             return
         pending = deque()
         for batch in chunks:
-            pending.append(self.pool.submit(_worker_chunk, batch, self.job))
+            pending.append(self.pool.submit(_worker_chunk, batch, job))
             if len(pending) > 2 * self.processes:
                 yield pending.popleft().result()
         while pending:

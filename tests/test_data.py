@@ -278,6 +278,26 @@ def test_tokenize_in_chunks_writes_what_one_pass_writes(tmp_path, monkeypatch, c
             assert chunked[name].to_dict() == whole[name].to_dict()
 
 
+def test_a_causal_lms_generation_columns_are_made_for_the_test_split_only(tmp_path):
+    """The prompt ids, prompt text and reference the evaluate stage's generations read exist in the
+    test split, with the training columns; the other splits hold only what training reads."""
+    from datasets import load_from_disk
+
+    from qlora.tasks.tokenize import GENERATION_COLUMNS
+
+    model = resolve_model(ModelSection(name_or_path=str(minilm_dir())))
+    _, splitted, work = _stages(tmp_path)
+    done = tokenize.fn(splitted, model.tokenizer, TokenizeSection(max_length=16, num_proc=1),
+                       PromptSection(template="Say: {text}", response_column="text"), work_dir=work)
+    ds = load_from_disk(f"{done.dir}/dataset")
+    training = {"input_ids", "labels", "length"}
+    assert set(ds["train"].column_names) == set(ds["validation"].column_names) == training
+    assert set(ds["test"].column_names) == training | set(GENERATION_COLUMNS)
+    first = ds["test"][0]
+    assert first["input_ids"][:len(first["prompt_ids"])] == first["prompt_ids"]
+    assert first["prompt_text"].startswith("Say: ") and first["reference"] in first["prompt_text"]
+
+
 @pytest.mark.parametrize("kind", ["classification", "prompt"])
 def test_the_load_and_split_stages_stream_chunks_with_the_whole_tables_result(tmp_path, monkeypatch, kind):
     """Chunk by chunk (chunks of 7 rows here, 100,000 in use) the load stage writes the rows, counts
