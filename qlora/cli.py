@@ -65,6 +65,19 @@ def _without_user_error_traceback(record: logging.LogRecord) -> bool:
 DEFAULT_PREFECT_PORT = 4200  # `qlora ui`'s Prefect server
 
 
+def import_for_the_flow() -> None:
+    """What the flow's start and its first MLflow write import, imported while the start-up's
+    collector pause lasts (collected as it grows, the same imports take a fifth longer)."""
+    import fastapi.encoders  # noqa: F401 - Prefect serializes flow parameters with it
+    import prefect.artifacts  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+
+    from qlora.tasks.tracking import import_mlflow
+
+    import_mlflow()
+
+
 class TemporaryPrefectServer:
     """With no Prefect server configured, Prefect starts a temporary one at the first flow run and
     waits for it (seconds of a short run). We start the same server (Prefect's API app under uvicorn)
@@ -101,16 +114,7 @@ class TemporaryPrefectServer:
         signals.on_emergency(self.stop)
 
     def wait(self, timeout: float = 60) -> None:
-        # What the flow's start imports, imported meanwhile (this process would otherwise idle).
-        import fastapi.encoders  # noqa: F401 - Prefect serializes flow parameters with it
-        import prefect.artifacts  # noqa: F401
-        import prefect.flow_engine  # noqa: F401
-        import prefect.task_engine  # noqa: F401
-
-        from qlora.tasks.tracking import import_mlflow
-
-        import_mlflow()  # the flow's first MLflow write would import it otherwise
-
+        import_for_the_flow()  # meanwhile: this process would otherwise idle
         try:
             # Polled often: every tenth of a second counts on an unchanged re-run.
             wait_healthy(self.url + "/health", self.process, "the temporary Prefect server", timeout, poll_s=0.05)
@@ -594,6 +598,8 @@ def _run(args) -> int:
                     produced |= registered_names(recipe) | {recipe_reference(file)}
             if server is not None:
                 server.wait()
+            else:
+                import_for_the_flow()
             starting.close()
             with _without_heartbeats() if server else contextlib.nullcontext():
                 files = [str(Path(f).resolve()) for f in files]
