@@ -41,23 +41,27 @@ def field_descriptions(model: type[BaseModel]) -> dict[str, str]:
     docs: dict[str, str] = {}
     for cls in reversed(model.__mro__):
         if issubclass(cls, BaseModel) and cls.__module__ == __name__:
-            docs.update(_class_docs(cls.__name__))
+            docs.update(_field_docs_by_class().get(cls.__name__, {}))
     return {name: docs[name] for name in model.model_fields if name in docs}
 
 
 @functools.lru_cache(maxsize=None)
-def _class_docs(class_name: str) -> dict[str, str]:
+def _field_docs_by_class() -> dict[str, dict[str, str]]:
+    """This module parsed once: each class's fields followed by a string, that string."""
     import ast
     import inspect
 
     tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
-    body = next(node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
-    docs = {}
-    for field, after in zip(body, body[1:]):
-        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(after, ast.Expr) \
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-            docs[field.target.id] = inspect.cleandoc(after.value.value)
-    return docs
+    by_class = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            by_class[node.name] = {
+                field.target.id: inspect.cleandoc(after.value.value)
+                for field, after in zip(node.body, node.body[1:])
+                if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)}
+    return by_class
 
 
 def _takes_bool(annotation) -> bool:

@@ -261,10 +261,11 @@ def verify(directory: Path, full: bool = False) -> str | None:
             return f"{path} is missing"
         if st.st_size != want["size"]:
             return f"{path} has {st.st_size} bytes, {want['size']} were written"
-        if full or not _untouched(st, want):
+        touched = not _untouched(st, want)
+        if full or touched:
             if _sha256_file(path) != want["sha256"]:
                 return f"{path} was modified since it was written (SHA-256 differs)"
-            if not _untouched(st, want):
+            if touched:
                 retimed[name] = _file_entry(path, want["sha256"])
     if retimed:
         try:
