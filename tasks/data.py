@@ -173,6 +173,44 @@ class Chunks:
         return Chunks(table, self.where, self.class_names)
 
 
+def chunked_tables(frames: dict) -> dict[str, list[Chunks]]:
+    """split -> its tables read in chunks (a DataFrame given is one table of one chunk)."""
+    import pandas as pd
+
+    return {split: [Chunks(f, split)] if isinstance(f, pd.DataFrame) else list(f) for split, f in frames.items()}
+
+
+class Duplicates:
+    """Rows seen earlier in the split, across chunks, first occurrence kept. Each row is remembered by
+    a 128-bit digest (two of pandas' 64-bit row hashes under different keys), not its text, so
+    memory grows by digests, not by the data."""
+
+    KEYS = ("qlora-dedup-key1", "qlora-dedup-key2")  # 16 characters each, as pandas asks
+
+    def __init__(self):
+        self.seen: set[int] = set()
+
+    @classmethod
+    def digests(cls, df: pd.DataFrame):
+        """Each row's 128-bit digest, as two unsigned 64-bit columns."""
+        import numpy as np
+        import pandas as pd
+
+        if not len(df):
+            return np.zeros((0, 2), dtype=np.uint64)
+        return np.stack([pd.util.hash_pandas_object(df, index=False, hash_key=k).to_numpy() for k in cls.KEYS], axis=1)
+
+    def seen_before(self, df: pd.DataFrame):
+        import numpy as np
+
+        digests = [int(x) << 64 | int(y) for x, y in self.digests(df).tolist()]
+        dup = np.zeros(len(digests), dtype=bool)
+        for i, d in enumerate(digests):
+            dup[i] = d in self.seen
+            self.seen.add(d)
+        return dup
+
+
 CHUNK_ROWS = 100_000  # rows cleaned at a time: bounded memory whatever the file's size
 CHUNK_BYTES = 16 * 2**20  # and at most about this much of the table's (Arrow, uncompressed) data
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.tasks.data import Chunks, open_source, read_source, required_columns
-from qlora.tasks.pairs import clean_preference, preference_columns
+from qlora.tasks.data import Chunks, Duplicates, chunked_tables, open_source, read_source, required_columns
+from qlora.tasks.pairs import clean_preference, pair_schema, preference_columns
 from qlora.tasks.recipe import DataSection, PreferenceSection, PromptSection, Recipe, RecipeError, shorten
 from qlora.tasks.results import DataSource, Loaded
 from qlora.tasks.stage import stage
@@ -61,20 +61,13 @@ class _LabelValues:
             self.max = present.max() if self.max is None else max(self.max, present.max())
 
 
-def _chunked(frames: dict) -> dict[str, list[Chunks]]:
-    """split -> its tables read in chunks (a DataFrame given is one table of one chunk)."""
-    import pandas as pd
-
-    return {split: [Chunks(f, split)] if isinstance(f, pd.DataFrame) else list(f) for split, f in frames.items()}
-
-
 def clean(frames: dict, data: DataSection, labels: list[str] | None, sink=None):
     """Map and filter labels, drop empty texts, unknown labels and (optionally) duplicates.
     frames: split -> a DataFrame, or a list of tables read in chunks (tasks/data.py's Chunks). sink:
     called (split, cleaned chunk) as chunks are cleaned, so no split is held whole; without one the
     cleaned frames are returned. Returns the cleaned frames (text, label id), the class names and
     per-split counts."""
-    tables = _chunked(frames)
+    tables = chunked_tables(frames)
     seen = _label_pass(tables, data)
     # Without a label_map, "1" and "pos" in one column are two spellings, not two classes (with
     # one, values it leaves unmapped are refused, or dropped by keep_labels).
@@ -85,7 +78,7 @@ def clean(frames: dict, data: DataSection, labels: list[str] | None, sink=None):
             _check_class_ids(split, seen.split_values[split], all_names)
     kept, stats, present = {}, {}, set()
     for split, split_tables in tables.items():
-        stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
+        stats[split], parts, dedup = {}, [], Duplicates() if data.drop_duplicates else None
         for table in split_tables:
             for chunk in _texts_and_labels(table, data):
                 df, counts = _clean_chunk(chunk, data, labels, all_names, names, seen.split_numeric[split], dedup)
@@ -177,7 +170,7 @@ def _kept_label_names(all_names: list[str], data: DataSection, labels: list[str]
 
 
 def _clean_chunk(df: pd.DataFrame, data: DataSection, labels: list[str] | None, all_names: list[str],
-                 names: list[str], numeric: bool, dedup: _Duplicates | None) -> tuple[pd.DataFrame, dict]:
+                 names: list[str], numeric: bool, dedup: Duplicates | None) -> tuple[pd.DataFrame, dict]:
     """Rows of one split cleaned (text, label id), and the counts of what was dropped and why.
     numeric: the split's labels are class ids (checked in range before)."""
     import pandas as pd
@@ -207,29 +200,6 @@ def _clean_chunk(df: pd.DataFrame, data: DataSection, labels: list[str] | None, 
     return df, counts
 
 
-class _Duplicates:
-    """Rows seen earlier in the split, across chunks, first occurrence kept. Each row is remembered by
-    a 128-bit digest (two of pandas' 64-bit row hashes under different keys), not its text, so
-    memory grows by digests, not by the data."""
-
-    KEYS = ("qlora-dedup-key1", "qlora-dedup-key2")  # 16 characters each, as pandas asks
-
-    def __init__(self):
-        self.seen: set[int] = set()
-
-    def seen_before(self, df: pd.DataFrame):
-        import numpy as np
-        import pandas as pd
-
-        a, b = (pd.util.hash_pandas_object(df, index=False, hash_key=k).to_numpy() for k in self.KEYS)
-        digests = [int(x) << 64 | int(y) for x, y in zip(a.tolist(), b.tolist())]
-        dup = np.zeros(len(digests), dtype=bool)
-        for i, d in enumerate(digests):
-            dup[i] = d in self.seen
-            self.seen.add(d)
-        return dup
-
-
 def _keep(split: str, df: pd.DataFrame, sink, parts: list) -> None:
     """A cleaned chunk to the sink (written as it comes), or kept to return."""
     if sink is None:
@@ -257,8 +227,8 @@ def clean_pairs(frames: dict, data: DataSection, columns: list[str], sink=None):
     import pandas as pd
 
     out, stats = {}, {}
-    for split, split_tables in _chunked(frames).items():
-        stats[split], parts, dedup = {}, [], _Duplicates() if data.drop_duplicates else None
+    for split, split_tables in chunked_tables(frames).items():
+        stats[split], parts, dedup = {}, [], Duplicates() if data.drop_duplicates else None
         for table in split_tables:
             for chunk in table.select(columns):
                 counts = {"rows_read": len(chunk)}
@@ -315,20 +285,21 @@ def load(out: Path, source: DataSource, data: DataSection, labels: list[str] | N
          prompt_columns: list[str] | None = None, preference: PreferenceSection | None = None,
          prompt: PromptSection | None = None) -> Loaded:
     """Classification: text and label id. causal-lm: the prompt's columns (prompt_columns), or preference
-    rows (preference, with the prompt section that renders their prompts). Classification and prompt
-    rows stream: read memory-mapped, cleaned and written a chunk at a time; preference rows (cleaned
-    pair by pair, conversations split on their shared prefix) are read whole."""
+    rows (preference, with the prompt section that renders their prompts). Every kind streams: read
+    memory-mapped, cleaned and written a chunk at a time (unpaired rows paired up go through a file of
+    their own first: pairing groups a prompt's completions across the whole split)."""
     import shutil
 
-    if preference is not None:
-        frames, names, stats = read_and_clean(data, labels, prompt_columns, preference, prompt)
-        for split, df in frames.items():
-            df.to_parquet(out / f"{split}.parquet", index=False)
-        return Loaded(splits=sorted(frames), label_names=names, stats=stats)
     cache = out / "source-arrow"  # the Arrow files datasets builds from the source, removed below
-    tables = open_source(data, required_columns(data, prompt_columns), cache)
-    with _ParquetSplits(out, _schema(prompt_columns)) as sink:
-        _, names, stats = _clean_rows(tables, data, labels, prompt_columns, sink=sink)
+    if preference is not None:
+        prompt = prompt or PromptSection()
+        tables = open_source(data, preference_columns(preference, prompt), cache)
+        with _ParquetSplits(out, pair_schema(preference)) as sink:
+            names, (_, stats) = [], clean_preference(tables, data, preference, prompt, sink=sink)
+    else:
+        tables = open_source(data, required_columns(data, prompt_columns), cache)
+        with _ParquetSplits(out, _schema(prompt_columns)) as sink:
+            _, names, stats = _clean_rows(tables, data, labels, prompt_columns, sink=sink)
     del tables
     shutil.rmtree(cache, ignore_errors=True)
     return Loaded(splits=sorted(stats), label_names=names, stats=stats)

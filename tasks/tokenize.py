@@ -154,8 +154,8 @@ def _tokenize_preference(records: list[dict], tok, cfg: TokenizeSection, prompt:
     """Prompt ids and completion ids per row. The prompt keeps its end (past preference.max_prompt_length),
     the completions their start (cut to max_length less the prompt); with tokenize.truncation false such
     rows are dropped instead, as are rows whose prompt alone fills max_length. KTO rows also get the next
-    row's completion, truncated alike, as the KL term's completion (fixed here, so the reference stage
-    scores it once)."""
+    row's completion (within the chunk), truncated alike, as the KL term's completion (fixed here, so the
+    reference stage scores it once)."""
     names = ["chosen", "rejected"] if pref.paired else ["completion"]
     rows = {"prompt_ids": [], **{f"{n}_ids": [] for n in names}, "reference": [], "prompt_text": []}
     if not pref.paired:
@@ -185,7 +185,8 @@ def _tokenize_preference(records: list[dict], tok, cfg: TokenizeSection, prompt:
         rows["reference"].append(_answer_text(row[names[0]], bool(row[CONVERSATION])))
         if not pref.paired:
             rows["label"].append(int(row["label"]))
-    if not pref.paired:  # the KL term: each prompt with the next row's completion (the last with the first)
+    if not pref.paired:  # the KL term: each prompt with the next row's completion in its chunk (the last with
+        # the first), a mismatched completion as TRL's KTO takes the previous one in its batch
         completions = rows["completion_ids"]
         rows["kl_ids"] = [completions[(i + 1) % len(completions)][:cfg.max_length - len(p)]
                           for i, p in enumerate(rows["prompt_ids"])]
@@ -236,14 +237,12 @@ def _tokenize_splits(out: Path, split_result: Split, tok, cfg: TokenizeSection, 
     with _ChunkPool(cfg.processes(), tokenizer_path, (cfg, prompt, preference)) as pool:
         for name in SPLITS:
             source = pq.ParquetFile(split_result.file(f"{name}.parquet"))
-            # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's
-            # size. Preference rows in one (a KTO row's KL term takes the next row's completion, across the split).
-            chunks = (source.iter_batches(batch_size=CHUNK_ROWS) if preference is None
-                      else source.read().to_batches(max_chunksize=None))
-            # Prompt/response rows: most of their time is each row's (chat) template rendered in Python,
-            # which the processes share out. A classifier's texts go to the tokenizer in one batched call
-            # that already runs on every core; shipping chunks to processes only added to it (measured).
-            in_pool = prompt is not None and preference is None and source.metadata.num_rows > POOL_FROM_ROWS
+            # In chunks: the Python lists of one chunk's ids in memory at a time, memory flat in the data's size.
+            chunks = source.iter_batches(batch_size=CHUNK_ROWS)
+            # Prompt/response and preference rows: most of their time is each row's (chat) template rendered
+            # in Python, which the processes share out. A classifier's texts go to the tokenizer in one batched
+            # call that already runs on every core; shipping chunks to processes only added to it (measured).
+            in_pool = prompt is not None and source.metadata.num_rows > POOL_FROM_ROWS
             counts, tokens, writer, schema = Counter(), 0, None, None
             for table, counted in pool.map(chunks, tok, in_pool, generation=name == "test"):
                 counts.update(counted)

@@ -292,6 +292,85 @@ def test_prompt_end_and_completion_start_are_kept(tok):
     assert counts == {"truncated": 1, "dropped_too_long": 2}, "prompts alone past max_length are dropped"
 
 
+@pytest.mark.parametrize("kind", ["pairs", "conversations", "kto", "kto-paired"])
+def test_preference_rows_stream_through_load_split_and_tokenize(tmp_path, monkeypatch, tok, kind):
+    """Preference rows are read, cleaned and written a chunk at a time (chunks of 7 rows here, so every
+    split takes several) with the rows, counts and types of one whole pass; duplicates are found across
+    chunks; unpaired rows are paired within each prompt across the whole split. Tokenize in chunks writes
+    what one pass writes (KTO's KL completion comes from within a chunk, so it is compared apart)."""
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
+
+    import qlora.tasks.data
+    import qlora.tasks.pairs
+    import qlora.tasks.split
+    from qlora.tasks import tokenize as tokenize_module
+    from qlora.tasks.data import describe_source
+    from qlora.tasks.load import load
+    from qlora.tasks.recipe import DataSection, SplitSection
+    from qlora.tasks.results import TokenizerFiles
+    from qlora.tasks.split import split
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "plot", "dull", "", " "]
+    rows = []
+    for i in range(120):
+        prompt, a, b = f"film {rng.integers(15)}?", " ".join(rng.choice(words, 2)), " ".join(rng.choice(words, 2))
+        if kind == "pairs":
+            rows.append({"prompt": prompt, "chosen": a, "rejected": b})
+        elif kind == "conversations":
+            rows.append({"chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}],
+                         "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": b}]})
+        else:
+            rows.append({"prompt": prompt, "completion": a, "label": bool(rng.integers(2))})
+    rows += rows[:10]  # duplicates, found across chunks
+    _write_jsonl(tmp_path / "d.jsonl", rows)
+    data = DataSection(path=str(tmp_path / "d.jsonl"), drop_duplicates=True)
+    with_template = tmp_path / "tokenizer"  # conversations are rendered by the tokenizer's chat template
+    tok.save_pretrained(with_template)
+    config = json.loads((with_template / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    (with_template / "tokenizer_config.json").write_text(json.dumps(config))
+    pref = PreferenceSection(loss="kto" if kind == "kto" else "dpo", pair_unpaired=kind == "kto-paired")
+    results = {}
+    for chunk in (100_000, 7):
+        monkeypatch.setattr(qlora.tasks.data, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(qlora.tasks.split, "BATCH_ROWS", chunk)
+        monkeypatch.setattr(tokenize_module, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(qlora.tasks.pairs, "PAIRS_PER_WRITE", chunk)
+        work = str(tmp_path / f"work-{chunk}")
+        loaded = load.fn(describe_source(data), data, None, preference=pref, prompt=PromptSection(), work_dir=work)
+        splits = split.fn(loaded, SplitSection(validation_size=0.2, test_size=0.2), None, work_dir=work)
+        done = tokenize_module.tokenize.fn(splits, TokenizerFiles(path=str(with_template)),
+                                           TokenizeSection(max_length=32, num_proc=1), PromptSection(), pref,
+                                           work_dir=work)
+        tokenized = load_from_disk(f"{done.dir}/dataset")
+        apart = ["kl_ids", "length"] if kind == "kto" else []  # a row's length counts its KL completion
+        results[chunk] = (loaded.stats, pq.read_table(loaded.file("train.parquet")).to_pylist(),
+                          {s: tokenized[s].remove_columns(apart).to_dict() for s in tokenized},
+                          {s: {k: v for k, v in c.items() if not (apart and k in ("tokens", "mean_length"))}
+                           for s, c in done.stats.items()})
+        if kind == "kto":  # each KL completion is another row's completion of the same chunk
+            train_ds = tokenized["train"]
+            assert all(kl in train_ds["completion_ids"] or any(c[:len(kl)] == kl for c in train_ds["completion_ids"])
+                       for kl in train_ds["kl_ids"])
+        if chunk == 7:
+            assert pq.ParquetFile(loaded.file("train.parquet")).metadata.num_row_groups >= 5
+    assert results[7] == results[100_000]
+    stats, train = results[7][0]["train"], results[7][1]
+    assert stats["rows_read"] == 130 and stats["dropped_duplicates"] > 0 and stats["dropped_empty_text"] > 0
+    dropped = sum(v for k, v in stats.items() if k.startswith("dropped"))
+    if kind == "kto-paired":  # every pair: one prompt's desirable and undesirable completions
+        kinds = {(r["prompt"], r["completion"].strip(), r["label"]) for r in rows}
+        assert train and all((r["prompt"], r["chosen"], True) in kinds and (r["prompt"], r["rejected"], False) in kinds
+                             for r in train)
+        assert stats["rows_read"] == dropped + 2 * stats["rows_kept"]
+    else:
+        assert stats["rows_read"] == dropped + stats["rows_kept"] == dropped + len(train)
+    assert {r["conversation"] for r in train} == {kind == "conversations"}
+
+
 # --- bad input: one line naming the field, exit 2, nothing written ---------------------------------
 
 @pytest.fixture(scope="module")
