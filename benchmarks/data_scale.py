@@ -22,6 +22,9 @@ chat template (prompt alone and prompt + answer), tokenizes both in `map` and ma
 the labels; the pipeline runs the chat recipe (recipes/chat-smollm2.yaml: the same template, the
 answer's loss alone, packing), its GGUF conversion left out of the time (the plain script loads
 its tokenizer before its clock starts).
+With --run-memory-gib G: the whole `qlora run` alone, inside a memory cgroup of G GiB (needs root):
+with --words long enough that the file is larger than G, it shows a run end to end never holds the
+file in memory.
 Prints one table and writes data_scale_<kind>.json under $OUT (or ./). CPU figures are ratios within one
 invocation; nothing here downloads anything.
 """
@@ -251,16 +254,24 @@ def plain(data: Path, work: Path, kind: str, tokenizer: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def pipeline(data: Path, work: Path, kind: str) -> dict:
+def pipeline(data: Path, work: Path, kind: str, limit_gib: float | None = None) -> dict:
+    """`qlora run` on the file; with limit_gib, inside a memory cgroup of that size (see stages)."""
     write_pipeline_recipe(data, work, kind)
     env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "HF_HUB_OFFLINE": "1", "QLORA_PROGRESS": "0"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    command = [sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "summary.json"]
+    group = memory_cgroup(limit_gib) if limit_gib else None
+    if group:  # the shell joins the group, then becomes the run's process (its workers join with it)
+        command = ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh", *command]
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "summary.json"], cwd=work,
-                          env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    finally:
+        if group:
+            group.rmdir()
     wall = time.time() - started
     if done.returncode != 0:
-        sys.exit(f"qlora run failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"qlora run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     summary = json.loads((work / "summary.json").read_text())
     from mlflow.tracking import MlflowClient
@@ -319,6 +330,9 @@ def main() -> None:
                         help="run the data stages alone inside a memory cgroup of this size (needs root and "
                              "cgroups): with rows whose file is larger, shows they never hold it in memory")
     parser.add_argument("--stages-only", action="store_true", help="run only the data stages alone")
+    parser.add_argument("--run-memory-gib", type=float,
+                        help="run only `qlora run`, the whole run inside a memory cgroup of this size (needs root "
+                             "and cgroups): with rows whose file is larger, the run end to end within the limit")
     parser.add_argument("--words", type=int, nargs=2, default=[4, 40], metavar=("MIN", "MAX"),
                         help="words per classification row (longer rows: a larger file for the same rows)")
     args = parser.parse_args()
@@ -333,6 +347,13 @@ def main() -> None:
                 write_chat_rows(data, rows)
             for side in ("plain", "pipeline", "stages"):
                 (work / side).mkdir()
+            if args.run_memory_gib:  # the whole run alone, under a memory limit below the file's size
+                q = pipeline(data, work / "pipeline", args.kind, args.run_memory_gib)
+                q.pop("tokenizer")
+                results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
+                                "run_memory_limit_gib": args.run_memory_gib, "pipeline": q})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             if args.stages_only:  # the data stages alone, e.g. under a memory limit below the file's size
                 write_pipeline_recipe(data, work / "pipeline", args.kind)
                 d = stages(work / "stages", work / "pipeline", args.stages_memory_gib)
@@ -350,6 +371,12 @@ def main() -> None:
           f"{'plain peak GiB':>14} | {'qlora peak GiB':>14} | qlora load / split / tokenize s | "
           f"data stages alone: s, peak GiB (after imports), peak / plain's")
     for r in results:
+        if "run_memory_limit_gib" in r:
+            q = r["pipeline"]
+            print(f"{r['rows']:>9} | the whole `qlora run`, {r['csv_mib']} MiB file, memory limit "
+                  f"{r['run_memory_limit_gib']} GiB: completed in {q['wall']:.1f} s, first step at "
+                  f"{q['to_first_step']:.1f} s (load {q['load']:.1f}, split {q['split']:.1f}, tokenize {q['tokenize']:.1f})")
+            continue
         if "plain" not in r:
             d = r["stages"]
             print(f"{r['rows']:>9} | data stages alone, {r['csv_mib']} MiB file, memory limit "

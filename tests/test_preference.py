@@ -292,7 +292,8 @@ def test_prompt_end_and_completion_start_are_kept(tok):
     assert counts == {"truncated": 1, "dropped_too_long": 2}, "prompts alone past max_length are dropped"
 
 
-@pytest.mark.parametrize("kind", ["pairs", "conversations", "kto", "kto-paired"])
+@pytest.mark.parametrize("kind", ["pairs", "conversations", "kto", "kto-paired",
+                                  pytest.param("pairs-workers", marks=pytest.mark.slow)])  # worker processes
 def test_preference_rows_stream_through_load_split_and_tokenize(tmp_path, monkeypatch, tok, kind):
     """Preference rows are read, cleaned and written a chunk at a time (chunks of 7 rows here, so every
     split takes several) with the rows, counts and types of one whole pass; duplicates are found across
@@ -313,7 +314,9 @@ def test_preference_rows_stream_through_load_split_and_tokenize(tmp_path, monkey
 
     rng = np.random.default_rng(0)
     words = ["good", "bad", "film", "plot", "dull", "", " "]
-    rows = []
+    rows, processes = [], 2 if kind == "pairs-workers" else 1
+    kind = kind.removesuffix("-workers")
+    monkeypatch.setattr(tokenize_module, "POOL_FROM_ROWS", 0)
     for i in range(120):
         prompt, a, b = f"film {rng.integers(15)}?", " ".join(rng.choice(words, 2)), " ".join(rng.choice(words, 2))
         if kind == "pairs":
@@ -343,7 +346,7 @@ def test_preference_rows_stream_through_load_split_and_tokenize(tmp_path, monkey
         loaded = load.fn(describe_source(data), data, None, preference=pref, prompt=PromptSection(), work_dir=work)
         splits = split.fn(loaded, SplitSection(validation_size=0.2, test_size=0.2), None, work_dir=work)
         done = tokenize_module.tokenize.fn(splits, TokenizerFiles(path=str(with_template)),
-                                           TokenizeSection(max_length=32, num_proc=1), PromptSection(), pref,
+                                           TokenizeSection(max_length=32, num_proc=processes if chunk == 7 else 1), PromptSection(), pref,
                                            work_dir=work)
         tokenized = load_from_disk(f"{done.dir}/dataset")
         apart = ["kl_ids", "length"] if kind == "kto" else []  # a row's length counts its KL completion
