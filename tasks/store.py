@@ -23,7 +23,6 @@ from qlora.tasks.recipe import RecipeError
 
 RESULT_FILE = "result.json"
 PACKAGE_PREFIX = "package:"
-_BIG_FILE = 256 << 20  # past this, fingerprint a file by its size and sampled blocks
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -40,16 +39,60 @@ def hash_value(value: Any) -> str:
 
 
 def file_fingerprint(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= _BIG_FILE:
-        return _sha256_file(path)[:20]
-    h = hashlib.sha256()
-    with path.open("rb") as f:  # multi-GB weights: size plus 16 sampled 1 MiB blocks
-        h.update(str(size).encode())
-        for i in range(16):
-            f.seek(size * i // 16)
-            h.update(f.read(1 << 20))
-    return h.hexdigest()[:20]
+    """The digest of a file's whole content (sha256). Read once per version of the file: the digest is
+    remembered under the file's identity and times (device, inode, size, mtime and ctime in ns), so an
+    unchanged re-run does not read its data or weights again, and any write (it moves ctime, which no
+    user can set back) reads it afresh. A file written within the last second is not remembered: a
+    second write in the same clock tick could leave its times unchanged."""
+    import time
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    memo = _digest_memo()
+    if key in memo:
+        return memo[key]
+    digest = _sha256_file(path)[:20]
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 1_000_000_000:
+        _remember_digest(key, digest)
+    return digest
+
+
+MEMO_ENTRIES = 4096  # digests remembered, the oldest forgotten first
+
+
+def digest_memo_path() -> Path:
+    """Where file digests are remembered between commands: the user's cache directory (JSON)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "qlora" / "file-digests.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_memo() -> dict[str, str]:
+    """The remembered digests, read once per process; unreadable or malformed, it is empty."""
+    try:
+        memo = json.loads(digest_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(memo, dict) and all(isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{20}", v)
+                                        for k, v in memo.items())
+    return memo if ok else {}
+
+
+def _remember_digest(key: str, digest: str) -> None:
+    """Added to this process's memo and to the file (written whole under a new name, then renamed;
+    a concurrent writer may win, which only costs a later read of the file)."""
+    memo = _digest_memo()
+    memo[key] = digest
+    for old in list(memo)[:max(0, len(memo) - MEMO_ENTRIES)]:
+        del memo[old]
+    path = digest_memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: digests are then only remembered within the process
+        pass
 
 
 def tree_fingerprint(root: Path, names: list[str] | None = None) -> str:

@@ -66,3 +66,35 @@ def test_the_modules_a_stage_runs_are_found_without_importing_them():
     assert "qlora.tasks.train" not in found and "qlora.tasks.merge" not in found and "qlora.cli" not in found
     assert {"qlora.tasks.training.lora", "qlora.tasks.training.step", "qlora.tasks.training.checkpoint"} <= set(
         store.project_modules("qlora.tasks.train"))
+
+
+def test_a_files_digest_is_read_once_per_version_and_any_write_reads_it_again(tmp_path, monkeypatch):
+    """A data or weights file is digested whole (an edit anywhere in a large file that keeps its size
+    changes the key), once per version: an unchanged file's digest is remembered across commands by
+    its identity and times; a write, however small and whatever its mtime is set back to, is read."""
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store._digest_memo.cache_clear()
+    reads = []
+    digest = store._sha256_file
+    monkeypatch.setattr(store, "_sha256_file", lambda p: reads.append(p) or digest(p))
+    data = tmp_path / "rows.csv"
+    data.write_bytes(b"text,label\n" + b"a fine film,1\n" * 50_000)
+    first = store.file_fingerprint(data)
+    assert len(reads) == 1 and not store.digest_memo_path().exists(), "a file written this second is not remembered"
+    time.sleep(1.1)
+    assert store.file_fingerprint(data) == first and len(reads) == 2
+    store._digest_memo.cache_clear()  # a new command reads the memo from disk
+    assert store.file_fingerprint(data) == first and len(reads) == 2
+    stat = data.stat()
+    with data.open("r+b") as f:  # one byte changed in the middle: same size, mtime set back
+        f.seek(stat.st_size // 2 - (stat.st_size // 2) % 14 + 12)
+        f.write(b"0")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
+    assert store.file_fingerprint(data) != first and len(reads) == 3
+    store.digest_memo_path().write_text('{"planted": "not a digest"')  # unreadable memo: read the files
+    store._digest_memo.cache_clear()
+    assert store.file_fingerprint(data) != first and len(reads) == 4
+    store._digest_memo.cache_clear()
