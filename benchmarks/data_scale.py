@@ -330,6 +330,8 @@ def main() -> None:
                         help="run the data stages alone inside a memory cgroup of this size (needs root and "
                              "cgroups): with rows whose file is larger, shows they never hold it in memory")
     parser.add_argument("--stages-only", action="store_true", help="run only the data stages alone")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="run only `qlora run` (e.g. to compare its time across sizes, nothing beside it)")
     parser.add_argument("--run-memory-gib", type=float,
                         help="run only `qlora run`, the whole run inside a memory cgroup of this size (needs root "
                              "and cgroups): with rows whose file is larger, the run end to end within the limit")
@@ -347,7 +349,7 @@ def main() -> None:
                 write_chat_rows(data, rows)
             for side in ("plain", "pipeline", "stages"):
                 (work / side).mkdir()
-            if args.run_memory_gib:  # the whole run alone, under a memory limit below the file's size
+            if args.run_memory_gib or args.pipeline_only:  # the whole run alone, optionally under a memory limit
                 q = pipeline(data, work / "pipeline", args.kind, args.run_memory_gib)
                 q.pop("tokenizer")
                 results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
@@ -374,7 +376,7 @@ def main() -> None:
         if "run_memory_limit_gib" in r:
             q = r["pipeline"]
             print(f"{r['rows']:>9} | the whole `qlora run`, {r['csv_mib']} MiB file, memory limit "
-                  f"{r['run_memory_limit_gib']} GiB: completed in {q['wall']:.1f} s, first step at "
+                  f"{r['run_memory_limit_gib'] or 'none'} GiB: completed in {q['wall']:.1f} s, first step at "
                   f"{q['to_first_step']:.1f} s (load {q['load']:.1f}, split {q['split']:.1f}, tokenize {q['tokenize']:.1f})")
             continue
         if "plain" not in r:

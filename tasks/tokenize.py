@@ -92,16 +92,28 @@ def _ids(tok, texts: list[str], **options) -> list[list[int]]:
 
 
 def _tokenize_classification(records: list[dict], tok, cfg: TokenizeSection):
-    """The text's ids and the label. One tokenizer pass: with truncation, only the rows that came out
-    exactly max_length long are tokenized again in full, to count those it cut."""
+    """The text's ids and the label, in one tokenizer pass. With truncation, a fast tokenizer returns
+    each cut text's overflow as extra encodings (`return_overflowing_tokens`), which count the rows it
+    cut; a slow one tokenizes again, in full, the rows that came out exactly max_length long."""
     texts = [r["text"] for r in records]
     if cfg.truncation:
-        enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
-                  padding="max_length" if cfg.padding == "max_length" else False)
+        padding = "max_length" if cfg.padding == "max_length" else False
+        if tok.is_fast:
+            enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
+                      padding=padding, return_overflowing_tokens=True)
+            sample = enc["overflow_to_sample_mapping"]  # each encoding's text, in order: a text's first is its own
+            first = [i for i in range(len(sample)) if i == 0 or sample[i] != sample[i - 1]]
+            counts = {"truncated": len({sample[i] for i in range(1, len(sample)) if sample[i] == sample[i - 1]})}
+            enc = {k: [enc[k][i] for i in first] for k in ("input_ids", "attention_mask")}
+        else:
+            enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
+                      padding=padding)
         lengths = [sum(m) for m in enc["attention_mask"]] if cfg.padding == "max_length" else \
             [len(ids) for ids in enc["input_ids"]]
-        full = _ids(tok, [t for t, n in zip(texts, lengths) if n == cfg.max_length], return_token_type_ids=False)
-        keep, counts = range(len(texts)), {"truncated": sum(len(ids) > cfg.max_length for ids in full)}
+        if not tok.is_fast:
+            full = _ids(tok, [t for t, n in zip(texts, lengths) if n == cfg.max_length], return_token_type_ids=False)
+            counts = {"truncated": sum(len(ids) > cfg.max_length for ids in full)}
+        keep = range(len(texts))
     else:
         enc = tok(texts, return_token_type_ids=False, verbose=False)
         lengths = [len(ids) for ids in enc["input_ids"]]

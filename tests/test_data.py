@@ -194,6 +194,44 @@ def test_tokenize_dynamic_padding_and_truncation_counted(tmp_path):
                             "work_dir": work})[0] != tok.hash
 
 
+class _WithoutOverflow:
+    """A tokenizer as one without a fast backend is seen (no overflow mapping): the second-pass path."""
+    is_fast = False
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, *args, **options):
+        assert "return_overflowing_tokens" not in options
+        return self.tok(*args, **options)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("padding", ["dynamic", "max_length"])
+def test_a_classifiers_rows_are_cut_and_counted_in_one_pass(fast, padding):
+    """Texts up to several times max_length: each row's ids are the tokenizer's own truncation (padded
+    or not), and the count of cut rows is that of a full tokenization, with a fast tokenizer's overflow
+    (one pass) as with a slow one's second pass."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from qlora.tasks.tokenize import _tokenize_classification
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    rng = np.random.default_rng(0)
+    words = "a film that moves slowly but lands every scene with warmth and wit".split()
+    records = [{"text": " ".join(rng.choice(words, rng.integers(1, 60))), "label": i % 2} for i in range(200)]
+    cfg = TokenizeSection(max_length=12, padding=padding)
+    rows, counts = _tokenize_classification(records, tok if fast else _WithoutOverflow(tok), cfg)
+    texts = [r["text"] for r in records]
+    want = tok(texts, truncation=True, max_length=12, return_token_type_ids=False,
+               padding="max_length" if padding == "max_length" else False)["input_ids"]
+    assert rows["input_ids"] == want and rows["labels"] == [r["label"] for r in records]
+    assert counts == {"truncated": sum(len(ids) > 12 for ids in tok(texts)["input_ids"])}
+    assert any(len(ids) > 36 for ids in tok(texts)["input_ids"]), "some texts overflow several times"
+    assert rows["length"] == [min(len(ids), 12) for ids in tok(texts)["input_ids"]]
+
+
 def test_the_preflight_carves_as_the_split_stage_does():
     """The preflight carves the rows as the split stage will (indices and labels only, so at any
     size), with the stage's messages."""
