@@ -289,6 +289,18 @@ def pipeline(data: Path, work: Path, kind: str, limit_gib: float | None = None) 
             "peak_rss_gib": peak / 2**20 if peak > before else None}
 
 
+def rerun(work: Path) -> float:
+    """The wall time of an unchanged `qlora run` in work (after pipeline()): every stage must be a hit."""
+    env = {**os.environ, "PREFECT_HOME": str(work / ".prefect"), "HF_HUB_OFFLINE": "1", "QLORA_PROGRESS": "0"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "qlora.cli", "run", "r.yaml", "--json", "rerun.json"], cwd=work,
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0 or not json.loads((work / "rerun.json").read_text())["all_cached"]:
+        sys.exit(f"the re-run was not a cache hit in every stage (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return wall
+
+
 def write_pipeline_recipe(data: Path, work: Path, kind: str) -> None:
     """The recipe both the pipeline and the data stages alone run: the quickstart's (or the chat
     recipe's) model and settings on the generated file, two optimizer steps."""
@@ -332,6 +344,8 @@ def main() -> None:
     parser.add_argument("--stages-only", action="store_true", help="run only the data stages alone")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="run only `qlora run` (e.g. to compare its time across sizes, nothing beside it)")
+    parser.add_argument("--rerun", type=int, default=0, metavar="K",
+                        help="with --pipeline-only: then K unchanged re-runs, each timed (every stage a cache hit)")
     parser.add_argument("--run-memory-gib", type=float,
                         help="run only `qlora run`, the whole run inside a memory cgroup of this size (needs root "
                              "and cgroups): with rows whose file is larger, the run end to end within the limit")
@@ -352,6 +366,7 @@ def main() -> None:
             if args.run_memory_gib or args.pipeline_only:  # the whole run alone, optionally under a memory limit
                 q = pipeline(data, work / "pipeline", args.kind, args.run_memory_gib)
                 q.pop("tokenizer")
+                q["reruns"] = [rerun(work / "pipeline") for _ in range(args.rerun)]
                 results.append({"rows": rows, "kind": args.kind, "csv_mib": round(data.stat().st_size / 2**20, 1),
                                 "run_memory_limit_gib": args.run_memory_gib, "pipeline": q})
                 print(json.dumps(results[-1]), flush=True)
@@ -377,7 +392,8 @@ def main() -> None:
             q = r["pipeline"]
             print(f"{r['rows']:>9} | the whole `qlora run`, {r['csv_mib']} MiB file, memory limit "
                   f"{r['run_memory_limit_gib'] or 'none'} GiB: completed in {q['wall']:.1f} s, first step at "
-                  f"{q['to_first_step']:.1f} s (load {q['load']:.1f}, split {q['split']:.1f}, tokenize {q['tokenize']:.1f})")
+                  f"{q['to_first_step']:.1f} s (load {q['load']:.1f}, split {q['split']:.1f}, tokenize {q['tokenize']:.1f})"
+                  + (f"; unchanged re-runs {', '.join(f'{t:.2f}' for t in q['reruns'])} s" if q["reruns"] else ""))
             continue
         if "plain" not in r:
             d = r["stages"]
