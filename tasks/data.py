@@ -180,6 +180,14 @@ def chunked_tables(frames: dict) -> dict[str, list[Chunks]]:
     return {split: [Chunks(f, split)] if isinstance(f, pd.DataFrame) else list(f) for split, f in frames.items()}
 
 
+def keep_chunk(split: str, df: pd.DataFrame, sink, parts: list) -> None:
+    """A cleaned chunk to the sink (written as it comes), or kept to return."""
+    if sink is None:
+        parts.append(df)
+    else:
+        sink(split, df)
+
+
 class Duplicates:
     """Rows seen earlier in the split, across chunks, first occurrence kept. Each row is remembered by
     a 128-bit digest (two of pandas' 64-bit row hashes under different keys), not its text, so

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.tasks.data import Chunks, Duplicates, chunked_tables, open_source, read_source, required_columns
+from qlora.tasks.data import Chunks, Duplicates, chunked_tables, keep_chunk, open_source, read_source, required_columns
 from qlora.tasks.pairs import clean_preference, pair_schema, preference_columns
 from qlora.tasks.recipe import DataSection, PreferenceSection, PromptSection, Recipe, RecipeError, shorten
 from qlora.tasks.results import DataSource, Loaded
@@ -85,7 +85,7 @@ def clean(frames: dict, data: DataSection, labels: list[str] | None, sink=None):
                 _add_counts(stats[split], counts)
                 if split == "train":
                     present.update(df["label"].unique().tolist())
-                _keep(split, df, sink, parts)
+                keep_chunk(split, df, sink, parts)
         if not sink:
             kept[split] = _concat(parts, {"text": "object", "label": "int64"})
     _check_trained_classes(stats, names, present)
@@ -200,14 +200,6 @@ def _clean_chunk(df: pd.DataFrame, data: DataSection, labels: list[str] | None, 
     return df, counts
 
 
-def _keep(split: str, df: pd.DataFrame, sink, parts: list) -> None:
-    """A cleaned chunk to the sink (written as it comes), or kept to return."""
-    if sink is None:
-        parts.append(df)
-    else:
-        sink(split, df)
-
-
 def _add_counts(total: dict, counts: dict) -> None:
     for key, n in counts.items():
         total[key] = total.get(key, 0) + n
@@ -243,7 +235,7 @@ def clean_pairs(frames: dict, data: DataSection, columns: list[str], sink=None):
                 df = df.astype(str).reset_index(drop=True)
                 counts["rows_kept"] = len(df)
                 _add_counts(stats[split], counts)
-                _keep(split, df, sink, parts)
+                keep_chunk(split, df, sink, parts)
         if not sink:
             out[split] = _concat(parts, {c: "object" for c in columns})
     if not stats["train"]["rows_kept"]:

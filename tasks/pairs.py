@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora.tasks.data import Duplicates, chunked_tables
+from qlora.tasks.data import Duplicates, chunked_tables, keep_chunk
 from qlora.tasks.recipe import DataSection, PreferenceSection, PromptSection, RecipeError, shorten
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def clean_preference(frames: dict, data: DataSection, pref: PreferenceSection, p
         dropped_duplicates, kept, labels = 0, 0, set()
         with tempfile.TemporaryDirectory(prefix="qlora-pairing-") as scratch:
             unpaired = _UnpairedRows(Path(scratch)) if pref.pair_unpaired else None
-            emit = unpaired.add if unpaired else (lambda df: _keep(split, df, sink, parts))
+            emit = unpaired.add if unpaired else (lambda df: keep_chunk(split, df, sink, parts))
             for table in split_tables:
                 has_prompt = prompt.template is not None or pref.prompt_column in table.columns
                 for chunk in table:
@@ -239,7 +239,7 @@ def clean_preference(frames: dict, data: DataSection, pref: PreferenceSection, p
             if dedup is not None:
                 counts["dropped_duplicates"] = dropped_duplicates
             if unpaired is not None:
-                kept, counts["dropped_without_a_pair"] = unpaired.pairs(lambda df: _keep(split, df, sink, parts),
+                kept, counts["dropped_without_a_pair"] = unpaired.pairs(lambda df: keep_chunk(split, df, sink, parts),
                                                                         bool(cleaner.conversational))
         counts["rows_kept"] = kept
         stats[split], label_values[split] = counts, labels
@@ -249,13 +249,6 @@ def clean_preference(frames: dict, data: DataSection, pref: PreferenceSection, p
                           pd.DataFrame(columns=columns + [CONVERSATION]))
     _check_learnable(stats, label_values["train"], pref)
     return out, stats
-
-
-def _keep(split: str, df: pd.DataFrame, sink, parts: list) -> None:
-    if sink is None:
-        parts.append(df)
-    else:
-        sink(split, df)
 
 
 class _UnpairedRows:
