@@ -97,17 +97,14 @@ def _tokenize_classification(records: list[dict], tok, cfg: TokenizeSection):
     cut; a slow one tokenizes again, in full, the rows that came out exactly max_length long."""
     texts = [r["text"] for r in records]
     if cfg.truncation:
-        padding = "max_length" if cfg.padding == "max_length" else False
-        if tok.is_fast:
-            enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
-                      padding=padding, return_overflowing_tokens=True)
-            sample = enc["overflow_to_sample_mapping"]  # each encoding's text, in order: a text's first is its own
+        enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
+                  padding="max_length" if cfg.padding == "max_length" else False,
+                  **({"return_overflowing_tokens": True} if tok.is_fast else {}))
+        if tok.is_fast:  # each encoding's text, in order: a text's first encoding is its own, the rest its overflow
+            sample = enc["overflow_to_sample_mapping"]
             first = [i for i in range(len(sample)) if i == 0 or sample[i] != sample[i - 1]]
             counts = {"truncated": len({sample[i] for i in range(1, len(sample)) if sample[i] == sample[i - 1]})}
             enc = {k: [enc[k][i] for i in first] for k in ("input_ids", "attention_mask")}
-        else:
-            enc = tok(texts, return_token_type_ids=False, truncation=True, max_length=cfg.max_length, verbose=False,
-                      padding=padding)
         lengths = [sum(m) for m in enc["attention_mask"]] if cfg.padding == "max_length" else \
             [len(ids) for ids in enc["input_ids"]]
         if not tok.is_fast:
